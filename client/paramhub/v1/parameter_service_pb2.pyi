@@ -1,0 +1,387 @@
+from paramhub.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
+    TENSOR_KIND_PARAMETER: _ClassVar[TensorKind]
+    TENSOR_KIND_BUFFER: _ClassVar[TensorKind]
+
+class TensorField(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_FIELD_UNSPECIFIED: _ClassVar[TensorField]
+    TENSOR_FIELD_VALUE: _ClassVar[TensorField]
+    TENSOR_FIELD_GRAD: _ClassVar[TensorField]
+
+class SliceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLICE_OP_UNSPECIFIED: _ClassVar[SliceOp]
+    SLICE_OP_ASSIGN: _ClassVar[SliceOp]
+    SLICE_OP_ADD: _ClassVar[SliceOp]
+    SLICE_OP_SUB: _ClassVar[SliceOp]
+    SLICE_OP_MUL: _ClassVar[SliceOp]
+    SLICE_OP_DIV: _ClassVar[SliceOp]
+TENSOR_KIND_UNSPECIFIED: TensorKind
+TENSOR_KIND_PARAMETER: TensorKind
+TENSOR_KIND_BUFFER: TensorKind
+TENSOR_FIELD_UNSPECIFIED: TensorField
+TENSOR_FIELD_VALUE: TensorField
+TENSOR_FIELD_GRAD: TensorField
+SLICE_OP_UNSPECIFIED: SliceOp
+SLICE_OP_ASSIGN: SliceOp
+SLICE_OP_ADD: SliceOp
+SLICE_OP_SUB: SliceOp
+SLICE_OP_MUL: SliceOp
+SLICE_OP_DIV: SliceOp
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROOT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    device: str
+    version: int
+    num_parameters: int
+    num_bytes: int
+    root_class: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., num_bytes: _Optional[int] = ..., root_class: _Optional[str] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("nodes", "root", "ties")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    TIES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[ModuleNode]
+    root: int
+    ties: _containers.RepeatedCompositeFieldContainer[ParameterTie]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[ModuleNode, _Mapping]]] = ..., root: _Optional[int] = ..., ties: _Optional[_Iterable[_Union[ParameterTie, _Mapping]]] = ...) -> None: ...
+
+class ModuleNode(_message.Message):
+    __slots__ = ("type", "args", "kwargs", "children")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
+    kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
+    children: _containers.RepeatedCompositeFieldContainer[ModuleChild]
+    def __init__(self, type: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., children: _Optional[_Iterable[_Union[ModuleChild, _Mapping]]] = ...) -> None: ...
+
+class ModuleChild(_message.Message):
+    __slots__ = ("name", "node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: int
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[int] = ...) -> None: ...
+
+class ParameterTie(_message.Message):
+    __slots__ = ("parameter", "source")
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    parameter: str
+    source: str
+    def __init__(self, parameter: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CreateModelHeader(_message.Message):
+    __slots__ = ("model_id", "spec", "seed", "device")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    spec: ModelSpec
+    seed: int
+    device: str
+    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CreateModelHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[CreateModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class CreateModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "kind", "dtype", "shape", "device", "requires_grad", "storage_group", "version", "has_grad")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAS_GRAD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: TensorKind
+    dtype: _tensor_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    device: str
+    requires_grad: bool
+    storage_group: int
+    version: int
+    has_grad: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
+
+class ModuleInfo(_message.Message):
+    __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_REPR_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    MODULE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    class_name: str
+    extra_repr: str
+    children: _containers.RepeatedScalarFieldContainer[str]
+    module_group: int
+    training: bool
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
+
+class DescribeModelResponse(_message.Message):
+    __slots__ = ("model", "spec", "modules", "tensors")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    spec: ModelSpec
+    modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+
+class ListParametersRequest(_message.Message):
+    __slots__ = ("model", "prefix", "glob", "include_buffers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    GLOB_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prefix: str
+    glob: str
+    include_buffers: bool
+    def __init__(self, model: _Optional[str] = ..., prefix: _Optional[str] = ..., glob: _Optional[str] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+
+class ListParametersResponse(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+
+class GetTensorRequest(_message.Message):
+    __slots__ = ("name", "index", "field", "chunk_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
+    field: TensorField
+    chunk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class SetSliceRequest(_message.Message):
+    __slots__ = ("name", "index", "op", "value", "expected_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
+    op: SliceOp
+    value: _tensor_pb2.Tensor
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class StreamSetSliceRequest(_message.Message):
+    __slots__ = ("request", "data")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    request: SetSliceRequest
+    data: bytes
+    def __init__(self, request: _Optional[_Union[SetSliceRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SetSliceResponse(_message.Message):
+    __slots__ = ("version", "model_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_version: int
+    def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class ModuleSelector(_message.Message):
+    __slots__ = ("path", "module_class", "parameter")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODULE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    module_class: str
+    parameter: str
+    def __init__(self, path: _Optional[str] = ..., module_class: _Optional[str] = ..., parameter: _Optional[str] = ...) -> None: ...
+
+class InitTarget(_message.Message):
+    __slots__ = ("parameter", "glob", "module")
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    GLOB_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    parameter: str
+    glob: str
+    module: ModuleSelector
+    def __init__(self, parameter: _Optional[str] = ..., glob: _Optional[str] = ..., module: _Optional[_Union[ModuleSelector, _Mapping]] = ...) -> None: ...
+
+class ApplyInitRequest(_message.Message):
+    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version")
+    class ArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    targets: _containers.RepeatedCompositeFieldContainer[InitTarget]
+    scheme: str
+    args: _containers.MessageMap[str, _tensor_pb2.Value]
+    seed: int
+    expected_model_version: int
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ...) -> None: ...
+
+class TensorVersion(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ApplyInitResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("model", "module_path", "args", "kwargs")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    module_path: str
+    args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
+    kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("output", "model_version")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    output: _tensor_pb2.Value
+    model_version: int
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class CheckSharedRequest(_message.Message):
+    __slots__ = ("model", "names")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SharedGroup(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckSharedResponse(_message.Message):
+    __slots__ = ("shared", "groups")
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    shared: bool
+    groups: _containers.RepeatedCompositeFieldContainer[SharedGroup]
+    def __init__(self, shared: _Optional[bool] = ..., groups: _Optional[_Iterable[_Union[SharedGroup, _Mapping]]] = ...) -> None: ...
+
+class SetTrainingModeRequest(_message.Message):
+    __slots__ = ("model", "module_path", "training")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    module_path: str
+    training: bool
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., training: _Optional[bool] = ...) -> None: ...
+
+class SetTrainingModeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,240 @@
+"""ParameterService: thin — parse the proto, call the core, build the proto."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from paramhub import _codec
+from paramhub.errors import InvalidArgumentError
+from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
+from paramhub.v1 import tensor_pb2 as tpb
+from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
+from paramhub_server.core.registry import Registry
+from paramhub_server.errors import rpc
+
+log = logging.getLogger(__name__)
+
+_OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "sub",
+        pb.SLICE_OP_MUL: "mul", pb.SLICE_OP_DIV: "div"}
+_KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
+_COLLECTIONS = {"parameters": PARAMETER, "buffers": BUFFER}
+MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
+
+
+def model_id_of(name: str) -> str:
+    """"models/{id}" -> id."""
+    parts = name.split("/")
+    if len(parts) != 2 or parts[0] != "models" or not parts[1]:
+        raise InvalidArgumentError(f"model name {name[:200]!r} must look like models/{{model}}",
+                                   reason="BAD_NAME")
+    return parts[1]
+
+
+def tensor_name_of(name: str) -> tuple[str, str, str]:
+    """"models/{id}/parameters/{p}" -> (id, kind, p)."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+        raise InvalidArgumentError(
+            f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
+            "models/{model}/buffers/{name}", reason="BAD_NAME")
+    return parts[1], _COLLECTIONS[parts[2]], parts[3]
+
+
+def model_info(m: ServedModel) -> pb.ModelInfo:
+    """ModelInfo of a served model."""
+    numel, nbytes = m.stats()
+    return pb.ModelInfo(name=m.name, device=str(m.device), version=m.version,
+                        num_parameters=numel, num_bytes=nbytes,
+                        root_class=type(m.module).__name__)
+
+
+def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
+    """TensorInfo of one state_dict name."""
+    ref = m.ref(name)
+    t = ref.get()
+    return pb.TensorInfo(name=name, kind=_KINDS[ref.kind], dtype=_codec.dtype_to_proto(t.dtype),
+                         shape=list(t.shape), device=str(t.device),
+                         requires_grad=bool(t.requires_grad) if ref.kind == PARAMETER else False,
+                         storage_group=ref.group, version=m.versions[ref.group],
+                         has_grad=ref.kind == PARAMETER and t.grad is not None)
+
+
+def _values(msgs: Any) -> list[Any]:
+    return [_codec.value_from_proto(v) for v in msgs]
+
+
+class ParameterService(pb_grpc.ParameterServiceServicer):
+    """The gRPC face of a Registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def _model(self, name: str) -> ServedModel:
+        return self.registry.get(model_id_of(name))
+
+    def _tensor(self, name: str) -> tuple[ServedModel, str, str]:
+        model_id, kind, tname = tensor_name_of(name)
+        return self.registry.get(model_id), kind, tname
+
+    @rpc
+    def CreateModel(self, request_iterator: Iterator[pb.CreateModelRequest],
+                    context: grpc.ServicerContext) -> pb.CreateModelResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first CreateModel message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("only the first CreateModel message may carry a "
+                                               "header", reason="BAD_STREAM")
+                yield msg.chunk
+
+        values = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        model = self.registry.create(header.model_id, header.spec,
+                                     seed=header.seed if header.HasField("seed") else None,
+                                     device=header.device, values=values.items())
+        log.info("created model %s on %s", model.id, model.device)
+        return pb.CreateModelResponse(model=model_info(model))
+
+    @rpc
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext
+                    ) -> pb.DeleteModelResponse:
+        self.registry.delete(model_id_of(request.name))
+        return pb.DeleteModelResponse()
+
+    @rpc
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+                   ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for m in self.registry.list()])
+
+    @rpc
+    def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
+                      ) -> pb.DescribeModelResponse:
+        m = self._model(request.name)
+        with m.lock.read():
+            groups: dict[int, int] = {}
+            modules = []
+            for path, mod in m.module.named_modules(remove_duplicate=False):
+                modules.append(pb.ModuleInfo(
+                    path=path, class_name=type(mod).__name__, extra_repr=mod.extra_repr(),
+                    children=list(mod._modules), training=mod.training,
+                    module_group=groups.setdefault(id(mod), len(groups))))
+            return pb.DescribeModelResponse(model=model_info(m), spec=m.spec, modules=modules,
+                                            tensors=[tensor_info(m, n) for n in m.names()])
+
+    @rpc
+    def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext
+                       ) -> pb.ListParametersResponse:
+        m = self._model(request.model)
+        names = [n for n in m.names(include_buffers=request.include_buffers)
+                 if n.startswith(request.prefix)
+                 and (not request.glob or fnmatch.fnmatchcase(n, request.glob))]
+        return pb.ListParametersResponse(tensors=[tensor_info(m, n) for n in names])
+
+    @rpc
+    def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
+                  ) -> Iterator[tpb.TensorChunk]:
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index)
+        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
+        chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
+        chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
+        yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
+                                             chunk_bytes=chunk)
+
+    def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
+        m, kind, name = self._tensor(request.name)
+        op = _OPS.get(request.op)
+        if op is None:
+            raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
+        index = _codec.index_from_proto(request.index)
+        expected = request.expected_version if request.HasField("expected_version") else None
+        version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
+        return pb.SetSliceResponse(version=version, model_version=model_version)
+
+    @rpc
+    def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
+                 ) -> pb.SetSliceResponse:
+        return self._set_slice(request, _codec.tensor_from_proto(request.value))
+
+    @rpc
+    def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
+                       context: grpc.ServicerContext) -> pb.SetSliceResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "request":
+            raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
+                                       reason="BAD_STREAM")
+        req = first.request
+        if req.value.data:
+            raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
+                                       reason="BAD_STREAM")
+        asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
+                                                      shape=req.value.shape))
+        for msg in request_iterator:
+            if msg.WhichOneof("part") != "data":
+                raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
+                                           "request", reason="BAD_STREAM")
+            asm.add(msg.data)
+        return self._set_slice(req, asm.finish())
+
+    @rpc
+    def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
+                  ) -> pb.ApplyInitResponse:
+        m = self._model(request.model)
+        targets: list[tuple[str, Any]] = []
+        for t in request.targets:
+            which = t.WhichOneof("selector")
+            if which == "module":
+                targets.append(("module", (t.module.path, t.module.module_class,
+                                           t.module.parameter)))
+            elif which is not None:
+                targets.append((which, getattr(t, which)))
+            else:
+                raise InvalidArgumentError("an init target has no selector set",
+                                           reason="BAD_ARGUMENT")
+        args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+        updated, model_version = m.apply_init(
+            targets, request.scheme, args,
+            seed=request.seed if request.HasField("seed") else None,
+            expected_model_version=(request.expected_model_version
+                                    if request.HasField("expected_model_version") else None))
+        return pb.ApplyInitResponse(
+            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
+            model_version=model_version)
+
+    @rpc
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
+                ) -> pb.ForwardResponse:
+        m = self._model(request.model)
+        args = _values(request.args)
+        kwargs = {k: _codec.value_from_proto(v) for k, v in request.kwargs.items()}
+        out, version = m.forward(request.module_path, args, kwargs)
+        try:
+            encoded = _codec.value_to_proto(out)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
+                                       "cannot be sent", reason="BAD_OUTPUT") from None
+        return pb.ForwardResponse(output=encoded, model_version=version)
+
+    @rpc
+    def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
+                    ) -> pb.CheckSharedResponse:
+        m = self._model(request.model)
+        shared, groups = m.check_shared(list(request.names))
+        return pb.CheckSharedResponse(shared=shared,
+                                      groups=[pb.SharedGroup(names=g) for g in groups])
+
+    @rpc
+    def SetTrainingMode(self, request: pb.SetTrainingModeRequest, context: grpc.ServicerContext
+                        ) -> pb.SetTrainingModeResponse:
+        self._model(request.model).set_training(request.module_path, request.training)
+        return pb.SetTrainingModeResponse()

@@ -1,0 +1,31 @@
+"""Server settings, frozen once parsed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def default_device() -> str:
+    """cuda when a CUDA device is available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `build_server` needs."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "cpu"
+    data_dir: Path = Path("var/paramhub")
+    log_level: str = "INFO"
+    max_workers: int = 16
+    #: Largest single gRPC message in bytes (big tensors are streamed in chunks beneath it).
+    max_message_bytes: int = 64 << 20
+    #: Largest model (parameters + buffers) a CreateModel may build; None = unlimited.
+    max_model_bytes: int | None = None
+    #: Seconds SIGTERM waits for in-flight RPCs before stopping.
+    grace_seconds: float = 10.0
