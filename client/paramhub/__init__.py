@@ -1,0 +1,22 @@
+"""paramhub: PyTorch models served over gRPC, used through the torch.nn.Module API.
+
+    import paramhub
+    client = paramhub.connect("127.0.0.1:50051")
+    net = client.create_model("mlp", nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    net(torch.rand(2, 4)); print(net); net[0].weight.data[0, 0] = 42
+"""
+
+from paramhub.client import Client, connect
+from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, DeadlineExceededError,
+                             InternalError, InvalidArgumentError, NotFoundError, OutOfRangeError,
+                             ParamhubError, PermissionDeniedError, ResourceExhaustedError,
+                             UnavailableError, UnimplementedError)
+
+__all__ = [
+    "connect", "Client",
+    "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
+    "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
+    "PermissionDeniedError", "UnavailableError", "DeadlineExceededError", "InternalError",
+    "UnimplementedError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,303 @@
+"""The channel, deadlines, retries, and one method per RPC in torch terms.
+
+`Client` is what `paramhub.connect()` returns. Its methods speak torch tensors and Python values;
+`Client.create_model` and `Client.model` return a `RemoteModule` (see module.py) that mirrors
+torch.nn.Module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import torch
+
+from paramhub import _codec
+from paramhub.errors import InvalidArgumentError, from_rpc_error
+from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
+from paramhub.v1 import tensor_pb2 as tpb
+
+if TYPE_CHECKING:
+    from paramhub.module import RemoteModule
+
+__all__ = ["Client", "connect", "DEFAULT_TARGET"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+T = TypeVar("T")
+
+_OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
+        "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
+
+# Retries on UNAVAILABLE for the RPCs that are safe to repeat (reads, Forward without side
+# effects in eval mode is not guaranteed, so Forward is not retried).
+_IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared")
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+})
+
+#: Values up to this many bytes travel inline in one message; larger ones are streamed.
+INLINE_BYTES = 4 << 20
+
+
+def model_name(model_id: str) -> str:
+    """"mlp" -> "models/mlp"."""
+    return f"models/{model_id}"
+
+
+def tensor_name(model_id: str, name: str, kind: str = "parameters") -> str:
+    """("mlp", "0.weight") -> "models/mlp/parameters/0.weight"."""
+    return f"models/{model_id}/{kind}/{name}"
+
+
+class Client:
+    """A connection to a paramhub server. Use `paramhub.connect()` to make one.
+
+    Every call has a deadline (`timeout` seconds, per client, overridable per call) and raises
+    the exceptions of `paramhub.errors` instead of grpc.RpcError.
+    """
+
+    def __init__(self, channel: grpc.Channel, *, timeout: float | None = 30.0,
+                 token: str | None = None, target: str = "") -> None:
+        self.channel = channel
+        self.target = target
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ())
+        self.stub = pb_grpc.ParameterServiceStub(channel)
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"paramhub.Client({self.target!r})"
+
+    def _call(self, fn: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        try:
+            return fn(request, timeout=timeout if timeout is not None else self.timeout,
+                      metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _stream(self, fn: Callable[..., Iterator[T]], request: Any,
+                timeout: float | None = None) -> Iterator[T]:
+        try:
+            yield from fn(request, timeout=timeout if timeout is not None else self.timeout,
+                          metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ---------------------------------------------------------------------------- models
+
+    def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
+                     device: str | None = None, *, timeout: float | None = None
+                     ) -> RemoteModule:
+        """Serves a copy of a local module and returns its remote mirror.
+
+        If `module` holds values, the remote model starts as a copy of them (structure, values,
+        shared modules, tied weights). If it lives on the meta device, the server initializes
+        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction.
+
+        Raises:
+            AlreadyExistsError: the id is taken.
+            InvalidArgumentError: the module uses a class outside the allow-list, or bad values.
+        """
+        from paramhub import _spec
+
+        spec = _spec.spec_from_module(module)
+        values: dict[str, torch.Tensor] = {}
+        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            values = {k: v for k, v in module.state_dict().items()}
+        self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
+                                    timeout=timeout)
+        return self.model(model_id)
+
+    def create_model_from_spec(self, model_id: str, spec: pb.ModelSpec, *,
+                               seed: int | None = None, device: str | None = None,
+                               values: Mapping[str, torch.Tensor] | None = None,
+                               timeout: float | None = None) -> pb.ModelInfo:
+        """CreateModel with an explicit spec and optional initial values (streamed)."""
+        header = pb.CreateModelHeader(model_id=model_id, spec=spec, device=device or "")
+        if seed is not None:
+            header.seed = seed
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in (values or {}).items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        return self._call(self.stub.CreateModel, requests(), timeout).model
+
+    def model(self, model_id: str) -> RemoteModule:
+        """Attaches to an existing model (from any process) and returns its mirror.
+
+        Raises:
+            NotFoundError: no such model.
+        """
+        from paramhub.module import attach
+
+        return attach(self, model_id)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        """Every model on the server."""
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
+
+    def delete_model(self, model_id: str) -> None:
+        """Deletes a model. Raises NotFoundError if there is none."""
+        self._call(self.stub.DeleteModel, pb.DeleteModelRequest(name=model_name(model_id)))
+
+    def describe_model(self, model_id: str) -> pb.DescribeModelResponse:
+        """The model's spec, module tree and tensors."""
+        return self._call(self.stub.DescribeModel, pb.DescribeModelRequest(
+            name=model_name(model_id)))
+
+    def list_parameters(self, model_id: str, *, prefix: str = "", glob: str = "",
+                        include_buffers: bool = False) -> list[pb.TensorInfo]:
+        """Parameter (and optionally buffer) metadata, filtered by prefix and glob."""
+        return list(self._call(self.stub.ListParameters, pb.ListParametersRequest(
+            model=model_name(model_id), prefix=prefix, glob=glob,
+            include_buffers=include_buffers)).tensors)
+
+    # ---------------------------------------------------------------------------- tensors
+
+    def get_tensor(self, model_id: str, name: str, index: Any = None, *,
+                   kind: str = "parameters", grad: bool = False,
+                   timeout: float | None = None) -> tuple[torch.Tensor, int]:
+        """Reads `tensor[index]` (or its gradient): returns (local CPU tensor, version)."""
+        request = pb.GetTensorRequest(
+            name=tensor_name(model_id, name, kind),
+            index=_codec.index_to_proto(index) if index is not None else [],
+            field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
+        for asm in _codec.assemble_tensors(self._stream(self.stub.GetTensor, request, timeout)):
+            return asm.finish(), asm.version
+        raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
+
+    def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
+                  *, kind: str = "parameters", expected_version: int | None = None,
+                  timeout: float | None = None) -> int:
+        """`tensor[index] (op)= value` on the server, atomically; returns the new version.
+
+        `value` is a tensor or a Python number; large values are streamed.
+        """
+        if op not in _OPS:
+            raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
+                                       reason="BAD_OP")
+        value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        request = pb.SetSliceRequest(
+            name=tensor_name(model_id, name, kind),
+            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op])
+        if expected_version is not None:
+            request.expected_version = expected_version
+        nbytes = value_t.numel() * value_t.element_size()
+        if nbytes <= INLINE_BYTES:
+            request.value.CopyFrom(_codec.tensor_to_proto(value_t))
+            return self._call(self.stub.SetSlice, request, timeout).version
+        request.value.dtype = _codec.dtype_to_proto(value_t.dtype)
+        request.value.shape.extend(value_t.shape)
+
+        def requests() -> Iterator[pb.StreamSetSliceRequest]:
+            yield pb.StreamSetSliceRequest(request=request)
+            for chunk in _codec.iter_tensor_chunks(value_t):
+                yield pb.StreamSetSliceRequest(data=chunk.data)
+
+        return self._call(self.stub.StreamSetSlice, requests(), timeout).version
+
+    def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
+                   args: Mapping[str, Any] | None = None, *, seed: int | None = None,
+                   timeout: float | None = None) -> pb.ApplyInitResponse:
+        """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`."""
+        request = pb.ApplyInitRequest(model=model_name(model_id), scheme=scheme, targets=targets)
+        for k, v in (args or {}).items():
+            request.args[k].CopyFrom(_codec.value_to_proto(v))
+        if seed is not None:
+            request.seed = seed
+        return self._call(self.stub.ApplyInit, request, timeout)
+
+    def forward(self, model_id: str, *args: Any, module_path: str = "",
+                timeout: float | None = None, **kwargs: Any) -> Any:
+        """Runs the model (or the submodule at `module_path`) on the server; returns local
+        tensors (or tuples of them, as the module returns)."""
+        request = pb.ForwardRequest(model=model_name(model_id), module_path=module_path,
+                                    args=[_codec.value_to_proto(a) for a in args])
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        response = self._call(self.stub.Forward, request, timeout)
+        return _codec.value_from_proto(response.output)
+
+    def set_training(self, model_id: str, training: bool, module_path: str = "") -> None:
+        """Module.train(training) on the server."""
+        self._call(self.stub.SetTrainingMode, pb.SetTrainingModeRequest(
+            model=model_name(model_id), module_path=module_path, training=training))
+
+    def check_shared(self, model: Any, *names: str) -> bool:
+        """Whether the named parameters share one storage on the server.
+
+        `model` is a RemoteModule or a model id; names are state_dict keys ("2.weight").
+        """
+        request = pb.CheckSharedRequest(model=model_name(_model_id(model)), names=names)
+        return self._call(self.stub.CheckShared, request).shared
+
+    def shared_groups(self, model: Any) -> list[list[str]]:
+        """Every group of names that share one storage on the server (tied weights, shared
+        modules)."""
+        # CheckShared needs two names; any two names of the model give the full group list.
+        names = [t.name for t in self.list_parameters(_model_id(model), include_buffers=True)]
+        if len(names) < 2:
+            return []
+        request = pb.CheckSharedRequest(model=model_name(_model_id(model)), names=names[:2])
+        return [list(g.names) for g in self._call(self.stub.CheckShared, request).groups]
+
+
+def _model_id(model: Any) -> str:
+    if isinstance(model, str):
+        return model
+    model_id = getattr(model, "_paramhub_model_id", None)
+    if model_id is None:
+        raise InvalidArgumentError(f"{type(model).__name__} is not a served model",
+                                   reason="BAD_ARGUMENT")
+    return model_id
+
+
+def connect(target: str | None = None, token: str | None = None, timeout: float | None = 30.0,
+            *, tls: bool = False, root_certificates: bytes | None = None,
+            client_cert: bytes | None = None, client_key: bytes | None = None,
+            options: Sequence[tuple[str, Any]] = ()) -> Client:
+    """Connects to a paramhub server.
+
+    Args:
+        target: "host:port"; defaults to $PARAMHUB_TARGET or 127.0.0.1:50051.
+        token: bearer token; defaults to $PARAMHUB_TOKEN.
+        timeout: default deadline of every call, in seconds (None = no deadline).
+        tls: use TLS; `root_certificates` (PEM) verifies the server, `client_cert` and
+            `client_key` (PEM) authenticate this client (mTLS).
+        options: extra grpc channel options.
+    """
+    target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
+    token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
+    opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+            ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1), *options]
+    if tls or root_certificates or client_cert:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
+                                             private_key=client_key,
+                                             certificate_chain=client_cert)
+        channel = grpc.secure_channel(target, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(target, options=opts)
+    return Client(channel, timeout=timeout, token=token, target=target)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real server in-process on 127.0.0.1 port 0, and real SDK clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import paramhub
+from paramhub_server.app import Server, build_server
+from paramhub_server.settings import Settings
+
+
+def has_cuda() -> bool:
+    """Whether CUDA tests can run here."""
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Settings for an in-process test server (tests may replace fields with dataclasses.replace)."""
+    return Settings(host="127.0.0.1", port=0, device="cpu", data_dir=tmp_path / "data",
+                    max_workers=16)
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    """A running server, stopped after the test."""
+    srv = build_server(settings)
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=None)
+
+
+@pytest.fixture
+def target(server: Server) -> str:
+    """host:port of the running server."""
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def client(target: str) -> Iterator[paramhub.Client]:
+    """An SDK client connected to the running server."""
+    with paramhub.connect(target, timeout=60) as c:
+        yield c
