@@ -30,6 +30,19 @@ __all__ = [
     "iter_tensor_chunks",
     "TensorAssembler",
     "assemble_tensors",
+    "encode_chunk",
+    "iter_chunk_frames",
+    "parse_chunk",
+    "RawChunk",
+    "data_frame",
+    "parse_data_frame",
+    "iter_data_frames",
+    "STATE_ALIGN",
+    "state_layout",
+    "pack_state",
+    "unpack_state",
+    "byte_view",
+    "typed_view",
     "index_to_proto",
     "index_from_proto",
     "value_to_proto",
@@ -103,17 +116,20 @@ def check_shape(shape: Sequence[int], *, max_elements: int | None = None) -> tup
     return shape
 
 
-def _byte_view(t: torch.Tensor) -> torch.Tensor:
+def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a tensor's bytes (copying to a contiguous CPU tensor only if needed)."""
-    if t.device.type != "cpu":
-        t = t.detach().to("cpu")
     t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
     t = t.contiguous().reshape(-1)
     return t.view(torch.uint8)
+
+
+_byte_view = byte_view
 
 
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
@@ -127,7 +143,7 @@ def _expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def tensor_from_proto(msg: pb.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
@@ -180,7 +196,7 @@ class TensorAssembler:
     """
 
     def __init__(self, header: pb.TensorHeader, *, max_elements: int | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, allocate: bool = True) -> None:
         self.name = header.name
         self.version = header.version
         self.dtype = dtype_from_proto(header.dtype)
@@ -190,17 +206,19 @@ class TensorAssembler:
             raise InvalidArgumentError(
                 f"tensor {self.name or ''} of {self.nbytes} bytes exceeds the limit {max_bytes}",
                 reason="TENSOR_TOO_LARGE")
+        self.received = 0
+        if not allocate:  # only the validated header is wanted (e.g. bytes come via shm)
+            return
         self.tensor = torch.empty(self.shape, dtype=self.dtype)
         self._ptr = self.tensor.data_ptr()
-        self.received = 0
 
     @property
     def complete(self) -> bool:
         """Whether every byte has arrived."""
         return self.received == self.nbytes
 
-    def add(self, data: bytes) -> None:
-        """Copies the next chunk's bytes into place."""
+    def add(self, data: bytes | memoryview) -> None:
+        """Copies the next chunk's bytes into place (bytes, or a memoryview from parse_chunk)."""
         n = len(data)
         if n == 0:
             return
@@ -208,7 +226,7 @@ class TensorAssembler:
             raise InvalidArgumentError(
                 f"tensor {self.name or ''} received more than the {self.nbytes} bytes its header "
                 f"announced", reason="BAD_TENSOR_BYTES")
-        ctypes.memmove(self._ptr + self.received, data, n)
+        copy_into(self._ptr + self.received, data)
         self.received += n
 
     def finish(self) -> torch.Tensor:
@@ -237,6 +255,258 @@ def assemble_tensors(chunks: Iterable[pb.TensorChunk], **limits: Any
     if current is not None:
         current.finish()
         yield current
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw wire frames
+#
+# grpc-Python's protobuf path copies every chunk's bytes several times (into the message, out of
+# it on serialization, and again when the receiver reads the field). The functions below write
+# and read the *same protobuf wire format* by hand for the few messages that carry bulk bytes
+# (TensorChunk, StreamSetSliceRequest.data, PullStateResponse.data, PushStateRequest.data): a
+# frame is built with one copy from the tensor's memory, and read as a memoryview into the
+# received bytes that is copied once, straight into the preallocated destination. Any peer that
+# speaks plain protobuf interoperates; anything unexpected falls back to the protobuf parser.
+
+_ssize_max = sys.maxsize
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    end = len(buf)
+    while True:
+        if pos >= end or shift > 63:
+            raise InvalidArgumentError("malformed varint in a tensor frame",
+                                       reason="BAD_TENSOR_BYTES")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def buffer_address(data: bytes | memoryview) -> int:
+    """The address of a bytes object's or a (C-contiguous) memoryview's first byte."""
+    if isinstance(data, bytes):
+        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    obj = data.obj
+    if isinstance(obj, bytes) and data.contiguous:
+        base = ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0
+        # A memoryview slice of a bytes object: recover its start from the buffer pointer.
+        return base + _mv_offset(data)
+    return ctypes.addressof(ctypes.c_char.from_buffer(data))
+
+
+def _mv_offset(mv: memoryview) -> int:
+    # CPython exposes a memoryview's buffer pointer only through the buffer protocol; for a
+    # read-only view of bytes we ask ctypes for the Py_buffer via PyObject_GetBuffer.
+    buf = _Py_buffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(mv), ctypes.byref(buf), 0)
+    try:
+        base = ctypes.cast(ctypes.c_char_p(mv.obj), ctypes.c_void_p).value or 0
+        return (buf.buf or 0) - base
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(buf))
+
+
+class _Py_buffer(ctypes.Structure):  # noqa: N801 - the C name
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def copy_into(address: int, data: bytes | memoryview) -> None:
+    """memcpy of `data` to `address` (one copy, no intermediate bytes object)."""
+    n = len(data)
+    if n:
+        ctypes.memmove(address, buffer_address(data), n)
+
+
+def _memory(flat: torch.Tensor) -> memoryview:
+    """A memoryview over a contiguous uint8 CPU tensor's own memory."""
+    n = flat.numel()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(flat.data_ptr())).cast("B")
+
+
+def encode_chunk(header: pb.TensorHeader | None, data: bytes | memoryview = b"") -> bytes:
+    """The protobuf wire bytes of TensorChunk(header=header, data=data), built with one copy."""
+    parts: list[bytes | memoryview] = []
+    if header is not None:
+        hb = header.SerializeToString()
+        parts += [b"\x0a", _varint(len(hb)), hb]
+    if len(data):
+        parts += [b"\x12", _varint(len(data)), data]
+    return b"".join(parts)
+
+
+def iter_chunk_frames(t: torch.Tensor, *, name: str = "", version: int = 0,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """iter_tensor_chunks, as ready-serialized TensorChunk wire bytes (one copy per chunk)."""
+    flat = byte_view(t)
+    header = pb.TensorHeader(name=name, dtype=dtype_to_proto(t.dtype), shape=list(t.shape),
+                             version=version)
+    total = flat.numel()
+    if total == 0:
+        yield encode_chunk(header)
+        return
+    mv = _memory(flat)
+    for start in range(0, total, chunk_bytes):
+        yield encode_chunk(header if start == 0 else None, mv[start:start + chunk_bytes])
+
+
+class RawChunk:
+    """A TensorChunk read from wire bytes without copying its data (see parse_chunk)."""
+
+    __slots__ = ("header", "data")
+
+    def __init__(self, header: pb.TensorHeader | None, data: bytes | memoryview) -> None:
+        self.header = header
+        self.data = data
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - mirrors the protobuf API
+        """Protobuf-compatible: whether the header is set."""
+        if name != "header":
+            raise ValueError(f"RawChunk has no optional field {name!r}")
+        return self.header is not None
+
+
+def parse_chunk(buf: bytes) -> RawChunk:
+    """Reads TensorChunk wire bytes; `data` is a memoryview into `buf` (no copy).
+
+    Usable as a grpc response_deserializer. Falls back to the protobuf parser on anything but the
+    two known fields.
+    """
+    mv = memoryview(buf)
+    header: pb.TensorHeader | None = None
+    data: bytes | memoryview = b""
+    pos, n = 0, len(buf)
+    while pos < n:
+        tag = buf[pos]
+        if tag not in (0x0A, 0x12):
+            msg = pb.TensorChunk.FromString(buf)
+            return RawChunk(msg.header if msg.HasField("header") else None, msg.data)
+        length, pos = _read_varint(buf, pos + 1)
+        if pos + length > n:
+            raise InvalidArgumentError("truncated tensor frame", reason="BAD_TENSOR_BYTES")
+        if tag == 0x0A:
+            header = pb.TensorHeader.FromString(bytes(mv[pos:pos + length]))
+        else:
+            data = mv[pos:pos + length]
+        pos += length
+    return RawChunk(header, data)
+
+
+def data_frame(tag: int, data: bytes | memoryview) -> bytes:
+    """Wire bytes of a message whose only set field is the bytes field with this tag byte
+    ((field number << 3) | 2), built with one copy."""
+    return b"".join((bytes((tag,)), _varint(len(data)), data))
+
+
+def iter_data_frames(flat: torch.Tensor, tag: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                     ) -> Iterator[bytes]:
+    """data_frame()s covering a contiguous uint8 tensor, `chunk_bytes` at a time."""
+    mv = _memory(flat)
+    for start in range(0, len(mv), chunk_bytes):
+        yield data_frame(tag, mv[start:start + chunk_bytes])
+
+
+def parse_data_frame(buf: bytes, tag: int) -> memoryview | None:
+    """The bytes field of a message whose only field is `tag`, as a memoryview into `buf`; None
+    when `buf` holds anything else (parse it with protobuf then)."""
+    if not buf or buf[0] != tag:
+        return None
+    length, pos = _read_varint(buf, 1)
+    if pos + length != len(buf):
+        return None
+    return memoryview(buf)[pos:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Many tensors in one buffer (PullState / PushState)
+
+#: Each tensor of a state transfer starts at a multiple of this many bytes.
+STATE_ALIGN = 64
+
+
+def state_layout(headers: Sequence[pb.TensorHeader], *, max_bytes: int | None = None
+                 ) -> tuple[list[int], list[int], int]:
+    """(offsets, byte sizes, total bytes) of tensors laid out back to back, each aligned."""
+    offsets, sizes = [], []
+    off = 0
+    for h in headers:
+        nbytes = _expected_nbytes(dtype_from_proto(h.dtype), check_shape(h.shape))
+        off = -(-off // STATE_ALIGN) * STATE_ALIGN
+        offsets.append(off)
+        sizes.append(nbytes)
+        off += nbytes
+    if max_bytes is not None and off > max_bytes:
+        raise InvalidArgumentError(f"the tensors need {off} bytes, more than the limit "
+                                   f"{max_bytes}", reason="TENSOR_TOO_LARGE")
+    return offsets, sizes, off
+
+
+def _typed_view(flat: torch.Tensor, off: int, nbytes: int, dtype: torch.dtype,
+                shape: Sequence[int]) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return flat[off:off + nbytes].view(dtype).view(tuple(shape))
+
+
+def typed_view(flat: torch.Tensor, nbytes: int, dtype: torch.dtype, shape: Sequence[int]
+               ) -> torch.Tensor:
+    """The first `nbytes` of a flat uint8 buffer viewed as a tensor of dtype and shape."""
+    return _typed_view(flat, 0, nbytes, dtype, shape)
+
+
+def pack_state(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
+               headers: Sequence[pb.TensorHeader] | None = None) -> torch.Tensor:
+    """Copies tensors into one uint8 buffer laid out by state_layout (`out`, or a new one).
+
+    Handles any device, stride, conj/neg bit: each tensor is copied exactly once.
+    """
+    if headers is None:
+        headers = [pb.TensorHeader(dtype=dtype_to_proto(t.dtype), shape=list(t.shape))
+                   for t in tensors]
+    offsets, sizes, total = state_layout(headers)
+    if out is None:
+        out = torch.empty(total, dtype=torch.uint8)
+    elif out.numel() < total:
+        raise InvalidArgumentError("state buffer is too small", reason="BAD_TENSOR_BYTES")
+    prev_end = 0
+    for t, off, nbytes in zip(tensors, offsets, sizes):
+        if off > prev_end:
+            out[prev_end:off].zero_()
+        if nbytes:
+            _typed_view(out, off, nbytes, t.dtype, t.shape).copy_(t.detach())
+        prev_end = off + nbytes
+    return out
+
+
+def unpack_state(flat: torch.Tensor, headers: Sequence[pb.TensorHeader]) -> list[torch.Tensor]:
+    """Views of a state buffer as the tensors its headers describe (no copy)."""
+    offsets, sizes, total = state_layout(headers)
+    if flat.numel() != total:
+        raise InvalidArgumentError(f"state data has {flat.numel()} bytes, the headers describe "
+                                   f"{total}", reason="BAD_TENSOR_BYTES")
+    return [_typed_view(flat, off, nbytes, dtype_from_proto(h.dtype), h.shape)
+            for h, off, nbytes in zip(headers, offsets, sizes)]
 
 
 # ---------------------------------------------------------------------------------------------

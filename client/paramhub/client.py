@@ -8,15 +8,19 @@ torch.nn.Module.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import torch
 
-from paramhub import _codec
-from paramhub.errors import InvalidArgumentError, from_rpc_error
+from paramhub import _codec, _shm
+from paramhub._progress import progress_for
+from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
+                             UnimplementedError, from_rpc_error)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
@@ -45,6 +49,21 @@ _SERVICE_CONFIG = json.dumps({
 
 #: Values up to this many bytes travel inline in one message; larger ones are streamed.
 INLINE_BYTES = 4 << 20
+#: Writes of at least this many bytes use shared memory when the server is on this host.
+SHM_MIN_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+_SERVICE = "/paramhub.v1.ParameterService/"
+
+
+def _passthrough(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _parse_pull(buf: bytes) -> Any:
+    # PullStateResponse: data messages (field 3) as memoryviews, the manifest as a message.
+    view = _codec.parse_data_frame(buf, 0x1A)
+    return view if view is not None else pb.PullStateResponse.FromString(buf)
 
 
 def model_name(model_id: str) -> str:
@@ -65,19 +84,87 @@ class Client:
     """
 
     def __init__(self, channel: grpc.Channel, *, timeout: float | None = 30.0,
-                 token: str | None = None, target: str = "") -> None:
+                 token: str | None = None, target: str = "", shm: bool = True,
+                 progress: bool | None = None) -> None:
         self.channel = channel
         self.target = target
         self.timeout = timeout
+        self.progress = progress
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ())
         self.stub = pb_grpc.ParameterServiceStub(channel)
+        # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
+        self._get_tensor_raw = channel.unary_stream(
+            _SERVICE + "GetTensor", request_serializer=pb.GetTensorRequest.SerializeToString,
+            response_deserializer=_codec.parse_chunk)
+        self._stream_set_slice_raw = channel.stream_unary(
+            _SERVICE + "StreamSetSlice", request_serializer=_passthrough,
+            response_deserializer=pb.SetSliceResponse.FromString)
+        self._pull_state_raw = channel.unary_stream(
+            _SERVICE + "PullState", request_serializer=pb.PullStateRequest.SerializeToString,
+            response_deserializer=_parse_pull)
+        self._push_state_raw = channel.stream_unary(
+            _SERVICE + "PushState", request_serializer=_passthrough,
+            response_deserializer=pb.PushStateResponse.FromString)
+        self._shm_wanted = shm and _shm.shm_supported()
+        self._shm_link: _shm.ShmLink | None = None
+        self._transport_info: pb.GetTransportInfoResponse | None = None
+        self._transport_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel (and the shared-memory link, if any)."""
+        if self._shm_link is not None:
+            self._shm_link.close()
         self.channel.close()
+
+    # ---------------------------------------------------------------------------- transport
+
+    def transport_info(self) -> pb.GetTransportInfoResponse:
+        """The server's message limit and shared-memory address (asked once, then cached)."""
+        with self._transport_lock:
+            if self._transport_info is None:
+                try:
+                    self._transport_info = self._call(self.stub.GetTransportInfo,
+                                                      pb.GetTransportInfoRequest())
+                except UnimplementedError:  # an older server: no limits known, no shm
+                    self._transport_info = pb.GetTransportInfoResponse()
+                if self._shm_wanted and self._transport_info.shm_address:
+                    link = _shm.ShmLink(self._transport_info.shm_address)
+                    try:
+                        # Negotiation: reaching the advertised socket and being greeted proves
+                        # we share the host (and network namespace) with the server.
+                        link.keep(link.connect())
+                        self._shm_link = link
+                    except OSError as e:
+                        log.debug("shared memory unavailable (%s); using gRPC", e)
+            return self._transport_info
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether big transfers go through shared memory (negotiated on first use)."""
+        self.transport_info()
+        return self._shm_link is not None
+
+    def _greet(self) -> _shm.Greeted | None:
+        """A greeted shm connection, or None when shm is off or unreachable."""
+        if not self._shm_wanted:
+            return None
+        self.transport_info()
+        link = self._shm_link
+        if link is None:
+            return None
+        try:
+            return link.connect()
+        except OSError as e:
+            log.debug("shared memory connection failed (%s); using gRPC", e)
+            self._shm_link = None
+            link.close()
+            return None
+
+    def _shm_failed(self, exc: BaseException) -> None:
+        log.warning("shared-memory transfer failed (%s); falling back to gRPC", exc)
 
     def __enter__(self) -> Client:
         return self
@@ -180,14 +267,61 @@ class Client:
     def get_tensor(self, model_id: str, name: str, index: Any = None, *,
                    kind: str = "parameters", grad: bool = False,
                    timeout: float | None = None) -> tuple[torch.Tensor, int]:
-        """Reads `tensor[index]` (or its gradient): returns (local CPU tensor, version)."""
+        """Reads `tensor[index]` (or its gradient): returns (local CPU tensor, version).
+
+        Big reads from a server on this host arrive through shared memory: the returned tensor
+        then lives in that (private, anonymous) segment, without any further copy.
+        """
         request = pb.GetTensorRequest(
             name=tensor_name(model_id, name, kind),
             index=_codec.index_to_proto(index) if index is not None else [],
             field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
-        for asm in _codec.assemble_tensors(self._stream(self.stub.GetTensor, request, timeout)):
-            return asm.finish(), asm.version
-        raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
+        greeted = self._greet()
+        if greeted is not None:
+            request.shm_token = greeted.token
+            try:
+                return self._get_tensor(request, timeout, greeted)
+            except ParamhubError as e:
+                greeted.close()
+                if e.reason != "SHM_UNAVAILABLE":
+                    raise
+                self._shm_failed(e)
+            except OSError as e:
+                greeted.close()
+                self._shm_failed(e)
+            request.shm_token = ""
+        return self._get_tensor(request, timeout, None)
+
+    def _get_tensor(self, request: pb.GetTensorRequest, timeout: float | None,
+                    greeted: _shm.Greeted | None) -> tuple[torch.Tensor, int]:
+        chunks = self._stream(self._get_tensor_raw, request, timeout)
+        first = next(chunks, None)
+        if first is None or first.header is None:
+            raise InvalidArgumentError("the server sent no tensor header", reason="BAD_STREAM")
+        if first.header.shm:
+            if greeted is None:
+                raise InvalidArgumentError("the server sent shared memory unasked",
+                                           reason="BAD_STREAM")
+            asm = _codec.TensorAssembler(first.header, allocate=False)
+            segment = _shm.receive_segment(greeted.conn, asm.nbytes)
+            greeted.close()
+            for _ in chunks:  # the stream ends here; drain it so the call completes
+                pass
+            return (_codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape),
+                    first.header.version)
+        if greeted is not None:
+            self._shm_link.keep(greeted) if self._shm_link else greeted.close()
+        asm = _codec.TensorAssembler(first.header)
+        with progress_for(self.progress, f"GET {request.name}", asm.nbytes) as bar:
+            asm.add(first.data)
+            bar.advance(len(first.data))
+            for chunk in chunks:
+                if chunk.header is not None:
+                    raise InvalidArgumentError("GetTensor sent a second tensor",
+                                               reason="BAD_STREAM")
+                asm.add(chunk.data)
+                bar.advance(len(chunk.data))
+        return asm.finish(), asm.version
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
@@ -206,18 +340,185 @@ class Client:
         if expected_version is not None:
             request.expected_version = expected_version
         nbytes = value_t.numel() * value_t.element_size()
+        if nbytes >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                try:
+                    return self._set_slice_shm(request, value_t, greeted, timeout)
+                except ParamhubError as e:
+                    if e.reason != "SHM_UNAVAILABLE":
+                        raise
+                    self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    greeted.close()
         if nbytes <= INLINE_BYTES:
             request.value.CopyFrom(_codec.tensor_to_proto(value_t))
             return self._call(self.stub.SetSlice, request, timeout).version
         request.value.dtype = _codec.dtype_to_proto(value_t.dtype)
         request.value.shape.extend(value_t.shape)
+        flat = _codec.byte_view(value_t)
+        bar = progress_for(self.progress, f"SET {request.name}", nbytes)
 
-        def requests() -> Iterator[pb.StreamSetSliceRequest]:
-            yield pb.StreamSetSliceRequest(request=request)
-            for chunk in _codec.iter_tensor_chunks(value_t):
-                yield pb.StreamSetSliceRequest(data=chunk.data)
+        def requests() -> Iterator[bytes]:
+            with bar:
+                yield pb.StreamSetSliceRequest(request=request).SerializeToString()
+                for frame in _codec.iter_data_frames(flat, 0x12):  # StreamSetSliceRequest.data
+                    yield frame
+                    bar.advance(len(frame))
 
-        return self._call(self.stub.StreamSetSlice, requests(), timeout).version
+        return self._call(self._stream_set_slice_raw, requests(), timeout).version
+
+    def _set_slice_shm(self, request: pb.SetSliceRequest, value: torch.Tensor,
+                       greeted: _shm.Greeted, timeout: float | None) -> int:
+        nbytes = value.numel() * value.element_size()
+        segment = _shm.create_segment(nbytes)
+        try:
+            _codec.typed_view(segment.tensor, nbytes, value.dtype, value.shape).copy_(
+                value.detach())
+        except BaseException:
+            segment.close()
+            raise
+        _shm.send_segment(greeted.conn, segment)
+        shm_request = pb.SetSliceRequest()
+        shm_request.CopyFrom(request)
+        shm_request.shm_token = greeted.token
+        shm_request.value.dtype = _codec.dtype_to_proto(value.dtype)
+        shm_request.value.shape.extend(value.shape)
+        return self._call(self.stub.SetSlice, shm_request, timeout).version
+
+    # ---------------------------------------------------------------------------- bulk
+
+    def pull_state(self, model_id: str, names: Sequence[str] | None = None, *, prefix: str = "",
+                   glob: str = "", parameters_only: bool = False,
+                   timeout: float | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Reads many tensors of a model in one call, from one consistent snapshot.
+
+        Args:
+            names: state_dict keys (in this order); None means every key passing prefix/glob.
+            prefix, glob: filters over state_dict keys when names is None.
+            parameters_only: leave buffers out.
+
+        Returns:
+            ({name: CPU tensor}, {name: version}). The tensors are views of one buffer.
+
+        Raises:
+            NotFoundError: unknown model or name.
+            InvalidArgumentError: a name is repeated.
+        """
+        request = pb.PullStateRequest(model=model_name(model_id), names=list(names or ()),
+                                      prefix=prefix, glob=glob, parameters_only=parameters_only)
+        greeted = self._greet()
+        if greeted is not None:
+            request.shm_token = greeted.token
+            try:
+                return self._pull_state(request, timeout, greeted)
+            except ParamhubError as e:
+                greeted.close()
+                if e.reason != "SHM_UNAVAILABLE":
+                    raise
+                self._shm_failed(e)
+            except OSError as e:
+                greeted.close()
+                self._shm_failed(e)
+            request.shm_token = ""
+        return self._pull_state(request, timeout, None)
+
+    def _pull_state(self, request: pb.PullStateRequest, timeout: float | None,
+                    greeted: _shm.Greeted | None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        messages = self._stream(self._pull_state_raw, request, timeout)
+        first = next(messages, None)
+        if first is None or isinstance(first, memoryview):
+            raise InvalidArgumentError("the server sent no state manifest", reason="BAD_STREAM")
+        headers = list(first.headers)
+        _, _, total = _codec.state_layout(headers)
+        if first.shm:
+            if greeted is None:
+                raise InvalidArgumentError("the server sent shared memory unasked",
+                                           reason="BAD_STREAM")
+            segment = _shm.receive_segment(greeted.conn, total)
+            greeted.close()
+            for _ in messages:
+                pass
+            flat = segment.tensor[:total]
+        else:
+            if greeted is not None:
+                self._shm_link.keep(greeted) if self._shm_link else greeted.close()
+            asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
+            with progress_for(self.progress, f"PULL {request.model}", total) as bar:
+                asm.add(first.data)
+                for msg in messages:
+                    data = msg if isinstance(msg, memoryview) else msg.data
+                    asm.add(data)
+                    bar.advance(len(data))
+            flat = asm.finish()
+        tensors = _codec.unpack_state(flat, headers)
+        return ({h.name: t for h, t in zip(headers, tensors)},
+                {h.name: h.version for h in headers})
+
+    def push_state(self, model_id: str, state_dict: Mapping[str, torch.Tensor], *,
+                   expected_model_version: int | None = None,
+                   timeout: float | None = None) -> dict[str, int]:
+        """Writes many tensors of a model in one call, all or nothing (as load_state_dict with
+        strict=False: the keys given are written, cast to each tensor's dtype).
+
+        Returns:
+            {first pushed name of each written storage: its new version}.
+
+        Raises:
+            NotFoundError: unknown model or name.
+            InvalidArgumentError: a shape differs from the model's, or a value cannot be cast.
+            ConflictError: expected_model_version is set and the model moved on.
+        """
+        names = list(state_dict)
+        tensors = [state_dict[n] if isinstance(state_dict[n], torch.Tensor)
+                   else torch.as_tensor(state_dict[n]) for n in names]
+        headers = [tpb.TensorHeader(name=n, dtype=_codec.dtype_to_proto(t.dtype),
+                                    shape=list(t.shape)) for n, t in zip(names, tensors)]
+        _, _, total = _codec.state_layout(headers)
+        header = pb.PushStateHeader(model=model_name(model_id), tensors=headers)
+        if expected_model_version is not None:
+            header.expected_model_version = expected_model_version
+        if total >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                try:
+                    segment = _shm.create_segment(total)
+                    try:
+                        _codec.pack_state(tensors, out=segment.tensor, headers=headers)
+                    except BaseException:
+                        segment.close()
+                        raise
+                    _shm.send_segment(greeted.conn, segment)
+                    shm_header = pb.PushStateHeader()
+                    shm_header.CopyFrom(header)
+                    shm_header.shm_token = greeted.token
+                    response = self._call(self._push_state_raw,
+                                          iter([pb.PushStateRequest(header=shm_header)]), timeout)
+                    return {u.name: u.version for u in response.updated}
+                except ParamhubError as e:
+                    if e.reason != "SHM_UNAVAILABLE":
+                        raise
+                    self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    greeted.close()
+        flat = _codec.pack_state(tensors, headers=headers)
+        bar = progress_for(self.progress, f"PUSH {header.model}", total)
+
+        def requests() -> Iterator[bytes]:
+            with bar:
+                yield pb.PushStateRequest(header=header).SerializeToString()
+                for frame in _codec.iter_data_frames(flat, 0x12):  # PushStateRequest.data
+                    yield frame
+                    bar.advance(len(frame))
+
+        response = self._call(self._push_state_raw, requests(), timeout)
+        return {u.name: u.version for u in response.updated}
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
@@ -238,6 +539,16 @@ class Client:
                                     args=[_codec.value_to_proto(a) for a in args])
         for k, v in kwargs.items():
             request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        size = request.ByteSize()
+        if size > INLINE_BYTES:
+            limit = self.transport_info().max_message_bytes
+            if limit and size > limit:
+                raise ResourceExhaustedError(
+                    f"the forward inputs need {size} bytes in one message, more than the "
+                    f"server's max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                    reason="MESSAGE_TOO_LARGE",
+                    metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                              "asked": str(size)})
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
 
@@ -278,7 +589,8 @@ def _model_id(model: Any) -> str:
 def connect(target: str | None = None, token: str | None = None, timeout: float | None = 30.0,
             *, tls: bool = False, root_certificates: bytes | None = None,
             client_cert: bytes | None = None, client_key: bytes | None = None,
-            options: Sequence[tuple[str, Any]] = ()) -> Client:
+            options: Sequence[tuple[str, Any]] = (), shm: bool = True,
+            progress: bool | None = None) -> Client:
     """Connects to a paramhub server.
 
     Args:
@@ -288,6 +600,10 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
         tls: use TLS; `root_certificates` (PEM) verifies the server, `client_cert` and
             `client_key` (PEM) authenticate this client (mTLS).
         options: extra grpc channel options.
+        shm: move big tensors through shared memory when the server is on this host
+            (negotiated on first use; falls back to gRPC). False always uses gRPC.
+        progress: progress bars for transfers over 64 MiB: None shows them when stderr is a
+            terminal, True always, False never.
     """
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
@@ -300,4 +616,5 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
         channel = grpc.secure_channel(target, creds, options=opts)
     else:
         channel = grpc.insecure_channel(target, options=opts)
-    return Client(channel, timeout=timeout, token=token, target=target)
+    return Client(channel, timeout=timeout, token=token, target=target, shm=shm,
+                  progress=progress)

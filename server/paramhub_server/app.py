@@ -11,10 +11,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub_server.core.registry import Registry, parse_device
 from paramhub_server.servicer import ParameterService
 from paramhub_server.settings import Settings
+from paramhub_server.transport import Transport, add_servicer
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,19 @@ class Server:
     """A running paramhub server: the grpc.Server plus what shutting it down needs."""
 
     def __init__(self, grpc_server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 registry: Registry) -> None:
+                 registry: Registry, transport: Transport | None = None) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.health = health_servicer
         self.registry = registry
+        self.transport = transport
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first (load balancers stop sending), then drain and stop."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.transport is not None:
+            self.transport.close()
 
 
 def build_server(settings: Settings) -> Server:
@@ -49,7 +52,8 @@ def build_server(settings: Settings) -> Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                     thread_name_prefix="paramhub-rpc"),
                          options=options)
-    pb_grpc.add_ParameterServiceServicer_to_server(ParameterService(registry), server)
+    transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm)
+    add_servicer(ParameterService(registry, transport), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -63,4 +67,4 @@ def build_server(settings: Settings) -> Server:
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("paramhub serving on %s:%d (device %s)", settings.host, port, device)
-    return Server(server, port, health_servicer, registry)
+    return Server(server, port, health_servicer, registry, transport)

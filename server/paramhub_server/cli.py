@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest single gRPC message (default 64 MiB; tensors are streamed)")
     serve.add_argument("--max-model-bytes", type=int, default=None,
                        help="largest model a CreateModel may build (default unlimited)")
+    serve.add_argument("--no-shm", dest="shm", action="store_false",
+                       help="do not offer the same-host shared-memory transport")
     return parser
 
 
@@ -42,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings(host=args.host, port=args.port, device=args.device or default_device(),
                         data_dir=args.data_dir, log_level=args.log_level,
                         max_workers=args.max_workers, max_message_bytes=args.max_message_bytes,
-                        max_model_bytes=args.max_model_bytes)
+                        max_model_bytes=args.max_model_bytes, shm=args.shm)
     server = build_server(settings)
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)

@@ -8,15 +8,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import torch
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
+from paramhub_server.transport import Transport, create_segment
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,9 @@ _OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _COLLECTIONS = {"parameters": PARAMETER, "buffers": BUFFER}
 MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
+#: Reads of fewer bytes come inline even when the client offers shared memory: below this, a
+#: memfd, a mapping and a descriptor pass cost more than they save.
+SHM_MIN_BYTES = 1 << 20
 
 
 def model_id_of(name: str) -> str:
@@ -72,8 +77,9 @@ def _values(msgs: Any) -> list[Any]:
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, transport: Transport | None = None) -> None:
         self.registry = registry
+        self.transport = transport or Transport(max_message_bytes=64 << 20, shm=False)
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
@@ -142,14 +148,42 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-                  ) -> Iterator[tpb.TensorChunk]:
+                  ) -> Iterator[bytes]:
+        # Yields TensorChunk wire bytes (transport.add_servicer passes them through).
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index)
-        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
-        chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
-        chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
-                                             chunk_bytes=chunk)
+        grad = request.field == pb.TENSOR_FIELD_GRAD
+        if request.shm_token:
+            channel = self.transport.shm_channel()
+            segments: list[Any] = []
+
+            def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
+                nbytes = dtype.itemsize * _numel(shape)
+                if nbytes < SHM_MIN_BYTES:  # small: inline, the token stays unused
+                    return torch.empty(shape, dtype=dtype)
+                segments.append(create_segment(nbytes))
+                return _codec.typed_view(segments[0].tensor, nbytes, dtype, shape)
+
+            result = m.read(name, index, grad=grad, kind=kind, alloc=alloc)
+            if segments:
+                header = tpb.TensorHeader(
+                    name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                    shape=list(result.tensor.shape), version=result.version, shm=True)
+                del result
+                try:
+                    conn = channel.take(request.shm_token)
+                except BaseException:
+                    segments[0].close()
+                    raise
+                channel.send(conn, segments[0])
+                yield _codec.encode_chunk(header)
+                return
+            yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
+                                                chunk_bytes=_chunk_size(request.chunk_bytes))
+            return
+        result = m.read(name, index, grad=grad, kind=kind)
+        yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
+                                            chunk_bytes=_chunk_size(request.chunk_bytes))
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
         m, kind, name = self._tensor(request.name)
@@ -164,13 +198,30 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
+        if request.shm_token:
+            conn = self.transport.shm_channel().take(request.shm_token)
+            dtype = _codec.dtype_from_proto(request.value.dtype)
+            shape = _codec.check_shape(request.value.shape)
+            if request.value.data:
+                conn.close()
+                raise InvalidArgumentError("a shared-memory SetSlice carries no value bytes",
+                                           reason="BAD_STREAM")
+            nbytes = dtype.itemsize * _numel(shape)
+            segment = self.transport.shm_channel().receive(conn, nbytes)
+            try:
+                return self._set_slice(request, _codec.typed_view(segment.tensor, nbytes, dtype,
+                                                                  shape))
+            finally:
+                segment.close()
         return self._set_slice(request, _codec.tensor_from_proto(request.value))
 
     @rpc
-    def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
+    def StreamSetSlice(self, request_iterator: Iterator[Any],
                        context: grpc.ServicerContext) -> pb.SetSliceResponse:
+        # Data messages arrive as memoryviews (transport.add_servicer's raw deserializer).
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "request":
+        if (first is None or isinstance(first, memoryview)
+                or first.WhichOneof("part") != "request"):
             raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
                                        reason="BAD_STREAM")
         req = first.request
@@ -180,10 +231,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
                                                       shape=req.value.shape))
         for msg in request_iterator:
-            if msg.WhichOneof("part") != "data":
+            if isinstance(msg, memoryview):
+                asm.add(msg)
+            elif msg.WhichOneof("part") == "data":
+                asm.add(msg.data)
+            else:
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
-            asm.add(msg.data)
         return self._set_slice(req, asm.finish())
 
     @rpc
@@ -223,7 +277,16 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
-        return pb.ForwardResponse(output=encoded, model_version=version)
+        response = pb.ForwardResponse(output=encoded, model_version=version)
+        limit = self.transport.max_message_bytes
+        if response.ByteSize() > limit:
+            raise ResourceExhaustedError(
+                f"the forward output needs {response.ByteSize()} bytes, more than the server's "
+                f"max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                          "asked": str(response.ByteSize())})
+        return response
 
     @rpc
     def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
@@ -238,3 +301,100 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def GetTransportInfo(self, request: pb.GetTransportInfoRequest,
+                         context: grpc.ServicerContext) -> pb.GetTransportInfoResponse:
+        shm = self.transport.shm
+        return pb.GetTransportInfoResponse(max_message_bytes=self.transport.max_message_bytes,
+                                           chunk_bytes=_codec.DEFAULT_CHUNK_BYTES,
+                                           shm_address=shm.address if shm else "")
+
+    @rpc
+    def PullState(self, request: pb.PullStateRequest, context: grpc.ServicerContext
+                  ) -> Iterator[bytes]:
+        # Yields PullStateResponse wire bytes: the manifest, then raw data frames.
+        m = self._model(request.model)
+        names = m.select_names(list(request.names), prefix=request.prefix, glob=request.glob,
+                               parameters_only=request.parameters_only)
+        if request.shm_token:
+            channel = self.transport.shm_channel()
+            segments: list[Any] = []
+
+            def alloc(nbytes: int) -> Any:
+                if nbytes < SHM_MIN_BYTES:  # small: inline, the token stays unused
+                    return torch.empty(nbytes, dtype=torch.uint8)
+                segments.append(create_segment(nbytes))
+                return segments[0].tensor[:nbytes]
+
+            headers, buf, model_version = m.snapshot(names, alloc=alloc)
+            if segments:
+                del buf
+                try:
+                    conn = channel.take(request.shm_token)
+                except BaseException:
+                    segments[0].close()
+                    raise
+                channel.send(conn, segments[0])
+                yield pb.PullStateResponse(headers=headers, model_version=model_version,
+                                           shm=True).SerializeToString()
+                return
+        else:
+            headers, buf, model_version = m.snapshot(names)
+        yield pb.PullStateResponse(headers=headers, model_version=model_version).SerializeToString()
+        yield from _codec.iter_data_frames(buf, 0x1A, _chunk_size(request.chunk_bytes))
+
+    @rpc
+    def PushState(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                  ) -> pb.PushStateResponse:
+        # Data messages arrive as memoryviews (transport.add_servicer's raw deserializer).
+        first = next(request_iterator, None)
+        if first is None or isinstance(first, memoryview) or not first.HasField("header"):
+            raise InvalidArgumentError("the first PushState message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+        refs = m.check_state(header.tensors)
+        _, _, total = _codec.state_layout(header.tensors)
+        expected = (header.expected_model_version if header.HasField("expected_model_version")
+                    else None)
+        if header.shm_token:
+            conn = self.transport.shm_channel().take(header.shm_token)
+            if first.data or next(request_iterator, None) is not None:
+                conn.close()
+                raise InvalidArgumentError("a shared-memory PushState carries no data messages",
+                                           reason="BAD_STREAM")
+            segment = self.transport.shm_channel().receive(conn, total)
+            try:
+                values = _codec.unpack_state(segment.tensor[:total], header.tensors)
+                updated, version = m.load_state(refs, values, expected)
+                del values
+            finally:
+                segment.close()
+        else:
+            asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
+            asm.add(first.data)
+            for msg in request_iterator:
+                if isinstance(msg, memoryview):
+                    asm.add(msg)
+                elif not msg.HasField("header"):
+                    asm.add(msg.data)
+                else:
+                    raise InvalidArgumentError("only the first PushState message may carry the "
+                                               "header", reason="BAD_STREAM")
+            values = _codec.unpack_state(asm.finish(), header.tensors)
+            updated, version = m.load_state(refs, values, expected)
+        return pb.PushStateResponse(
+            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
+            model_version=version)
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _chunk_size(asked: int) -> int:
+    return min(max(asked or _codec.DEFAULT_CHUNK_BYTES, MIN_CHUNK), MAX_CHUNK)

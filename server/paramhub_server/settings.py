@@ -29,3 +29,5 @@ class Settings:
     max_model_bytes: int | None = None
     #: Seconds SIGTERM waits for in-flight RPCs before stopping.
     grace_seconds: float = 10.0
+    #: Offer the same-host shared-memory transport (`--no-shm` turns it off).
+    shm: bool = True

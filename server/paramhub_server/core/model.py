@@ -9,7 +9,7 @@ before changing any tensor, so a failed write changes nothing and readers never 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from paramhub import _codec, _spec
 from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import tensor_pb2 as pb_tensor
 from paramhub_server.core import inits, rng
 from paramhub_server.core.rwlock import RWLock
 
@@ -137,8 +138,16 @@ class ServedModel:
     # ----------------------------------------------------------------------------- reads
 
     def read(self, name: str, index: tuple[Any, ...], *, grad: bool = False,
-             kind: str | None = None) -> ReadResult:
-        """A CPU copy of `tensor[index]` (or of its gradient) and the version it was read at."""
+             kind: str | None = None,
+             alloc: Callable[[torch.dtype, tuple[int, ...]], torch.Tensor] | None = None
+             ) -> ReadResult:
+        """A contiguous CPU copy of `tensor[index]` (or of its gradient) and its version.
+
+        The copy is made under the read lock (so it never shows half of a write) and is the only
+        copy: `alloc(dtype, shape)` may supply its destination (e.g. a shared-memory segment);
+        by default it is a fresh CPU tensor, pinned when the model lives on a CUDA device so the
+        device-to-host copy runs at full DMA speed.
+        """
         ref = self.ref(name, kind)
         with self.lock.read():
             t = ref.get()
@@ -148,12 +157,111 @@ class ServedModel:
                                         metadata={"model": self.id, "tensor": name[:200]})
                 t = t.grad
             region = _codec.apply_index(t.detach(), index)
-            # Copy while holding the lock: the bytes are sent after it is released.
-            if region.device.type == "cpu":
-                out = region.clone() if _shares_memory(region, t) else region
+            # Copy while holding the lock: the bytes are sent after it is released, so slow
+            # network readers never hold writers up.
+            if alloc is not None:
+                out = alloc(region.dtype, tuple(region.shape))
+                out.copy_(region)
+            elif region.device.type == "cpu":
+                if _shares_memory(region, t) or not region.is_contiguous():
+                    out = region.clone(memory_format=torch.contiguous_format)
+                else:
+                    out = region  # advanced indexing already made a private copy
             else:
-                out = region.to("cpu")
+                out = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
+                out.copy_(region)
             return ReadResult(out, self.versions[ref.group])
+
+    def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
+                     parameters_only: bool = False) -> list[str]:
+        """state_dict keys for a bulk read: `names` in order (checked), else every key passing
+        prefix and glob, in state_dict order."""
+        if names:
+            if len(set(names)) != len(names):
+                raise InvalidArgumentError("a name is repeated", reason="DUPLICATE_TENSOR")
+            for n in names:
+                self.ref(n, PARAMETER if parameters_only else None)
+            return list(names)
+        return [n for n in self.names(include_buffers=not parameters_only)
+                if n.startswith(prefix) and (not glob or fnmatch.fnmatchcase(n, glob))]
+
+    def snapshot(self, names: Sequence[str],
+                 alloc: Callable[[int], torch.Tensor] | None = None
+                 ) -> tuple[list[pb_tensor.TensorHeader], torch.Tensor, int]:
+        """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
+        lock (a consistent snapshot). Returns (headers with versions, buffer, model version).
+
+        `alloc(nbytes)` may supply the uint8 destination (e.g. shared memory).
+        """
+        refs = [self.ref(n) for n in names]
+        with self.lock.read():
+            tensors = [r.get().detach() for r in refs]
+            headers = [pb_tensor.TensorHeader(name=r.name, dtype=_codec.dtype_to_proto(t.dtype),
+                                              shape=list(t.shape), version=self.versions[r.group])
+                       for r, t in zip(refs, tensors)]
+            _, _, total = _codec.state_layout(headers)
+            if alloc is not None:
+                buf = alloc(total)
+            else:
+                pin = self.device.type == "cuda"
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+            _codec.pack_state(tensors, out=buf, headers=headers)
+            return headers, buf, self.version
+
+    def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
+        """Validates a bulk write's manifest against the model before any byte is received."""
+        seen: set[str] = set()
+        refs = []
+        for h in headers:
+            if h.name in seen:
+                raise InvalidArgumentError(f"{h.name[:200]!r} is pushed twice",
+                                           reason="DUPLICATE_TENSOR",
+                                           metadata={"tensor": h.name[:200]})
+            seen.add(h.name)
+            ref = self.ref(h.name)
+            t = ref.get()
+            dtype = _codec.dtype_from_proto(h.dtype)
+            shape = _codec.check_shape(h.shape)
+            if shape != tuple(t.shape):
+                raise InvalidArgumentError(
+                    f"value for {h.name!r} has shape {list(shape)}, the model's is "
+                    f"{list(t.shape)}", reason="BAD_SHAPE", metadata={"tensor": h.name})
+            if dtype.is_complex and not t.dtype.is_complex:
+                raise InvalidArgumentError(
+                    f"cannot copy {dtype} values into {h.name!r} of dtype {t.dtype}",
+                    reason="BAD_DTYPE", metadata={"tensor": h.name})
+            refs.append(ref)
+        return refs
+
+    def load_state(self, refs: Sequence[TensorRef], values: Sequence[torch.Tensor],
+                   expected_model_version: int | None = None
+                   ) -> tuple[list[tuple[str, int]], int]:
+        """Copies values into tensors, all or nothing, under the write lock (torch's
+        load_state_dict semantics: Tensor.copy_, which casts dtypes). Returns
+        ([(first name of each written storage, its version)], model version)."""
+        with self.lock.write():
+            if expected_model_version is not None and self.version != expected_model_version:
+                raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
+                                    f"{expected_model_version}", reason="VERSION_MISMATCH",
+                                    metadata={"version": str(self.version)})
+            # Cast (and move to the device) first, so nothing changes if any cast fails.
+            staged = []
+            for ref, v in zip(refs, values):
+                t = ref.get()
+                try:
+                    staged.append(v.to(device=t.device, dtype=t.dtype))
+                except RuntimeError as e:
+                    raise InvalidArgumentError(f"value for {ref.name!r}: "
+                                               f"{str(e).splitlines()[0]}", reason="BAD_DTYPE",
+                                               metadata={"tensor": ref.name}) from None
+            firsts: dict[int, str] = {}
+            with torch.no_grad():
+                for ref, v in zip(refs, staged):
+                    ref.get().copy_(v)
+                    firsts.setdefault(ref.group, ref.name)
+            if firsts:
+                self._bump(list(firsts))
+            return [(n, self.versions[g]) for g, n in firsts.items()], self.version
 
     # ----------------------------------------------------------------------------- writes
 
