@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -141,10 +142,34 @@ class ShmChannel:
                 self._pending[token] = (conn, time.monotonic())
 
     def _expire(self) -> None:
+        """Drops tokens that are too old or whose client hung up (e.g. it died)."""
         now = time.monotonic()
         with self._lock:
-            old = [t for t, (_, at) in self._pending.items() if now - at > TOKEN_TTL]
-            conns = [self._pending.pop(t)[0] for t in old]
+            entries = list(self._pending.items())
+        dead = [t for t, (_, at) in entries if now - at > TOKEN_TTL]
+        poller = select.poll()
+        by_fd = {}
+        for token, (conn, _) in entries:
+            try:
+                poller.register(conn.fileno(), select.POLLIN | select.POLLHUP)
+                by_fd[conn.fileno()] = (token, conn)
+            except (OSError, ValueError):
+                dead.append(token)
+        for fd, events in poller.poll(0):
+            token, conn = by_fd[fd]
+            if events & select.POLLHUP:
+                dead.append(token)
+                continue
+            try:
+                # A client sends nothing but its memfd (one byte with it): EOF means it is gone.
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    dead.append(token)
+            except BlockingIOError:
+                pass
+            except OSError:
+                dead.append(token)
+        with self._lock:
+            conns = [self._pending.pop(t)[0] for t in set(dead) if t in self._pending]
         for c in conns:
             c.close()
 
