@@ -30,6 +30,8 @@ MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
 #: Reads of fewer bytes come inline even when the client offers shared memory: below this, a
 #: memfd, a mapping and a descriptor pass cost more than they save.
 SHM_MIN_BYTES = 1 << 20
+#: Largest value GetTensorInline answers.
+INLINE_MAX_BYTES = 4 << 20
 
 
 def model_id_of(name: str) -> str:
@@ -184,6 +186,30 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         result = m.read(name, index, grad=grad, kind=kind)
         yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
                                             chunk_bytes=_chunk_size(request.chunk_bytes))
+
+    @rpc
+    def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
+                        ) -> bytes:
+        # Returns GetTensorInlineResponse wire bytes (same layout as a TensorChunk).
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index)
+        limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
+
+        def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
+            nbytes = dtype.itemsize * _numel(shape)
+            if nbytes > limit:  # refuse before copying anything
+                raise ResourceExhaustedError(
+                    f"{name!r}{'[...]' if index else ''} has {nbytes} bytes, more than "
+                    f"GetTensorInline's {limit}; use GetTensor", reason="MESSAGE_TOO_LARGE",
+                    metadata={"limit": "inline_bytes", "limit_bytes": str(limit),
+                              "asked": str(nbytes)})
+            return torch.empty(shape, dtype=dtype)
+
+        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind,
+                        alloc=alloc)
+        header = tpb.TensorHeader(name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                                  shape=list(result.tensor.shape), version=result.version)
+        return _codec.encode_chunk(header, _codec._memory(_codec.byte_view(result.tensor)))
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
         m, kind, name = self._tensor(request.name)

@@ -76,7 +76,7 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
         resp = message_factory.GetMessageClass(method.output_type)
         deserializer: Callable[[bytes], Any] = req.FromString
         serializer: Callable[[Any], bytes] = resp.SerializeToString
-        if method.name in ("GetTensor", "PullState"):
+        if method.name in ("GetTensor", "PullState", "GetTensorInline"):
             serializer = _passthrough
         elif method.name == "StreamSetSlice":
             deserializer = _data_or(req, 0x12)  # StreamSetSliceRequest.data = 2

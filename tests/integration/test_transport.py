@@ -12,6 +12,7 @@ import paramhub
 from paramhub import _codec, _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError)
+from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.app import build_server
 
 DTYPES = list(_codec._DTYPES)
@@ -222,3 +223,39 @@ def test_transport_info(client, server):
     assert info.max_message_bytes == server.transport.max_message_bytes
     assert info.chunk_bytes == _codec.DEFAULT_CHUNK_BYTES
     assert info.shm_address == server.transport.shm.address
+
+
+def test_small_reads_go_unary_and_stay_correct(server, client):
+    server.registry.adopt("inline", Holder({"x": torch.arange(12.0).reshape(3, 4)}))
+    first, v0 = client.get_tensor("inline", "x", kind="buffers")  # streamed; size learnt
+    assert client._sizes[("models/inline/buffers/x", "value", "")] == 48
+    again, v1 = client.get_tensor("inline", "x", (1, slice(None, None, 2)), kind="buffers")
+    assert torch.equal(again, first[1, ::2]) and v0 == v1 == 0
+    assert torch.equal(client.get_tensor("inline", "x", (None, Ellipsis, 0),
+                                         kind="buffers")[0], first[None, ..., 0])
+    # Recreated under the same name with a big tensor: the stale size only costs a refusal.
+    server.registry.delete("inline")
+    server.registry.adopt("inline", Holder({"x": torch.ones(1536, 1024)}))
+    big, _ = client.get_tensor("inline", "x", kind="buffers")
+    assert big.shape == (1536, 1024) and bool(big.eq(1).all())
+
+
+def test_get_tensor_inline_refuses_big_values(server, client):
+    server.registry.adopt("inline", Holder({"x": torch.ones(2048, 1024)}))  # 8 MiB
+    request = pb.GetTensorInlineRequest(name="models/inline/buffers/x")
+    with pytest.raises(ResourceExhaustedError) as e:
+        client._call(client._get_inline_raw, request)
+    assert e.value.reason == "MESSAGE_TOO_LARGE" and e.value.metadata["limit"] == "inline_bytes"
+    request.index.extend(_codec.index_to_proto((slice(0, 2),)))
+    chunk = client._call(client._get_inline_raw, request)
+    assert chunk.header.shape == [2, 1024] and len(chunk.data) == 2 * 1024 * 4
+
+
+def test_get_tensor_out_receives_in_place(server, client):
+    server.registry.adopt("outm", Holder({"x": torch.randn(1024, 300)}))
+    out = torch.empty(1024, 300)
+    got, _ = client.get_tensor("outm", "x", kind="buffers", out=out)
+    assert got is out and torch.equal(out, server.registry.get("outm").module.x)
+    with pytest.raises(InvalidArgumentError) as e:
+        client.get_tensor("outm", "x", kind="buffers", out=torch.empty(3))
+    assert e.value.reason == "BAD_OUT"

@@ -461,3 +461,21 @@ class PushStateResponse(_message.Message):
     updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
     model_version: int
     def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class GetTensorInlineRequest(_message.Message):
+    __slots__ = ("name", "index", "field")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
+    field: TensorField
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ...) -> None: ...
+
+class GetTensorInlineResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: _tensor_pb2.TensorHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -116,6 +116,11 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.FromString,
                 _registered_method=True)
+        self.GetTensorInline = channel.unary_unary(
+                '/paramhub.v1.ParameterService/GetTensorInline',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -236,6 +241,15 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTensorInline(self, request, context):
+        """GetTensor in one unary response: for small values a unary call costs measurably less than
+        a stream. Values over 4 MiB (or max_message_bytes) fail with RESOURCE_EXHAUSTED, reason
+        MESSAGE_TOO_LARGE, before anything is sent: read those with GetTensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +327,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.PushState,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.SerializeToString,
+            ),
+            'GetTensorInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTensorInline,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -726,6 +745,33 @@ class ParameterService:
             '/paramhub.v1.ParameterService/PushState',
             paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensorInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/GetTensorInline',
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -164,7 +164,8 @@ class ServedModel:
                 out.copy_(region)
             elif region.device.type == "cpu":
                 if _shares_memory(region, t) or not region.is_contiguous():
-                    out = region.clone(memory_format=torch.contiguous_format)
+                    out = _codec.empty(region.shape, region.dtype)
+                    out.copy_(region)
                 else:
                     out = region  # advanced indexing already made a private copy
             else:
@@ -195,18 +196,26 @@ class ServedModel:
         """
         refs = [self.ref(n) for n in names]
         with self.lock.read():
-            tensors = [r.get().detach() for r in refs]
-            headers = [pb_tensor.TensorHeader(name=r.name, dtype=_codec.dtype_to_proto(t.dtype),
-                                              shape=list(t.shape), version=self.versions[r.group])
+            tensors = [r.get() for r in refs]
+            versions = self.versions
+            headers = [pb_tensor.TensorHeader(name=r.name, dtype=self._dtype_enum(t.dtype),
+                                              shape=t.shape, version=versions[r.group])
                        for r, t in zip(refs, tensors)]
-            _, _, total = _codec.state_layout(headers)
+            layout = _codec.state_layout(headers)
+            total = layout[2]
             if alloc is not None:
                 buf = alloc(total)
+            elif self.device.type == "cuda":
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
             else:
-                pin = self.device.type == "cuda"
-                buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-            _codec.pack_state(tensors, out=buf, headers=headers)
+                buf = _codec.empty((total,), torch.uint8)
+            with torch.no_grad():
+                _codec.pack_state(tensors, out=buf, layout=layout)
             return headers, buf, self.version
+
+    @staticmethod
+    def _dtype_enum(dtype: torch.dtype) -> int:
+        return _codec.dtype_to_proto(dtype)
 
     def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
         """Validates a bulk write's manifest against the model before any byte is received."""
@@ -431,7 +440,10 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
                 raise InvalidArgumentError(
                     f"cannot assign {value.dtype} values into {name!r} of dtype {region.dtype}",
                     reason="BAD_DTYPE")
-            return value.to(region.dtype).expand(region.shape).clone()
+            cast = value.to(region.dtype)
+            if cast.shape == region.shape and not _shares_memory(cast, region):
+                return cast  # already a private tensor of the region's shape: no second copy
+            return cast.expand(region.shape).clone()
         out = region.clone()
         with torch.no_grad():
             {"add": out.add_, "sub": out.sub_, "mul": out.mul_, "div": out.div_}[op](value)
