@@ -496,19 +496,29 @@ def state_layout(headers: Sequence[pb.TensorHeader], *, max_bytes: int | None = 
     Each tensor starts at a multiple of STATE_ALIGN, and the total is rounded up to one too, so
     every tensor's span is a whole number of elements of any dtype.
     """
-    offsets, sizes = [], []
+    offsets, sizes, _, _, total = _layout(headers)
+    if max_bytes is not None and total > max_bytes:
+        raise InvalidArgumentError(f"the tensors need {total} bytes, more than the limit "
+                                   f"{max_bytes}", reason="TENSOR_TOO_LARGE")
+    return offsets, sizes, total
+
+
+def _layout(headers: Sequence[pb.TensorHeader]
+            ) -> tuple[list[int], list[int], list[torch.dtype], list[tuple[int, ...]], int]:
+    offsets, sizes, dtypes, shapes = [], [], [], []
     off = 0
     align = STATE_ALIGN
+    from_proto = _FROM_PROTO
     for h in headers:
-        _, numel = _shape_numel(h.shape)
-        nbytes = numel * dtype_from_proto(h.dtype).itemsize
+        shape, numel = _shape_numel(h.shape)
+        dtype = from_proto.get(h.dtype) or dtype_from_proto(h.dtype)
+        nbytes = numel * dtype.itemsize
         offsets.append(off)
         sizes.append(nbytes)
+        dtypes.append(dtype)
+        shapes.append(shape)
         off += -(-nbytes // align) * align
-    if max_bytes is not None and off > max_bytes:
-        raise InvalidArgumentError(f"the tensors need {off} bytes, more than the limit "
-                                   f"{max_bytes}", reason="TENSOR_TOO_LARGE")
-    return offsets, sizes, off
+    return offsets, sizes, dtypes, shapes, off
 
 
 def _typed_view(flat: torch.Tensor, off: int, nbytes: int, dtype: torch.dtype,
@@ -531,20 +541,6 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(strides)
 
 
-class _Views:
-    """Typed views of one flat uint8 buffer at byte offsets (one torch call per tensor)."""
-
-    def __init__(self, flat: torch.Tensor) -> None:
-        self.flat = flat
-        self._typed: dict[torch.dtype, torch.Tensor] = {}
-
-    def at(self, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        typed = self._typed.get(dtype)
-        if typed is None:
-            typed = self._typed[dtype] = self.flat.view(dtype)
-        return typed.as_strided(shape, _contiguous_strides(shape), off // dtype.itemsize)
-
-
 def pack_state(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
                headers: Sequence[pb.TensorHeader] | None = None,
                layout: tuple[list[int], list[int], int] | None = None) -> torch.Tensor:
@@ -563,14 +559,26 @@ def pack_state(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
         out = empty((total,), torch.uint8)
     elif out.numel() < total:
         raise InvalidArgumentError("state buffer is too small", reason="BAD_TENSOR_BYTES")
-    views = _Views(out[:total])
+    typed: dict[torch.dtype, torch.Tensor] = {}
     dsts, srcs = [], []
     prev_end = 0
+    body = out[:total]
     for t, off, nbytes in zip(tensors, offsets, sizes):
         if off > prev_end:
             out[prev_end:off].zero_()
         if nbytes:
-            dsts.append(views.at(off, t.dtype, tuple(t.shape)))
+            dtype = t.dtype
+            view = typed.get(dtype)
+            if view is None:
+                view = typed[dtype] = body.view(dtype)
+            shape = t.shape
+            if len(shape) == 2:
+                strides: tuple[int, ...] = (shape[1], 1)
+            elif len(shape) == 1:
+                strides = (1,)
+            else:
+                strides = _contiguous_strides(tuple(shape))
+            dsts.append(view.as_strided(shape, strides, off // dtype.itemsize))
             srcs.append(t.detach())
         prev_end = off + nbytes
     if total > prev_end:
@@ -585,18 +593,29 @@ def pack_state(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
     return out
 
 
-def unpack_state(flat: torch.Tensor, headers: Sequence[pb.TensorHeader]) -> list[torch.Tensor]:
+def unpack_state(flat: torch.Tensor, headers: Sequence[pb.TensorHeader],
+                 layout: Any = None) -> list[torch.Tensor]:
     """Views of a state buffer as the tensors its headers describe (no copy)."""
-    offsets, sizes, total = state_layout(headers)
+    offsets, sizes, dtypes, shapes, total = _layout(headers)
     if flat.numel() != total:
         raise InvalidArgumentError(f"state data has {flat.numel()} bytes, the headers describe "
                                    f"{total}", reason="BAD_TENSOR_BYTES")
-    views = _Views(flat)
+    typed: dict[torch.dtype, torch.Tensor] = {}
     out = []
-    for h, off, nbytes in zip(headers, offsets, sizes):
-        dtype = dtype_from_proto(h.dtype)
-        shape = tuple(h.shape)
-        out.append(views.at(off, dtype, shape) if nbytes else torch.empty(shape, dtype=dtype))
+    for off, nbytes, dtype, shape in zip(offsets, sizes, dtypes, shapes):
+        if not nbytes:
+            out.append(torch.empty(shape, dtype=dtype))
+            continue
+        view = typed.get(dtype)
+        if view is None:
+            view = typed[dtype] = flat.view(dtype)
+        if len(shape) == 2:
+            strides: tuple[int, ...] = (shape[1], 1)
+        elif len(shape) == 1:
+            strides = (1,)
+        else:
+            strides = _contiguous_strides(shape)
+        out.append(view.as_strided(shape, strides, off // dtype.itemsize))
     return out
 
 

@@ -524,8 +524,8 @@ class Client:
                     bar.advance(len(data))
             flat = asm.finish()
         tensors = _codec.unpack_state(flat, headers)
-        return ({h.name: t for h, t in zip(headers, tensors)},
-                {h.name: h.version for h in headers})
+        names = [h.name for h in headers]
+        return dict(zip(names, tensors)), {n: h.version for n, h in zip(names, headers)}
 
     def push_state(self, model_id: str, state_dict: Mapping[str, torch.Tensor], *,
                    expected_model_version: int | None = None,

@@ -80,6 +80,7 @@ class ServedModel:
         self._order = [n for n in order if n in self._refs] + [
             n for n in self._refs if n not in set(order)]
         self.versions = [0] * len(groups)
+        self._layouts: dict[tuple[str, ...], Any] = {}
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -198,10 +199,20 @@ class ServedModel:
         with self.lock.read():
             tensors = [r.get() for r in refs]
             versions = self.versions
-            headers = [pb_tensor.TensorHeader(name=r.name, dtype=self._dtype_enum(t.dtype),
-                                              shape=t.shape, version=versions[r.group])
-                       for r, t in zip(refs, tensors)]
-            layout = _codec.state_layout(headers)
+            # Shapes and dtypes never change after creation: the layout is computed once per
+            # selection and reused.
+            key = tuple(names)
+            cached = self._layouts.get(key)
+            if cached is None:
+                if len(self._layouts) > 64:
+                    self._layouts.clear()
+                meta = [(_codec.dtype_to_proto(t.dtype), list(t.shape)) for t in tensors]
+                probe = [pb_tensor.TensorHeader(dtype=d, shape=s) for d, s in meta]
+                cached = self._layouts[key] = (meta, _codec.state_layout(probe))
+            meta, layout = cached
+            headers = [pb_tensor.TensorHeader(name=r.name, dtype=d, shape=s,
+                                              version=versions[r.group])
+                       for r, (d, s) in zip(refs, meta)]
             total = layout[2]
             if alloc is not None:
                 buf = alloc(total)
@@ -212,10 +223,6 @@ class ServedModel:
             with torch.no_grad():
                 _codec.pack_state(tensors, out=buf, layout=layout)
             return headers, buf, self.version
-
-    @staticmethod
-    def _dtype_enum(dtype: torch.dtype) -> int:
-        return _codec.dtype_to_proto(dtype)
 
     def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
         """Validates a bulk write's manifest against the model before any byte is received."""
