@@ -119,6 +119,7 @@ class Client:
             response_deserializer=pb.PushStateResponse.FromString)
         self._shm_wanted = shm and _shm.shm_supported()
         self._shm_link: _shm.ShmLink | None = None
+        self._pool = _shm.SegmentPool()
         self._transport_info: pb.GetTransportInfoResponse | None = None
         self._transport_lock = threading.Lock()
 
@@ -128,6 +129,7 @@ class Client:
         """Closes the channel (and the shared-memory link, if any)."""
         if self._shm_link is not None:
             self._shm_link.close()
+        self._pool.close()
         self.channel.close()
 
     # ---------------------------------------------------------------------------- transport
@@ -332,6 +334,23 @@ class Client:
                 if e.reason != "MESSAGE_TOO_LARGE":
                     raise
         request = pb.GetTensorRequest(name=full_name, index=items, field=field)
+        # A result of known size can be received into one of our own warm segments.
+        expect = (out.numel() * out.element_size() if out is not None
+                  else known if not items else None)
+        if expect is not None and expect >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                try:
+                    return self._get_tensor_pooled(request, timeout, greeted, expect, out)
+                except ParamhubError as e:
+                    if e.reason not in ("SHM_UNAVAILABLE", "SHM_BUFFER_TOO_SMALL"):
+                        raise
+                    if e.reason == "SHM_UNAVAILABLE":
+                        self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    greeted.close()
         greeted = self._greet()
         if greeted is not None:
             request.shm_token = greeted.token
@@ -347,6 +366,38 @@ class Client:
                 self._shm_failed(e)
             request.shm_token = ""
         return self._get_tensor(request, timeout, None, out)
+
+    def _get_tensor_pooled(self, request: pb.GetTensorRequest, timeout: float | None,
+                           greeted: _shm.Greeted, nbytes: int, out: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, int]:
+        segment = self._pool.acquire(nbytes)
+        try:
+            _shm.pass_segment(greeted.conn, segment)
+            pooled = pb.GetTensorRequest()
+            pooled.CopyFrom(request)
+            pooled.shm_token = greeted.token
+            pooled.shm_client_buffer = True
+            chunks = self._stream(self._get_tensor_raw, pooled, timeout)
+            first = next(chunks, None)
+            if first is None or first.header is None or not first.header.shm:
+                raise InvalidArgumentError("the server did not fill the shared buffer",
+                                           reason="BAD_STREAM")
+            for _ in chunks:
+                pass
+            asm = _codec.TensorAssembler(first.header, allocate=False)
+            if asm.nbytes > nbytes:
+                raise InvalidArgumentError("the server wrote past the shared buffer",
+                                           reason="BAD_STREAM")
+            if out is None:
+                out = _codec.empty(asm.shape, asm.dtype)
+            else:
+                _check_out(out, asm)
+            out.copy_(_codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape))
+            if not request.index:
+                self._note_size(request.name, request.field, asm.nbytes)
+            return out, first.header.version
+        finally:
+            self._pool.release(segment)
 
     def _get_tensor(self, request: pb.GetTensorRequest, timeout: float | None,
                     greeted: _shm.Greeted | None, out: torch.Tensor | None
@@ -441,20 +492,19 @@ class Client:
     def _set_slice_shm(self, request: pb.SetSliceRequest, value: torch.Tensor,
                        greeted: _shm.Greeted, timeout: float | None) -> int:
         nbytes = value.numel() * value.element_size()
-        segment = _shm.create_segment(nbytes)
+        segment = self._pool.acquire(nbytes)
         try:
             _codec.typed_view(segment.tensor, nbytes, value.dtype, value.shape).copy_(
                 value.detach())
-        except BaseException:
-            segment.close()
-            raise
-        _shm.send_segment(greeted.conn, segment)
-        shm_request = pb.SetSliceRequest()
-        shm_request.CopyFrom(request)
-        shm_request.shm_token = greeted.token
-        shm_request.value.dtype = _codec.dtype_to_proto(value.dtype)
-        shm_request.value.shape.extend(value.shape)
-        return self._call(self.stub.SetSlice, shm_request, timeout).version
+            _shm.pass_segment(greeted.conn, segment)
+            shm_request = pb.SetSliceRequest()
+            shm_request.CopyFrom(request)
+            shm_request.shm_token = greeted.token
+            shm_request.value.dtype = _codec.dtype_to_proto(value.dtype)
+            shm_request.value.shape.extend(value.shape)
+            return self._call(self.stub.SetSlice, shm_request, timeout).version
+        finally:
+            self._pool.release(segment)
 
     # ---------------------------------------------------------------------------- bulk
 
@@ -553,14 +603,10 @@ class Client:
         if total >= SHM_MIN_BYTES:
             greeted = self._greet()
             if greeted is not None:
+                segment = self._pool.acquire(total)
                 try:
-                    segment = _shm.create_segment(total)
-                    try:
-                        _codec.pack_state(tensors, out=segment.tensor, headers=headers)
-                    except BaseException:
-                        segment.close()
-                        raise
-                    _shm.send_segment(greeted.conn, segment)
+                    _codec.pack_state(tensors, out=segment.tensor, headers=headers)
+                    _shm.pass_segment(greeted.conn, segment)
                     shm_header = pb.PushStateHeader()
                     shm_header.CopyFrom(header)
                     shm_header.shm_token = greeted.token
@@ -574,6 +620,7 @@ class Client:
                 except OSError as e:
                     self._shm_failed(e)
                 finally:
+                    self._pool.release(segment)
                     greeted.close()
         flat = _codec.pack_state(tensors, headers=headers)
         bar = progress_for(self.progress, f"PUSH {header.model}", total)

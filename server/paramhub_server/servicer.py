@@ -155,6 +155,34 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index)
         grad = request.field == pb.TENSOR_FIELD_GRAD
+        if request.shm_token and request.shm_client_buffer:
+            # The client passed a (warm, reusable) buffer: write straight into it.
+            channel = self.transport.shm_channel()
+            conn = channel.take(request.shm_token)
+            client_segment = None
+            try:
+                client_segment = channel.receive_open(conn)
+
+                def into_client(dtype: Any, shape: tuple[int, ...]) -> Any:
+                    nbytes = dtype.itemsize * _numel(shape)
+                    if nbytes > client_segment.nbytes:
+                        raise InvalidArgumentError(
+                            f"the client's buffer has {client_segment.nbytes} bytes, the "
+                            f"result needs {nbytes}", reason="SHM_BUFFER_TOO_SMALL",
+                            metadata={"asked": str(nbytes)})
+                    return _codec.typed_view(client_segment.tensor, nbytes, dtype, shape)
+
+                result = m.read(name, index, grad=grad, kind=kind, alloc=into_client)
+                header = tpb.TensorHeader(
+                    name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                    shape=list(result.tensor.shape), version=result.version, shm=True)
+                del result
+            finally:
+                conn.close()
+                if client_segment is not None:
+                    client_segment.close()
+            yield _codec.encode_chunk(header)
+            return
         if request.shm_token:
             channel = self.transport.shm_channel()
             segments: list[Any] = []

@@ -205,6 +205,13 @@ class ShmChannel:
         finally:
             conn.close()
 
+    def receive_open(self, conn: socket.socket) -> ShmSegment:
+        """Receives and maps the client's memfd whatever its size (the caller checks it); the
+        connection stays open."""
+        segment = receive_segment(conn, 0)
+        self.received += 1
+        return segment
+
     def close(self) -> None:
         """Stops accepting and drops every pending connection."""
         self._stop.set()

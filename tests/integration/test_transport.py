@@ -259,3 +259,32 @@ def test_get_tensor_out_receives_in_place(server, client):
     with pytest.raises(InvalidArgumentError) as e:
         client.get_tensor("outm", "x", kind="buffers", out=torch.empty(3))
     assert e.value.reason == "BAD_OUT"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shm", [False, True], ids=["grpc", "shm"])
+def test_cuda_server_moves_tensors_both_ways(settings, shm):
+    srv = build_server(dataclasses.replace(settings, device="cuda"))
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=120, shm=shm) as c:
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 8))
+            _create(c, "gpu", net)
+            live = srv.registry.get("gpu").module
+            assert live[0].weight.is_cuda
+            for _ in range(2):  # the second read of a known size takes the pooled path
+                w, _ = c.get_tensor("gpu", "0.weight")
+                assert not w.is_cuda and torch.equal(w, net[0].weight.detach())
+            region, _ = c.get_tensor("gpu", "0.weight", (slice(None), slice(0, 512, 2)))
+            assert torch.equal(region, net[0].weight.detach()[:, 0:512:2])
+            new = torch.randn(1024, 1024)
+            c.set_slice("gpu", "0.weight", None, new)
+            assert torch.equal(live[0].weight.detach().cpu(), new)
+            state, _ = c.pull_state("gpu")
+            assert torch.equal(state["0.weight"], new)
+            c.push_state("gpu", {k: v * 2 for k, v in state.items()})
+            assert torch.equal(live[2].bias.detach().cpu(), state["2.bias"] * 2)
+            out = c.forward("gpu", torch.ones(2, 1024))
+            assert out.shape == (2, 8) and not out.is_cuda
+    finally:
+        srv.stop(None)

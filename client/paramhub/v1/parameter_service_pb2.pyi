@@ -223,18 +223,20 @@ class ListParametersResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
 
 class GetTensorRequest(_message.Message):
-    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token")
+    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHM_CLIENT_BUFFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     field: TensorField
     chunk_bytes: int
     shm_token: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+    shm_client_buffer: bool
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
     __slots__ = ("name", "index", "op", "value", "expected_version", "shm_token")
