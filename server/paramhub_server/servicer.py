@@ -14,6 +14,7 @@ from paramhub.errors import InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
+from paramhub_server.core import probe
 from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
@@ -65,15 +66,13 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
                          has_grad=ref.kind == PARAMETER and t.grad is not None)
 
 
-def _values(msgs: Any) -> list[Any]:
-    return [_codec.value_from_proto(v) for v in msgs]
-
-
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None) -> None:
         self.registry = registry
+        #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
+        self.max_tensor_elements = max_tensor_elements
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
@@ -98,7 +97,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                "header", reason="BAD_STREAM")
                 yield msg.chunk
 
-        values = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        values = {a.name: a.finish() for a in _codec.assemble_tensors(
+            chunks(), max_elements=self.max_tensor_elements,
+            max_bytes=self.registry.max_model_bytes)}
         model = self.registry.create(header.model_id, header.spec,
                                      seed=header.seed if header.HasField("seed") else None,
                                      device=header.device, values=values.items())
@@ -144,7 +145,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
                   ) -> Iterator[tpb.TensorChunk]:
         m, kind, name = self._tensor(request.name)
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
         chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
         chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
@@ -156,7 +157,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         op = _OPS.get(request.op)
         if op is None:
             raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         expected = request.expected_version if request.HasField("expected_version") else None
         version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
         return pb.SetSliceResponse(version=version, model_version=model_version)
@@ -164,7 +165,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
-        return self._set_slice(request, _codec.tensor_from_proto(request.value))
+        return self._set_slice(request, _codec.tensor_from_proto(
+            request.value, max_elements=self.max_tensor_elements))
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
@@ -178,7 +180,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape))
+                                                      shape=req.value.shape),
+                                     max_elements=self.max_tensor_elements)
         for msg in request_iterator:
             if msg.WhichOneof("part") != "data":
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
@@ -201,7 +204,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("an init target has no selector set",
                                            reason="BAD_ARGUMENT")
-        args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+        args = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in request.args.items()}
         updated, model_version = m.apply_init(
             targets, request.scheme, args,
             seed=request.seed if request.HasField("seed") else None,
@@ -215,8 +219,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
                 ) -> pb.ForwardResponse:
         m = self._model(request.model)
-        args = _values(request.args)
-        kwargs = {k: _codec.value_from_proto(v) for k, v in request.kwargs.items()}
+        args = [_codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for v in request.args]
+        kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                  for k, v in request.kwargs.items()}
         out, version = m.forward(request.module_path, args, kwargs)
         try:
             encoded = _codec.value_to_proto(out)
@@ -238,3 +244,34 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        hmin = request.histogram_min if request.HasField("histogram_min") else None
+        hmax = request.histogram_max if request.HasField("histogram_max") else None
+        if request.name.count("/") == 1:
+            if request.index:
+                raise InvalidArgumentError("a whole-model probe takes no index",
+                                           reason="BAD_INDEX")
+            stats, each, version = probe.probe_model(
+                self._model(request.name), include_buffers=request.include_buffers,
+                bins=request.histogram_bins, hmin=hmin, hmax=hmax, per_tensor=request.per_tensor)
+            return pb.ProbeResponse(stats=stats_to_proto(stats),
+                                    tensors=[stats_to_proto(s) for s in each],
+                                    model_version=version)
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        stats, version = probe.probe_tensor(m, name, index, kind=kind,
+                                            grad=request.field == pb.TENSOR_FIELD_GRAD,
+                                            bins=request.histogram_bins, hmin=hmin, hmax=hmax)
+        return pb.ProbeResponse(stats=stats_to_proto(stats), model_version=version)
+
+
+def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
+    """TensorStats of core probe statistics."""
+    return pb.TensorStats(
+        name=s.name, dtype=_codec.dtype_to_proto(s.dtype) if s.dtype is not None else 0,
+        shape=list(s.shape), numel=s.numel, nan_count=s.nan_count, inf_count=s.inf_count,
+        min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
+        histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
+        histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)

@@ -101,6 +101,11 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/paramhub.v1.ParameterService/Probe',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -198,6 +203,15 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Computes statistics of a parameter, a buffer, a region of one, or a whole model on the
+        server (min, max, mean, std, norm, NaN/Inf counts, a histogram, a checksum) without sending
+        the tensor. Reads one consistent snapshot under the model's read lock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +274,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.SetTrainingMode,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -592,6 +611,33 @@ class ParameterService:
             '/paramhub.v1.ParameterService/SetTrainingMode',
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/Probe',
+            paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
