@@ -211,7 +211,8 @@ class Pipeline(grpc.ServerInterceptor):
                 code = _code_name(context, "UNKNOWN")
                 raise
             finally:
-                self._finish(call, code)
+                with request_context(request_id, method):
+                    self._finish(call, code)
 
         make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
                 else grpc.unary_stream_rpc_method_handler)
