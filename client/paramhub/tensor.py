@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -215,7 +217,10 @@ class _RemoteMixin:
         """Runs an in-place op locally on fetched values and writes the result back only if
         nobody wrote in between (expected_version); retries on conflict."""
         args, kwargs = _materialize(args), _materialize(kwargs)
-        for _ in range(32):
+        timeout = self._ph_ref.client.timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        attempt = 0
+        while True:
             current, version = self._fetch()
             local = current.clone()
             func(local, *args, **kwargs)
@@ -223,8 +228,13 @@ class _RemoteMixin:
                 self._write("assign", local, expected_version=version)
                 return self
             except ConflictError:
-                continue
-        raise ConflictError(f"{self._ph_ref.name!r} kept changing during {func.__name__}")
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise ConflictError(f"{self._ph_ref.name!r} kept changing during "
+                                        f"{getattr(func, '__name__', func)} ({attempt} tries)",
+                                        reason="VERSION_MISMATCH") from None
+                # Jittered exponential backoff so that contending writers stop colliding.
+                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 10))))
 
     # ---------------------------------------------------------------- dispatch
 

@@ -142,17 +142,23 @@ def test_mirror_concurrent_read_modify_write_is_atomic(pair, target):
     net, _ = pair
     net[2].bias.data.zero_()
 
+    errors = []
+
     def worker():
-        with paramhub.connect(target) as c:
-            b = c.model("mlp")[2].bias
-            for _ in range(20):
-                b.data.add_(1)            # atomic SetSlice(add)
-                b.data.clamp_(max=1e9)    # read-modify-write, retried on conflict
+        try:
+            with paramhub.connect(target) as c:
+                b = c.model("mlp")[2].bias
+                for _ in range(20):
+                    b.data.add_(1)            # atomic SetSlice(add)
+                    b.data.clamp_(max=1e9)    # read-modify-write, retried on conflict
+        except Exception as e:  # surfaced below: a thread's exception would be lost
+            errors.append(e)
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     assert net[2].bias.fetch().item() == 80
 
 
