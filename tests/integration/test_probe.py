@@ -123,3 +123,25 @@ def test_compute_other_dtypes(dtype):
     ref = t.abs().double() if dtype.is_complex else t.double()
     assert _close(s.mean, float(ref.mean())) and s.numel == 12
     assert s.checksum_sha256 == tensor_checksum(t)
+
+
+@pytest.mark.parametrize("hist_min,hist_max", [(5.0, None), (None, -5.0), (-1.7e308, 1.7e308)])
+def test_probe_rejects_empty_or_overflowing_histogram_range(client, hist_min, hist_max):
+    """Found by the fuzz suite: a one-sided range past the data used to reach torch.histc."""
+    from paramhub.v1 import parameter_service_pb2 as pb
+
+    _serve(client, nn.Linear(3, 2))
+    req = pb.ProbeRequest(name="models/m/parameters/weight", histogram_bins=4)
+    if hist_min is not None:
+        req.histogram_min = hist_min
+    if hist_max is not None:
+        req.histogram_max = hist_max
+    with pytest.raises(InvalidArgumentError) as e:
+        client._call(client.stub.Probe, req)
+    assert e.value.reason == "BAD_ARGUMENT"
+
+
+def test_probe_constant_huge_values_histogram():
+    t = torch.full((4,), 1e300, dtype=torch.float64)
+    s = core_probe.compute([t], name="t", bins=3)
+    assert sum(s.histogram_counts) == 4 and s.histogram_min < 1e300 < s.histogram_max

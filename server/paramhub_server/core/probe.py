@@ -127,6 +127,22 @@ def check_histogram(bins: int, hmin: float | None, hmax: float | None) -> None:
                                    reason="BAD_ARGUMENT")
 
 
+def histogram_range(lo: float, hi: float) -> tuple[float, float]:
+    """The histogram's [min, max]: an empty range (a constant tensor) is widened by one on each
+    side as torch.histc does; a reversed one (e.g. only histogram_min given, above every value)
+    or one too wide for float64 bins is rejected (InvalidArgumentError)."""
+    if lo == hi:
+        pad = max(1.0, abs(lo) * 1e-6)
+        lo, hi = lo - pad, hi + pad
+    if not lo < hi:
+        raise InvalidArgumentError(f"the histogram range [{lo}, {hi}] is empty",
+                                   reason="BAD_ARGUMENT")
+    if not math.isfinite(hi - lo):
+        raise InvalidArgumentError(f"the histogram range [{lo}, {hi}] is too wide",
+                                   reason="BAD_ARGUMENT")
+    return lo, hi
+
+
 def compute(tensors: Sequence[torch.Tensor], *, name: str, bins: int = 0,
             hmin: float | None = None, hmax: float | None = None,
             checksum: bool = True) -> Stats:
@@ -150,8 +166,8 @@ def compute(tensors: Sequence[torch.Tensor], *, name: str, bins: int = 0,
         stats.std = math.sqrt(acc.m2 / (acc.count - 1)) if acc.count > 1 else math.nan
         stats.norm = math.sqrt(acc.sumsq)
     if bins:
-        lo = hmin if hmin is not None else (acc.min if acc.count else 0.0)
-        hi = hmax if hmax is not None else (acc.max if acc.count else 0.0)
+        a, b = histogram_range(hmin if hmin is not None else (acc.min if acc.count else 0.0),
+                               hmax if hmax is not None else (acc.max if acc.count else 0.0))
         counts = torch.zeros(bins, dtype=torch.float64)
         if acc.count:
             for flat in flats:
@@ -159,12 +175,10 @@ def compute(tensors: Sequence[torch.Tensor], *, name: str, bins: int = 0,
                     x = _as_float64(chunk)
                     x = x[torch.isfinite(x)]
                     if x.numel():
-                        # histc ignores values outside [lo, hi]; with lo == hi it would pick the
-                        # data's own range, so a constant tensor is widened as torch.histc does.
-                        a, b = (lo, hi) if lo < hi else (lo - 1.0, hi + 1.0)
+                        # histc ignores values outside [a, b].
                         counts += torch.histc(x.cpu(), bins=bins, min=a, max=b)
         stats.histogram_counts = [int(c) for c in counts.tolist()]
-        stats.histogram_min, stats.histogram_max = (lo, hi) if lo < hi else (lo - 1.0, hi + 1.0)
+        stats.histogram_min, stats.histogram_max = a, b
     if checksum and single is not None:
         h = hashlib.sha256()
         _hash_bytes(h, flats[0])
