@@ -145,3 +145,25 @@ def test_probe_constant_huge_values_histogram():
     t = torch.full((4,), 1e300, dtype=torch.float64)
     s = core_probe.compute([t], name="t", bins=3)
     assert sum(s.histogram_counts) == 4 and s.histogram_min < 1e300 < s.histogram_max
+
+
+@pytest.mark.parametrize("index", [(0, slice(5, None, 2**40)), (0, slice(None, None, 2**62)),
+                                   (slice(1, None, 2**62), 0)])
+def test_get_and_probe_huge_step_slices(client, index):
+    """Found by the fuzz suite: empty or one-element regions with huge strides reached
+    Tensor.view(uint8) and answered INTERNAL."""
+    net = nn.Linear(4, 4)
+    _serve(client, net)
+    t, _ = client.get_tensor("m", "weight", index)
+    want = net.weight.detach()[index]
+    assert torch.equal(t, want)
+    assert client.probe("m", "weight", index).stats.checksum_sha256 == tensor_checksum(want)
+
+
+def test_step_overflowing_torch_strides_is_invalid_argument(client):
+    _serve(client, nn.Linear(4, 4))
+    for call in (lambda: client.get_tensor("m", "weight", (slice(None, None, 2**63 - 1), 0)),
+                 lambda: client.probe("m", "weight", (slice(None, None, 2**63 - 1), 0))):
+        with pytest.raises(InvalidArgumentError) as e:
+            call()
+        assert e.value.reason == "BAD_INDEX"

@@ -101,14 +101,8 @@ def _chunks(flat: torch.Tensor) -> Any:
 def _hash_bytes(h: Any, flat: torch.Tensor) -> None:
     """Feeds the raw bytes of a flat tensor to a hash, chunk by chunk, without Python copies."""
     for chunk in _chunks(flat):
-        c = chunk.detach()
-        if c.device.type != "cpu":
-            c = c.to("cpu")
-        if c.is_conj():
-            c = c.resolve_conj()
-        if c.is_neg():
-            c = c.resolve_neg()
-        c = c.contiguous().view(torch.uint8)
+        # The codec's byte view: exactly the bytes GetTensor sends.
+        c = _codec._byte_view(chunk)
         n = c.numel()
         if n:
             h.update((ctypes.c_char * n).from_address(c.data_ptr()))
