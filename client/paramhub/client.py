@@ -185,7 +185,8 @@ class Client:
             name=tensor_name(model_id, name, kind),
             index=_codec.index_to_proto(index) if index is not None else [],
             field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
-        for asm in _codec.assemble_tensors(self._stream(self.stub.GetTensor, request, timeout)):
+        chunks = (r.chunk for r in self._stream(self.stub.GetTensor, request, timeout))
+        for asm in _codec.assemble_tensors(chunks):
             return asm.finish(), asm.version
         raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
 

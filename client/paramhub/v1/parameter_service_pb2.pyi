@@ -167,14 +167,14 @@ class TensorInfo(_message.Message):
     HAS_GRAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     device: str
     requires_grad: bool
     storage_group: int
     version: int
     has_grad: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
     __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
@@ -385,3 +385,17 @@ class SetTrainingModeRequest(_message.Message):
 class SetTrainingModeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetTensorResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class StreamSetSliceResponse(_message.Message):
+    __slots__ = ("version", "model_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_version: int
+    def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
