@@ -39,7 +39,8 @@ def model_id_of(name: str) -> str:
 def tensor_name_of(name: str) -> tuple[str, str, str]:
     """"models/{id}/parameters/{p}" -> (id, kind, p)."""
     parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+    if (len(parts) != 4 or parts[0] != "models" or not parts[1] or parts[2] not in _COLLECTIONS
+            or not parts[3]):
         raise InvalidArgumentError(
             f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
             "models/{model}/buffers/{name}", reason="BAD_NAME")
