@@ -113,6 +113,10 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     t = t.contiguous().reshape(-1)
+    if t.numel() == 1 and t.stride(0) != 1:
+        # A one-element tensor counts as contiguous whatever its stride; view() needs stride 1.
+        t = t.clone(memory_format=torch.contiguous_format).reshape(-1).contiguous()
+        t = torch.empty(1, dtype=t.dtype).copy_(t)
     return t.view(torch.uint8)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -72,6 +73,8 @@ class Client:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ())
         self.stub = pb_grpc.ParameterServiceStub(channel)
+        #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
+        self.rpc_counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------------------- plumbing
 
@@ -88,7 +91,14 @@ class Client:
     def __repr__(self) -> str:
         return f"paramhub.Client({self.target!r})"
 
+    def _count(self, fn: Any) -> None:
+        method = getattr(fn, "_method", b"")
+        if isinstance(method, bytes):
+            method = method.decode()
+        self.rpc_counts[str(method).rsplit("/", 1)[-1]] += 1
+
     def _call(self, fn: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        self._count(fn)
         try:
             return fn(request, timeout=timeout if timeout is not None else self.timeout,
                       metadata=self._metadata)
@@ -97,6 +107,7 @@ class Client:
 
     def _stream(self, fn: Callable[..., Iterator[T]], request: Any,
                 timeout: float | None = None) -> Iterator[T]:
+        self._count(fn)
         try:
             yield from fn(request, timeout=timeout if timeout is not None else self.timeout,
                           metadata=self._metadata)

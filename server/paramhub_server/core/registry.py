@@ -101,11 +101,19 @@ class Registry:
                     f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
                     f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
                     metadata={"limit": "max_model_bytes", "asked": str(size)})
-            with rng.seeded(seed):
-                module = _spec.build_module(spec)
-            module = module.to(dev)
+            values = dict(values)
+            names = set(skeleton.state_dict(keep_vars=True))
+            if seed is None and names and names <= set(values):
+                # Every value is uploaded: allocate without initializing (no wasted init, no
+                # random numbers drawn); to_empty keeps tied parameters tied.
+                module = skeleton.to_empty(device=dev)
+            else:
+                with rng.seeded(seed):
+                    module = _spec.build_module(spec)
+                module = module.to(dev)
+            _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
             model = ServedModel(model_id, module, spec, dev)
-            model.load_tensors(dict(values))
+            model.load_tensors(values)
             with self._lock:
                 self._models[model_id] = model
             return model
