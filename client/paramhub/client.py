@@ -123,7 +123,10 @@ class Client:
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
         shared modules, tied weights). If it lives on the meta device, the server initializes
-        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction.
+        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction
+        in tree order (each module built where it first appears, depth first). A module built
+        out of that order locally (e.g. a shared layer created before the layers ahead of it)
+        draws other numbers: serve a copy with values instead.
 
         Raises:
             AlreadyExistsError: the id is taken.

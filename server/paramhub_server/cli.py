@@ -43,7 +43,12 @@ def serve(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir, log_level=args.log_level,
                         max_workers=args.max_workers, max_message_bytes=args.max_message_bytes,
                         max_model_bytes=args.max_model_bytes)
-    server = build_server(settings)
+    try:
+        server = build_server(settings)
+    except (OSError, RuntimeError) as e:
+        # e.g. the port is taken: one line, not a traceback.
+        print(f"paramhub: cannot serve on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        return 2
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)
     stop = threading.Event()

@@ -170,3 +170,5 @@ def test_serve_subprocess_port_in_use_fails(served, tmp_path):
                           capture_output=True, timeout=STARTUP_SECONDS, cwd=tmp_path)
     assert proc.returncode != 0
     assert proc.stdout == b""  # no address line: nothing is listening for it
+    # One line naming the address, not a traceback.
+    assert b"cannot serve on" in proc.stderr and b"Traceback" not in proc.stderr
