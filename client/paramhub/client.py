@@ -124,7 +124,10 @@ class Client:
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
         shared modules, tied weights). If it lives on the meta device, the server initializes
-        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction.
+        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction
+        in tree order (each module built where it first appears, depth first). A module built
+        out of that order locally (e.g. a shared layer created before the layers ahead of it)
+        draws other numbers: serve a copy with values instead.
 
         Raises:
             AlreadyExistsError: the id is taken.
@@ -197,7 +200,8 @@ class Client:
             name=tensor_name(model_id, name, kind),
             index=_codec.index_to_proto(index) if index is not None else [],
             field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
-        for asm in _codec.assemble_tensors(self._stream(self.stub.GetTensor, request, timeout)):
+        chunks = (r.chunk for r in self._stream(self.stub.GetTensor, request, timeout))
+        for asm in _codec.assemble_tensors(chunks):
             return asm.finish(), asm.version
         raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
 

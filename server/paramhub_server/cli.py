@@ -107,6 +107,10 @@ def serve(
     except (ConfigError, AuthFileError) as e:
         print(f"paramhub serve: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
+    except (OSError, RuntimeError) as e:
+        # e.g. the port is taken: one line, not a traceback.
+        print(f"paramhub: cannot serve on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)
     if server.metrics_port is not None:

@@ -68,7 +68,7 @@ def _human_bytes(n: float) -> str:
 def _dtype(value: int) -> str:
     from paramhub.v1 import tensor_pb2 as tpb
 
-    name = tpb.DType.Name(value)
+    name = tpb.Dtype.Name(value)
     return name.removeprefix("DTYPE_").lower()
 
 

@@ -40,7 +40,8 @@ def model_id_of(name: str) -> str:
 def tensor_name_of(name: str) -> tuple[str, str, str]:
     """"models/{id}/parameters/{p}" -> (id, kind, p)."""
     parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+    if (len(parts) != 4 or parts[0] != "models" or not parts[1] or parts[2] not in _COLLECTIONS
+            or not parts[3]):
         raise InvalidArgumentError(
             f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
             "models/{model}/buffers/{name}", reason="BAD_NAME")
@@ -143,14 +144,15 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-                  ) -> Iterator[tpb.TensorChunk]:
+                  ) -> Iterator[pb.GetTensorResponse]:
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
         chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
         chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
-                                             chunk_bytes=chunk)
+        for c in _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
+                                           chunk_bytes=chunk):
+            yield pb.GetTensorResponse(chunk=c)
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
         m, kind, name = self._tensor(request.name)
@@ -170,7 +172,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
-                       context: grpc.ServicerContext) -> pb.SetSliceResponse:
+                       context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "request":
             raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
@@ -187,7 +189,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
             asm.add(msg.data)
-        return self._set_slice(req, asm.finish())
+        done = self._set_slice(req, asm.finish())
+        return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext

@@ -167,14 +167,14 @@ class TensorInfo(_message.Message):
     HAS_GRAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     device: str
     requires_grad: bool
     storage_group: int
     version: int
     has_grad: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
     __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
@@ -425,7 +425,7 @@ class TensorStats(_message.Message):
     CHECKSUM_SHA256_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     numel: int
     nan_count: int
@@ -440,7 +440,7 @@ class TensorStats(_message.Message):
     histogram_max: float
     checksum_sha256: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., norm: _Optional[float] = ..., histogram_counts: _Optional[_Iterable[int]] = ..., histogram_min: _Optional[float] = ..., histogram_max: _Optional[float] = ..., checksum_sha256: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., norm: _Optional[float] = ..., histogram_counts: _Optional[_Iterable[int]] = ..., histogram_min: _Optional[float] = ..., histogram_max: _Optional[float] = ..., checksum_sha256: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ProbeResponse(_message.Message):
     __slots__ = ("stats", "tensors", "model_version")
@@ -451,3 +451,17 @@ class ProbeResponse(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorStats]
     model_version: int
     def __init__(self, stats: _Optional[_Union[TensorStats, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorStats, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class GetTensorResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class StreamSetSliceResponse(_message.Message):
+    __slots__ = ("version", "model_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_version: int
+    def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from paramhub.v1 import parameter_service_pb2 as paramhub_dot_v1_dot_parameter__service__pb2
-from paramhub.v1 import tensor_pb2 as paramhub_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -69,7 +68,7 @@ class ParameterServiceStub:
         self.GetTensor = channel.unary_stream(
                 '/paramhub.v1.ParameterService/GetTensor',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.SerializeToString,
-                response_deserializer=paramhub_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.FromString,
                 _registered_method=True)
         self.SetSlice = channel.unary_unary(
                 '/paramhub.v1.ParameterService/SetSlice',
@@ -79,7 +78,7 @@ class ParameterServiceStub:
         self.StreamSetSlice = channel.stream_unary(
                 '/paramhub.v1.ParameterService/StreamSetSlice',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.SerializeToString,
-                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.FromString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.FromString,
                 _registered_method=True)
         self.ApplyInit = channel.unary_unary(
                 '/paramhub.v1.ParameterService/ApplyInit',
@@ -243,7 +242,7 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             'GetTensor': grpc.unary_stream_rpc_method_handler(
                     servicer.GetTensor,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.FromString,
-                    response_serializer=paramhub_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.SerializeToString,
             ),
             'SetSlice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSlice,
@@ -253,7 +252,7 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             'StreamSetSlice': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamSetSlice,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.FromString,
-                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.SerializeToString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.SerializeToString,
             ),
             'ApplyInit': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyInit,
@@ -448,7 +447,7 @@ class ParameterService:
             target,
             '/paramhub.v1.ParameterService/GetTensor',
             paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.SerializeToString,
-            paramhub_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -502,7 +501,7 @@ class ParameterService:
             target,
             '/paramhub.v1.ParameterService/StreamSetSlice',
             paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.SerializeToString,
-            paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.FromString,
+            paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.FromString,
             options,
             channel_credentials,
             insecure,
