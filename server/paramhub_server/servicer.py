@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
@@ -98,9 +98,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                "header", reason="BAD_STREAM")
                 yield msg.chunk
 
-        values = {a.name: a.finish() for a in _codec.assemble_tensors(
-            chunks(), max_elements=self.max_tensor_elements,
-            max_bytes=self.registry.max_model_bytes)}
+        try:
+            # One uploaded tensor larger than the whole model may be is refused from its header,
+            # before it is allocated.
+            values = {a.name: a.finish() for a in _codec.assemble_tensors(
+                chunks(), max_elements=self.max_tensor_elements,
+                max_bytes=self.registry.max_model_bytes)}
+        except ResourceExhaustedError as e:
+            if e.metadata.get("limit") != "max_bytes":
+                raise
+            raise ResourceExhaustedError(
+                f"an uploaded tensor of {e.metadata['asked']} bytes exceeds --max-model-bytes "
+                f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
+                          "limit_value": str(self.registry.max_model_bytes)}) from None
         model = self.registry.create(header.model_id, header.spec,
                                      seed=header.seed if header.HasField("seed") else None,
                                      device=header.device, values=values.items())

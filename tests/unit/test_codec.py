@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError, OutOfRangeError
+from paramhub.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 from paramhub.v1 import tensor_pb2 as pb
 
 ALL_DTYPES = [
@@ -141,9 +141,11 @@ def test_tensor_from_proto_rejects_malformed(msg, reason):
 def test_tensor_from_proto_enforces_max_elements():
     msg = _codec.tensor_to_proto(torch.zeros(10, dtype=torch.uint8))
     assert _codec.tensor_from_proto(msg, max_elements=10).numel() == 10
-    with pytest.raises(InvalidArgumentError) as e:
+    # A limit, not a malformed shape: RESOURCE_EXHAUSTED naming the limit and the asked amount.
+    with pytest.raises(ResourceExhaustedError) as e:
         _codec.tensor_from_proto(msg, max_elements=9)
-    assert e.value.reason == "BAD_SHAPE"
+    assert e.value.reason == "TENSOR_TOO_LARGE"
+    assert (e.value.metadata["limit"], e.value.metadata["asked"]) == ("max_tensor_elements", "10")
 
 
 # ------------------------------------------------------------------------------- chunk streams
@@ -233,9 +235,9 @@ def test_assembler_rejects_missing_bytes(followed):
 def test_assembler_enforces_max_bytes():
     header = pb.TensorHeader(dtype=pb.DTYPE_FLOAT64, shape=[4])
     assert _codec.TensorAssembler(header, max_bytes=32).nbytes == 32
-    with pytest.raises(InvalidArgumentError) as e:
+    with pytest.raises(ResourceExhaustedError) as e:
         _codec.TensorAssembler(header, max_bytes=31)
-    assert e.value.reason == "TENSOR_TOO_LARGE"
+    assert e.value.reason == "TENSOR_TOO_LARGE" and e.value.metadata["asked"] == "32"
 
 
 # ------------------------------------------------------------------------------- indices
