@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from paramhub.errors import InvalidArgumentError, OutOfRangeError
+from paramhub.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 from paramhub.v1 import tensor_pb2 as pb
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "encode_chunk",
     "iter_chunk_frames",
     "parse_chunk",
+    "parse_wrapped_chunk",
     "RawChunk",
     "data_frame",
     "parse_data_frame",
@@ -113,9 +114,12 @@ def check_shape(shape: Sequence[int], *, max_elements: int | None = None) -> tup
     for s in shape:
         numel *= s
     if max_elements is not None and numel > max_elements:
-        raise InvalidArgumentError(
-            f"shape {list(shape)} has {numel} elements, more than the allowed {max_elements}",
-            reason="BAD_SHAPE")
+        # A limit, not a malformed shape: the same shape is fine on a server with a higher cap.
+        raise ResourceExhaustedError(
+            f"shape {list(shape)} has {numel} elements, more than the limit "
+            f"max_tensor_elements={max_elements}", reason="TENSOR_TOO_LARGE",
+            metadata={"limit": "max_tensor_elements", "limit_value": str(max_elements),
+                      "asked": str(numel)})
     return shape
 
 
@@ -158,6 +162,10 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     t = t.contiguous().reshape(-1)
+    if t.numel() <= 1 and t.stride(0) != 1:
+        # A one-element or empty tensor counts as contiguous whatever its stride (e.g.
+        # w[0, 5::2**40], found by the fuzz suite); view() needs stride 1.
+        t = torch.empty(t.numel(), dtype=t.dtype).copy_(t)
     return t.view(torch.uint8)
 
 
@@ -235,9 +243,11 @@ class TensorAssembler:
         self.shape = check_shape(header.shape, max_elements=max_elements)
         self.nbytes = _expected_nbytes(self.dtype, self.shape)
         if max_bytes is not None and self.nbytes > max_bytes:
-            raise InvalidArgumentError(
-                f"tensor {self.name or ''} of {self.nbytes} bytes exceeds the limit {max_bytes}",
-                reason="TENSOR_TOO_LARGE")
+            raise ResourceExhaustedError(
+                f"tensor {self.name or ''} of {self.nbytes} bytes exceeds the limit "
+                f"max_bytes={max_bytes}", reason="TENSOR_TOO_LARGE",
+                metadata={"limit": "max_bytes", "limit_value": str(max_bytes),
+                          "asked": str(self.nbytes)})
         self.received = 0
         if not allocate:  # only the validated header is wanted (e.g. bytes come via shm)
             return
@@ -382,30 +392,40 @@ def _memory(flat: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(flat.data_ptr())).cast("B")
 
 
-def encode_chunk(header: pb.TensorHeader | None, data: bytes | memoryview = b"") -> bytes:
-    """The protobuf wire bytes of TensorChunk(header=header, data=data), built with one copy."""
+def encode_chunk(header: pb.TensorHeader | None, data: bytes | memoryview = b"", *,
+                 wrap: bool = False) -> bytes:
+    """The protobuf wire bytes of TensorChunk(header=header, data=data), built with one copy.
+
+    With `wrap`, of a message whose field 1 is that TensorChunk (GetTensorResponse).
+    """
     parts: list[bytes | memoryview] = []
     if header is not None:
         hb = header.SerializeToString()
         parts += [b"\x0a", _varint(len(hb)), hb]
     if len(data):
         parts += [b"\x12", _varint(len(data)), data]
+    if wrap:
+        inner = sum(len(p) for p in parts)
+        parts[:0] = [b"\x0a", _varint(inner)]
     return b"".join(parts)
 
 
 def iter_chunk_frames(t: torch.Tensor, *, name: str = "", version: int = 0,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """iter_tensor_chunks, as ready-serialized TensorChunk wire bytes (one copy per chunk)."""
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, wrap: bool = False
+                      ) -> Iterator[bytes]:
+    """iter_tensor_chunks, as ready-serialized TensorChunk wire bytes (one copy per chunk);
+    with `wrap`, each inside a GetTensorResponse (field 1)."""
     flat = byte_view(t)
     header = pb.TensorHeader(name=name, dtype=dtype_to_proto(t.dtype), shape=list(t.shape),
                              version=version)
     total = flat.numel()
     if total == 0:
-        yield encode_chunk(header)
+        yield encode_chunk(header, wrap=wrap)
         return
     mv = _memory(flat)
     for start in range(0, total, chunk_bytes):
-        yield encode_chunk(header if start == 0 else None, mv[start:start + chunk_bytes])
+        yield encode_chunk(header if start == 0 else None, mv[start:start + chunk_bytes],
+                           wrap=wrap)
 
 
 class RawChunk:
@@ -424,7 +444,20 @@ class RawChunk:
         return self.header is not None
 
 
-def parse_chunk(buf: bytes) -> RawChunk:
+def parse_wrapped_chunk(buf: bytes) -> RawChunk:
+    """Reads GetTensorResponse wire bytes (a TensorChunk in field 1) without copying its data."""
+    if buf and buf[0] == 0x0A:
+        length, pos = _read_varint(buf, 1)
+        if pos + length == len(buf):
+            return parse_chunk(memoryview(buf)[pos:])
+    # Anything else (e.g. unknown extra fields): the protobuf parser.
+    from paramhub.v1 import parameter_service_pb2 as spb
+
+    chunk = spb.GetTensorResponse.FromString(bytes(buf)).chunk
+    return RawChunk(chunk.header if chunk.HasField("header") else None, chunk.data)
+
+
+def parse_chunk(buf: bytes | memoryview) -> RawChunk:
     """Reads TensorChunk wire bytes; `data` is a memoryview into `buf` (no copy).
 
     Usable as a grpc response_deserializer. Falls back to the protobuf parser on anything but the
@@ -437,7 +470,7 @@ def parse_chunk(buf: bytes) -> RawChunk:
     while pos < n:
         tag = buf[pos]
         if tag not in (0x0A, 0x12):
-            msg = pb.TensorChunk.FromString(buf)
+            msg = pb.TensorChunk.FromString(bytes(buf))
             return RawChunk(msg.header if msg.HasField("header") else None, msg.data)
         length, pos = _read_varint(buf, pos + 1)
         if pos + length > n:

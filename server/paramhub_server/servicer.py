@@ -15,6 +15,7 @@ from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
+from paramhub_server.core import probe
 from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
@@ -46,7 +47,8 @@ def model_id_of(name: str) -> str:
 def tensor_name_of(name: str) -> tuple[str, str, str]:
     """"models/{id}/parameters/{p}" -> (id, kind, p)."""
     parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+    if (len(parts) != 4 or parts[0] != "models" or not parts[1] or parts[2] not in _COLLECTIONS
+            or not parts[3]):
         raise InvalidArgumentError(
             f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
             "models/{model}/buffers/{name}", reason="BAD_NAME")
@@ -72,15 +74,14 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
                          has_grad=ref.kind == PARAMETER and t.grad is not None)
 
 
-def _values(msgs: Any) -> list[Any]:
-    return [_codec.value_from_proto(v) for v in msgs]
-
-
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry, transport: Transport | None = None) -> None:
+    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None,
+                 transport: Transport | None = None) -> None:
         self.registry = registry
+        #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
+        self.max_tensor_elements = max_tensor_elements
         self.transport = transport or Transport(max_message_bytes=64 << 20, shm=False)
 
     def _model(self, name: str) -> ServedModel:
@@ -106,7 +107,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                "header", reason="BAD_STREAM")
                 yield msg.chunk
 
-        values = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        try:
+            # One uploaded tensor larger than the whole model may be is refused from its header,
+            # before it is allocated.
+            values = {a.name: a.finish() for a in _codec.assemble_tensors(
+                chunks(), max_elements=self.max_tensor_elements,
+                max_bytes=self.registry.max_model_bytes)}
+        except ResourceExhaustedError as e:
+            if e.metadata.get("limit") != "max_bytes":
+                raise
+            raise ResourceExhaustedError(
+                f"an uploaded tensor of {e.metadata['asked']} bytes exceeds --max-model-bytes "
+                f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
+                          "limit_value": str(self.registry.max_model_bytes)}) from None
         model = self.registry.create(header.model_id, header.spec,
                                      seed=header.seed if header.HasField("seed") else None,
                                      device=header.device, values=values.items())
@@ -151,9 +165,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
-        # Yields TensorChunk wire bytes (transport.add_servicer passes them through).
+        # Yields GetTensorResponse wire bytes (transport.add_servicer passes them through).
         m, kind, name = self._tensor(request.name)
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         grad = request.field == pb.TENSOR_FIELD_GRAD
         if request.shm_token and request.shm_client_buffer:
             # The client passed a (warm, reusable) buffer: write straight into it.
@@ -181,7 +195,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 conn.close()
                 if client_segment is not None:
                     client_segment.close()
-            yield _codec.encode_chunk(header)
+            yield _codec.encode_chunk(header, wrap=True)
             return
         if request.shm_token:
             channel = self.transport.shm_channel()
@@ -206,21 +220,23 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                     segments[0].close()
                     raise
                 channel.send(conn, segments[0])
-                yield _codec.encode_chunk(header)
+                yield _codec.encode_chunk(header, wrap=True)
                 return
             yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
-                                                chunk_bytes=_chunk_size(request.chunk_bytes))
+                                                chunk_bytes=_chunk_size(request.chunk_bytes),
+                                                wrap=True)
             return
         result = m.read(name, index, grad=grad, kind=kind)
         yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
-                                            chunk_bytes=_chunk_size(request.chunk_bytes))
+                                            chunk_bytes=_chunk_size(request.chunk_bytes),
+                                            wrap=True)
 
     @rpc
     def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
                         ) -> bytes:
         # Returns GetTensorInlineResponse wire bytes (same layout as a TensorChunk).
         m, kind, name = self._tensor(request.name)
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
 
         def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
@@ -244,7 +260,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         op = _OPS.get(request.op)
         if op is None:
             raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         expected = request.expected_version if request.HasField("expected_version") else None
         version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
         return pb.SetSliceResponse(version=version, model_version=model_version)
@@ -255,7 +271,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         if request.shm_token:
             conn = self.transport.shm_channel().take(request.shm_token)
             dtype = _codec.dtype_from_proto(request.value.dtype)
-            shape = _codec.check_shape(request.value.shape)
+            shape = _codec.check_shape(request.value.shape,
+                                       max_elements=self.max_tensor_elements)
             if request.value.data:
                 conn.close()
                 raise InvalidArgumentError("a shared-memory SetSlice carries no value bytes",
@@ -267,11 +284,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                                   shape))
             finally:
                 segment.close()
-        return self._set_slice(request, _codec.tensor_from_proto(request.value))
+        return self._set_slice(request, _codec.tensor_from_proto(
+            request.value, max_elements=self.max_tensor_elements))
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[Any],
-                       context: grpc.ServicerContext) -> pb.SetSliceResponse:
+                       context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
         # Data messages arrive as memoryviews (transport.add_servicer's raw deserializer).
         first = next(request_iterator, None)
         if (first is None or isinstance(first, memoryview)
@@ -283,7 +301,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape))
+                                                      shape=req.value.shape),
+                                     max_elements=self.max_tensor_elements)
         for msg in request_iterator:
             if isinstance(msg, memoryview):
                 asm.add(msg)
@@ -292,7 +311,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
-        return self._set_slice(req, asm.finish())
+        done = self._set_slice(req, asm.finish())
+        return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
@@ -309,7 +329,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("an init target has no selector set",
                                            reason="BAD_ARGUMENT")
-        args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+        args = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in request.args.items()}
         updated, model_version = m.apply_init(
             targets, request.scheme, args,
             seed=request.seed if request.HasField("seed") else None,
@@ -323,8 +344,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
                 ) -> pb.ForwardResponse:
         m = self._model(request.model)
-        args = _values(request.args)
-        kwargs = {k: _codec.value_from_proto(v) for k, v in request.kwargs.items()}
+        args = [_codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for v in request.args]
+        kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                  for k, v in request.kwargs.items()}
         out, version = m.forward(request.module_path, args, kwargs)
         try:
             encoded = _codec.value_to_proto(out)
@@ -355,6 +378,27 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        hmin = request.histogram_min if request.HasField("histogram_min") else None
+        hmax = request.histogram_max if request.HasField("histogram_max") else None
+        if request.name.count("/") == 1:
+            if request.index:
+                raise InvalidArgumentError("a whole-model probe takes no index",
+                                           reason="BAD_INDEX")
+            stats, each, version = probe.probe_model(
+                self._model(request.name), include_buffers=request.include_buffers,
+                bins=request.histogram_bins, hmin=hmin, hmax=hmax, per_tensor=request.per_tensor)
+            return pb.ProbeResponse(stats=stats_to_proto(stats),
+                                    tensors=[stats_to_proto(s) for s in each],
+                                    model_version=version)
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        stats, version = probe.probe_tensor(m, name, index, kind=kind,
+                                            grad=request.field == pb.TENSOR_FIELD_GRAD,
+                                            bins=request.histogram_bins, hmin=hmin, hmax=hmax)
+        return pb.ProbeResponse(stats=stats_to_proto(stats), model_version=version)
 
     @rpc
     def GetTransportInfo(self, request: pb.GetTransportInfoRequest,
@@ -441,6 +485,17 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         return pb.PushStateResponse(
             updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
             model_version=version)
+
+
+
+def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
+    """TensorStats of core probe statistics."""
+    return pb.TensorStats(
+        name=s.name, dtype=_codec.dtype_to_proto(s.dtype) if s.dtype is not None else 0,
+        shape=list(s.shape), numel=s.numel, nan_count=s.nan_count, inf_count=s.inf_count,
+        min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
+        histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
+        histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)
 
 
 def _numel(shape: Any) -> int:

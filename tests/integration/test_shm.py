@@ -177,7 +177,7 @@ def test_shm_falls_back_from_another_network_namespace(tmp_path):
     registry.adopt("m", Holder({"big": torch.arange(1024 * 512, dtype=torch.float32)}))
     transport = Transport(max_message_bytes=64 * MIB, shm=True)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    add_servicer(ParameterService(registry, transport), server)
+    add_servicer(ParameterService(registry, transport=transport), server)
     server.add_insecure_port(f"unix:{path}")
     server.start()
     script = textwrap.dedent(f"""

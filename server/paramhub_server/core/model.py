@@ -405,20 +405,36 @@ class ServedModel:
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
-        mutating = [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
-        lock = self.lock.write() if mutating else self.lock.read()
-        with lock, torch.no_grad():
-            try:
-                out = sub(*args, **kwargs)
-            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
-                text = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
-                                           reason="BAD_INPUT") from None
-            if mutating:
-                groups = {self._refs[n].group for n, _ in sub.named_buffers(
-                    prefix=path, remove_duplicate=False)}
-                self._bump(sorted(groups))
-            return _to_device(out, torch.device("cpu")), self.version
+        # The mode is read again under the lock, since SetTrainingMode may have run between.
+        while True:
+            mutating = _mutating(sub)
+            lock = self.lock.write() if mutating else self.lock.read()
+            with lock, torch.no_grad():
+                if not mutating and _mutating(sub):
+                    continue  # switched to training mode meanwhile: retry under the write lock
+                # A failed pass must change nothing: keep copies of the buffers it may update.
+                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
+                try:
+                    out = sub(*args, **kwargs)
+                except Exception as e:
+                    for b, copy in saved:
+                        b.copy_(copy)
+                    if not isinstance(e, (RuntimeError, TypeError, ValueError, IndexError,
+                                          AssertionError)):
+                        raise
+                    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
+                                               reason="BAD_INPUT") from None
+                if mutating:
+                    groups = {self._refs[n].group for n, _ in sub.named_buffers(
+                        prefix=path, remove_duplicate=False)}
+                    self._bump(sorted(groups))
+                return _to_device(out, torch.device("cpu")), self.version
+
+
+def _mutating(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
+    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
