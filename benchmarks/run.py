@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     data_dir = tempfile.mkdtemp(prefix="paramhub-bench-")
     server = Peer("-m", "paramhub_server", "--port", "0", "--data-dir", data_dir,
-                  "--log-level", "WARNING", "--max-workers", "16")
+                  "--log-level", "WARNING", "--max-workers", "16", "--device", "cpu")
     echo = Peer("-m", "benchmarks._peers", "echo")
     try:
         grpc_c = paramhub.connect(server.address, timeout=600, shm=False, progress=False)
@@ -242,9 +242,32 @@ def run(args: argparse.Namespace) -> list[Row]:
         t = _times(lambda: shm_c.get_tensor("big", "weight"), args.repeats)
         get_shm = note(Row("paramhub GetTensor, same-host shm", _gbps(size, t), "GB/s",
                            samples=t))
+        t = _times(lambda: shm_c.get_tensor("big", "weight", out=out), args.repeats)
+        get_shm_out = note(Row("paramhub GetTensor, same-host shm, out= preallocated",
+                               _gbps(size, t), "GB/s", samples=t))
         t = _times(lambda: shm_c.set_slice("big", "weight", None, value), args.repeats)
         set_shm = note(Row("paramhub SetSlice, same-host shm", _gbps(size, t), "GB/s",
                            samples=t))
+        if torch.cuda.is_available():
+            cuda_server = Peer("-m", "paramhub_server", "--port", "0", "--data-dir", data_dir,
+                               "--log-level", "WARNING", "--device", "cuda")
+            try:
+                for shm in (False, True):
+                    with paramhub.connect(cuda_server.address, timeout=600, shm=shm,
+                                          progress=False) as cc:
+                        if not shm:
+                            _create(cc, "big", nn.Embedding(size // 4 // 1024, 1024,
+                                                            device="meta"))
+                        how = "shm" if shm else "gRPC"
+                        t = _times(lambda: cc.get_tensor("big", "weight"), args.repeats)
+                        note(Row(f"paramhub GetTensor, {how}, model on CUDA", _gbps(size, t),
+                                 "GB/s", detail="device-to-host included", samples=t))
+                        t = _times(lambda: cc.set_slice("big", "weight", None, value),
+                                   args.repeats)
+                        note(Row(f"paramhub SetSlice, {how}, model on CUDA", _gbps(size, t),
+                                 "GB/s", detail="host-to-device included", samples=t))
+            finally:
+                cuda_server.close()
         del out, value
 
         def vs(row: Row, ref: Row, target: float, ref_label: str) -> None:
@@ -262,6 +285,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             vs(extra, raw_row, 0.5, "raw TCP")
             rows.append(extra)
         vs(get_shm, raw_pull, 1.0, "raw TCP")
+        vs(get_shm_out, raw_pull, 1.0, "raw TCP")
         vs(set_shm, raw_push, 1.0, "raw TCP")
 
         print(f"== latency, {args.calls} calls", file=sys.stderr)
