@@ -794,6 +794,8 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
     opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+            # Largest HTTP/2 frames: see paramhub_server.transport.HTTP2_OPTIONS.
+            ("grpc.http2.max_frame_size", (1 << 24) - 1),
             ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1), *options]
     if tls or root_certificates or client_cert:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,

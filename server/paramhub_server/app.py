@@ -21,7 +21,7 @@ from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
 from paramhub_server.servicer import ParameterService
 from paramhub_server.settings import Settings
-from paramhub_server.transport import Transport, add_servicer
+from paramhub_server.transport import HTTP2_OPTIONS, Transport, add_servicer
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *HTTP2_OPTIONS,
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                     thread_name_prefix="paramhub-rpc"),

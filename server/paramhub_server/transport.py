@@ -49,7 +49,12 @@ RECV_TIMEOUT = 30.0
 #: Length of a token (hex characters).
 TOKEN_CHARS = 32
 
-__all__ = ["add_servicer", "ShmChannel", "Transport", "create_segment", "ShmSegment"]
+#: HTTP/2 settings for both ends: gRPC's default 16 KiB frames cut each 1 MiB chunk into 64
+#: frames, each a trip through the transport; the largest frame HTTP/2 allows (2**24 - 1)
+#: measured ~1.5x the throughput of streamed tensors on loopback (benchmarks/).
+HTTP2_OPTIONS = [("grpc.http2.max_frame_size", (1 << 24) - 1)]
+
+__all__ = ["HTTP2_OPTIONS", "add_servicer", "ShmChannel", "Transport", "create_segment", "ShmSegment"]
 
 
 
@@ -132,14 +137,16 @@ class ShmChannel:
                     return
                 continue
             token = secrets.token_hex(TOKEN_CHARS // 2)
+            # Registered before the client can know it: it may name it at once.
+            with self._lock:
+                self._pending[token] = (conn, time.monotonic())
             try:
                 conn.settimeout(RECV_TIMEOUT)
                 conn.sendall(token.encode("ascii"))
             except OSError:
+                with self._lock:
+                    self._pending.pop(token, None)
                 conn.close()
-                continue
-            with self._lock:
-                self._pending[token] = (conn, time.monotonic())
 
     def _expire(self) -> None:
         """Drops tokens that are too old or whose client hung up (e.g. it died)."""
