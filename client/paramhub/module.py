@@ -9,11 +9,12 @@ values move, on demand. Calling any module of the tree runs Forward on the serve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from paramhub import _codec, _spec
 from paramhub.errors import InvalidArgumentError
@@ -135,14 +136,44 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str) -> Non
         """A local nn.Module copy of the served model with its current values."""
         desc = client.describe_model(model_id)
         local = _spec.build_module(desc.spec)
-        state = {}
-        for name in local.state_dict().keys():
-            kind = "parameters" if name in dict(local.named_parameters(
-                remove_duplicate=False)) else "buffers"
-            state[name], _ = client.get_tensor(model_id, name, kind=kind)
+        # Every value in one PullState call, read on one consistent snapshot.
+        state, _ = client.pull_state(model_id)
         local.load_state_dict(state)
         local.train(root.training)
         return local
+
+    def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """torch's load_state_dict, as one atomic PushState (all values or none)."""
+        if assign:
+            raise NotImplementedError("assign=True would replace the served tensors with local "
+                                      "ones; load values instead (assign=False)")
+        shapes = {n: tuple(t.shape) for n, t in root.named_parameters(remove_duplicate=False)}
+        shapes.update((n, tuple(t.shape)) for n, t in root.named_buffers(remove_duplicate=False))
+        own = list(shapes)
+        known = set(own)
+        missing = [n for n in own if n not in state_dict]
+        unexpected = [k for k in state_dict if k not in known]
+        parts = [f"size mismatch for {k}: copying a param with shape "
+                 f"{torch.Size(tuple(v.shape))} from checkpoint, the shape in current model is "
+                 f"{torch.Size(shapes[k])}." for k, v in state_dict.items()
+                 if k in known and tuple(getattr(v, "shape", ())) != shapes[k]]
+        if parts:  # torch's own check, before anything is sent
+            raise RuntimeError("Error(s) in loading state_dict for "
+                               f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
+        if strict and (missing or unexpected):
+            if unexpected:
+                parts.append("Unexpected key(s) in state_dict: "
+                             + ", ".join(f'"{k}"' for k in unexpected) + ". ")
+            if missing:
+                parts.append("Missing key(s) in state_dict: "
+                             + ", ".join(f'"{k}"' for k in missing) + ". ")
+            raise RuntimeError("Error(s) in loading state_dict for "
+                               f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
+        values = {k: v for k, v in state_dict.items() if k in known}
+        if values:
+            client.push_state(model_id, values)
+        return _IncompatibleKeys(missing, unexpected)
 
     def named_remote_tensors() -> Iterator[tuple[str, Any]]:
         """(name, handle) for every parameter and buffer, tied names included."""
@@ -150,6 +181,7 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str) -> Non
         yield from root.named_buffers(remove_duplicate=False)
 
     root.pull = pull
+    root.load_state_dict = load_state_dict
     root.named_remote_tensors = named_remote_tensors
     root.paramhub_client = client
     root.model_id = model_id

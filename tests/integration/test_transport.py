@@ -288,3 +288,35 @@ def test_cuda_server_moves_tensors_both_ways(settings, shm):
             assert out.shape == (2, 8) and not out.is_cuda
     finally:
         srv.stop(None)
+
+
+def test_mirror_pull_and_load_state_dict_use_one_bulk_call(client):
+    torch.manual_seed(0)
+    local = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    net = client.create_model("mirror", local)
+    before = dict(client.rpc_counts)
+    copy = net.pull()
+    assert type(copy) is nn.Sequential and not hasattr(copy, "model_id")
+    for k, v in local.state_dict().items():
+        assert torch.equal(copy.state_dict()[k], v)
+    calls = {k: v - before.get(k, 0) for k, v in client.rpc_counts.items()
+             if v != before.get(k, 0)}
+    assert calls.get("PullState") == 1 and "GetTensor" not in calls
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    before = dict(client.rpc_counts)
+    result = net.load_state_dict(other.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    calls = {k: v - before.get(k, 0) for k, v in client.rpc_counts.items()
+             if v != before.get(k, 0)}
+    assert calls == {"PushState": 1}
+    pulled, _ = client.pull_state("mirror")
+    for k, v in other.state_dict().items():
+        assert torch.equal(pulled[k], v)
+    # strict: a missing key changes nothing and raises as torch does.
+    partial = {k: torch.zeros_like(v) for k, v in other.state_dict().items() if k != "2.bias"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        net.load_state_dict(partial)
+    assert torch.equal(client.pull_state("mirror")[0]["0.weight"], other[0].weight)
+    assert net.load_state_dict(partial, strict=False).missing_keys == ["2.bias"]
+    assert torch.equal(client.pull_state("mirror")[0]["0.weight"], torch.zeros(8, 4))
