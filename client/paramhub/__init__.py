@@ -8,7 +8,8 @@
 
 from paramhub.client import Client, connect
 from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, DeadlineExceededError,
-                             InternalError, InvalidArgumentError, NotFoundError, OutOfRangeError,
+                             FailedPreconditionError, InternalError, InvalidArgumentError,
+                             NotFoundError, OutOfRangeError,
                              ParamhubError, PermissionDeniedError, ResourceExhaustedError,
                              UnavailableError, UnimplementedError)
 
@@ -17,6 +18,6 @@ __all__ = [
     "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
     "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
     "PermissionDeniedError", "UnavailableError", "DeadlineExceededError", "InternalError",
-    "UnimplementedError",
+    "UnimplementedError", "FailedPreconditionError",
 ]
 __version__ = "0.1.0"

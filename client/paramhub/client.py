@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +25,8 @@ from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:
+    from paramhub._batch import Batch
+    from paramhub._watch import Watch, WatchEvent
     from paramhub.module import RemoteModule
 
 __all__ = ["Client", "connect", "DEFAULT_TARGET"]
@@ -32,9 +37,12 @@ T = TypeVar("T")
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
 
-# Retries on UNAVAILABLE for the RPCs that are safe to repeat (reads, Forward without side
-# effects in eval mode is not guaranteed, so Forward is not retried).
-_IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared")
+# Retries on UNAVAILABLE for the RPCs that are safe to repeat: reads, and writes that carry a
+# request id (the SDK always sends one; the server applies an id once and answers a retry with
+# the original result). Forward is not retried: in training mode it updates buffers.
+_IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
+               "SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch", "RestoreCheckpoint",
+               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode")
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -69,8 +77,11 @@ class Client:
         self.channel = channel
         self.target = target
         self.timeout = timeout
+        #: Shown as the writer of this client's writes in watch events.
+        self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
+            (("authorization", f"Bearer {token}"),) if token else ()) + (
+            ("x-paramhub-writer", self.writer_id),)
         self.stub = pb_grpc.ParameterServiceStub(channel)
 
     # ---------------------------------------------------------------------------- plumbing
@@ -191,18 +202,33 @@ class Client:
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
-                  timeout: float | None = None) -> int:
+                  request_id: str | None = None, timeout: float | None = None) -> int | None:
         """`tensor[index] (op)= value` on the server, atomically; returns the new version.
 
-        `value` is a tensor or a Python number; large values are streamed.
+        `value` is a tensor or a Python number; large values are streamed. `index` None is the
+        whole tensor. Every write carries a request id (a fresh one unless given): the server
+        applies an id once, so a retry after a lost response returns the original version.
+
+        Inside `with client.batch(model_id):` on this thread the write joins the batch and
+        None is returned (the versions are on the batch after the block).
+
+        Raises:
+            ConflictError: `expected_version` is not the tensor's version (reason
+                VERSION_MISMATCH); nothing was written.
+            NotFoundError, OutOfRangeError, InvalidArgumentError: bad name, index or value.
         """
+        batch = self._active_batch(model_id)
+        if batch is not None:
+            batch.set_slice(name, index, value, op, kind=kind, expected_version=expected_version)
+            return None
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
                                        reason="BAD_OP")
         value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         request = pb.SetSliceRequest(
             name=tensor_name(model_id, name, kind),
-            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op])
+            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op],
+            request_id=request_id or uuid.uuid4().hex)
         if expected_version is not None:
             request.expected_version = expected_version
         nbytes = value_t.numel() * value_t.element_size()
@@ -221,13 +247,30 @@ class Client:
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
-                   timeout: float | None = None) -> pb.ApplyInitResponse:
-        """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`."""
-        request = pb.ApplyInitRequest(model=model_name(model_id), scheme=scheme, targets=targets)
+                   expected_model_version: int | None = None, request_id: str | None = None,
+                   timeout: float | None = None) -> pb.ApplyInitResponse | None:
+        """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`.
+
+        Returns the new versions (None inside `with client.batch(model_id):` on this thread,
+        where the init joins the batch). Carries a request id like `set_slice`.
+
+        Raises:
+            ConflictError: `expected_model_version` is not the model's version.
+            InvalidArgumentError: unknown scheme or bad arguments; NotFoundError: no target.
+        """
+        batch = self._active_batch(model_id)
+        if batch is not None:
+            batch.apply_init(scheme, targets, args, seed=seed,
+                             expected_model_version=expected_model_version)
+            return None
+        request = pb.ApplyInitRequest(model=model_name(model_id), scheme=scheme, targets=targets,
+                                      request_id=request_id or uuid.uuid4().hex)
         for k, v in (args or {}).items():
             request.args[k].CopyFrom(_codec.value_to_proto(v))
         if seed is not None:
             request.seed = seed
+        if expected_model_version is not None:
+            request.expected_model_version = expected_model_version
         return self._call(self.stub.ApplyInit, request, timeout)
 
     def forward(self, model_id: str, *args: Any, module_path: str = "",
@@ -263,6 +306,165 @@ class Client:
             return []
         request = pb.CheckSharedRequest(model=model_name(_model_id(model)), names=names[:2])
         return [list(g.names) for g in self._call(self.stub.CheckShared, request).groups]
+
+    # ---------------------------------------------------------------------------- versions
+
+    def tensor_version(self, model: Any, name: str, *, kind: str = "parameters") -> int:
+        """The current version of a parameter's (or buffer's) storage.
+
+        Raises:
+            NotFoundError: no such model or tensor.
+        """
+        model_id = _model_id(model)
+        for t in self.list_parameters(model_id, prefix=name,
+                                      include_buffers=kind == "buffers"):
+            if t.name == name and (t.kind == pb.TENSOR_KIND_BUFFER) == (kind == "buffers"):
+                return t.version
+        from paramhub.errors import NotFoundError
+        raise NotFoundError(f"model {model_id!r} has no {kind[:-1]} {name!r}",
+                            reason="TENSOR_NOT_FOUND")
+
+    def model_version(self, model: Any) -> int:
+        """The model's current version (grows by one with every committed write)."""
+        return self.describe_model(_model_id(model)).model.version
+
+    # ---------------------------------------------------------------------------- batches
+
+    def batch(self, model: Any, *, expected_model_version: int | None = None,
+              request_id: str | None = None, timeout: float | None = None) -> Batch:
+        """A context manager collecting writes to `model`, applied atomically at its end.
+
+            with client.batch("mlp") as b:
+                client.set_slice("mlp", "0.weight", None, w)   # joins the batch
+                b.apply_init("zeros_", [paramhub.init_target(glob="*.bias")])
+            print(b.model_version)
+
+        The server applies all the writes or none, as one model version, and readers see all
+        or none. Nothing is sent if the block raises. See paramhub._batch.
+
+        Raises (at the end of the block):
+            ConflictError, InvalidArgumentError, NotFoundError, OutOfRangeError: nothing applied.
+        """
+        from paramhub._batch import Batch
+
+        return Batch(self, _model_id(model), expected_model_version=expected_model_version,
+                     request_id=request_id, timeout=timeout)
+
+    def _active_batch(self, model_id: str) -> Batch | None:
+        """The batch this thread has open for `model_id` on this client, or None.
+
+        For SDK layers (the module mirror): route a write into it with
+        `batch.set_slice(name, index, value, op, kind=..., expected_version=...)` or
+        `batch.apply_init(scheme, targets, args, seed=...)` instead of sending it. Client's own
+        `set_slice` / `apply_init` already do this.
+        """
+        from paramhub import _batch
+
+        return _batch.active(self, model_id)
+
+    # ---------------------------------------------------------------------------- watch
+
+    def watch(self, model: Any, callback: Callable[[WatchEvent], Any] | None = None, *,
+              max_queue: int = 0, timeout: float | None = None) -> Watch:
+        """Watches a model's committed writes.
+
+        Iterate the returned Watch (`for event in client.watch("mlp"): ...`), or pass
+        `callback` to have a background thread call it with each event. The first event is
+        "started"; then one "write" per commit in commit order; "resync" if this watcher fell
+        more than `max_queue` events (server default 1024) behind and events were dropped.
+        The stream has no deadline unless `timeout` is given; `close()` ends it.
+        """
+        from paramhub._watch import Watch
+
+        return Watch(self, _model_id(model), max_queue=max_queue, timeout=timeout,
+                     callback=callback)
+
+    # ---------------------------------------------------------------------------- durability
+
+    def create_checkpoint(self, model: Any, name: str) -> pb.CheckpointInfo:
+        """Saves the model's current values (one consistent version) as checkpoint `name`.
+
+        Raises:
+            AlreadyExistsError: the name is taken. FailedPreconditionError: the server has no
+            data directory (reason NO_DATA_DIR). InvalidArgumentError: bad name.
+        """
+        return self._call(self.stub.CreateCheckpoint, pb.CreateCheckpointRequest(
+            model=model_name(_model_id(model)), checkpoint=name)).checkpoint
+
+    def list_checkpoints(self, model: Any) -> list[pb.CheckpointInfo]:
+        """The model's checkpoints, oldest first."""
+        return list(self._call(self.stub.ListCheckpoints, pb.ListCheckpointsRequest(
+            model=model_name(_model_id(model)))).checkpoints)
+
+    def restore_checkpoint(self, model: Any, name: str, *,
+                           expected_model_version: int | None = None,
+                           request_id: str | None = None, timeout: float | None = None
+                           ) -> pb.RestoreCheckpointResponse:
+        """Rolls the model back to checkpoint `name`: one write, versions keep growing.
+
+        Raises:
+            NotFoundError: no such checkpoint (reason CHECKPOINT_NOT_FOUND).
+            ConflictError: `expected_model_version` is not the model's version.
+        """
+        request = pb.RestoreCheckpointRequest(model=model_name(_model_id(model)),
+                                              checkpoint=name,
+                                              request_id=request_id or uuid.uuid4().hex)
+        if expected_model_version is not None:
+            request.expected_model_version = expected_model_version
+        return self._call(self.stub.RestoreCheckpoint, request, timeout)
+
+    def delete_checkpoint(self, model: Any, name: str) -> None:
+        """Deletes checkpoint `name`. Raises NotFoundError if there is none."""
+        self._call(self.stub.DeleteCheckpoint, pb.DeleteCheckpointRequest(
+            model=model_name(_model_id(model)), checkpoint=name))
+
+    def export_checkpoint(self, model: Any, path: str | os.PathLike[str], name: str = "", *,
+                          timeout: float | None = None) -> str:
+        """Downloads checkpoint `name` (or, with no name, the current values) to `path` as a
+        plain safetensors state_dict: `safetensors.torch.load_file(path)` then
+        `module.load_state_dict(...)` work without paramhub. Returns the path.
+
+        complex128 tensors (no safetensors dtype) are stored as float64 with a trailing
+        dimension of 2, as torch.view_as_real.
+        """
+        request = pb.ExportCheckpointRequest(model=model_name(_model_id(model)), checkpoint=name)
+        target = os.fspath(path)
+        tmp = f"{target}.part"
+        with open(tmp, "wb") as f:
+            for piece in self._stream(self.stub.ExportCheckpoint, request, timeout):
+                f.write(piece.data)
+        os.replace(tmp, target)
+        return target
+
+    def compact(self, model: Any) -> pb.CompactModelResponse:
+        """Folds the model's write-ahead log into a new snapshot now."""
+        return self._call(self.stub.CompactModel, pb.CompactModelRequest(
+            model=model_name(_model_id(model))))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits until the server's health check says SERVING (e.g. after a restart, while it
+        replays its log).
+
+        Raises:
+            UnavailableError: not serving within `timeout` seconds.
+        """
+        from paramhub.errors import UnavailableError
+
+        # grpc.health.v1.Health/Check with an empty request (service ""); the response's field
+        # 1 is the status enum, SERVING = 1. Raw bytes: no dependency on the health package.
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if check(b"", timeout=min(5.0, max(0.1, deadline - time.monotonic())),
+                         metadata=self._metadata) == b"\x08\x01":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise UnavailableError(f"{self.target} is not serving after {timeout}s",
+                                       reason="NOT_SERVING")
+            time.sleep(0.05)
 
 
 def _model_id(model: Any) -> str:

@@ -23,6 +23,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     serve.add_argument("--data-dir", type=Path, default=Path("var/paramhub"),
                        help="directory for persistent state (default ./var/paramhub)")
+    serve.add_argument("--in-memory", action="store_true",
+                       help="keep models in memory only: no data dir, lost on exit")
+    serve.add_argument("--fsync", default="always", choices=["always", "batch", "off"],
+                       help="fsync the write-ahead log before acknowledging each write "
+                            "(always, the default), in the background every "
+                            "--fsync-interval (batch), or never (off)")
+    serve.add_argument("--fsync-interval", type=float, default=0.05,
+                       help="seconds between background fsyncs with --fsync batch (default 0.05)")
+    serve.add_argument("--compact-bytes", type=int, default=64 << 20,
+                       help="compact a model's log into a snapshot once it exceeds this many "
+                            "bytes and the snapshot's size (default 64 MiB)")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     serve.add_argument("--max-workers", type=int, default=16, help="RPC threads (default 16)")
@@ -40,10 +51,14 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(host=args.host, port=args.port, device=args.device or default_device(),
-                        data_dir=args.data_dir, log_level=args.log_level,
+                        data_dir=None if args.in_memory else args.data_dir,
+                        fsync=args.fsync, fsync_interval_s=args.fsync_interval,
+                        compact_bytes=args.compact_bytes, log_level=args.log_level,
                         max_workers=args.max_workers, max_message_bytes=args.max_message_bytes,
                         max_model_bytes=args.max_model_bytes)
-    server = build_server(settings)
+    # Recovery runs in the background (health NOT_SERVING meanwhile), so the port is known and
+    # printed at once.
+    server = build_server(settings, wait_ready=False)
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)
     stop = threading.Event()

@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import torch
 
 from paramhub import _codec
 from paramhub.errors import InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
+from paramhub_server.core import store, watch
+from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
+                                        WriteContext)
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
 
@@ -25,6 +28,12 @@ _OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _COLLECTIONS = {"parameters": PARAMETER, "buffers": BUFFER}
 MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
+#: Metadata key carrying the client's writer id (shown in watch events).
+WRITER_METADATA = "x-paramhub-writer"
+_EVENT_KINDS = {watch.STARTED: pb.WATCH_EVENT_KIND_STARTED, watch.WRITE: pb.WATCH_EVENT_KIND_WRITE,
+                watch.RESYNC: pb.WATCH_EVENT_KIND_RESYNC}
+#: How often a watch stream with no events checks whether its client is still there (seconds).
+_WATCH_POLL = 1.0
 
 
 def model_id_of(name: str) -> str:
@@ -67,6 +76,60 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
 
 def _values(msgs: Any) -> list[Any]:
     return [_codec.value_from_proto(v) for v in msgs]
+
+
+def write_context(request_id: str, context: grpc.ServicerContext) -> WriteContext:
+    """The write's request id and its writer: the client's writer id metadata, else its peer."""
+    writer = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == WRITER_METADATA and isinstance(value, str):
+            writer = value[:200]
+    return WriteContext(request_id=request_id, writer=writer or context.peer())
+
+
+def slice_write(request: pb.SetSliceRequest, value: Any) -> tuple[str, SliceWrite]:
+    """(model id, SliceWrite) of a SetSliceRequest whose value is already decoded."""
+    model_id, kind, name = tensor_name_of(request.name)
+    op = _OPS.get(request.op)
+    if op is None:
+        raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
+    index = _codec.index_from_proto(request.index)
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return model_id, SliceWrite(name, index, op, value, expected, kind)
+
+
+def init_write(request: pb.ApplyInitRequest) -> InitWrite:
+    """The InitWrite of an ApplyInitRequest."""
+    targets: list[tuple[str, Any]] = []
+    for t in request.targets:
+        which = t.WhichOneof("selector")
+        if which == "module":
+            targets.append(("module", (t.module.path, t.module.module_class,
+                                       t.module.parameter)))
+        elif which is not None:
+            targets.append((which, getattr(t, which)))
+        else:
+            raise InvalidArgumentError("an init target has no selector set",
+                                       reason="BAD_ARGUMENT")
+    args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+    return InitWrite(targets, request.scheme, args,
+                     seed=request.seed if request.HasField("seed") else None,
+                     expected_model_version=(request.expected_model_version
+                                             if request.HasField("expected_model_version")
+                                             else None))
+
+
+def event_to_proto(ev: watch.Event) -> pb.WatchModelResponse:
+    """A watch event as its proto."""
+    return pb.WatchModelResponse(
+        kind=_EVENT_KINDS[ev.kind], model_version=ev.model_version, op=ev.op,
+        changes=[pb.TensorChange(name=c.name, version=c.version, region=c.region)
+                 for c in ev.changes],
+        writer=ev.writer, time_unix_nanos=ev.time_ns, request_id=ev.request_id)
+
+
+def _versions(updated: Any) -> list[pb.TensorVersion]:
+    return [pb.TensorVersion(name=n, version=v) for n, v in updated]
 
 
 class ParameterService(pb_grpc.ParameterServiceServicer):
@@ -151,20 +214,19 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
                                              chunk_bytes=chunk)
 
-    def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
-        m, kind, name = self._tensor(request.name)
-        op = _OPS.get(request.op)
-        if op is None:
-            raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-        index = _codec.index_from_proto(request.index)
-        expected = request.expected_version if request.HasField("expected_version") else None
-        version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
+    def _set_slice(self, request: pb.SetSliceRequest, value: Any,
+                   context: grpc.ServicerContext) -> pb.SetSliceResponse:
+        model_id, w = slice_write(request, value)
+        m = self.registry.get(model_id)
+        version, model_version = m.set_slice(w.name, w.index, w.op, w.value, w.expected_version,
+                                             kind=w.kind,
+                                             ctx=write_context(request.request_id, context))
         return pb.SetSliceResponse(version=version, model_version=model_version)
 
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
-        return self._set_slice(request, _codec.tensor_from_proto(request.value))
+        return self._set_slice(request, _codec.tensor_from_proto(request.value), context)
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
@@ -184,32 +246,18 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
             asm.add(msg.data)
-        return self._set_slice(req, asm.finish())
+        return self._set_slice(req, asm.finish(), context)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
                   ) -> pb.ApplyInitResponse:
         m = self._model(request.model)
-        targets: list[tuple[str, Any]] = []
-        for t in request.targets:
-            which = t.WhichOneof("selector")
-            if which == "module":
-                targets.append(("module", (t.module.path, t.module.module_class,
-                                           t.module.parameter)))
-            elif which is not None:
-                targets.append((which, getattr(t, which)))
-            else:
-                raise InvalidArgumentError("an init target has no selector set",
-                                           reason="BAD_ARGUMENT")
-        args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+        w = init_write(request)
         updated, model_version = m.apply_init(
-            targets, request.scheme, args,
-            seed=request.seed if request.HasField("seed") else None,
-            expected_model_version=(request.expected_model_version
-                                    if request.HasField("expected_model_version") else None))
-        return pb.ApplyInitResponse(
-            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
-            model_version=model_version)
+            w.targets, w.scheme, w.args, seed=w.seed,
+            expected_model_version=w.expected_model_version,
+            ctx=write_context(request.request_id, context))
+        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version)
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
@@ -238,3 +286,139 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def ApplyBatch(self, request_iterator: Iterator[pb.ApplyBatchRequest],
+                   context: grpc.ServicerContext) -> pb.ApplyBatchResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first ApplyBatch message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+        writes: list[SliceWrite | InitWrite] = []
+        pending: tuple[pb.SetSliceRequest, _codec.TensorAssembler] | None = None
+
+        def finish_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                req, asm = pending
+                writes.append(self._batch_slice(m, req, asm.finish()))
+                pending = None
+
+        for msg in request_iterator:
+            part = msg.WhichOneof("part")
+            if part == "data":
+                if pending is None:
+                    raise InvalidArgumentError("value bytes without a preceding streamed write",
+                                               reason="BAD_STREAM")
+                pending[1].add(msg.data)
+                continue
+            finish_pending()
+            if part != "write":
+                raise InvalidArgumentError("only the first ApplyBatch message may carry the "
+                                           "header", reason="BAD_STREAM")
+            which = msg.write.WhichOneof("write")
+            if which == "set_slice":
+                req = msg.write.set_slice
+                nbytes = _nbytes(req.value)
+                if nbytes and not req.value.data:
+                    pending = (req, _codec.TensorAssembler(tpb.TensorHeader(
+                        dtype=req.value.dtype, shape=req.value.shape)))
+                else:
+                    writes.append(self._batch_slice(m, req, _codec.tensor_from_proto(req.value)))
+            elif which == "apply_init":
+                if request_model := msg.write.apply_init.model:
+                    if model_id_of(request_model) != m.id:
+                        raise InvalidArgumentError("every write of a batch must target the "
+                                                   "batch's model", reason="BAD_BATCH")
+                writes.append(init_write(msg.write.apply_init))
+            else:
+                raise InvalidArgumentError("a batch write has no write set", reason="BAD_BATCH")
+        finish_pending()
+        result = m.apply_batch(
+            writes, header.expected_model_version if header.HasField("expected_model_version")
+            else None, ctx=write_context(header.request_id, context))
+        return pb.ApplyBatchResponse(updated=_versions(result.updated),
+                                     model_version=result.model_version)
+
+    @staticmethod
+    def _batch_slice(m: ServedModel, req: pb.SetSliceRequest, value: Any) -> SliceWrite:
+        model_id, w = slice_write(req, value)
+        if model_id != m.id:
+            raise InvalidArgumentError("every write of a batch must target the batch's model",
+                                       reason="BAD_BATCH")
+        return w
+
+    @rpc
+    def WatchModel(self, request: pb.WatchModelRequest, context: grpc.ServicerContext
+                   ) -> Iterator[pb.WatchModelResponse]:
+        m = self._model(request.name)
+        if request.max_queue < 0:
+            raise InvalidArgumentError("max_queue must be >= 0", reason="BAD_ARGUMENT")
+        watcher = m.watch(request.max_queue)
+        context.add_callback(watcher.close)  # the client went away: stop queueing for it
+        try:
+            while True:
+                ev = watcher.get(_WATCH_POLL)
+                if ev is None:
+                    if not context.is_active():
+                        return
+                    continue
+                if ev.kind == watch.CLOSED:
+                    return
+                yield event_to_proto(ev)
+        finally:
+            watcher.close()
+
+    @rpc
+    def CreateCheckpoint(self, request: pb.CreateCheckpointRequest,
+                         context: grpc.ServicerContext) -> pb.CreateCheckpointResponse:
+        info = store.create_checkpoint(self._model(request.model), request.checkpoint)
+        return pb.CreateCheckpointResponse(checkpoint=info)
+
+    @rpc
+    def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
+                        context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
+        return pb.ListCheckpointsResponse(
+            checkpoints=store.journal_of(self._model(request.model)).list_checkpoints())
+
+    @rpc
+    def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest,
+                          context: grpc.ServicerContext) -> pb.RestoreCheckpointResponse:
+        result = store.restore_checkpoint(
+            self._model(request.model), store.check_checkpoint_name(request.checkpoint),
+            request.expected_model_version if request.HasField("expected_model_version")
+            else None, write_context(request.request_id, context))
+        return pb.RestoreCheckpointResponse(updated=_versions(result.updated),
+                                            model_version=result.model_version)
+
+    @rpc
+    def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest,
+                         context: grpc.ServicerContext) -> pb.DeleteCheckpointResponse:
+        store.journal_of(self._model(request.model)).delete_checkpoint(
+            store.check_checkpoint_name(request.checkpoint))
+        return pb.DeleteCheckpointResponse()
+
+    @rpc
+    def ExportCheckpoint(self, request: pb.ExportCheckpointRequest,
+                         context: grpc.ServicerContext) -> Iterator[pb.ExportCheckpointResponse]:
+        m = self._model(request.model)
+        if request.checkpoint:
+            store.check_checkpoint_name(request.checkpoint)
+        for data in store.export_bytes(m, request.checkpoint):
+            yield pb.ExportCheckpointResponse(data=data)
+
+    @rpc
+    def CompactModel(self, request: pb.CompactModelRequest, context: grpc.ServicerContext
+                     ) -> pb.CompactModelResponse:
+        version, folded = store.compact(self._model(request.model))
+        return pb.CompactModelResponse(model_version=version, log_bytes=folded)
+
+
+def _nbytes(value: tpb.Tensor) -> int:
+    dtype = _codec.dtype_from_proto(value.dtype)
+    n = 1
+    for s in _codec.check_shape(value.shape):
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()

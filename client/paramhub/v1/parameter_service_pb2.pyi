@@ -28,6 +28,13 @@ class SliceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SLICE_OP_SUB: _ClassVar[SliceOp]
     SLICE_OP_MUL: _ClassVar[SliceOp]
     SLICE_OP_DIV: _ClassVar[SliceOp]
+
+class WatchEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WATCH_EVENT_KIND_UNSPECIFIED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_STARTED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_WRITE: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_RESYNC: _ClassVar[WatchEventKind]
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_PARAMETER: TensorKind
 TENSOR_KIND_BUFFER: TensorKind
@@ -40,6 +47,10 @@ SLICE_OP_ADD: SliceOp
 SLICE_OP_SUB: SliceOp
 SLICE_OP_MUL: SliceOp
 SLICE_OP_DIV: SliceOp
+WATCH_EVENT_KIND_UNSPECIFIED: WatchEventKind
+WATCH_EVENT_KIND_STARTED: WatchEventKind
+WATCH_EVENT_KIND_WRITE: WatchEventKind
+WATCH_EVENT_KIND_RESYNC: WatchEventKind
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class")
@@ -235,18 +246,20 @@ class GetTensorRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
-    __slots__ = ("name", "index", "op", "value", "expected_version")
+    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     op: SliceOp
     value: _tensor_pb2.Tensor
     expected_version: int
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StreamSetSliceRequest(_message.Message):
     __slots__ = ("request", "data")
@@ -285,7 +298,7 @@ class InitTarget(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., glob: _Optional[str] = ..., module: _Optional[_Union[ModuleSelector, _Mapping]] = ...) -> None: ...
 
 class ApplyInitRequest(_message.Message):
-    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version")
+    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -299,13 +312,15 @@ class ApplyInitRequest(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     targets: _containers.RepeatedCompositeFieldContainer[InitTarget]
     scheme: str
     args: _containers.MessageMap[str, _tensor_pb2.Value]
     seed: int
     expected_model_version: int
-    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TensorVersion(_message.Message):
     __slots__ = ("name", "version")
@@ -385,3 +400,173 @@ class SetTrainingModeRequest(_message.Message):
 class SetTrainingModeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ApplyBatchHeader(_message.Message):
+    __slots__ = ("model", "expected_model_version", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    expected_model_version: int
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BatchWrite(_message.Message):
+    __slots__ = ("set_slice", "apply_init")
+    SET_SLICE_FIELD_NUMBER: _ClassVar[int]
+    APPLY_INIT_FIELD_NUMBER: _ClassVar[int]
+    set_slice: SetSliceRequest
+    apply_init: ApplyInitRequest
+    def __init__(self, set_slice: _Optional[_Union[SetSliceRequest, _Mapping]] = ..., apply_init: _Optional[_Union[ApplyInitRequest, _Mapping]] = ...) -> None: ...
+
+class ApplyBatchRequest(_message.Message):
+    __slots__ = ("header", "write", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ApplyBatchHeader
+    write: BatchWrite
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ApplyBatchHeader, _Mapping]] = ..., write: _Optional[_Union[BatchWrite, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ApplyBatchResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class WatchModelRequest(_message.Message):
+    __slots__ = ("name", "max_queue")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_queue: int
+    def __init__(self, name: _Optional[str] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class TensorChange(_message.Message):
+    __slots__ = ("name", "version", "region")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    region: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
+
+class WatchModelResponse(_message.Message):
+    __slots__ = ("kind", "model_version", "op", "changes", "writer", "time_unix_nanos", "request_id")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: WatchEventKind
+    model_version: int
+    op: str
+    changes: _containers.RepeatedCompositeFieldContainer[TensorChange]
+    writer: str
+    time_unix_nanos: int
+    request_id: str
+    def __init__(self, kind: _Optional[_Union[WatchEventKind, str]] = ..., model_version: _Optional[int] = ..., op: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[TensorChange, _Mapping]]] = ..., writer: _Optional[str] = ..., time_unix_nanos: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("name", "model_version", "created_unix_nanos", "num_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_version: int
+    created_unix_nanos: int
+    num_bytes: int
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix_nanos: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class CreateCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: CheckpointInfo
+    def __init__(self, checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "expected_model_version", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    expected_model_version: int
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RestoreCheckpointResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class ExportCheckpointResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class CompactModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class CompactModelResponse(_message.Message):
+    __slots__ = ("model_version", "log_bytes")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    log_bytes: int
+    def __init__(self, model_version: _Optional[int] = ..., log_bytes: _Optional[int] = ...) -> None: ...

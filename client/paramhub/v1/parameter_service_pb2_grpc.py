@@ -101,6 +101,46 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
                 _registered_method=True)
+        self.ApplyBatch = channel.stream_unary(
+                '/paramhub.v1.ParameterService/ApplyBatch',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.FromString,
+                _registered_method=True)
+        self.WatchModel = channel.unary_stream(
+                '/paramhub.v1.ParameterService/WatchModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.FromString,
+                _registered_method=True)
+        self.CreateCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CreateCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ListCheckpoints',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/RestoreCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/DeleteCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ExportCheckpoint = channel.unary_stream(
+                '/paramhub.v1.ParameterService/ExportCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.FromString,
+                _registered_method=True)
+        self.CompactModel = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CompactModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -198,6 +238,68 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyBatch(self, request_iterator, context):
+        """Applies several writes (slice writes, inits, whole-tensor assigns, across tensors) as one
+        atomic write: all or nothing, one new model version, and readers see all of it or none.
+        The first message carries the header; each write follows, any large value's bytes right
+        after its write as `data` messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchModel(self, request, context):
+        """Streams an event for every committed write of a model, in commit order, from the moment
+        the call starts. A watcher that falls behind gets a RESYNC event instead of silently
+        missing events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCheckpoint(self, request, context):
+        """Saves the model's current values as a named checkpoint in the server's data directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Lists a model's checkpoints, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Rolls a model back to a checkpoint's values. This is a write: versions grow, never go back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Deletes a checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCheckpoint(self, request, context):
+        """Streams a checkpoint (or the current values) as the bytes of a plain safetensors file whose
+        keys are the model's state_dict keys, loadable with safetensors/torch without paramhub.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactModel(self, request, context):
+        """Writes a snapshot of the model and starts a new, empty write-ahead log (compaction).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +362,46 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.SetTrainingMode,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.SerializeToString,
+            ),
+            'ApplyBatch': grpc.stream_unary_rpc_method_handler(
+                    servicer.ApplyBatch,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.SerializeToString,
+            ),
+            'WatchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.SerializeToString,
+            ),
+            'CreateCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.SerializeToString,
+            ),
+            'CompactModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -592,6 +734,222 @@ class ParameterService:
             '/paramhub.v1.ParameterService/SetTrainingMode',
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ParameterService/ApplyBatch',
+            paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/WatchModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CreateCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ListCheckpoints',
+            paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/RestoreCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/DeleteCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ExportCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CompactModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

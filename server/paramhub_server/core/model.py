@@ -2,16 +2,25 @@
 
 Locking: every model has a reader/writer lock. Reads (GetTensor, Forward in eval mode,
 describe) share it and copy what they return before releasing it; writes (SetSlice, ApplyInit,
-training-mode Forward that updates buffers) hold it alone and compute their result completely
-before changing any tensor, so a failed write changes nothing and readers never see half of one.
+ApplyBatch, checkpoint restore, training-mode Forward that updates buffers) hold it alone and
+compute their result completely before changing any tensor, so a failed write changes nothing
+and readers never see half of one.
+
+Versions: each storage has a version that grows by one with every committed write to it; the
+model's version grows by one with every committed write (a batch is one write). Writes may carry
+a client request id: a write whose id the model remembers (the last MAX_RECENT_REQUESTS ids) is
+not applied again, the original result is returned. With a journal (see store.py) every write is
+logged before it is applied, and the remembered ids are persisted with it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,13 +28,89 @@ from torch import nn
 from paramhub import _codec, _spec
 from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.core import inits, rng
+from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
 PARAMETER = "parameter"
 BUFFER = "buffer"
 
 SLICE_OPS = ("assign", "add", "sub", "mul", "div")
+
+#: Request ids remembered per model for idempotent retries (least recently used dropped first).
+MAX_RECENT_REQUESTS = 4096
+#: Longest accepted request id.
+MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """Who asked for a write: the client's request id (for retries) and writer id (for watch)."""
+
+    request_id: str = ""
+    writer: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgumentError(f"request id longer than {MAX_REQUEST_ID} characters",
+                                       reason="BAD_REQUEST_ID")
+
+
+NO_CONTEXT = WriteContext()
+
+
+@dataclass
+class SliceWrite:
+    """`tensor[index] (op)= value` as one write of a batch."""
+
+    name: str
+    index: tuple[Any, ...]
+    op: str
+    value: torch.Tensor
+    expected_version: int | None = None
+    kind: str | None = None
+
+
+@dataclass
+class InitWrite:
+    """An init scheme over targets as one write of a batch."""
+
+    targets: list[tuple[str, Any]]
+    scheme: str
+    args: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    expected_model_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """A planned (or logged) change: `ref's tensor[index] = value`; () is the whole tensor."""
+
+    ref: TensorRef
+    index: tuple[Any, ...]
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a committed write answered: the RPC kind it came from, [(first name of each
+    changed storage, its new version)] in state_dict order, and the new model version."""
+
+    rpc: str
+    updated: list[tuple[str, int]]
+    model_version: int
+
+
+class Journal(Protocol):
+    """Durability hooks (implemented by store.ModelStore). Called under the model's locks."""
+
+    def log_write(self, model: ServedModel, op: str, rpc: str, changes: Sequence[Change],
+                  result: WriteResult, ctx: WriteContext, time_ns: int) -> None: ...
+
+    def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
+
+    def after_commit(self, model: ServedModel) -> None: ...
+
+    def snapshot(self, model: ServedModel) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -79,6 +164,14 @@ class ServedModel:
         self._order = [n for n in order if n in self._refs] + [
             n for n in self._refs if n not in set(order)]
         self.versions = [0] * len(groups)
+        # First name (state_dict order) of every storage, and each storage's rank in that order.
+        self._first: dict[int, str] = {}
+        for n in self._order:
+            self._first.setdefault(self._refs[n].group, n)
+        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self.recent: OrderedDict[str, WriteResult] = OrderedDict()
+        self.watchers = watch.WatchHub()
+        self.journal: Journal | None = None
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -156,6 +249,10 @@ class ServedModel:
             return ReadResult(out, self.versions[ref.group])
 
     # ----------------------------------------------------------------------------- writes
+    #
+    # Every write goes through `_plan` (compute the new values without touching any tensor; may
+    # fail, changing nothing) and `_commit` (log to the journal, then copy in, bump versions,
+    # remember the request id, publish the watch event), both under the write lock.
 
     def _check_expected(self, ref: TensorRef, expected: int | None) -> None:
         if expected is not None and self.versions[ref.group] != expected:
@@ -164,31 +261,153 @@ class ServedModel:
                 reason="VERSION_MISMATCH",
                 metadata={"tensor": ref.name, "version": str(self.versions[ref.group])})
 
-    def _bump(self, groups: Sequence[int]) -> None:
-        self.version += 1
+    def _check_model_expected(self, expected: int | None) -> None:
+        if expected is not None and self.version != expected:
+            raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
+                                f"{expected}", reason="VERSION_MISMATCH",
+                                metadata={"version": str(self.version)})
+
+    def _recall(self, ctx: WriteContext, rpc: str) -> WriteResult | None:
+        """The result of an already applied write with this request id, if any."""
+        if not ctx.request_id:
+            return None
+        seen = self.recent.get(ctx.request_id)
+        if seen is None:
+            return None
+        if seen.rpc != rpc:
+            raise InvalidArgumentError(
+                f"request id {ctx.request_id!r} was already used by a {seen.rpc} write",
+                reason="REQUEST_ID_REUSED", metadata={"request_id": ctx.request_id})
+        self.recent.move_to_end(ctx.request_id)
+        return seen
+
+    def remember(self, request_id: str, result: WriteResult) -> None:
+        """Records a write's result under its request id (bounded, least recently used out)."""
+        if not request_id:
+            return
+        self.recent[request_id] = result
+        self.recent.move_to_end(request_id)
+        while len(self.recent) > MAX_RECENT_REQUESTS:
+            self.recent.popitem(last=False)
+
+    def _plan(self, writes: Sequence[SliceWrite | InitWrite]) -> list[Change]:
+        """The changes `writes` make, in order, computed without modifying any tensor.
+
+        A storage written by several writes of one batch is staged in a copy, so later writes
+        see earlier ones; it then becomes one whole-tensor change.
+        """
+        resolved: list[tuple[SliceWrite | InitWrite, list[TensorRef]]] = []
+        touches: dict[int, int] = {}
+        for w in writes:
+            if isinstance(w, SliceWrite):
+                if w.op not in SLICE_OPS:
+                    raise InvalidArgumentError(f"unknown slice op {w.op!r}", reason="BAD_OP")
+                refs = [self.ref(w.name, w.kind)]
+            else:
+                scheme = inits.get_scheme(w.scheme)
+                w.args = scheme.check_args(w.args)
+                refs = self.select(w.targets)
+            resolved.append((w, refs))
+            for r in refs:
+                touches[r.group] = touches.get(r.group, 0) + 1
+        staged: dict[int, tuple[TensorRef, torch.Tensor]] = {}
+        changes: list[Change] = []
+        for w, refs in resolved:
+            if isinstance(w, SliceWrite):
+                ref = refs[0]
+                self._check_expected(ref, w.expected_version)
+                live = ref.get().detach()
+                multi = touches[ref.group] > 1
+                base = (staged.setdefault(ref.group, (ref, live.clone()))[1] if multi else live)
+                region = _codec.apply_index(base, w.index)
+                new = _combine(region, w.op, w.value.to(base.device), ref.name)
+                if multi:
+                    _put(base, w.index, new)
+                else:
+                    changes.append(Change(ref, w.index, new))
+            else:
+                self._check_model_expected(w.expected_model_version)
+                scheme = inits.get_scheme(w.scheme)
+                with rng.seeded(w.seed):
+                    values = [scheme.run(r.get(), w.args) for r in refs]
+                for r, v in zip(refs, values):
+                    if touches[r.group] > 1:
+                        staged.setdefault(r.group, (r, r.get().detach().clone()))[1].copy_(v)
+                    else:
+                        changes.append(Change(r, (), v))
+        for ref, t in staged.values():
+            changes.append(Change(ref, (), t))
+        return changes
+
+    def _commit(self, op: str, rpc: str, changes: Sequence[Change], ctx: WriteContext, *,
+                applied: bool = False) -> WriteResult:
+        """Makes planned changes visible and durable. Caller holds the write lock.
+
+        Order: the journal record first (fsynced under the default policy; if logging fails,
+        nothing was applied), then the tensors, versions, request id and watch event.
+        `applied` changes are already in the tensors (training-mode Forward's buffers).
+        """
+        groups: list[int] = []
+        for c in changes:
+            if c.ref.group not in groups:
+                groups.append(c.ref.group)
+        groups.sort(key=lambda g: self._group_rank[g])
+        result = WriteResult(rpc, [(self._first[g], self.versions[g] + 1) for g in groups],
+                             self.version + 1)
+        time_ns = time.time_ns()
+        if self.journal is not None:
+            self.journal.log_write(self, op, rpc, changes, result, ctx, time_ns)
+        if not applied:
+            with torch.no_grad():
+                for c in changes:
+                    _put(c.ref.get().detach(), c.index, c.value)
+        self.version = result.model_version
         for g in groups:
             self.versions[g] += 1
+        self.remember(ctx.request_id, result)
+        by_group = {}
+        for c in changes:
+            by_group.setdefault(c.ref.group, []).append(region_text(c.index))
+        self.watchers.publish(watch.Event(
+            watch.WRITE, self.version, op=op, writer=ctx.writer, time_ns=time_ns,
+            request_id=ctx.request_id,
+            changes=tuple(watch.Change(self._first[g], self.versions[g],
+                                       by_group[g][0] if len(by_group[g]) == 1 else "[...]")
+                          for g in groups)))
+        if self.journal is not None:
+            self.journal.after_commit(self)
+        return result
 
     def set_slice(self, name: str, index: tuple[Any, ...], op: str, value: torch.Tensor,
-                  expected_version: int | None = None, *, kind: str | None = None
-                  ) -> tuple[int, int]:
+                  expected_version: int | None = None, *, kind: str | None = None,
+                  ctx: WriteContext = NO_CONTEXT) -> tuple[int, int]:
         """`tensor[index] (op)= value`, atomically. Returns (tensor version, model version)."""
         if op not in SLICE_OPS:
             raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
         ref = self.ref(name, kind)
         with self.lock.write():
-            self._check_expected(ref, expected_version)
-            t = ref.get().detach()
-            region = _codec.apply_index(t, index)
-            new = _combine(region, op, value.to(t.device), ref.name)
-            with torch.no_grad():
-                if not index:
-                    t.copy_(new)
-                else:
-                    t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
-                            for i in index)] = new
-            self._bump([ref.group])
-            return self.versions[ref.group], self.version
+            result = self._recall(ctx, "set_slice")
+            if result is None:
+                changes = self._plan([SliceWrite(name, index, op, value, expected_version,
+                                                 kind)])
+                result = self._commit(f"set_slice.{op}", "set_slice", changes, ctx)
+            return (result.updated[0][1] if result.updated else self.versions[ref.group],
+                    result.model_version)
+
+    def apply_batch(self, writes: Sequence[SliceWrite | InitWrite],
+                    expected_model_version: int | None = None, *,
+                    ctx: WriteContext = NO_CONTEXT) -> WriteResult:
+        """Applies several writes as one: all or nothing, one model version step, one watch
+        event. Per-write expected versions are compared with the versions before the batch."""
+        if not writes:
+            raise InvalidArgumentError("a batch needs at least one write", reason="EMPTY_BATCH")
+        with self.lock.write():
+            result = self._recall(ctx, "batch")
+            if result is not None:
+                return result
+            self._check_model_expected(expected_model_version)
+            changes = self._plan(writes)
+            return self._commit("batch", "batch", changes, ctx)
 
     def load_tensors(self, values: dict[str, torch.Tensor]) -> None:
         """Copies whole tensors in (used at creation). Every value is checked before any copy."""
@@ -248,30 +467,101 @@ class ServedModel:
 
     def apply_init(self, targets: Sequence[tuple[str, Any]], scheme_name: str,
                    args: dict[str, Any], seed: int | None,
-                   expected_model_version: int | None = None) -> tuple[list[tuple[str, int]], int]:
+                   expected_model_version: int | None = None, *,
+                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
         """Runs an init scheme over the targets, all or nothing. Returns ([(name, version)],
         model version)."""
         scheme = inits.get_scheme(scheme_name)
         args = scheme.check_args(args)
-        refs = self.select(targets)
+        self.select(targets)
         with self.lock.write():
-            if expected_model_version is not None and self.version != expected_model_version:
-                raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
-                                    f"{expected_model_version}", reason="VERSION_MISMATCH",
-                                    metadata={"version": str(self.version)})
-            with rng.seeded(seed):
-                new = [scheme.run(r.get(), args) for r in refs]
-            with torch.no_grad():
-                for r, v in zip(refs, new):
-                    r.get().copy_(v)
-            self._bump([r.group for r in refs])
-            return [(r.name, self.versions[r.group]) for r in refs], self.version
+            result = self._recall(ctx, "apply_init")
+            if result is None:
+                self._check_model_expected(expected_model_version)
+                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed)])
+                result = self._commit(f"apply_init.{scheme_name}", "apply_init", changes, ctx)
+            return list(result.updated), result.model_version
 
     def set_training(self, path: str, training: bool) -> None:
         """Module.train(training) on the module at `path`."""
         sub = _spec.get_submodule(self.module, path)
         with self.lock.write():
+            if self.journal is not None:
+                self.journal.log_training(self, path, training)
             sub.train(training)
+
+    def watch(self, max_queue: int = 0) -> watch.Watcher:
+        """Subscribes to this model's committed writes (first event: STARTED at the current
+        version)."""
+        with self.lock.read():
+            return self.watchers.subscribe(self.version, max_queue)
+
+    def state_entries(self, *, every_name: bool) -> list[tuple[str, torch.Tensor]]:
+        """(name, live tensor) in state_dict order: every name (a loadable state_dict, tied
+        storages repeated) or each storage once under its first name. Hold a lock while using
+        the tensors."""
+        names = self._order if every_name else [self._first[g] for g in
+                                                sorted(self._group_rank,
+                                                       key=self._group_rank.__getitem__)]
+        return [(n, self._refs[n].get().detach()) for n in names]
+
+    def training_flags(self) -> dict[str, bool]:
+        """Module.training of every module path."""
+        return {p: m.training for p, m in self.module.named_modules(remove_duplicate=False)}
+
+    def restore_state(self, values: dict[str, torch.Tensor], versions: dict[str, int],
+                      model_version: int, training: dict[str, bool] | None = None) -> None:
+        """Loads recovered state (values by first name, versions by first name). Used before
+        the model is served, and by checkpoint restore under the write lock."""
+        with torch.no_grad():
+            for g, name in self._first.items():
+                if name in values:
+                    self._refs[name].get().detach().copy_(values[name])
+                if name in versions:
+                    self.versions[g] = int(versions[name])
+        self.version = int(model_version)
+        for path, flag in (training or {}).items():
+            try:
+                _spec.get_submodule(self.module, path).training = bool(flag)
+            except (NotFoundError, InvalidArgumentError):
+                pass
+
+    def replay(self, changes: Sequence[Change], result: WriteResult) -> None:
+        """Re-applies a logged write during recovery (no lock, no journal, no event)."""
+        with torch.no_grad():
+            for c in changes:
+                _put(c.ref.get().detach(), c.index, c.value)
+        for name, v in result.updated:
+            self.versions[self._refs[name].group] = v
+        self.version = result.model_version
+
+    def restore_values(self, values: dict[str, torch.Tensor], op: str,
+                       expected_model_version: int | None = None, *,
+                       ctx: WriteContext = NO_CONTEXT) -> WriteResult:
+        """Replaces every storage's value (checkpoint rollback) as one write. The journal makes
+        it durable with a snapshot instead of a (model-sized) log record."""
+        with self.lock.write():
+            result = self._recall(ctx, "restore")
+            if result is not None:
+                return result
+            self._check_model_expected(expected_model_version)
+            changes = []
+            for g, name in self._first.items():
+                t = self._refs[name].get()
+                v = values.get(name)
+                if v is None or tuple(v.shape) != tuple(t.shape) or v.dtype != t.dtype:
+                    raise InvalidArgumentError(
+                        f"the checkpoint does not match {name!r} {list(t.shape)} {t.dtype}",
+                        reason="CHECKPOINT_MISMATCH", metadata={"tensor": name})
+                changes.append(Change(self._refs[name], (), v))
+            journal, self.journal = self.journal, None
+            try:
+                result = self._commit(op, "restore", changes, ctx)
+            finally:
+                self.journal = journal
+            if journal is not None:
+                journal.snapshot(self)
+            return result
 
     # ----------------------------------------------------------------------------- forward
 
@@ -291,10 +581,42 @@ class ServedModel:
                 raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
                                            reason="BAD_INPUT") from None
             if mutating:
-                groups = {self._refs[n].group for n, _ in sub.named_buffers(
-                    prefix=path, remove_duplicate=False)}
-                self._bump(sorted(groups))
+                names = sorted({self._first[self._refs[n].group] for n, _ in sub.named_buffers(
+                    prefix=path, remove_duplicate=False)}, key=self._order.index)
+                changes = [Change(self._refs[n], (), self._refs[n].get().detach())
+                           for n in names]
+                self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
             return _to_device(out, torch.device("cpu")), self.version
+
+
+def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:
+    """`t[index] = value` in place (the whole tensor for an empty index)."""
+    with torch.no_grad():
+        if not index:
+            t.copy_(value)
+        else:
+            t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
+                    for i in index)] = value.to(t.device)
+
+
+def region_text(index: tuple[Any, ...]) -> str:
+    """A short torch-style text of an index for watch events, e.g. "[0:2, 3]"."""
+    if not index:
+        return "[...]"
+    parts = []
+    for i in index:
+        if i is Ellipsis:
+            parts.append("...")
+        elif i is None:
+            parts.append("None")
+        elif isinstance(i, slice):
+            text = f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
+            parts.append(text + (f":{i.step}" if i.step is not None else ""))
+        elif isinstance(i, torch.Tensor):
+            parts.append(f"<{str(i.dtype).removeprefix('torch.')} index {list(i.shape)}>")
+        else:
+            parts.append(str(i))
+    return "[" + ", ".join(parts) + "]"
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,8 +1,9 @@
 """The set of models a server holds: creation (validated completely before anything is
-registered), lookup, deletion."""
+registered), lookup, deletion, and recovery from the data directory at start."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterable
@@ -11,10 +12,13 @@ import torch
 
 from paramhub import _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
-                             ResourceExhaustedError)
+                             ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import rng
 from paramhub_server.core.model import ServedModel
+from paramhub_server.core.store import Store
+
+log = logging.getLogger(__name__)
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -49,16 +53,65 @@ def parse_device(text: str, default: torch.device) -> torch.device:
 class Registry:
     """Models by id. Thread-safe."""
 
-    def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None
-                 ) -> None:
+    def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
+                 store: Store | None = None) -> None:
         self.default_device = default_device
         self.max_model_bytes = max_model_bytes
+        self.store = store
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
         self._creating: set[str] = set()
+        # Set once recovery from the data directory is done; until then calls answer
+        # UNAVAILABLE (reason STARTING). A registry without a store is ready at once.
+        self.ready = threading.Event()
+        if store is None:
+            self.ready.set()
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise UnavailableError("the server is still recovering its models; retry shortly",
+                                   reason="STARTING")
+
+    def recover(self) -> list[str]:
+        """Loads every stored model (newest snapshot + log replay), then marks the registry
+        ready. A model that fails to load is logged and skipped (its files are kept)."""
+        loaded = []
+        if self.store is not None:
+            for model_id in self.store.model_ids():
+                try:
+                    spec, device = self.store.read_meta(model_id)
+                    try:
+                        dev = parse_device(device, self.default_device)
+                    except InvalidArgumentError:
+                        log.warning("model %s was on %s, unavailable here; loading it on %s",
+                                    model_id, device, self.default_device)
+                        dev = self.default_device
+                    model = self._build(model_id, spec, None, dev)
+                    self.store.open(model)
+                except Exception:  # noqa: BLE001 - one bad model must not keep the rest down
+                    log.exception("could not recover model %s; its files are left as they are",
+                                  model_id)
+                    continue
+                with self._lock:
+                    self._models[model_id] = model
+                loaded.append(model_id)
+        self.ready.set()
+        return loaded
+
+    def close(self) -> None:
+        """Ends every watch and closes every model's log (server shutdown)."""
+        for m in list(self._models.values()):
+            m.watchers.close()
+            with m.lock.write():
+                if m.journal is not None and hasattr(m.journal, "close"):
+                    m.journal.close()
+                m.journal = None
+        if self.store is not None:
+            self.store.close()
 
     def get(self, model_id: str) -> ServedModel:
         """The model; NotFoundError (MODEL_NOT_FOUND) if absent."""
+        self._check_ready()
         m = self._models.get(model_id)
         if m is None:
             raise NotFoundError(f"model {model_id[:200]!r} does not exist",
@@ -67,15 +120,21 @@ class Registry:
 
     def list(self) -> list[ServedModel]:
         """Every model, sorted by id."""
+        self._check_ready()
         with self._lock:
             return [self._models[k] for k in sorted(self._models)]
 
     def delete(self, model_id: str) -> None:
-        """Removes a model; NotFoundError if absent."""
+        """Removes a model (and its files); NotFoundError if absent."""
+        self._check_ready()
         with self._lock:
             if model_id not in self._models:
                 self.get(model_id)
-            del self._models[model_id]
+            model = self._models.pop(model_id)
+        model.watchers.close()
+        with model.lock.write():  # waits for in-flight writes and compactions
+            if self.store is not None:
+                self.store.delete(model)
 
     def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None, device: str,
                values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
@@ -85,6 +144,7 @@ class Registry:
         memory), then for real: on CPU under `rng.seeded(seed)` and moved to the device, so a
         seed reproduces local CPU construction bit for bit.
         """
+        self._check_ready()
         check_model_id(model_id)
         dev = parse_device(device, self.default_device)
         with self._lock:
@@ -101,17 +161,24 @@ class Registry:
                     f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
                     f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
                     metadata={"limit": "max_model_bytes", "asked": str(size)})
-            with rng.seeded(seed):
-                module = _spec.build_module(spec)
-            module = module.to(dev)
-            model = ServedModel(model_id, module, spec, dev)
+            model = self._build(model_id, spec, seed, dev)
             model.load_tensors(dict(values))
+            if self.store is not None:
+                self.store.create(model)  # durable before it is registered and acknowledged
             with self._lock:
                 self._models[model_id] = model
             return model
         finally:
             with self._lock:
                 self._creating.discard(model_id)
+
+
+    @staticmethod
+    def _build(model_id: str, spec: pb.ModelSpec, seed: int | None, dev: torch.device
+               ) -> ServedModel:
+        with rng.seeded(seed):
+            module = _spec.build_module(spec)
+        return ServedModel(model_id, module.to(dev), spec, dev)
 
 
 def _unique_bytes(module: torch.nn.Module) -> int:
