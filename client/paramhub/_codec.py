@@ -113,6 +113,10 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     t = t.contiguous().reshape(-1)
+    if t.numel() and t.stride(0) != 1:
+        # An expanded tensor whose sizes are all 1 counts as contiguous with a 0 stride, which
+        # view(uint8) rejects: give it real memory.
+        t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
     return t.view(torch.uint8)
 
 
