@@ -7,6 +7,8 @@
 """
 
 from paramhub.client import Client, connect
+from paramhub.module import is_remote
+from paramhub.tensor import RemoteBuffer, RemoteParameter, RemoteTensor, is_remote_tensor
 from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, DeadlineExceededError,
                              FailedPreconditionError, InternalError, InvalidArgumentError,
                              NotFoundError, OutOfRangeError,
@@ -14,7 +16,8 @@ from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, Deadl
                              UnavailableError, UnimplementedError)
 
 __all__ = [
-    "connect", "Client",
+    "connect", "Client", "is_remote", "is_remote_tensor",
+    "RemoteParameter", "RemoteBuffer", "RemoteTensor",
     "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
     "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
     "PermissionDeniedError", "UnavailableError", "DeadlineExceededError", "InternalError",

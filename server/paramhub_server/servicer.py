@@ -11,11 +11,11 @@ import grpc
 import torch
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import store, watch
+from paramhub_server.core import probe, store, watch
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
                                         WriteContext)
 from paramhub_server.core.registry import Registry
@@ -48,7 +48,8 @@ def model_id_of(name: str) -> str:
 def tensor_name_of(name: str) -> tuple[str, str, str]:
     """"models/{id}/parameters/{p}" -> (id, kind, p)."""
     parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+    if (len(parts) != 4 or parts[0] != "models" or not parts[1] or parts[2] not in _COLLECTIONS
+            or not parts[3]):
         raise InvalidArgumentError(
             f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
             "models/{model}/buffers/{name}", reason="BAD_NAME")
@@ -87,18 +88,19 @@ def write_context(request_id: str, context: grpc.ServicerContext) -> WriteContex
     return WriteContext(request_id=request_id, writer=writer or context.peer())
 
 
-def slice_write(request: pb.SetSliceRequest, value: Any) -> tuple[str, SliceWrite]:
+def slice_write(request: pb.SetSliceRequest, value: Any, max_elements: int | None = None
+                ) -> tuple[str, SliceWrite]:
     """(model id, SliceWrite) of a SetSliceRequest whose value is already decoded."""
     model_id, kind, name = tensor_name_of(request.name)
     op = _OPS.get(request.op)
     if op is None:
         raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-    index = _codec.index_from_proto(request.index)
+    index = _codec.index_from_proto(request.index, max_elements=max_elements)
     expected = request.expected_version if request.HasField("expected_version") else None
     return model_id, SliceWrite(name, index, op, value, expected, kind)
 
 
-def init_write(request: pb.ApplyInitRequest) -> InitWrite:
+def init_write(request: pb.ApplyInitRequest, max_elements: int | None = None) -> InitWrite:
     """The InitWrite of an ApplyInitRequest."""
     targets: list[tuple[str, Any]] = []
     for t in request.targets:
@@ -111,7 +113,8 @@ def init_write(request: pb.ApplyInitRequest) -> InitWrite:
         else:
             raise InvalidArgumentError("an init target has no selector set",
                                        reason="BAD_ARGUMENT")
-    args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+    args = {k: _codec.value_from_proto(v, max_elements=max_elements)
+            for k, v in request.args.items()}
     return InitWrite(targets, request.scheme, args,
                      seed=request.seed if request.HasField("seed") else None,
                      expected_model_version=(request.expected_model_version
@@ -135,8 +138,10 @@ def _versions(updated: Any) -> list[pb.TensorVersion]:
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None) -> None:
         self.registry = registry
+        #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
+        self.max_tensor_elements = max_tensor_elements
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
@@ -161,7 +166,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                "header", reason="BAD_STREAM")
                 yield msg.chunk
 
-        values = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        try:
+            # One uploaded tensor larger than the whole model may be is refused from its header,
+            # before it is allocated.
+            values = {a.name: a.finish() for a in _codec.assemble_tensors(
+                chunks(), max_elements=self.max_tensor_elements,
+                max_bytes=self.registry.max_model_bytes)}
+        except ResourceExhaustedError as e:
+            if e.metadata.get("limit") != "max_bytes":
+                raise
+            raise ResourceExhaustedError(
+                f"an uploaded tensor of {e.metadata['asked']} bytes exceeds --max-model-bytes "
+                f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
+                          "limit_value": str(self.registry.max_model_bytes)}) from None
         model = self.registry.create(header.model_id, header.spec,
                                      seed=header.seed if header.HasField("seed") else None,
                                      device=header.device, values=values.items())
@@ -205,18 +223,19 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-                  ) -> Iterator[tpb.TensorChunk]:
+                  ) -> Iterator[pb.GetTensorResponse]:
         m, kind, name = self._tensor(request.name)
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
         chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
         chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
-                                             chunk_bytes=chunk)
+        for c in _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
+                                           chunk_bytes=chunk):
+            yield pb.GetTensorResponse(chunk=c)
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any,
                    context: grpc.ServicerContext) -> pb.SetSliceResponse:
-        model_id, w = slice_write(request, value)
+        model_id, w = slice_write(request, value, self.max_tensor_elements)
         m = self.registry.get(model_id)
         version, model_version = m.set_slice(w.name, w.index, w.op, w.value, w.expected_version,
                                              kind=w.kind,
@@ -226,11 +245,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
-        return self._set_slice(request, _codec.tensor_from_proto(request.value), context)
+        return self._set_slice(request, _codec.tensor_from_proto(
+            request.value, max_elements=self.max_tensor_elements), context)
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
-                       context: grpc.ServicerContext) -> pb.SetSliceResponse:
+                       context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "request":
             raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
@@ -240,19 +260,21 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape))
+                                                      shape=req.value.shape),
+                                     max_elements=self.max_tensor_elements)
         for msg in request_iterator:
             if msg.WhichOneof("part") != "data":
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
             asm.add(msg.data)
-        return self._set_slice(req, asm.finish(), context)
+        done = self._set_slice(req, asm.finish(), context)
+        return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
                   ) -> pb.ApplyInitResponse:
         m = self._model(request.model)
-        w = init_write(request)
+        w = init_write(request, self.max_tensor_elements)
         updated, model_version = m.apply_init(
             w.targets, w.scheme, w.args, seed=w.seed,
             expected_model_version=w.expected_model_version,
@@ -263,8 +285,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
                 ) -> pb.ForwardResponse:
         m = self._model(request.model)
-        args = _values(request.args)
-        kwargs = {k: _codec.value_from_proto(v) for k, v in request.kwargs.items()}
+        args = [_codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for v in request.args]
+        kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                  for k, v in request.kwargs.items()}
         out, version = m.forward(request.module_path, args, kwargs)
         try:
             encoded = _codec.value_to_proto(out)
@@ -286,6 +310,27 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        hmin = request.histogram_min if request.HasField("histogram_min") else None
+        hmax = request.histogram_max if request.HasField("histogram_max") else None
+        if request.name.count("/") == 1:
+            if request.index:
+                raise InvalidArgumentError("a whole-model probe takes no index",
+                                           reason="BAD_INDEX")
+            stats, each, version = probe.probe_model(
+                self._model(request.name), include_buffers=request.include_buffers,
+                bins=request.histogram_bins, hmin=hmin, hmax=hmax, per_tensor=request.per_tensor)
+            return pb.ProbeResponse(stats=stats_to_proto(stats),
+                                    tensors=[stats_to_proto(s) for s in each],
+                                    model_version=version)
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        stats, version = probe.probe_tensor(m, name, index, kind=kind,
+                                            grad=request.field == pb.TENSOR_FIELD_GRAD,
+                                            bins=request.histogram_bins, hmin=hmin, hmax=hmax)
+        return pb.ProbeResponse(stats=stats_to_proto(stats), model_version=version)
 
     @rpc
     def ApplyBatch(self, request_iterator: Iterator[pb.ApplyBatchRequest],
@@ -321,18 +366,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             which = msg.write.WhichOneof("write")
             if which == "set_slice":
                 req = msg.write.set_slice
-                nbytes = _nbytes(req.value)
+                nbytes = _nbytes(req.value, self.max_tensor_elements)
                 if nbytes and not req.value.data:
-                    pending = (req, _codec.TensorAssembler(tpb.TensorHeader(
-                        dtype=req.value.dtype, shape=req.value.shape)))
+                    pending = (req, _codec.TensorAssembler(
+                        tpb.TensorHeader(dtype=req.value.dtype, shape=req.value.shape),
+                        max_elements=self.max_tensor_elements))
                 else:
-                    writes.append(self._batch_slice(m, req, _codec.tensor_from_proto(req.value)))
+                    writes.append(self._batch_slice(m, req, _codec.tensor_from_proto(
+                        req.value, max_elements=self.max_tensor_elements)))
             elif which == "apply_init":
                 if request_model := msg.write.apply_init.model:
                     if model_id_of(request_model) != m.id:
                         raise InvalidArgumentError("every write of a batch must target the "
                                                    "batch's model", reason="BAD_BATCH")
-                writes.append(init_write(msg.write.apply_init))
+                writes.append(init_write(msg.write.apply_init, self.max_tensor_elements))
             else:
                 raise InvalidArgumentError("a batch write has no write set", reason="BAD_BATCH")
         finish_pending()
@@ -342,9 +389,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         return pb.ApplyBatchResponse(updated=_versions(result.updated),
                                      model_version=result.model_version)
 
-    @staticmethod
-    def _batch_slice(m: ServedModel, req: pb.SetSliceRequest, value: Any) -> SliceWrite:
-        model_id, w = slice_write(req, value)
+    def _batch_slice(self, m: ServedModel, req: pb.SetSliceRequest, value: Any) -> SliceWrite:
+        model_id, w = slice_write(req, value, self.max_tensor_elements)
         if model_id != m.id:
             raise InvalidArgumentError("every write of a batch must target the batch's model",
                                        reason="BAD_BATCH")
@@ -416,9 +462,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         return pb.CompactModelResponse(model_version=version, log_bytes=folded)
 
 
-def _nbytes(value: tpb.Tensor) -> int:
+
+def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
+    """TensorStats of core probe statistics."""
+    return pb.TensorStats(
+        name=s.name, dtype=_codec.dtype_to_proto(s.dtype) if s.dtype is not None else 0,
+        shape=list(s.shape), numel=s.numel, nan_count=s.nan_count, inf_count=s.inf_count,
+        min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
+        histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
+        histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)
+
+
+def _nbytes(value: tpb.Tensor, max_elements: int | None) -> int:
     dtype = _codec.dtype_from_proto(value.dtype)
     n = 1
-    for s in _codec.check_shape(value.shape):
+    for s in _codec.check_shape(value.shape, max_elements=max_elements):
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()

@@ -131,20 +131,23 @@ def test_torn_log_tail_is_ignored_and_truncated(settings):
         srv.stop(grace=None)
 
 
-def test_registry_answers_unavailable_until_recovery_is_done(settings):
+def test_registry_refuses_creates_and_deletes_until_recovery_is_done(settings):
     from paramhub_server.core.registry import Registry
     from paramhub_server.core.store import Store
 
     store = Store(settings.data_dir)
     try:
         reg = Registry(torch.device("cpu"), store=store)
+        spec = _spec.spec_from_module(nn.Linear(2, 2))
         with pytest.raises(UnavailableError) as e:
-            reg.get("m")
+            reg.create("m", spec, seed=0, device="")
         assert e.value.reason == "STARTING"
         with pytest.raises(UnavailableError):
-            reg.list()
+            reg.delete("m")
+        assert reg.list() == [] and not (settings.data_dir / "models" / "m").exists()
         assert reg.recover() == []
-        assert reg.list() == []
+        reg.create("m", spec, seed=0, device="")
+        assert [m.id for m in reg.list()] == ["m"]
     finally:
         store.close()
 

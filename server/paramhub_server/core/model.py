@@ -93,7 +93,8 @@ class Change:
 @dataclass(frozen=True)
 class WriteResult:
     """What a committed write answered: the RPC kind it came from, [(first name of each
-    changed storage, its new version)] in state_dict order, and the new model version."""
+    changed storage, its new version)] in the order the write first touched them, and the new
+    model version."""
 
     rpc: str
     updated: list[tuple[str, int]]
@@ -337,7 +338,9 @@ class ServedModel:
                         changes.append(Change(r, (), v))
         for ref, t in staged.values():
             changes.append(Change(ref, (), t))
-        return changes
+        # One change per storage; report them in the order the writes first touched them.
+        first_touch = {g: i for i, g in enumerate(touches)}  # dicts keep insertion order
+        return sorted(changes, key=lambda c: first_touch[c.ref.group])
 
     def _commit(self, op: str, rpc: str, changes: Sequence[Change], ctx: WriteContext, *,
                 applied: bool = False) -> WriteResult:
@@ -347,11 +350,10 @@ class ServedModel:
         nothing was applied), then the tensors, versions, request id and watch event.
         `applied` changes are already in the tensors (training-mode Forward's buffers).
         """
-        groups: list[int] = []
+        groups: list[int] = []  # in the order of `changes`
         for c in changes:
             if c.ref.group not in groups:
                 groups.append(c.ref.group)
-        groups.sort(key=lambda g: self._group_rank[g])
         result = WriteResult(rpc, [(self._first[g], self.versions[g] + 1) for g in groups],
                              self.version + 1)
         time_ns = time.time_ns()
@@ -571,22 +573,39 @@ class ServedModel:
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
-        mutating = [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
-        lock = self.lock.write() if mutating else self.lock.read()
-        with lock, torch.no_grad():
-            try:
-                out = sub(*args, **kwargs)
-            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
-                text = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
-                                           reason="BAD_INPUT") from None
-            if mutating:
-                names = sorted({self._first[self._refs[n].group] for n, _ in sub.named_buffers(
-                    prefix=path, remove_duplicate=False)}, key=self._order.index)
-                changes = [Change(self._refs[n], (), self._refs[n].get().detach())
-                           for n in names]
-                self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
-            return _to_device(out, torch.device("cpu")), self.version
+        # The mode is read again under the lock, since SetTrainingMode may have run between.
+        while True:
+            mutating = _mutating(sub)
+            lock = self.lock.write() if mutating else self.lock.read()
+            with lock, torch.no_grad():
+                if not mutating and _mutating(sub):
+                    continue  # switched to training mode meanwhile: retry under the write lock
+                # A failed pass must change nothing: keep copies of the buffers it may update.
+                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
+                try:
+                    out = sub(*args, **kwargs)
+                except Exception as e:
+                    for b, copy in saved:
+                        b.copy_(copy)
+                    if not isinstance(e, (RuntimeError, TypeError, ValueError, IndexError,
+                                          AssertionError)):
+                        raise
+                    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
+                                               reason="BAD_INPUT") from None
+                if mutating:
+                    names = sorted({self._first[self._refs[n].group] for n, _ in
+                                    sub.named_buffers(prefix=path, remove_duplicate=False)},
+                                   key=self._order.index)
+                    changes = [Change(self._refs[n], (), self._refs[n].get().detach())
+                               for n in names]
+                    self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
+                return _to_device(out, torch.device("cpu")), self.version
+
+
+def _mutating(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
+    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
 
 
 def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:

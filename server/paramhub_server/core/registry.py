@@ -54,15 +54,24 @@ class Registry:
     """Models by id. Thread-safe."""
 
     def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
-                 store: Store | None = None) -> None:
+                 max_total_bytes: int | None = None, max_spec_nodes: int = _spec.MAX_SPEC_NODES,
+                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None) -> None:
         self.default_device = default_device
         self.max_model_bytes = max_model_bytes
-        self.store = store
+        #: Memory budget over all models (bytes of parameters and buffers); None = unlimited.
+        self.max_total_bytes = max_total_bytes
+        self.max_spec_nodes = max_spec_nodes
+        self.max_spec_depth = max_spec_depth
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
         self._creating: set[str] = set()
-        # Set once recovery from the data directory is done; until then calls answer
-        # UNAVAILABLE (reason STARTING). A registry without a store is ready at once.
+        # Bytes promised to creations in progress, so two concurrent creates cannot both fit
+        # into the same remaining budget.
+        self._reserved: dict[str, int] = {}
+        self.store = store
+        # Set once recovery from the data directory is done; until then creates and deletes
+        # answer UNAVAILABLE (reason STARTING) here, and the server's interceptors answer every
+        # ParameterService call NOT_READY. A registry without a store is ready at once.
         self.ready = threading.Event()
         if store is None:
             self.ready.set()
@@ -86,7 +95,7 @@ class Registry:
                         log.warning("model %s was on %s, unavailable here; loading it on %s",
                                     model_id, device, self.default_device)
                         dev = self.default_device
-                    model = self._build(model_id, spec, None, dev)
+                    model = self._build(model_id, spec, None, dev, allocate_only=True)
                     self.store.open(model)
                 except Exception:  # noqa: BLE001 - one bad model must not keep the rest down
                     log.exception("could not recover model %s; its files are left as they are",
@@ -98,10 +107,19 @@ class Registry:
         self.ready.set()
         return loaded
 
+    def close_watchers(self) -> None:
+        """Ends every watch stream (server shutdown)."""
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            m.watchers.close()
+
     def close(self) -> None:
         """Ends every watch and closes every model's log (server shutdown)."""
-        for m in list(self._models.values()):
-            m.watchers.close()
+        self.close_watchers()
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
             with m.lock.write():
                 if m.journal is not None and hasattr(m.journal, "close"):
                     m.journal.close()
@@ -111,7 +129,6 @@ class Registry:
 
     def get(self, model_id: str) -> ServedModel:
         """The model; NotFoundError (MODEL_NOT_FOUND) if absent."""
-        self._check_ready()
         m = self._models.get(model_id)
         if m is None:
             raise NotFoundError(f"model {model_id[:200]!r} does not exist",
@@ -119,8 +136,7 @@ class Registry:
         return m
 
     def list(self) -> list[ServedModel]:
-        """Every model, sorted by id."""
-        self._check_ready()
+        """Every model, sorted by id (during recovery: those recovered so far)."""
         with self._lock:
             return [self._models[k] for k in sorted(self._models)]
 
@@ -153,6 +169,8 @@ class Registry:
                                          reason="MODEL_EXISTS", metadata={"model": model_id})
             self._creating.add(model_id)
         try:
+            _spec.check_spec_limits(spec, max_nodes=self.max_spec_nodes,
+                                    max_depth=self.max_spec_depth)
             with torch.device("meta"):
                 skeleton = _spec.build_module(spec)
             size = _unique_bytes(skeleton)
@@ -160,9 +178,17 @@ class Registry:
                 raise ResourceExhaustedError(
                     f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
                     f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
-                    metadata={"limit": "max_model_bytes", "asked": str(size)})
-            model = self._build(model_id, spec, seed, dev)
-            model.load_tensors(dict(values))
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
+            values = dict(values)
+            names = set(skeleton.state_dict(keep_vars=True))
+            # Every value uploaded: allocate without initializing (no wasted init, no random
+            # numbers drawn).
+            model = self._build(model_id, spec, seed, dev, skeleton=skeleton,
+                                allocate_only=seed is None and bool(names)
+                                and names <= set(values))
+            model.load_tensors(values)
             if self.store is not None:
                 self.store.create(model)  # durable before it is registered and acknowledged
             with self._lock:
@@ -171,14 +197,46 @@ class Registry:
         finally:
             with self._lock:
                 self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    def total_bytes(self) -> int:
+        """Bytes held by every model plus those reserved by creations in progress."""
+        with self._lock:
+            return self._total_locked()
+
+    def _total_locked(self) -> int:
+        return sum(m.stats()[1] for m in self._models.values()) + sum(self._reserved.values())
+
+    def _reserve(self, model_id: str, size: int) -> None:
+        with self._lock:
+            if self.max_total_bytes is not None:
+                held = self._total_locked()
+                if held + size > self.max_total_bytes:
+                    raise ResourceExhaustedError(
+                        f"model {model_id!r} needs {size} bytes; {held} of --max-total-bytes "
+                        f"{self.max_total_bytes} are in use", reason="TOTAL_BYTES_EXCEEDED",
+                        metadata={"limit": "max_total_bytes", "asked": str(size),
+                                  "in_use": str(held), "limit_value": str(self.max_total_bytes)})
+            self._reserved[model_id] = size
 
 
     @staticmethod
-    def _build(model_id: str, spec: pb.ModelSpec, seed: int | None, dev: torch.device
+    def _build(model_id: str, spec: pb.ModelSpec, seed: int | None, dev: torch.device, *,
+               skeleton: torch.nn.Module | None = None, allocate_only: bool = False
                ) -> ServedModel:
-        with rng.seeded(seed):
-            module = _spec.build_module(spec)
-        return ServedModel(model_id, module.to(dev), spec, dev)
+        """Builds the module on `dev`: initialized (under `seed`), or only allocated when every
+        value is about to be loaded (an upload, or recovery from a snapshot)."""
+        if allocate_only:
+            if skeleton is None:
+                with torch.device("meta"):
+                    skeleton = _spec.build_module(spec)
+            module = skeleton.to_empty(device=dev)  # to_empty unties; apply_ties below reties
+        else:
+            with rng.seeded(seed):
+                module = _spec.build_module(spec)
+            module = module.to(dev)
+        _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
+        return ServedModel(model_id, module, spec, dev)
 
 
 def _unique_bytes(module: torch.nn.Module) -> int:
