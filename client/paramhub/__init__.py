@@ -6,14 +6,15 @@
     net(torch.rand(2, 4)); print(net); net[0].weight.data[0, 0] = 42
 """
 
-from paramhub.client import Client, connect
+from paramhub import optim
+from paramhub.client import Client, PushResult, connect
 from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, DeadlineExceededError,
                              InternalError, InvalidArgumentError, NotFoundError, OutOfRangeError,
                              ParamhubError, PermissionDeniedError, ResourceExhaustedError,
                              UnavailableError, UnimplementedError)
 
 __all__ = [
-    "connect", "Client",
+    "connect", "Client", "PushResult", "optim",
     "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
     "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
     "PermissionDeniedError", "UnavailableError", "DeadlineExceededError", "InternalError",
