@@ -8,13 +8,16 @@
 
 from paramhub import optim
 from paramhub.client import Client, PushResult, connect
+from paramhub.module import is_remote
+from paramhub.tensor import RemoteBuffer, RemoteParameter, RemoteTensor, is_remote_tensor
 from paramhub.errors import (AlreadyExistsError, AuthError, ConflictError, DeadlineExceededError,
                              InternalError, InvalidArgumentError, NotFoundError, OutOfRangeError,
                              ParamhubError, PermissionDeniedError, ResourceExhaustedError,
                              UnavailableError, UnimplementedError)
 
 __all__ = [
-    "connect", "Client", "PushResult", "optim",
+    "connect", "Client", "PushResult", "optim", "is_remote", "is_remote_tensor",
+    "RemoteParameter", "RemoteBuffer", "RemoteTensor",
     "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
     "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
     "PermissionDeniedError", "UnavailableError", "DeadlineExceededError", "InternalError",

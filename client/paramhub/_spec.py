@@ -138,9 +138,16 @@ def build_module(spec: pb.ModelSpec) -> nn.Module:
                 raise InvalidArgumentError(f"{node.type} (node {i}) cannot take a child named "
                                            f"{child.name!r}: {e}", reason="BAD_SPEC") from None
     root = modules[spec.root]
+    apply_ties(root, spec)
+    return root
+
+
+def apply_ties(root: nn.Module, spec: pb.ModelSpec) -> None:
+    """Makes each tied parameter the same object as its source. Needed again after moving a
+    module across devices: torch's Module.to() gives each module its own new Parameter when it
+    cannot swap tensors in place (CPU -> CUDA), which unties them."""
     for tie in spec.ties:
         _apply_tie(root, tie)
-    return root
 
 
 def _apply_tie(root: nn.Module, tie: pb.ParameterTie) -> None:

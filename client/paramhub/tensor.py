@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,7 @@ from torch.nn.parameter import _ParameterMeta
 from torch.overrides import resolve_name
 from torch.utils._pytree import tree_map
 
-from paramhub.errors import ConflictError, NotFoundError
+from paramhub.errors import ConflictError, NotFoundError, OutOfRangeError
 
 if TYPE_CHECKING:
     from paramhub.client import Client
@@ -203,8 +205,11 @@ class _RemoteMixin:
         return index, value.expand(shape).reshape(-1)
 
     def _view(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RemoteTensor:
-        with _NoTF():
-            meta = func(_meta_of(self), *args, **kwargs)
+        try:
+            with _NoTF():
+                meta = func(_meta_of(self), *args, **kwargs)
+        except IndexError as e:  # checked locally, raised as the server would
+            raise OutOfRangeError(str(e), reason="INDEX_OUT_OF_RANGE") from None
         return RemoteTensor._make(meta, self._ph_ref, self._ph_chain + ((func, args, kwargs),))
 
     def _read_modify_write(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -212,7 +217,10 @@ class _RemoteMixin:
         """Runs an in-place op locally on fetched values and writes the result back only if
         nobody wrote in between (expected_version); retries on conflict."""
         args, kwargs = _materialize(args), _materialize(kwargs)
-        for _ in range(32):
+        timeout = self._ph_ref.client.timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        attempt = 0
+        while True:
             current, version = self._fetch()
             local = current.clone()
             func(local, *args, **kwargs)
@@ -220,8 +228,13 @@ class _RemoteMixin:
                 self._write("assign", local, expected_version=version)
                 return self
             except ConflictError:
-                continue
-        raise ConflictError(f"{self._ph_ref.name!r} kept changing during {func.__name__}")
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise ConflictError(f"{self._ph_ref.name!r} kept changing during "
+                                        f"{getattr(func, '__name__', func)} ({attempt} tries)",
+                                        reason="VERSION_MISMATCH") from None
+                # Jittered exponential backoff so that contending writers stop colliding.
+                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 10))))
 
     # ---------------------------------------------------------------- dispatch
 
@@ -236,8 +249,8 @@ class _RemoteMixin:
             if handler is not None:
                 return handler(self, func, args[1:], kwargs)
             if name in _META:
-                with _NoTF():
-                    return func(_meta_of(self), *args[1:], **kwargs)
+                with _NoTF():  # the handle itself is the meta tensor
+                    return func(self, *args[1:], **kwargs)
             if name in _VIEW_OPS:
                 if name == _T + "unbind":
                     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -278,6 +291,13 @@ class _RemoteMixin:
             target = kwargs.get("tensor", args[0] if args else None)
             if isinstance(target, _RemoteMixin):
                 return _init(target, func, name, args, kwargs)
+        if name.endswith("_") and not name.endswith("__") and args and isinstance(
+                args[0], (list, tuple)) and any(isinstance(a, _RemoteMixin) for a in args[0]):
+            # e.g. torch._foreach_add_(params, ...): running it on fetched copies would drop
+            # the writes silently.
+            raise NotImplementedError(
+                f"{name} on a list of served tensors is not supported; use paramhub.optim for "
+                "server-side optimizer steps, or update each tensor (p.data.add_(...))")
         with _NoTF():
             return func(*_materialize(args), **_materialize(kwargs))
 
@@ -285,7 +305,8 @@ class _RemoteMixin:
         return repr(self.fetch())
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("paramhub handles cannot be pickled; use .fetch() for a local tensor")
+        # torch.save(net.state_dict(), f) saves the current values as plain local tensors.
+        return self.fetch().__reduce_ex__(protocol)
 
     def __deepcopy__(self, memo: Any) -> Any:
         raise TypeError("paramhub handles cannot be deep-copied; use .fetch() or net.pull()")
@@ -511,7 +532,6 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     _T + "share_memory_": _unsupported("served tensors live on the server"),
     _T + "resize_": _unsupported("resizing would change the served model's structure"),
     _T + "set_": _unsupported("set_ would change the served model's structure"),
-    _T + "__reduce_ex__": _unsupported("paramhub handles cannot be pickled; use .fetch()"),
 }
 
 

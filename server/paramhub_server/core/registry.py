@@ -111,6 +111,7 @@ class Registry:
                 with rng.seeded(seed):
                     module = _spec.build_module(spec)
                 module = module.to(dev)
+            _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
             model = ServedModel(model_id, module, spec, dev)
             model.load_tensors(values)
             with self._lock:
