@@ -324,8 +324,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         m = self._model(request.model)
         opt = training.trainer(m).optimizer
         if request.config_only or opt is None:
-            # _optimizer raises OPTIMIZER_NOT_FOUND when there is none.
-            yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(training._optimizer(m)))
+            # optimizer_of raises OPTIMIZER_NOT_FOUND when there is none.
+            yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(training.optimizer_of(m)))
             return
         _, tensors = training.export_optimizer(m)
         yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(opt))

@@ -39,6 +39,14 @@ def conv_net() -> nn.Module:
                          nn.Conv2d(4, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
 
 
+def shared_net() -> nn.Module:
+    """The seed's In[51]: one Linear used twice (its gradient sums both uses)."""
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
+                         nn.Linear(8, 1))
+
+
 def grads_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in
             module.named_parameters()}
@@ -58,8 +66,9 @@ def assert_close_dicts(a: dict, b: dict, **tol) -> None:
 
 # ---------------------------------------------------------------------------- remote autograd
 
-@pytest.mark.parametrize("build,shape", [(seed_mlp, (5, 4)), (conv_net, (3, 1, 8, 8))],
-                         ids=["seed_mlp", "conv_net"])
+@pytest.mark.parametrize("build,shape", [(seed_mlp, (5, 4)), (conv_net, (3, 1, 8, 8)),
+                                         (shared_net, (5, 4))],
+                         ids=["seed_mlp", "conv_net", "shared_net"])
 def test_backward_gradients_match_local_autograd(client, build, shape) -> None:
     local = build()
     net = client.create_model("m", copy.deepcopy(local))

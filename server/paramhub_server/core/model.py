@@ -90,7 +90,7 @@ class ServedModel:
         #: to backpropagate through a Forward that ran before it).
         self.params_written_at = 0
         #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
-        self.training: Any = None
+        self.train_state: Any = None
 
     # ----------------------------------------------------------------------------- metadata
 

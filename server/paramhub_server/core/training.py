@@ -182,14 +182,14 @@ _TRAINER_LOCK = threading.Lock()
 
 def trainer(model: ServedModel) -> Trainer:
     """The model's Trainer, created on first use."""
-    if model.training is None:
+    if model.train_state is None:
         with _TRAINER_LOCK:
-            if model.training is None:
-                model.training = Trainer()
-    return model.training
+            if model.train_state is None:
+                model.train_state = Trainer()
+    return model.train_state
 
 
-def _optimizer(model: ServedModel) -> ServedOptimizer:
+def optimizer_of(model: ServedModel) -> ServedOptimizer:
     opt = trainer(model).optimizer
     if opt is None:
         raise NotFoundError(f"model {model.id!r} has no optimizer; create one first",
@@ -266,7 +266,7 @@ def _run_step(model: ServedModel, opt: ServedOptimizer) -> list[int]:
 
 def step(model: ServedModel) -> tuple[int, int]:
     """One optimizer.step() on the accumulated gradients. Returns (model version, steps)."""
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     tr = trainer(model)
     with tr.cond, model.lock.write():
         changed = _run_step(model, opt)
@@ -278,7 +278,7 @@ def step(model: ServedModel) -> tuple[int, int]:
 
 def zero_grad(model: ServedModel, fill_zeros: bool) -> None:
     """optimizer.zero_grad() over the optimizer's parameters."""
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     model.zero_grad("", [n for _, n, _ in opt.params], fill_zeros)
 
 
@@ -289,7 +289,7 @@ def export_optimizer(model: ServedModel) -> tuple[dict[str, Any], dict[str, torc
     groups and steps; the tensors are torch's per-parameter state (momentum_buffer, exp_avg,
     exp_avg_sq, step, ...). `restore_optimizer` takes both back.
     """
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     with model.lock.read():
         sd = opt.torch_opt.state_dict()
         names = [n for _, n, _ in opt.params]
@@ -364,7 +364,7 @@ def check_grads(model: ServedModel, grads: Mapping[str, torch.Tensor]
                 ) -> dict[int, torch.Tensor]:
     """Validates pushed gradients against the optimizer's parameters; returns them by storage
     group, on the model's device, in the parameter's dtype."""
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     covered = {g for g, _, _ in opt.params}
     out: dict[int, torch.Tensor] = {}
     for name, t in grads.items():
@@ -392,7 +392,7 @@ def check_grads(model: ServedModel, grads: Mapping[str, torch.Tensor]
 def _apply(model: ServedModel, tr: Trainer, grads: Mapping[int, torch.Tensor]) -> None:
     """One optimizer step with `grads` in place of the parameters' own .grad (which is kept:
     remote-autograd gradients and pushed ones do not mix). Caller holds tr.cond."""
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     with model.lock.write():
         saved = [(p, p.grad) for _, _, p in opt.params]
         try:
@@ -419,7 +419,7 @@ def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tenso
                                    f"(now {model.version})", reason="BAD_VERSION",
                                    metadata={"version": str(model.version)})
     tr = trainer(model)
-    opt = _optimizer(model)
+    opt = optimizer_of(model)
     with tr.cond:
         cfg = tr.config
         stale = tr.staleness(version)
