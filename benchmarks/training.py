@@ -94,7 +94,8 @@ def bench_workers(target: str, client: paramhub.Client, build: Any, in_features:
 
 
 def _median_time(fn: Any, repeat: int) -> float:
-    fn()  # warm-up
+    for _ in range(3):  # warm-up (first-touch page faults of the allocator's buffers)
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -114,13 +115,15 @@ def bench_autograd(client: paramhub.Client, name: str, build: Any, in_features: 
     x = torch.randn(batch, in_features)
     y = torch.randn(batch, 1)
 
+    # Gradients are zero-filled, not freed (set_to_none=False) on both sides: freeing and
+    # re-allocating them every step measures this machine's page faults, not training.
     def remote_step() -> None:
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)
         F.mse_loss(net(x), y).backward()
         opt.step()
 
     def local_step() -> None:
-        lopt.zero_grad()
+        lopt.zero_grad(set_to_none=False)
         F.mse_loss(local(x), y).backward()
         lopt.step()
 
@@ -139,10 +142,49 @@ def bench_autograd(client: paramhub.Client, name: str, build: Any, in_features: 
     return out
 
 
+def workers_table(target: str, client: paramhub.Client, steps: int) -> list[dict[str, Any]]:
+    """Part 1: pushes per second for 1, 2, 4 workers, sync and async."""
+    rows = []
+    print("Parameter-server workers: pushes/s summed over workers "
+          f"({steps} pushes each, batch 32, SGD momentum)")
+    print(f"{'model':<10} {'mode':<6} {'workers':>7} {'steps/s':>9} {'x 1 worker':>10}")
+    for model_name, build, in_features in (("seed-mlp", seed_mlp, 4), ("mlp-256", mid_mlp, 4)):
+        for mode in ("sync", "async"):
+            base = None
+            for workers in (1, 2, 4):
+                rate = bench_workers(target, client, build, in_features, workers, mode, steps)
+                base = base or rate
+                rows.append({"model": model_name, "mode": mode, "workers": workers,
+                             "steps_per_s": rate})
+                print(f"{model_name:<10} {mode:<6} {workers:>7} {rate:>9.1f} "
+                      f"{rate / base:>10.2f}")
+    print()
+    return rows
+
+
+def autograd_table(client: paramhub.Client, repeat: int) -> list[dict[str, Any]]:
+    """Part 2: remote autograd + server-side SGD against local training, per step."""
+    rows = []
+    print(f"Remote autograd + server-side SGD vs local training, one step (median of {repeat})")
+    print(f"{'model':<12} {'batch':>5} {'local ms':>9} {'remote ms':>10} {'ratio':>7} "
+          f"{'fwd no_grad ms':>15} {'fwd grad ms':>12} {'ratio':>6}")
+    for model_name, build, in_features, batch in (("seed-mlp", seed_mlp, 4, 64),
+                                                  ("wide-4096", wide_mlp, 256, 32)):
+        r: dict[str, Any] = bench_autograd(client, model_name, build, in_features, batch, repeat)
+        r.update(model=model_name, batch=batch)
+        rows.append(r)
+        print(f"{model_name:<12} {batch:>5} {r['local_step_s'] * 1e3:>9.2f} "
+              f"{r['remote_step_s'] * 1e3:>10.2f} {r['remote_step_s'] / r['local_step_s']:>7.2f} "
+              f"{r['forward_no_grad_s'] * 1e3:>15.2f} {r['forward_grad_mode_s'] * 1e3:>12.2f} "
+              f"{r['forward_grad_mode_s'] / r['forward_no_grad_s']:>6.2f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--part", choices=["all", "workers", "autograd"], default="all")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
     args = parser.parse_args()
     steps = 10 if args.quick else 40
@@ -161,37 +203,10 @@ def main() -> None:
                               "workers": [], "autograd": []}
     try:
         with paramhub.connect(target, timeout=300) as client:
-            print("Parameter-server workers: pushes/s summed over workers "
-                  f"({steps} pushes each, batch 32, SGD momentum)")
-            print(f"{'model':<10} {'mode':<6} {'workers':>7} {'steps/s':>9} {'x 1 worker':>10}")
-            for model_name, build, in_features in (("seed-mlp", seed_mlp, 4),
-                                                   ("mlp-256", mid_mlp, 4)):
-                for mode in ("sync", "async"):
-                    base = None
-                    for workers in (1, 2, 4):
-                        rate = bench_workers(target, client, build, in_features, workers, mode,
-                                             steps)
-                        base = base or rate
-                        report["workers"].append({"model": model_name, "mode": mode,
-                                                  "workers": workers, "steps_per_s": rate})
-                        print(f"{model_name:<10} {mode:<6} {workers:>7} {rate:>9.1f} "
-                              f"{rate / base:>10.2f}")
-            print()
-            print("Remote autograd + server-side SGD vs local training, one step "
-                  f"(median of {repeat})")
-            print(f"{'model':<12} {'batch':>5} {'local ms':>9} {'remote ms':>10} {'ratio':>7} "
-                  f"{'fwd no_grad ms':>15} {'fwd grad ms':>12} {'ratio':>6}")
-            for model_name, build, in_features, batch in (("seed-mlp", seed_mlp, 4, 64),
-                                                          ("wide-4096", wide_mlp, 256, 32)):
-                r = bench_autograd(client, model_name, build, in_features, batch, repeat)
-                r.update(model=model_name, batch=batch)
-                report["autograd"].append(r)
-                print(f"{model_name:<12} {batch:>5} {r['local_step_s'] * 1e3:>9.2f} "
-                      f"{r['remote_step_s'] * 1e3:>10.2f} "
-                      f"{r['remote_step_s'] / r['local_step_s']:>7.2f} "
-                      f"{r['forward_no_grad_s'] * 1e3:>15.2f} "
-                      f"{r['forward_grad_mode_s'] * 1e3:>12.2f} "
-                      f"{r['forward_grad_mode_s'] / r['forward_no_grad_s']:>6.2f}")
+            if args.part in ("all", "workers"):
+                report["workers"] = workers_table(target, client, steps)
+            if args.part in ("all", "autograd"):
+                report["autograd"] = autograd_table(client, repeat)
     finally:
         server.terminate()
         server.wait(timeout=60)
