@@ -30,7 +30,8 @@ _LEVEL = {r: i for i, r in enumerate(ROLES)}
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterService"].full_name
 
 #: The role each ParameterService RPC needs. Reads (including Forward, which computes on a
-#: snapshot, and probes) need read; anything that changes tensor values or module state needs
+#: snapshot, and probes) need read (a Forward that would update buffers in training mode is
+#: refused to a read token by the core, see ServedModel.forward); anything that changes tensor values or module state needs
 #: write; creating and deleting models (and checkpoints, when they land) needs admin.
 METHOD_ROLES: dict[str, str] = {
     "CreateModel": ADMIN,

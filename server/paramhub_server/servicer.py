@@ -18,6 +18,7 @@ from paramhub_server.core import probe
 from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
+from paramhub_server.logs import current_role
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 for v in request.args]
         kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
                   for k, v in request.kwargs.items()}
-        out, version = m.forward(request.module_path, args, kwargs)
+        # Without auth every caller may write; with auth a read token may not update buffers.
+        out, version = m.forward(request.module_path, args, kwargs,
+                                 may_write=current_role() in (None, "write", "admin"))
         try:
             encoded = _codec.value_to_proto(out)
         except InvalidArgumentError:

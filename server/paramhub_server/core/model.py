@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from paramhub import _codec, _spec
-from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
+from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+                             PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import inits, rng
 from paramhub_server.core.rwlock import RWLock
@@ -275,8 +276,13 @@ class ServedModel:
 
     # ----------------------------------------------------------------------------- forward
 
-    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int]:
-        """Runs the (sub)module on inputs; returns (output moved to CPU, model version)."""
+    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
+                may_write: bool = True) -> tuple[Any, int]:
+        """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
+
+        A pass that would update buffers (training mode) is a write: with `may_write` False
+        (a caller holding only the read role) it is refused with PermissionDeniedError.
+        """
         sub = _spec.get_submodule(self.module, path)
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
@@ -284,6 +290,11 @@ class ServedModel:
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
             mutating = _mutating(sub)
+            if mutating and not may_write:
+                raise PermissionDeniedError(
+                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
+                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    reason="ROLE_TOO_LOW", metadata={"needed": "write"})
             lock = self.lock.write() if mutating else self.lock.read()
             with lock, torch.no_grad():
                 if not mutating and _mutating(sub):
