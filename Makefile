@@ -8,7 +8,7 @@ PORT ?= 50051
 DEVICE ?=
 PROTOS := $(wildcard protos/paramhub/v1/*.proto)
 
-.PHONY: setup serve test bench protos clean
+.PHONY: setup serve test fuzz bench protos clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# A longer, randomized run of the fuzz suite (make test runs a bounded, derandomized one).
+FUZZ_EXAMPLES ?= 400
+fuzz: setup
+	PARAMHUB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:randomly tests/integration/test_fuzz.py
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -52,3 +52,12 @@ def client(target: str) -> Iterator[paramhub.Client]:
     """An SDK client connected to the running server."""
     with paramhub.connect(target, timeout=60) as c:
         yield c
+
+
+#: Lines that tests (the fuzz suite) want printed at the end of the run.
+SUMMARY_KEY = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for line in config.stash.get(SUMMARY_KEY, []):
+        terminalreporter.write_line(line)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from paramhub.errors import InvalidArgumentError, OutOfRangeError
+from paramhub.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 from paramhub.v1 import tensor_pb2 as pb
 
 __all__ = [
@@ -97,9 +97,12 @@ def check_shape(shape: Sequence[int], *, max_elements: int | None = None) -> tup
     for s in shape:
         numel *= s
     if max_elements is not None and numel > max_elements:
-        raise InvalidArgumentError(
-            f"shape {list(shape)} has {numel} elements, more than the allowed {max_elements}",
-            reason="BAD_SHAPE")
+        # A limit, not a malformed shape: the same shape is fine on a server with a higher cap.
+        raise ResourceExhaustedError(
+            f"shape {list(shape)} has {numel} elements, more than the limit "
+            f"max_tensor_elements={max_elements}", reason="TENSOR_TOO_LARGE",
+            metadata={"limit": "max_tensor_elements", "limit_value": str(max_elements),
+                      "asked": str(numel)})
     return shape
 
 
@@ -113,10 +116,10 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     if t.is_neg():
         t = t.resolve_neg()
     t = t.contiguous().reshape(-1)
-    if t.numel() == 1 and t.stride(0) != 1:
-        # A one-element tensor counts as contiguous whatever its stride; view() needs stride 1.
-        t = t.clone(memory_format=torch.contiguous_format).reshape(-1).contiguous()
-        t = torch.empty(1, dtype=t.dtype).copy_(t)
+    if t.numel() <= 1 and t.stride(0) != 1:
+        # A one-element or empty tensor counts as contiguous whatever its stride (e.g.
+        # w[0, 5::2**40], found by the fuzz suite); view() needs stride 1.
+        t = torch.empty(t.numel(), dtype=t.dtype).copy_(t)
     return t.view(torch.uint8)
 
 
@@ -191,9 +194,11 @@ class TensorAssembler:
         self.shape = check_shape(header.shape, max_elements=max_elements)
         self.nbytes = _expected_nbytes(self.dtype, self.shape)
         if max_bytes is not None and self.nbytes > max_bytes:
-            raise InvalidArgumentError(
-                f"tensor {self.name or ''} of {self.nbytes} bytes exceeds the limit {max_bytes}",
-                reason="TENSOR_TOO_LARGE")
+            raise ResourceExhaustedError(
+                f"tensor {self.name or ''} of {self.nbytes} bytes exceeds the limit "
+                f"max_bytes={max_bytes}", reason="TENSOR_TOO_LARGE",
+                metadata={"limit": "max_bytes", "limit_value": str(max_bytes),
+                          "asked": str(self.nbytes)})
         self.tensor = torch.empty(self.shape, dtype=self.dtype)
         self._ptr = self.tensor.data_ptr()
         self.received = 0

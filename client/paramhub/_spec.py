@@ -18,11 +18,11 @@ from torch import nn
 from torch.nn import modules as _m
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError, NotFoundError
+from paramhub.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 
 __all__ = ["ALLOWED_MODULES", "CONTAINERS", "build_module", "spec_from_module",
-           "validate_spec", "MAX_SPEC_NODES", "MAX_SPEC_DEPTH"]
+           "validate_spec", "check_spec_limits", "MAX_SPEC_NODES", "MAX_SPEC_DEPTH"]
 
 #: Containers: built empty, their children come from the spec.
 CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
@@ -97,6 +97,48 @@ def validate_spec(spec: pb.ModelSpec) -> None:
                 stack.append((nxt, 0, depth + 1))
         else:
             state[node_i] = 2
+
+
+def check_spec_limits(spec: pb.ModelSpec, *, max_nodes: int = MAX_SPEC_NODES,
+                      max_depth: int = MAX_SPEC_DEPTH) -> None:
+    """Configurable size limits on a spec (the server's --max-spec-nodes / --max-spec-depth).
+
+    Raises ResourceExhaustedError naming the limit and the asked amount; the spec's graph is
+    otherwise checked by `validate_spec`.
+    """
+    n = len(spec.nodes)
+    if n > max_nodes:
+        raise ResourceExhaustedError(
+            f"the spec has {n} modules, more than the limit max_spec_nodes={max_nodes}",
+            reason="SPEC_TOO_LARGE", metadata={"limit": "max_spec_nodes", "asked": str(n),
+                                               "limit_value": str(max_nodes)})
+    if not 0 <= spec.root < n:
+        return  # validate_spec reports it
+    # Longest path from the root, ignoring bad child indices and cycles (validate_spec reports
+    # those); iterative, memoized, so a deep or wide spec costs O(nodes + edges).
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[int, int]] = [(spec.root, 0)]
+    while stack:
+        i, pos = stack.pop()
+        children = [c.node for c in spec.nodes[i].children if 0 <= c.node < n]
+        if pos == 0:
+            on_path.add(i)
+        if pos < len(children):
+            stack.append((i, pos + 1))
+            c = children[pos]
+            if c not in depth and c not in on_path:
+                stack.append((c, 0))
+            continue
+        on_path.discard(i)
+        depth[i] = 1 + max((depth.get(c, 0) for c in children), default=0)
+    deepest = depth.get(spec.root, 1)
+    if deepest > max_depth:
+        raise ResourceExhaustedError(
+            f"the spec is nested {deepest} modules deep, more than the limit "
+            f"max_spec_depth={max_depth}", reason="SPEC_TOO_DEEP",
+            metadata={"limit": "max_spec_depth", "asked": str(deepest),
+                      "limit_value": str(max_depth)})
 
 
 def _construct(i: int, node: pb.ModuleNode) -> nn.Module:

@@ -26,7 +26,7 @@ from paramhub.v1 import tensor_pb2 as tpb
 if TYPE_CHECKING:
     from paramhub.module import RemoteModule
 
-__all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult"]
+__all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 T = TypeVar("T")
@@ -37,7 +37,7 @@ _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP
 # Retries on UNAVAILABLE for the RPCs that are safe to repeat (reads, Forward without side
 # effects in eval mode is not guaranteed, so Forward is not retried).
 _IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
-               "GetOptimizerState", "PullModel")
+               "Probe", "GetOptimizerState", "PullModel")
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -158,7 +158,10 @@ class Client:
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
         shared modules, tied weights). If it lives on the meta device, the server initializes
-        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction.
+        it: with `seed`, bit-identically to `torch.manual_seed(seed)` then local construction
+        in tree order (each module built where it first appears, depth first). A module built
+        out of that order locally (e.g. a shared layer created before the layers ahead of it)
+        draws other numbers: serve a copy with values instead.
 
         Raises:
             AlreadyExistsError: the id is taken.
@@ -231,7 +234,8 @@ class Client:
             name=tensor_name(model_id, name, kind),
             index=_codec.index_to_proto(index) if index is not None else [],
             field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
-        for asm in _codec.assemble_tensors(self._stream(self.stub.GetTensor, request, timeout)):
+        chunks = (r.chunk for r in self._stream(self.stub.GetTensor, request, timeout))
+        for asm in _codec.assemble_tensors(chunks):
             return asm.finish(), asm.version
         raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
 
@@ -466,6 +470,48 @@ class Client:
             return []
         request = pb.CheckSharedRequest(model=model_name(_model_id(model)), names=names[:2])
         return [list(g.names) for g in self._call(self.stub.CheckShared, request).groups]
+
+    def probe(self, model: Any, name: str | None = None, index: Any = None, *, bins: int = 0,
+              hist_range: tuple[float, float] | None = None, kind: str = "parameters",
+              grad: bool = False, include_buffers: bool = False, per_tensor: bool = False,
+              timeout: float | None = None) -> pb.ProbeResponse:
+        """Statistics computed on the server, without moving the tensor: min, max, mean, std,
+        norm, NaN/Inf counts, a `bins`-bin histogram (over `hist_range`, default the finite
+        min..max) and a SHA-256 checksum of the raw bytes.
+
+        `name` None probes the whole model (every parameter, ties once; `include_buffers` adds
+        buffers; `per_tensor` also returns each storage's statistics). Otherwise `name` is a
+        state_dict key and `index` an optional torch index into it.
+
+        Raises:
+            NotFoundError: unknown model or tensor (GRAD_NOT_SET without a gradient).
+            InvalidArgumentError: bad index or histogram arguments.
+            OutOfRangeError: index out of bounds.
+        """
+        model_id = _model_id(model)
+        request = pb.ProbeRequest(
+            name=model_name(model_id) if name is None else tensor_name(model_id, name, kind),
+            histogram_bins=bins, include_buffers=include_buffers, per_tensor=per_tensor,
+            field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
+        if index is not None:
+            request.index.extend(_codec.index_to_proto(index))
+        if hist_range is not None:
+            request.histogram_min, request.histogram_max = (float(hist_range[0]),
+                                                            float(hist_range[1]))
+        return self._call(self.stub.Probe, request, timeout)
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """Lowercase hex SHA-256 of a tensor's raw little-endian row-major bytes: what Probe's
+    `checksum_sha256` reports for the same values on the server."""
+    import ctypes
+    import hashlib
+
+    flat = _codec._byte_view(t)
+    h = hashlib.sha256()
+    if flat.numel():
+        h.update((ctypes.c_char * flat.numel()).from_address(flat.data_ptr()))
+    return h.hexdigest()
 
 
 def _model_id(model: Any) -> str:

@@ -1,8 +1,12 @@
-"""build_server(settings) -> (grpc.Server, port): the servicer, health and reflection."""
+"""build_server(settings) -> Server: the servicer behind the RPC pipeline (auth, readiness,
+decoding, metrics, request ids), health with liveness and readiness, reflection, TLS."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import threading
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -12,35 +16,126 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
+from paramhub_server.auth import Authenticator
 from paramhub_server.core.registry import Registry, parse_device
+from paramhub_server.interceptors import Pipeline
+from paramhub_server.metrics import Metrics
 from paramhub_server.servicer import ParameterService
 from paramhub_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterService"].full_name
+#: Health service names: "liveness" is SERVING once the process accepts calls; "readiness" (and
+#: "" and the ParameterService name, which load balancers usually check) once loading finished.
+LIVENESS, READINESS = "liveness", "readiness"
+_SERVING, _NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                          health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+class ConfigError(ValueError):
+    """Settings that must not be served (e.g. an exposed address without authentication)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuses unsafe or inconsistent settings before anything binds (ConfigError)."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    if not 1 <= settings.max_spec_depth <= 64:
+        raise ConfigError("--max-spec-depth must be 1 to 64")
+    for name in ("max_model_bytes", "max_total_bytes", "max_concurrent_rpcs",
+                 "max_tensor_elements"):
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    authenticated = settings.auth_file is not None or settings.tls_client_ca is not None
+    if not is_loopback(settings.host) and not authenticated and not settings.insecure:
+        raise ConfigError(
+            f"refusing to serve {settings.host} without authentication: give --auth-file "
+            "(or mTLS with --tls-client-ca), or --insecure to accept any caller")
 
 
 class Server:
     """A running paramhub server: the grpc.Server plus what shutting it down needs."""
 
     def __init__(self, grpc_server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 registry: Registry) -> None:
+                 registry: Registry, metrics: Metrics | None = None) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.health = health_servicer
         self.registry = registry
+        self.metrics = metrics
+        self._ready = threading.Event()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the /metrics endpoint, if one was asked for."""
+        return self.metrics.port if self.metrics is not None else None
+
+    def ready(self) -> bool:
+        """Whether loading has finished (ParameterService calls answer UNAVAILABLE before)."""
+        return self._ready.is_set()
+
+    def set_ready(self, ready: bool) -> None:
+        """Flips readiness (health "readiness", "" and the service name)."""
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+        for name in ("", SERVICE_NAME, READINESS):
+            self.health.set(name, _SERVING if ready else _NOT_SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING first (load balancers stop sending), then drain and stop."""
+        self._ready.clear()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
-def build_server(settings: Settings) -> Server:
-    """Builds and starts a server bound to settings.host:settings.port (0 picks a free port)."""
+def _read(path: object) -> bytes:
+    with open(path, "rb") as f:  # type: ignore[call-overload]
+        return f.read()
+
+
+def build_server(settings: Settings, *, loader: Callable[[Registry], None] | None = None
+                 ) -> Server:
+    """Builds and starts a server bound to settings.host:settings.port (0 picks a free port).
+
+    Liveness is SERVING as soon as it listens. If `loader` is given it runs in a background
+    thread (e.g. loading models from disk) and readiness turns SERVING when it returns; until
+    then ParameterService calls answer UNAVAILABLE (reason NOT_READY).
+
+    Raises:
+        ConfigError: unsafe or inconsistent settings (checked before binding).
+        OSError: the address cannot be bound.
+    """
+    check_settings(settings)
+    authenticator = (Authenticator.from_file(settings.auth_file)
+                     if settings.auth_file is not None else None)
     device = parse_device(settings.device, torch.device("cpu"))
-    registry = Registry(device, max_model_bytes=settings.max_model_bytes)
+    registry = Registry(device, max_model_bytes=settings.max_model_bytes,
+                        max_total_bytes=settings.max_total_bytes,
+                        max_spec_nodes=settings.max_spec_nodes,
+                        max_spec_depth=settings.max_spec_depth)
+    methods = list(pb.DESCRIPTOR.services_by_name["ParameterService"].methods_by_name)
+    metrics = Metrics(registry, methods)
+    holder: dict[str, Server] = {}
+    pipeline = Pipeline(authenticator=authenticator, metrics=metrics,
+                        ready=lambda: "s" in holder and holder["s"].ready())
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -48,19 +143,50 @@ def build_server(settings: Settings) -> Server:
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                     thread_name_prefix="paramhub-rpc"),
-                         options=options)
-    pb_grpc.add_ParameterServiceServicer_to_server(ParameterService(registry), server)
+                         interceptors=[pipeline], options=options,
+                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    pb_grpc.add_ParameterServiceServicer_to_server(
+        ParameterService(registry, max_tensor_elements=settings.max_tensor_elements), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
-    port = server.add_insecure_port(f"{address}:{settings.port}")
+    address = f"{address}:{settings.port}"
+    if settings.tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(_read(settings.tls_key), _read(settings.tls_cert))],
+            root_certificates=(_read(settings.tls_client_ca)
+                               if settings.tls_client_ca is not None else None),
+            require_client_auth=settings.tls_client_ca is not None)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
+    if settings.metrics_port is not None:
+        metrics.serve(settings.host, settings.metrics_port)
+    srv = Server(server, port, health_servicer, registry, metrics)
+    holder["s"] = srv
     server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("paramhub serving on %s:%d (device %s)", settings.host, port, device)
-    return Server(server, port, health_servicer, registry)
+    health_servicer.set(LIVENESS, _SERVING)
+    if loader is None:
+        srv.set_ready(True)
+    else:
+        srv.set_ready(False)
+
+        def load() -> None:
+            try:
+                loader(registry)
+            except Exception:  # noqa: BLE001 - stays not ready; the log says why
+                log.exception("loading failed; the server stays not ready")
+                return
+            srv.set_ready(True)
+            log.info("loading finished; ready")
+
+        threading.Thread(target=load, name="paramhub-load", daemon=True).start()
+    log.info("paramhub serving on %s:%d (device %s, %s, %s)", settings.host, port, device,
+             "TLS" if settings.tls_cert else "plaintext",
+             "auth" if authenticator else "no auth")
+    return srv

@@ -1,67 +1,142 @@
-"""`paramhub` command line: `paramhub serve [flags]`."""
+"""`paramhub` command line (typer + rich). Imports stay lazy so `paramhub health` (the Docker
+HEALTHCHECK) starts without loading torch.
+
+
+    paramhub serve [flags]          run the server (first stdout line: host:port; SIGTERM drains)
+    paramhub health                 grpc.health.v1 check (exit 0 when SERVING): the Docker HEALTHCHECK
+    paramhub models                 the models a server holds
+    paramhub tree MODEL             the module tree with shapes, dtypes, counts, shared/tied marks
+    paramhub stats MODEL [PARAM]    server-side statistics and a histogram
+    paramhub get MODEL PARAM [IDX]  a parameter's values, e.g. `paramhub get mlp 0.weight "0, :3"`
+
+Client commands take --target/--token (or $PARAMHUB_TARGET/$PARAMHUB_TOKEN) and TLS flags.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Annotated, Optional
 
-from paramhub_server.settings import Settings, default_device
+import enum
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paramhub", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the paramhub gRPC server")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051,
-                       help="port to bind; 0 picks a free one (default 50051)")
-    serve.add_argument("--device", default=None,
-                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    serve.add_argument("--data-dir", type=Path, default=Path("var/paramhub"),
-                       help="directory for persistent state (default ./var/paramhub)")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
-    serve.add_argument("--max-workers", type=int, default=16, help="RPC threads (default 16)")
-    serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
-                       help="largest single gRPC message (default 64 MiB; tensors are streamed)")
-    serve.add_argument("--max-model-bytes", type=int, default=None,
-                       help="largest model a CreateModel may build (default unlimited)")
-    return parser
+import typer
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Runs the server until SIGTERM or SIGINT, then drains."""
-    from paramhub_server.app import build_server
+class LogLevel(str, enum.Enum):
+    """--log-level choices."""
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(host=args.host, port=args.port, device=args.device or default_device(),
-                        data_dir=args.data_dir, log_level=args.log_level,
-                        max_workers=args.max_workers, max_message_bytes=args.max_message_bytes,
-                        max_model_bytes=args.max_model_bytes)
-    server = build_server(settings)
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(str, enum.Enum):
+    """--log-format choices."""
+
+    text = "text"
+    json = "json"
+
+
+app = typer.Typer(name="paramhub", help="paramhub: serve PyTorch models over gRPC and inspect "
+                  "them (serve, health, models, tree, stats, get).", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind; a non-loopback one needs "
+                                           "--auth-file, mTLS or --insecure")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind; 0 picks a free one")] = 50051,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")] = None,
+    data_dir: Annotated[Path, typer.Option(help="directory for persistent state")
+                        ] = Path("var/paramhub"),
+    log_level: Annotated[LogLevel, typer.Option()] = LogLevel.INFO,
+    log_format: Annotated[LogFormat, typer.Option(help="json: one object per line")
+                          ] = LogFormat.text,
+    max_workers: Annotated[int, typer.Option(help="RPC threads")] = 16,
+    max_message_bytes: Annotated[int, typer.Option(
+        help="largest single gRPC message (tensors are streamed beneath it)")] = 64 << 20,
+    max_model_bytes: Annotated[Optional[int], typer.Option(
+        help="largest model a CreateModel may build (default unlimited)")] = None,
+    max_total_bytes: Annotated[Optional[int], typer.Option(
+        help="memory budget over all models, bytes (default unlimited)")] = None,
+    max_concurrent_rpcs: Annotated[Optional[int], typer.Option(
+        help="RPCs in progress at once; more answer RESOURCE_EXHAUSTED (default unlimited)")
+    ] = None,
+    max_tensor_elements: Annotated[int, typer.Option(
+        help="most elements of a tensor a request carries or announces")] = 1 << 31,
+    max_spec_nodes: Annotated[int, typer.Option(help="most modules in a spec")] = 100_000,
+    max_spec_depth: Annotated[int, typer.Option(help="deepest module nesting (<= 64)")] = 64,
+    auth_file: Annotated[Optional[Path], typer.Option(
+        help="file of '<role> <token>' lines; roles read < write < admin")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="allow a non-loopback address without authentication")] = False,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM server certificate chain")
+                        ] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM server private key")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(
+        help="PEM CA bundle; clients must present a certificate it signed (mTLS)")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="serve Prometheus /metrics on this port (0 picks one)")] = None,
+) -> None:
+    """Run the paramhub gRPC server until SIGTERM or SIGINT, then drain."""
+    from paramhub_server import logs
+    from paramhub_server.app import ConfigError, build_server
+    from paramhub_server.auth import AuthFileError
+    from paramhub_server.settings import Settings, default_device
+
+    log_level, log_format = LogLevel(log_level).value, LogFormat(log_format).value
+    logs.configure(log_level, log_format)
+    settings = Settings(host=host, port=port, device=device or default_device(),
+                        data_dir=data_dir, log_level=log_level, max_workers=max_workers,
+                        max_message_bytes=max_message_bytes, max_model_bytes=max_model_bytes,
+                        auth_file=auth_file, insecure=insecure, tls_cert=tls_cert,
+                        tls_key=tls_key, tls_client_ca=tls_client_ca,
+                        max_total_bytes=max_total_bytes, max_concurrent_rpcs=max_concurrent_rpcs,
+                        max_tensor_elements=max_tensor_elements, max_spec_nodes=max_spec_nodes,
+                        max_spec_depth=max_spec_depth, metrics_port=metrics_port,
+                        log_format=log_format)
+    try:
+        server = build_server(settings)
+    except (ConfigError, AuthFileError) as e:
+        print(f"paramhub serve: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except (OSError, RuntimeError) as e:
+        # e.g. the port is taken: one line, not a traceback.
+        print(f"paramhub: cannot serve on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)
+    if server.metrics_port is not None:
+        logging.getLogger(__name__).info("metrics port %d", server.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logging.getLogger(__name__).info("draining (up to %.0fs)", settings.grace_seconds)
     server.stop(settings.grace_seconds)
-    return 0
+
+
+# Client commands live in their own module; importing it registers them on `app`.
+from paramhub_server import inspect_cli as _inspect_cli  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `paramhub` console script."""
-    args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """Entry point of the `paramhub` console script; returns the exit status (commands signal
+    failure with typer.Exit(code); usage errors exit 2)."""
+    try:
+        app(args=argv, prog_name="paramhub")
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0

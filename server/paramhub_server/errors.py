@@ -19,7 +19,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from paramhub.errors import ERROR_DOMAIN, ParamhubError
+from paramhub.errors import ERROR_DOMAIN, ParamhubError, ResourceExhaustedError
+from paramhub_server.logs import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,29 @@ def _status(code_name: str, message: str, reason: str, metadata: dict[str, str]
         code=code_pb2.Code.Value(code_name), message=message, details=[detail]))
 
 
+def status_of(exc: ParamhubError) -> grpc.Status:
+    """The grpc.Status (code, message, ErrorInfo) a paramhub error travels as."""
+    return _status(exc.code, exc.message, exc.reason, exc.metadata)
+
+
+def _out_of_memory(exc: BaseException) -> ParamhubError | None:
+    """A failed allocation is a resource limit of this server, not a bug."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+            isinstance(exc, RuntimeError) and "can't allocate memory" in text):
+        return ResourceExhaustedError("the server could not allocate memory for this request",
+                                      reason="OUT_OF_MEMORY", metadata={"limit": "memory"})
+    return None
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, ParamhubError):
-        context.abort_with_status(_status(exc.code, exc.message, exc.reason, exc.metadata))
-    request_id = uuid.uuid4().hex[:12]
+        context.abort_with_status(status_of(exc))
+    oom = _out_of_memory(exc)
+    if oom is not None:
+        log.warning("out of memory in %s: %s", method, str(exc).splitlines()[0][:200])
+        context.abort_with_status(status_of(oom))
+    request_id = current_request_id() or uuid.uuid4().hex[:12]
     log.error("internal error in %s (request %s)", method, request_id, exc_info=exc)
     context.abort_with_status(_status("INTERNAL", f"internal error (request {request_id})",
                                       "INTERNAL", {"request_id": request_id}))

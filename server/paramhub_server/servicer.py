@@ -11,14 +11,15 @@ import grpc
 import torch
 
 from paramhub import _codec
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import training
+from paramhub_server.core import probe, training
 from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
+from paramhub_server.logs import current_role
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def model_id_of(name: str) -> str:
 def tensor_name_of(name: str) -> tuple[str, str, str]:
     """"models/{id}/parameters/{p}" -> (id, kind, p)."""
     parts = name.split("/", 3)
-    if len(parts) != 4 or parts[0] != "models" or parts[2] not in _COLLECTIONS or not parts[3]:
+    if (len(parts) != 4 or parts[0] != "models" or not parts[1] or parts[2] not in _COLLECTIONS
+            or not parts[3]):
         raise InvalidArgumentError(
             f"tensor name {name[:200]!r} must look like models/{{model}}/parameters/{{name}} or "
             "models/{model}/buffers/{name}", reason="BAD_NAME")
@@ -75,14 +77,6 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
                          requires_grad=bool(t.requires_grad) if ref.kind == PARAMETER else False,
                          storage_group=ref.group, version=m.versions[ref.group],
                          has_grad=ref.kind == PARAMETER and t.grad is not None)
-
-
-def _values(msgs: Any) -> list[Any]:
-    return [_codec.value_from_proto(v) for v in msgs]
-
-
-def _options(options: Any) -> dict[str, Any]:
-    return {k: _codec.value_from_proto(v) for k, v in options.items()}
 
 
 def _options_to_proto(target: Any, options: dict[str, Any]) -> None:
@@ -110,11 +104,20 @@ def training_config(cfg: training.TrainingConfig) -> pb.TrainingConfig:
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None) -> None:
         self.registry = registry
+        #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
+        self.max_tensor_elements = max_tensor_elements
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
+
+    def _values(self, msgs: Any) -> list[Any]:
+        return [_codec.value_from_proto(v, max_elements=self.max_tensor_elements) for v in msgs]
+
+    def _options(self, options: Any) -> dict[str, Any]:
+        return {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in options.items()}
 
     def _tensor(self, name: str) -> tuple[ServedModel, str, str]:
         model_id, kind, tname = tensor_name_of(name)
@@ -136,7 +139,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                "header", reason="BAD_STREAM")
                 yield msg.chunk
 
-        values = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        try:
+            # One uploaded tensor larger than the whole model may be is refused from its header,
+            # before it is allocated.
+            values = {a.name: a.finish() for a in _codec.assemble_tensors(
+                chunks(), max_elements=self.max_tensor_elements,
+                max_bytes=self.registry.max_model_bytes)}
+        except ResourceExhaustedError as e:
+            if e.metadata.get("limit") != "max_bytes":
+                raise
+            raise ResourceExhaustedError(
+                f"an uploaded tensor of {e.metadata['asked']} bytes exceeds --max-model-bytes "
+                f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
+                          "limit_value": str(self.registry.max_model_bytes)}) from None
         model = self.registry.create(header.model_id, header.spec,
                                      seed=header.seed if header.HasField("seed") else None,
                                      device=header.device, values=values.items())
@@ -180,21 +196,22 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-                  ) -> Iterator[tpb.TensorChunk]:
+                  ) -> Iterator[pb.GetTensorResponse]:
         m, kind, name = self._tensor(request.name)
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
         chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
         chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        yield from _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
-                                             chunk_bytes=chunk)
+        for c in _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
+                                           chunk_bytes=chunk):
+            yield pb.GetTensorResponse(chunk=c)
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
         m, kind, name = self._tensor(request.name)
         op = _OPS.get(request.op)
         if op is None:
             raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-        index = _codec.index_from_proto(request.index)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         expected = request.expected_version if request.HasField("expected_version") else None
         version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
         return pb.SetSliceResponse(version=version, model_version=model_version)
@@ -202,11 +219,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
-        return self._set_slice(request, _codec.tensor_from_proto(request.value))
+        return self._set_slice(request, _codec.tensor_from_proto(
+            request.value, max_elements=self.max_tensor_elements))
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
-                       context: grpc.ServicerContext) -> pb.SetSliceResponse:
+                       context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "request":
             raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
@@ -216,13 +234,15 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape))
+                                                      shape=req.value.shape),
+                                     max_elements=self.max_tensor_elements)
         for msg in request_iterator:
             if msg.WhichOneof("part") != "data":
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
             asm.add(msg.data)
-        return self._set_slice(req, asm.finish())
+        done = self._set_slice(req, asm.finish())
+        return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
@@ -239,7 +259,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("an init target has no selector set",
                                            reason="BAD_ARGUMENT")
-        args = {k: _codec.value_from_proto(v) for k, v in request.args.items()}
+        args = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in request.args.items()}
         updated, model_version = m.apply_init(
             targets, request.scheme, args,
             seed=request.seed if request.HasField("seed") else None,
@@ -253,9 +274,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
                 ) -> pb.ForwardResponse:
         m = self._model(request.model)
-        args = _values(request.args)
-        kwargs = {k: _codec.value_from_proto(v) for k, v in request.kwargs.items()}
+        args = [_codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for v in request.args]
+        kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                  for k, v in request.kwargs.items()}
+        # Without auth every caller may write; with auth a read token may not update buffers.
         out, version = m.forward(request.module_path, args, kwargs,
+                                 may_write=current_role() in (None, "write", "admin"),
                                  seed=request.seed if request.HasField("seed") else None)
         try:
             encoded = _codec.value_to_proto(out)
@@ -282,12 +307,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext
                  ) -> pb.BackwardResponse:
         m = self._model(request.model)
-        grad_outputs = _values(request.grad_outputs)
+        grad_outputs = self._values(request.grad_outputs)
         if any(g is not None and not isinstance(g, torch.Tensor) for g in grad_outputs):
             raise InvalidArgumentError("each output gradient must be a tensor or null",
                                        reason="BAD_ARGUMENT")
         grads, version = m.backward(
-            request.module_path, _values(request.args), _options(request.kwargs),
+            request.module_path, self._values(request.args), self._options(request.kwargs),
             seed=request.seed if request.HasField("seed") else None,
             forward_version=request.forward_model_version, grad_outputs=grad_outputs,
             grad_inputs=list(request.grad_inputs))
@@ -305,9 +330,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def CreateOptimizer(self, request: pb.CreateOptimizerRequest, context: grpc.ServicerContext
                         ) -> pb.CreateOptimizerResponse:
         m = self._model(request.model)
-        groups = [(list(g.parameters), _options(g.options)) for g in request.param_groups]
+        groups = [(list(g.parameters), self._options(g.options)) for g in request.param_groups]
         opt, created = training.create_optimizer(m, request.type, groups,
-                                                 _options(request.defaults),
+                                                 self._options(request.defaults),
                                                  replace=request.replace)
         return pb.CreateOptimizerResponse(optimizer=optimizer_info(opt), created=created)
 
@@ -376,7 +401,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 yield msg.chunk
 
         grads: dict[str, Any] = {}
-        for asm in _codec.assemble_tensors(chunks()):
+        for asm in _codec.assemble_tensors(chunks(), max_elements=self.max_tensor_elements,
+                                          max_bytes=self.registry.max_model_bytes):
             if asm.name in grads:
                 raise InvalidArgumentError(f"gradient for {asm.name!r} sent twice",
                                            reason="DUPLICATE_PARAMETER")
@@ -386,3 +412,34 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         return pb.PushGradsResponse(outcome=_OUTCOMES[result.outcome],
                                     staleness=result.staleness, scale=result.scale,
                                     model_version=result.model_version, steps=result.steps)
+
+    @rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        hmin = request.histogram_min if request.HasField("histogram_min") else None
+        hmax = request.histogram_max if request.HasField("histogram_max") else None
+        if request.name.count("/") == 1:
+            if request.index:
+                raise InvalidArgumentError("a whole-model probe takes no index",
+                                           reason="BAD_INDEX")
+            stats, each, version = probe.probe_model(
+                self._model(request.name), include_buffers=request.include_buffers,
+                bins=request.histogram_bins, hmin=hmin, hmax=hmax, per_tensor=request.per_tensor)
+            return pb.ProbeResponse(stats=stats_to_proto(stats),
+                                    tensors=[stats_to_proto(s) for s in each],
+                                    model_version=version)
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        stats, version = probe.probe_tensor(m, name, index, kind=kind,
+                                            grad=request.field == pb.TENSOR_FIELD_GRAD,
+                                            bins=request.histogram_bins, hmin=hmin, hmax=hmax)
+        return pb.ProbeResponse(stats=stats_to_proto(stats), model_version=version)
+
+
+def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
+    """TensorStats of core probe statistics."""
+    return pb.TensorStats(
+        name=s.name, dtype=_codec.dtype_to_proto(s.dtype) if s.dtype is not None else 0,
+        shape=list(s.shape), numel=s.numel, nan_count=s.nan_count, inf_count=s.inf_count,
+        min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
+        histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
+        histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)

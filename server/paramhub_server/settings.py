@@ -29,3 +29,27 @@ class Settings:
     max_model_bytes: int | None = None
     #: Seconds SIGTERM waits for in-flight RPCs before stopping.
     grace_seconds: float = 10.0
+    #: File of "<role> <token>" lines (roles read < write < admin); None = no authentication.
+    auth_file: Path | None = None
+    #: Allow binding a non-loopback address without an auth file or mTLS.
+    insecure: bool = False
+    #: PEM server certificate chain and private key: serve TLS instead of plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: PEM CA bundle: clients must present a certificate it signed (mTLS).
+    tls_client_ca: Path | None = None
+    #: Memory budget over all models (parameters + buffers, bytes); None = unlimited.
+    max_total_bytes: int | None = None
+    #: RPCs in progress at once; more are answered RESOURCE_EXHAUSTED. None = unlimited.
+    max_concurrent_rpcs: int | None = None
+    #: Most elements of any tensor a request carries or announces (values, index tensors,
+    #: Forward inputs, streamed uploads).
+    max_tensor_elements: int | None = 1 << 31
+    #: Most module nodes in a CreateModel spec.
+    max_spec_nodes: int = 100_000
+    #: Deepest module nesting in a spec (64 at most: the spec format's own cap).
+    max_spec_depth: int = 64
+    #: Port of the Prometheus /metrics endpoint (0 picks a free one); None = no endpoint.
+    metrics_port: int | None = None
+    #: Log line format: "text" or "json" (one object per line).
+    log_format: str = "text"

@@ -200,14 +200,14 @@ class TensorInfo(_message.Message):
     HAS_GRAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     device: str
     requires_grad: bool
     storage_group: int
     version: int
     has_grad: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
     __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
@@ -420,6 +420,86 @@ class SetTrainingModeRequest(_message.Message):
 class SetTrainingModeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("name", "index", "histogram_bins", "histogram_min", "histogram_max", "field", "include_buffers", "per_tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_BINS_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_MIN_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_MAX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    PER_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
+    histogram_bins: int
+    histogram_min: float
+    histogram_max: float
+    field: TensorField
+    include_buffers: bool
+    per_tensor: bool
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., histogram_min: _Optional[float] = ..., histogram_max: _Optional[float] = ..., field: _Optional[_Union[TensorField, str]] = ..., include_buffers: _Optional[bool] = ..., per_tensor: _Optional[bool] = ...) -> None: ...
+
+class TensorStats(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "numel", "nan_count", "inf_count", "min", "max", "mean", "std", "norm", "histogram_counts", "histogram_min", "histogram_max", "checksum_sha256", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_MIN_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_MAX_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _tensor_pb2.Dtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    numel: int
+    nan_count: int
+    inf_count: int
+    min: float
+    max: float
+    mean: float
+    std: float
+    norm: float
+    histogram_counts: _containers.RepeatedScalarFieldContainer[int]
+    histogram_min: float
+    histogram_max: float
+    checksum_sha256: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., norm: _Optional[float] = ..., histogram_counts: _Optional[_Iterable[int]] = ..., histogram_min: _Optional[float] = ..., histogram_max: _Optional[float] = ..., checksum_sha256: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("stats", "tensors", "model_version")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    stats: TensorStats
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorStats]
+    model_version: int
+    def __init__(self, stats: _Optional[_Union[TensorStats, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorStats, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class GetTensorResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class StreamSetSliceResponse(_message.Message):
+    __slots__ = ("version", "model_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_version: int
+    def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("model", "module_path", "args", "kwargs", "seed", "forward_model_version", "grad_outputs", "grad_inputs")

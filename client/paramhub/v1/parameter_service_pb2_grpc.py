@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from paramhub.v1 import parameter_service_pb2 as paramhub_dot_v1_dot_parameter__service__pb2
-from paramhub.v1 import tensor_pb2 as paramhub_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -69,7 +68,7 @@ class ParameterServiceStub:
         self.GetTensor = channel.unary_stream(
                 '/paramhub.v1.ParameterService/GetTensor',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.SerializeToString,
-                response_deserializer=paramhub_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.FromString,
                 _registered_method=True)
         self.SetSlice = channel.unary_unary(
                 '/paramhub.v1.ParameterService/SetSlice',
@@ -79,7 +78,7 @@ class ParameterServiceStub:
         self.StreamSetSlice = channel.stream_unary(
                 '/paramhub.v1.ParameterService/StreamSetSlice',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.SerializeToString,
-                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.FromString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.FromString,
                 _registered_method=True)
         self.ApplyInit = channel.unary_unary(
                 '/paramhub.v1.ParameterService/ApplyInit',
@@ -100,6 +99,11 @@ class ParameterServiceStub:
                 '/paramhub.v1.ParameterService/SetTrainingMode',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/paramhub.v1.ParameterService/Probe',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
                 _registered_method=True)
         self.Backward = channel.unary_unary(
                 '/paramhub.v1.ParameterService/Backward',
@@ -238,6 +242,15 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Computes statistics of a parameter, a buffer, a region of one, or a whole model on the
+        server (min, max, mean, std, norm, NaN/Inf counts, a histogram, a checksum) without sending
+        the tensor. Reads one consistent snapshot under the model's read lock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backward(self, request, context):
         """Backpropagates through a Forward: re-runs it with autograd on the same inputs (the server
         keeps nothing between Forward and Backward), accumulates .grad on the module's parameters
@@ -328,7 +341,7 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             'GetTensor': grpc.unary_stream_rpc_method_handler(
                     servicer.GetTensor,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.FromString,
-                    response_serializer=paramhub_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.SerializeToString,
             ),
             'SetSlice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSlice,
@@ -338,7 +351,7 @@ def add_ParameterServiceServicer_to_server(servicer, server):
             'StreamSetSlice': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamSetSlice,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.FromString,
-                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.SerializeToString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.SerializeToString,
             ),
             'ApplyInit': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyInit,
@@ -359,6 +372,11 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.SetTrainingMode,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.SerializeToString,
             ),
             'Backward': grpc.unary_unary_rpc_method_handler(
                     servicer.Backward,
@@ -568,7 +586,7 @@ class ParameterService:
             target,
             '/paramhub.v1.ParameterService/GetTensor',
             paramhub_dot_v1_dot_parameter__service__pb2.GetTensorRequest.SerializeToString,
-            paramhub_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -622,7 +640,7 @@ class ParameterService:
             target,
             '/paramhub.v1.ParameterService/StreamSetSlice',
             paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceRequest.SerializeToString,
-            paramhub_dot_v1_dot_parameter__service__pb2.SetSliceResponse.FromString,
+            paramhub_dot_v1_dot_parameter__service__pb2.StreamSetSliceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -731,6 +749,33 @@ class ParameterService:
             '/paramhub.v1.ParameterService/SetTrainingMode',
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.SetTrainingModeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/Probe',
+            paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,48 +7,48 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
-    DTYPE_FLOAT16: _ClassVar[DType]
-    DTYPE_BFLOAT16: _ClassVar[DType]
-    DTYPE_COMPLEX64: _ClassVar[DType]
-    DTYPE_COMPLEX128: _ClassVar[DType]
-    DTYPE_INT8: _ClassVar[DType]
-    DTYPE_UINT8: _ClassVar[DType]
-    DTYPE_INT16: _ClassVar[DType]
-    DTYPE_INT32: _ClassVar[DType]
-    DTYPE_INT64: _ClassVar[DType]
-    DTYPE_BOOL: _ClassVar[DType]
-    DTYPE_UINT16: _ClassVar[DType]
-    DTYPE_UINT32: _ClassVar[DType]
-    DTYPE_UINT64: _ClassVar[DType]
-    DTYPE_FLOAT8_E4M3FN: _ClassVar[DType]
-    DTYPE_FLOAT8_E5M2: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_COMPLEX64: _ClassVar[Dtype]
+    DTYPE_COMPLEX128: _ClassVar[Dtype]
+    DTYPE_INT8: _ClassVar[Dtype]
+    DTYPE_UINT8: _ClassVar[Dtype]
+    DTYPE_INT16: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+    DTYPE_BOOL: _ClassVar[Dtype]
+    DTYPE_UINT16: _ClassVar[Dtype]
+    DTYPE_UINT32: _ClassVar[Dtype]
+    DTYPE_UINT64: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E4M3FN: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E5M2: _ClassVar[Dtype]
 
 class NullValue(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NULL_VALUE_UNSPECIFIED: _ClassVar[NullValue]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT64: DType
-DTYPE_FLOAT16: DType
-DTYPE_BFLOAT16: DType
-DTYPE_COMPLEX64: DType
-DTYPE_COMPLEX128: DType
-DTYPE_INT8: DType
-DTYPE_UINT8: DType
-DTYPE_INT16: DType
-DTYPE_INT32: DType
-DTYPE_INT64: DType
-DTYPE_BOOL: DType
-DTYPE_UINT16: DType
-DTYPE_UINT32: DType
-DTYPE_UINT64: DType
-DTYPE_FLOAT8_E4M3FN: DType
-DTYPE_FLOAT8_E5M2: DType
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_COMPLEX64: Dtype
+DTYPE_COMPLEX128: Dtype
+DTYPE_INT8: Dtype
+DTYPE_UINT8: Dtype
+DTYPE_INT16: Dtype
+DTYPE_INT32: Dtype
+DTYPE_INT64: Dtype
+DTYPE_BOOL: Dtype
+DTYPE_UINT16: Dtype
+DTYPE_UINT32: Dtype
+DTYPE_UINT64: Dtype
+DTYPE_FLOAT8_E4M3FN: Dtype
+DTYPE_FLOAT8_E5M2: Dtype
 NULL_VALUE_UNSPECIFIED: NullValue
 
 class Tensor(_message.Message):
@@ -56,10 +56,10 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "version")
@@ -68,10 +68,10 @@ class TensorHeader(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     version: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -131,9 +131,9 @@ class Value(_message.Message):
     string_value: str
     list_value: ValueList
     tuple_value: ValueList
-    dtype_value: DType
+    dtype_value: Dtype
     tensor_value: Tensor
-    def __init__(self, null_value: _Optional[_Union[NullValue, str]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dtype_value: _Optional[_Union[DType, str]] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, null_value: _Optional[_Union[NullValue, str]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dtype_value: _Optional[_Union[Dtype, str]] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("values",)

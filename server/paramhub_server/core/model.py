@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from paramhub import _codec, _spec
-from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
+from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+                             PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import inits, rng
 from paramhub_server.core.rwlock import RWLock
@@ -289,10 +290,12 @@ class ServedModel:
 
     # ----------------------------------------------------------------------------- forward
 
-    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any],
-                seed: int | None = None) -> tuple[Any, int]:
+    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
+                may_write: bool = True, seed: int | None = None) -> tuple[Any, int]:
         """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
 
+        A pass that would update buffers (training mode) is a write: with `may_write` False
+        (a caller holding only the read role) it is refused with PermissionDeniedError.
         With `seed`, random modules (dropout) draw from a generator seeded with it, so that
         `backward` with the same seed replays the same pass.
         """
@@ -300,17 +303,38 @@ class ServedModel:
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
-        mutating = [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
-        lock = self.lock.write() if mutating else self.lock.read()
-        replay = rng.seeded_on(seed, self.device) if seed is not None and _draws_random(sub) \
-            else nullcontext()
-        with lock, torch.no_grad(), replay:
-            out = _run(sub, path, args, kwargs)
-            if mutating:
-                groups = {self._refs[n].group for n, _ in sub.named_buffers(
-                    prefix=path, remove_duplicate=False)}
-                self._bump(sorted(groups))
-            return _to_device(out, torch.device("cpu")), self.version
+        # The mode is read again under the lock, since SetTrainingMode may have run between.
+        while True:
+            mutating = _mutating(sub)
+            if mutating and not may_write:
+                raise PermissionDeniedError(
+                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
+                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    reason="ROLE_TOO_LOW", metadata={"needed": "write"})
+            lock = self.lock.write() if mutating else self.lock.read()
+            replay = rng.seeded_on(seed, self.device) \
+                if seed is not None and _draws_random(sub) else nullcontext()
+            with lock, torch.no_grad(), replay:
+                if not mutating and _mutating(sub):
+                    continue  # switched to training mode meanwhile: retry under the write lock
+                # A failed pass must change nothing: keep copies of the buffers it may update.
+                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
+                try:
+                    out = sub(*args, **kwargs)
+                except Exception as e:
+                    for b, copy in saved:
+                        b.copy_(copy)
+                    if not isinstance(e, (RuntimeError, TypeError, ValueError, IndexError,
+                                          AssertionError)):
+                        raise
+                    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
+                                               reason="BAD_INPUT") from None
+                if mutating:
+                    groups = {self._refs[n].group for n, _ in sub.named_buffers(
+                        prefix=path, remove_duplicate=False)}
+                    self._bump(sorted(groups))
+                return _to_device(out, torch.device("cpu")), self.version
 
     # ----------------------------------------------------------------------------- gradients
 
@@ -516,3 +540,8 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
         raise InvalidArgumentError(f"{op} into {name!r} {list(region.shape)} {region.dtype} "
                                    f"with {list(value.shape)} {value.dtype}: {text}",
                                    reason=reason) from None
+
+
+def _mutating(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
+    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]

@@ -49,13 +49,21 @@ def parse_device(text: str, default: torch.device) -> torch.device:
 class Registry:
     """Models by id. Thread-safe."""
 
-    def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None
-                 ) -> None:
+    def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
+                 max_total_bytes: int | None = None, max_spec_nodes: int = _spec.MAX_SPEC_NODES,
+                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH) -> None:
         self.default_device = default_device
         self.max_model_bytes = max_model_bytes
+        #: Memory budget over all models (bytes of parameters and buffers); None = unlimited.
+        self.max_total_bytes = max_total_bytes
+        self.max_spec_nodes = max_spec_nodes
+        self.max_spec_depth = max_spec_depth
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
         self._creating: set[str] = set()
+        # Bytes promised to creations in progress, so two concurrent creates cannot both fit
+        # into the same remaining budget.
+        self._reserved: dict[str, int] = {}
 
     def get(self, model_id: str) -> ServedModel:
         """The model; NotFoundError (MODEL_NOT_FOUND) if absent."""
@@ -93,6 +101,8 @@ class Registry:
                                          reason="MODEL_EXISTS", metadata={"model": model_id})
             self._creating.add(model_id)
         try:
+            _spec.check_spec_limits(spec, max_nodes=self.max_spec_nodes,
+                                    max_depth=self.max_spec_depth)
             with torch.device("meta"):
                 skeleton = _spec.build_module(spec)
             size = _unique_bytes(skeleton)
@@ -100,7 +110,9 @@ class Registry:
                 raise ResourceExhaustedError(
                     f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
                     f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
-                    metadata={"limit": "max_model_bytes", "asked": str(size)})
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
             values = dict(values)
             names = set(skeleton.state_dict(keep_vars=True))
             if seed is None and names and names <= set(values):
@@ -120,6 +132,27 @@ class Registry:
         finally:
             with self._lock:
                 self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    def total_bytes(self) -> int:
+        """Bytes held by every model plus those reserved by creations in progress."""
+        with self._lock:
+            return self._total_locked()
+
+    def _total_locked(self) -> int:
+        return sum(m.stats()[1] for m in self._models.values()) + sum(self._reserved.values())
+
+    def _reserve(self, model_id: str, size: int) -> None:
+        with self._lock:
+            if self.max_total_bytes is not None:
+                held = self._total_locked()
+                if held + size > self.max_total_bytes:
+                    raise ResourceExhaustedError(
+                        f"model {model_id!r} needs {size} bytes; {held} of --max-total-bytes "
+                        f"{self.max_total_bytes} are in use", reason="TOTAL_BYTES_EXCEEDED",
+                        metadata={"limit": "max_total_bytes", "asked": str(size),
+                                  "in_use": str(held), "limit_value": str(self.max_total_bytes)})
+            self._reserved[model_id] = size
 
 
 def _unique_bytes(module: torch.nn.Module) -> int:

@@ -1,0 +1,220 @@
+"""The RPC pipeline every ParameterService call passes through, in order:
+
+1. request id: taken from `x-request-id` metadata when well-formed, else generated; sent back as
+   initial metadata and attached to every log record made while the call runs;
+2. authentication and role check (auth.py), when the server has an auth file;
+3. readiness: UNAVAILABLE (reason NOT_READY) while the server is still loading;
+4. decoding: requests arrive as raw bytes and are parsed here, so bytes that are not a valid
+   message answer INVALID_ARGUMENT (reason BAD_REQUEST_BYTES) instead of grpc's INTERNAL
+   "Exception deserializing request!"; responses are serialized here too, which gives exact
+   byte counts without serializing twice;
+5. metrics and one access-log line per call: method, status code, latency, bytes in and out.
+
+grpc.health.v1 and reflection bypass the pipeline: they stay open and cheap. Rejections use the
+same error table as the servicer (paramhub.errors classes -> status + ErrorInfo).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from paramhub.errors import InvalidArgumentError, ParamhubError, UnavailableError
+from paramhub_server.auth import SERVICE, Authenticator
+from paramhub_server.errors import status_of
+from paramhub_server.logs import request_context, set_current_role
+from paramhub_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("paramhub_server.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _code_name(context: grpc.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    return getattr(code, "name", str(code))
+
+
+class _Call:
+    """Per-call bookkeeping."""
+
+    __slots__ = ("method", "request_id", "start", "received", "sent", "peer", "who")
+
+    def __init__(self, method: str, request_id: str, peer: str) -> None:
+        self.method = method
+        self.request_id = request_id
+        self.peer = peer
+        self.start = time.perf_counter()
+        self.received = 0
+        self.sent = 0
+        self.who = "-"
+
+
+class Pipeline(grpc.ServerInterceptor):
+    """See the module docstring. `ready()` tells whether the server has finished loading."""
+
+    def __init__(self, *, authenticator: Authenticator | None, metrics: Metrics | None,
+                 ready: Callable[[], bool]) -> None:
+        self.authenticator = authenticator
+        self.metrics = metrics
+        self.ready = ready
+
+    # ------------------------------------------------------------------------ grpc hook
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        full = details.method
+        service, _, method = full.lstrip("/").rpartition("/")
+        if handler is None or service != SERVICE:
+            return handler
+        metadata = tuple(details.invocation_metadata or ())
+        return self._wrap(handler, full, method, metadata)
+
+    # ------------------------------------------------------------------------ stages
+
+    def _admit(self, call: _Call, full: str, metadata: tuple[Any, ...],
+               context: grpc.ServicerContext) -> None:
+        """Stages 1-3; aborts the call (raises) on rejection."""
+        try:
+            context.send_initial_metadata((("x-request-id", call.request_id),))
+        except ValueError:  # pragma: no cover - already sent
+            pass
+        try:
+            if self.authenticator is not None:
+                principal = self.authenticator.authenticate(metadata)
+                call.who = f"{principal.role}:{principal.label}"
+                self.authenticator.authorize(principal, full)
+                set_current_role(principal.role)
+            if not self.ready():
+                raise UnavailableError("the server is still loading its models",
+                                       reason="NOT_READY")
+        except ParamhubError as exc:
+            context.abort_with_status(status_of(exc))
+
+    def _finish(self, call: _Call, code: str) -> None:
+        seconds = time.perf_counter() - call.start
+        if self.metrics is not None:
+            self.metrics.observe(call.method, code, seconds)
+            self.metrics.add_bytes(call.method, call.received, call.sent)
+        level = logging.INFO if code not in ("INTERNAL", "UNKNOWN") else logging.ERROR
+        access_log.log(level, "%s %s %.2fms in=%dB out=%dB peer=%s who=%s", call.method, code,
+                       seconds * 1e3, call.received, call.sent, call.peer, call.who,
+                       extra={"rpc_code": code, "duration_ms": round(seconds * 1e3, 3),
+                              "bytes_in": call.received, "bytes_out": call.sent,
+                              "peer": call.peer, "who": call.who})
+
+    # ------------------------------------------------------------------------ wrapping
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full: str, method: str,
+              metadata: tuple[Any, ...]) -> grpc.RpcMethodHandler:
+        given = next((v for k, v in metadata if k == "x-request-id"), None)
+        request_id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else (
+            uuid.uuid4().hex[:16])
+        parse = handler.request_deserializer
+        serialize = handler.response_serializer
+
+        def decode(call: _Call, raw: bytes) -> Any:
+            call.received += len(raw)
+            if parse is None:
+                return raw
+            try:
+                return parse(raw)
+            except (DecodeError, ValueError, RecursionError, TypeError):
+                raise InvalidArgumentError(
+                    f"the request body is not a valid {method} message ({len(raw)} bytes)",
+                    reason="BAD_REQUEST_BYTES", metadata={"method": method}) from None
+
+        def encode(call: _Call, msg: Any) -> bytes:
+            data = serialize(msg) if serialize is not None else msg
+            call.sent += len(data)
+            return data
+
+        def requests(call: _Call, raw_iter: Iterator[bytes]) -> Iterator[Any]:
+            # Parsed lazily inside the servicer's own loop, so a bad message mid-stream is
+            # answered by the servicer's error decorator like any other bad input.
+            for raw in raw_iter:
+                yield decode(call, raw)
+
+        def new_call(context: grpc.ServicerContext) -> _Call:
+            return _Call(method, request_id, context.peer())
+
+        if not handler.response_streaming:
+            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+            def unary_response(request: Any, context: grpc.ServicerContext) -> bytes:
+                call = new_call(context)
+                code = "UNKNOWN"
+                with request_context(request_id, method):
+                    try:
+                        self._admit(call, full, metadata, context)
+                        if handler.request_streaming:
+                            arg = requests(call, request)
+                        else:
+                            try:
+                                arg = decode(call, request)
+                            except ParamhubError as exc:
+                                context.abort_with_status(status_of(exc))
+                        out = encode(call, behavior(arg, context))
+                        code = _code_name(context, "OK")
+                        return out
+                    except BaseException:
+                        code = _code_name(context, "UNKNOWN")
+                        raise
+                    finally:
+                        self._finish(call, code)
+
+            make = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            return make(unary_response)
+
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def stream_response(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+            call = new_call(context)
+            code = "UNKNOWN"
+            try:
+                with request_context(request_id, method):
+                    self._admit(call, full, metadata, context)
+                    if handler.request_streaming:
+                        arg = requests(call, request)
+                    else:
+                        try:
+                            arg = decode(call, request)
+                        except ParamhubError as exc:
+                            context.abort_with_status(status_of(exc))
+                    responses = iter(behavior(arg, context))
+                while True:
+                    # The request context is set around each step only: between steps the
+                    # thread is grpc's, and may run other calls.
+                    with request_context(request_id, method):
+                        try:
+                            msg = next(responses)
+                        except StopIteration:
+                            break
+                        data = encode(call, msg)
+                    yield data
+                code = _code_name(context, "OK")
+            except GeneratorExit:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _code_name(context, "UNKNOWN")
+                raise
+            finally:
+                with request_context(request_id, method):
+                    self._finish(call, code)
+
+        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler)
+        return make(stream_response)

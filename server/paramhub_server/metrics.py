@@ -1,0 +1,104 @@
+"""Prometheus metrics: per-RPC counts, latencies and bytes, and what the server holds.
+
+Each server owns its own CollectorRegistry (tests run several servers in one process). The
+`method` label only takes the names of the service's RPCs (or "unknown"), so a client cannot
+grow the label set by calling made-up methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from paramhub_server.core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: Latency buckets in seconds: sub-millisecond metadata calls up to multi-second GiB transfers.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0, 60.0)
+
+
+class _HeldCollector(Collector):
+    """Models, parameter elements and bytes held, read from the registry at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        models = self.registry.list()
+        numel = nbytes = 0
+        for m in models:
+            n, b = m.stats()
+            numel += n
+            nbytes += b
+        yield GaugeMetricFamily("paramhub_models", "Models held.", value=len(models))
+        yield GaugeMetricFamily("paramhub_parameters",
+                                "Parameter elements held (tied storage counted once).",
+                                value=numel)
+        yield GaugeMetricFamily("paramhub_held_bytes",
+                                "Bytes of parameters and buffers held (tied storage once).",
+                                value=nbytes)
+        if self.registry.max_total_bytes is not None:
+            yield GaugeMetricFamily("paramhub_max_total_bytes", "The --max-total-bytes budget.",
+                                    value=self.registry.max_total_bytes)
+
+
+class Metrics:
+    """The server's metrics and, optionally, the HTTP endpoint that exposes them."""
+
+    def __init__(self, registry: Registry, methods: list[str]) -> None:
+        self.methods = set(methods)
+        self.prom = CollectorRegistry(auto_describe=True)
+        self.rpcs = Counter("paramhub_rpcs", "RPCs finished, by method and status code.",
+                            ["method", "code"], registry=self.prom)
+        self.latency = Histogram("paramhub_rpc_duration_seconds",
+                                 "RPC latency from handler start to the last response, seconds.",
+                                 ["method", "code"], buckets=_BUCKETS, registry=self.prom)
+        self.bytes_in = Counter("paramhub_received_bytes",
+                                "Serialized request bytes received, by method.", ["method"],
+                                registry=self.prom)
+        self.bytes_out = Counter("paramhub_sent_bytes",
+                                 "Serialized response bytes sent, by method.", ["method"],
+                                 registry=self.prom)
+        self.prom.register(_HeldCollector(registry))
+        self._http: Any = None
+        self._thread: Any = None
+        self.port: int | None = None
+
+    def label(self, method: str) -> str:
+        """The method label: the RPC name if it is one of the service's, else "unknown"."""
+        return method if method in self.methods else "unknown"
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Records one finished RPC."""
+        m = self.label(method)
+        self.rpcs.labels(m, code).inc()
+        self.latency.labels(m, code).observe(seconds)
+
+    def add_bytes(self, method: str, received: int = 0, sent: int = 0) -> None:
+        """Counts serialized bytes in and out."""
+        m = self.label(method)
+        if received:
+            self.bytes_in.labels(m).inc(received)
+        if sent:
+            self.bytes_out.labels(m).inc(sent)
+
+    def serve(self, host: str, port: int) -> int:
+        """Exposes /metrics over HTTP on host:port (0 picks a free port); returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.prom)
+        self.port = self._http.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Stops the HTTP endpoint, if any."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,173 @@
+"""The `paramhub` CLI as a user runs it (subprocesses), and the container files: the compose
+file parses, the image's ENTRYPOINT runs outside Docker, its HEALTHCHECK command works."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import paramhub
+from paramhub import _spec
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PARAMHUB = str(BIN / "paramhub")
+TOKENS = {"read": "cli-read-token-0123456789", "admin": "cli-admin-token-0123456789"}
+
+
+def _dockerfile() -> dict[str, object]:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    out: dict[str, object] = {"FROM": re.findall(r"^FROM\s+(.+)$", text, re.M),
+                              "USER": re.findall(r"^USER\s+(\S+)", text, re.M),
+                              "ARG": re.findall(r"^ARG\s+(\w+)", text, re.M)}
+    for key in ("ENTRYPOINT", "CMD"):
+        out[key] = json.loads(re.search(rf"^{key}\s+(\[.*\])$", text, re.M).group(1))
+    out["HEALTHCHECK"] = json.loads(re.search(r"^HEALTHCHECK .*CMD\s+(\[.*\])$", text,
+                                              re.M).group(1))
+    return out
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {proc.stderr.read()}")
+    return proc, line
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PARAMHUB, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120", **(env or {})})
+
+
+def test_dockerfile_is_multistage_nonroot_with_cuda_arg_and_grpc_healthcheck():
+    d = _dockerfile()
+    assert len(d["FROM"]) == 2 and " AS build" in d["FROM"][0]
+    assert d["USER"] and d["USER"][0] not in ("root", "0")
+    assert "TORCH_INDEX_URL" in d["ARG"]
+    assert d["ENTRYPOINT"][:4] == ["paramhub", "serve", "--host", "0.0.0.0"]
+    assert d["HEALTHCHECK"][:2] == ["paramhub", "health"]
+
+
+def test_compose_file_parses():
+    doc = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    svc = doc["services"]
+    assert {"paramhub", "paramhub-gpu"} <= set(svc)
+    for s in svc.values():
+        assert "paramhub-data:/data" in s["volumes"]
+        assert s["healthcheck"]["test"][:3] == ["CMD", "paramhub", "health"]
+        assert "--auth-file" in s["command"]
+    assert svc["paramhub-gpu"]["profiles"] == ["gpu"]
+    assert svc["paramhub-gpu"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "capabilities"] == ["gpu"]
+    assert "paramhub-data" in doc["volumes"]
+    compose = shutil.which("docker-compose")
+    if compose:  # pragma: no cover - no compose CLI on the test machines
+        env = {**os.environ}
+        tokens = ROOT / "docker" / "tokens"
+        created = not tokens.exists()
+        if created:
+            tokens.write_text("admin x\n")
+        try:
+            subprocess.run([compose, "-f", str(ROOT / "docker" / "compose.yaml"), "config"],
+                           check=True, capture_output=True, env=env, timeout=60)
+        finally:
+            if created:
+                tokens.unlink()
+
+
+def test_entrypoint_refuses_exposed_address_without_auth(tmp_path):
+    d = _dockerfile()
+    args = [PARAMHUB, *d["ENTRYPOINT"][1:], "--data-dir", str(tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "refusing to serve 0.0.0.0" in proc.stderr
+    assert proc.stdout == ""  # nothing was bound, so no address was printed
+
+
+@pytest.fixture
+def live(tmp_path):
+    """The image's ENTRYPOINT + CMD shape run outside Docker, on loopback and port 0."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{r} {t}\n" for r, t in TOKENS.items()))
+    tokens.chmod(0o600)
+    d = _dockerfile()
+    args = [PARAMHUB, *d["ENTRYPOINT"][1:], "--auth-file", str(tokens),
+            "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    proc, address = _start(args)
+    try:
+        yield address, d
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_healthcheck_command_against_live_server(live):
+    address, d = live
+    hc = list(d["HEALTHCHECK"])
+    hc[hc.index("--target") + 1] = address
+    out = subprocess.run([PARAMHUB, *hc[1:]], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING"
+    down = _run("health", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert down.returncode == 1 and down.stdout.strip() == "UNAVAILABLE"
+
+
+def test_cli_inspects_a_live_model(live):
+    address, _ = live
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    net = nn.Sequential(emb, block, block, head)
+    with paramhub.connect(address, token=TOKENS["admin"]) as c:
+        c.create_model_from_spec("lm", _spec.spec_from_module(net), values=net.state_dict())
+    env = {"PARAMHUB_TARGET": address, "PARAMHUB_TOKEN": TOKENS["read"]}
+    models = _run("models", env=env)
+    assert models.returncode == 0 and re.search(r"lm\s+Sequential\s+cpu\s+60", models.stdout)
+    tree = _run("tree", "lm", env=env)
+    assert tree.returncode == 0, tree.stderr
+    assert "tied -> 0.weight" in tree.stdout and "shared -> 1" in tree.stdout
+    assert "float32 [10, 4]" in tree.stdout and "60 parameters" in tree.stdout
+    stats = _run("stats", "lm", "1.0.weight", "--bins", "4", env=env)
+    assert stats.returncode == 0, stats.stderr
+    w = net[1][0].weight.detach().double()
+    assert f"{float(w.max()):.6g}" in stats.stdout and "█" in stats.stdout
+    get = _run("get", "lm", "1.0.weight", "0, 1:3", env=env)
+    assert get.returncode == 0, get.stderr
+    assert "float32 [2]" in get.stdout
+    assert f"{net[1][0].weight[0, 1].item():.4f}" in get.stdout
+    denied = _run("get", "lm", "1.0.weight", env={**env, "PARAMHUB_TOKEN": "bad-token-xxxxxxxxxxx"})
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+    missing = _run("stats", "lm", "nope", env=env)
+    assert missing.returncode == 1 and "TENSOR_NOT_FOUND" in missing.stderr
+    bad_index = _run("get", "lm", "1.0.weight", "__import__('os')", env=env)
+    assert bad_index.returncode == 2
+
+
+def test_python_m_paramhub_server_still_serves(tmp_path):
+    proc, address = _start([sys.executable, "-m", "paramhub_server", "--port", "0",
+                            "--data-dir", str(tmp_path)])
+    assert _stop(proc) == 0
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", address)

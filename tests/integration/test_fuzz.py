@@ -1,0 +1,308 @@
+"""Fuzzing every RPC with random and malformed messages and with raw random bytes.
+
+For each request: the answer is never INTERNAL or UNKNOWN and the server never crashes; after a
+rejected request every model's checksum (Probe) is unchanged; health stays SERVING.
+
+`make test` runs a bounded, derandomized number of examples per test; `make fuzz` sets
+PARAMHUB_FUZZ_EXAMPLES (and random seeds) for a longer run. A summary of requests tried and
+status codes seen is printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+
+import grpc
+import pytest
+import torch
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from torch import nn
+
+import paramhub
+from paramhub import _spec
+from paramhub.v1 import tensor_pb2 as tpb
+from paramhub_server.app import build_server
+
+from _raw import METHODS, call_raw
+
+from conftest import SUMMARY_KEY  # noqa: E402
+EXAMPLES = int(os.environ.get("PARAMHUB_FUZZ_EXAMPLES", "25"))
+LONG = "PARAMHUB_FUZZ_EXAMPLES" in os.environ
+FUZZ = hsettings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG,
+                 suppress_health_check=list(HealthCheck), database=None)
+
+BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+STATS: collections.Counter[str] = collections.Counter()
+PER_METHOD: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+NAMES = ["models/fz", "models/fz/parameters/0.weight", "models/fz/parameters/0.bias",
+         "models/fz/buffers/1.running_mean", "models/fz/parameters/2.weight", "models/",
+         "models/fz/parameters/", "models/../etc/passwd", "fz", "0.weight", "", "1",
+         "os.system", "builtins.eval", "subprocess.Popen", "__import__", "torch.nn.Linear",
+         "Linear", "Sequential", "BatchNorm1d", "normal_", "uniform_", "*.weight", "*"]
+PICKLE = pickle.dumps(("os", "system", "echo pwned"))
+EVIL_CLASSES = ["os.system", "builtins.eval", "builtins.exec", "subprocess.Popen",
+                "torch.load", "__builtins__", "Linear", "Sequential", "ReLU", "Embedding"]
+
+
+def _make_net() -> nn.Module:
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 4)
+    head = nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), head)
+
+
+class Harness:
+    """A server with one model, the baseline checksums, and bookkeeping."""
+
+    def __init__(self, srv, client: paramhub.Client) -> None:
+        self.srv = srv
+        self.client = client
+        self.target = f"127.0.0.1:{srv.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.reset()
+
+    def reset(self) -> None:
+        for m in self.client.list_models():
+            self.client.delete_model(m.name.removeprefix("models/"))
+        net = _make_net()
+        self.client.create_model_from_spec("fz", _spec.spec_from_module(net),
+                                           values=net.state_dict())
+        self.baseline = self.checksums()
+
+    def checksums(self) -> dict[str, str]:
+        return {m.name: self.client.probe(m.name.removeprefix("models/"),
+                                          include_buffers=True).stats.checksum_sha256
+                for m in self.client.list_models()}
+
+    def send(self, method: str, bodies: list[bytes]) -> grpc.StatusCode:
+        code, _ = call_raw(self.channel, method, bodies, timeout=30)
+        STATS["requests"] += 1
+        STATS[code.name] += 1
+        PER_METHOD[method][code.name] += 1
+        assert code not in BAD, f"{method} answered {code.name}"
+        status = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        if code == grpc.StatusCode.OK:
+            # An accepted request may change things: restore a known state.
+            self.reset()
+        else:
+            assert self.checksums() == self.baseline, f"rejected {method} changed a model"
+        return code
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory, request):
+    from paramhub_server.settings import Settings
+
+    settings = Settings(host="127.0.0.1", port=0, device="cpu",
+                        data_dir=tmp_path_factory.mktemp("fuzz"), max_workers=8,
+                        max_model_bytes=16 << 20, max_total_bytes=64 << 20,
+                        max_tensor_elements=1 << 20, max_spec_nodes=1000)
+    srv = build_server(settings)
+    client = paramhub.connect(f"127.0.0.1:{srv.port}", timeout=30)
+    h = Harness(srv, client)
+    yield h
+    h.channel.close()
+    client.close()
+    srv.stop(None)
+    # Printed by tests/conftest.py's pytest_terminal_summary.
+    lines = [f"fuzz summary ({EXAMPLES} examples per test): "
+             + ", ".join(f"{k}={v}" for k, v in sorted(STATS.items()))]
+    lines += [f"  {method}: " + ", ".join(f"{k}={v}" for k, v in sorted(codes.items()))
+              for method, codes in sorted(PER_METHOD.items())]
+    request.config.stash.setdefault(SUMMARY_KEY, []).extend(lines)
+
+
+# ------------------------------------------------------------------------------ strategies
+
+_INTS = st.one_of(st.integers(-3, 70), st.sampled_from([-(2**63), 2**63 - 1, 2**31, -1,
+                                                         2**40, 2**62]))
+
+
+def _scalar(data: st.DataObject, f: FieldDescriptor) -> object:
+    t = f.type
+    if t in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64,
+             FieldDescriptor.TYPE_SFIXED64):
+        return data.draw(_INTS)
+    if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32,
+             FieldDescriptor.TYPE_SFIXED32):
+        return data.draw(st.one_of(st.integers(-3, 70), st.sampled_from([-(2**31),
+                                                                         2**31 - 1])))
+    if t in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
+        return data.draw(st.integers(0, 2**32 - 1))
+    if t in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64):
+        return data.draw(st.integers(0, 2**64 - 1))
+    if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return data.draw(st.floats(allow_nan=True, allow_infinity=True, width=32))
+    if t == FieldDescriptor.TYPE_BOOL:
+        return data.draw(st.booleans())
+    if t == FieldDescriptor.TYPE_STRING:
+        return data.draw(st.one_of(st.sampled_from(NAMES + EVIL_CLASSES),
+                                   st.text(max_size=24)))
+    if t == FieldDescriptor.TYPE_BYTES:
+        return data.draw(st.one_of(st.binary(max_size=96), st.just(PICKLE),
+                                   st.binary(min_size=4, max_size=4)))
+    if t == FieldDescriptor.TYPE_ENUM:
+        # Known values and unknown ones (proto3 enums are open).
+        return data.draw(st.one_of(st.sampled_from([v.number for v in f.enum_type.values]),
+                                   st.integers(-5, 50)))
+    raise AssertionError(t)
+
+
+def draw_message(data: st.DataObject, desc, depth: int = 0):
+    """A random message of type `desc`: each field set or not, scalars from edge-heavy
+    strategies, nested messages up to a depth, repeated and map fields up to a few entries."""
+    msg = GetMessageClass(desc)()
+    for f in desc.fields:
+        if not data.draw(st.booleans()):
+            continue
+        is_msg = f.type == FieldDescriptor.TYPE_MESSAGE
+        if is_msg and depth >= 5:
+            continue
+        if f.is_repeated and is_msg and f.message_type.GetOptions().map_entry:
+            for _ in range(data.draw(st.integers(0, 2))):
+                key = data.draw(st.sampled_from(["mean", "std", "a", "gain", "", "__class__"]))
+                vdesc = f.message_type.fields_by_name["value"]
+                if vdesc.type == FieldDescriptor.TYPE_MESSAGE:
+                    getattr(msg, f.name)[key].CopyFrom(
+                        draw_message(data, vdesc.message_type, depth + 1))
+                else:
+                    getattr(msg, f.name)[key] = _scalar(data, vdesc)
+        elif f.is_repeated:
+            for _ in range(data.draw(st.integers(0, 3))):
+                if is_msg:
+                    getattr(msg, f.name).add().CopyFrom(
+                        draw_message(data, f.message_type, depth + 1))
+                else:
+                    getattr(msg, f.name).append(_scalar(data, f))
+        elif is_msg:
+            getattr(msg, f.name).CopyFrom(draw_message(data, f.message_type, depth + 1))
+        else:
+            setattr(msg, f.name, _scalar(data, f))
+    return msg
+
+
+def _bodies(data: st.DataObject, method: str) -> list[bytes]:
+    m = METHODS[method]
+    n = data.draw(st.integers(1, 4)) if m.client_streaming else 1
+    return [draw_message(data, m.input_type).SerializeToString() for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@FUZZ
+@given(data=st.data())
+def test_fuzz_random_messages(harness, method, data):
+    harness.send(method, _bodies(data, method))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@FUZZ
+@given(raw=st.lists(st.binary(max_size=200), min_size=1, max_size=3))
+def test_fuzz_raw_bytes(harness, method, raw):
+    harness.send(method, raw)
+
+
+def _tensor(data: st.DataObject) -> tpb.Tensor:
+    """Tensors whose shape, dtype and byte length disagree, or are huge or negative."""
+    dtype = data.draw(st.one_of(st.sampled_from([1, 2, 4, 11, 12]), st.integers(-3, 40)))
+    shape = data.draw(st.lists(st.one_of(st.integers(-4, 6), st.sampled_from(
+        [2**31, 2**40, 2**62, -(2**63)])), max_size=data.draw(st.sampled_from([3, 70]))))
+    n = data.draw(st.integers(0, 64))
+    return tpb.Tensor(dtype=dtype, shape=shape, data=data.draw(st.one_of(
+        st.binary(min_size=n, max_size=n), st.just(PICKLE))))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_malformed_tensors_and_indices(harness, data):
+    from paramhub.v1 import parameter_service_pb2 as pb
+
+    name = data.draw(st.sampled_from(NAMES[:5]))
+    index = []
+    for _ in range(data.draw(st.integers(0, 3))):
+        kind = data.draw(st.sampled_from(["int", "slice", "tensor", "nan", "empty"]))
+        if kind == "int":
+            index.append(tpb.IndexItem(integer=data.draw(_INTS)))
+        elif kind == "slice":
+            index.append(tpb.IndexItem(slice=tpb.Slice(start=data.draw(_INTS),
+                                                       step=data.draw(_INTS))))
+        elif kind == "tensor":
+            index.append(tpb.IndexItem(tensor=_tensor(data)))
+        elif kind == "nan":  # float index tensors holding NaN / Inf
+            vals = torch.tensor([float("nan"), float("inf"), 1.0])
+            index.append(tpb.IndexItem(tensor=tpb.Tensor(
+                dtype=1, shape=[3], data=bytes(vals.view(torch.uint8).tolist()))))
+        else:
+            index.append(tpb.IndexItem())
+    req = pb.SetSliceRequest(name=name, index=index, op=data.draw(st.integers(-1, 9)),
+                             value=_tensor(data))
+    method = data.draw(st.sampled_from(["SetSlice", "GetTensor", "Probe", "StreamSetSlice",
+                                        "Forward"]))
+    if method == "SetSlice":
+        bodies = [req.SerializeToString()]
+    elif method == "GetTensor":
+        bodies = [pb.GetTensorRequest(name=name, index=index,
+                                      chunk_bytes=data.draw(_INTS)).SerializeToString()]
+    elif method == "Probe":
+        bodies = [pb.ProbeRequest(name=name, index=index,
+                                  histogram_bins=data.draw(st.integers(-2, 5000))
+                                  ).SerializeToString()]
+    elif method == "Forward":
+        fwd = pb.ForwardRequest(model="models/fz", module_path=data.draw(
+            st.sampled_from(["", "0", "2", "1", "nope", "0.weight"])))
+        fwd.args.add().tensor_value.CopyFrom(_tensor(data))
+        bodies = [fwd.SerializeToString()]
+    else:
+        head = pb.SetSliceRequest()
+        head.CopyFrom(req)
+        head.value.data = b""
+        bodies = [pb.StreamSetSliceRequest(request=head).SerializeToString()] + [
+            pb.StreamSetSliceRequest(data=data.draw(st.binary(max_size=64))).SerializeToString()
+            for _ in range(data.draw(st.integers(0, 3)))]
+    harness.send(method, bodies)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_specs(harness, data):
+    """Deep, cyclic, huge or non-allow-listed specs, pickles in arguments."""
+    from paramhub.v1 import parameter_service_pb2 as pb
+
+    n = data.draw(st.sampled_from([0, 1, 3, 70, 1001]))
+    spec = pb.ModelSpec(root=data.draw(st.integers(-1, 3)))
+    for i in range(n):
+        node = spec.nodes.add(type=data.draw(st.sampled_from(EVIL_CLASSES)))
+        if data.draw(st.booleans()):
+            node.args.add().int_value = data.draw(_INTS)
+        if data.draw(st.booleans()):
+            node.args.add().string_value = data.draw(st.sampled_from(["os", "eval", "rm -rf"]))
+        if data.draw(st.booleans()):
+            node.kwargs["device"].string_value = "cuda"
+        if data.draw(st.booleans()):
+            node.args.add().tensor_value.CopyFrom(tpb.Tensor(dtype=8, shape=[len(PICKLE)],
+                                                             data=PICKLE))
+        target = data.draw(st.sampled_from([i + 1, i, 0, -1, n + 5]))
+        node.children.add(name=data.draw(st.sampled_from(["0", "a.b", "", "x"])), node=target)
+    for _ in range(data.draw(st.integers(0, 2))):
+        spec.ties.add(parameter=data.draw(st.sampled_from(NAMES)),
+                      source=data.draw(st.sampled_from(NAMES)))
+    header = pb.CreateModelHeader(model_id=data.draw(st.sampled_from(["fz", "new", "", "a/b"])),
+                                  spec=spec, device=data.draw(st.sampled_from(["", "cpu", "x"])))
+    bodies = [pb.CreateModelRequest(header=header).SerializeToString()]
+    if data.draw(st.booleans()):
+        bodies.append(pb.CreateModelRequest(chunk=tpb.TensorChunk(
+            header=tpb.TensorHeader(name="0.weight", dtype=1, shape=[4, 4]),
+            data=PICKLE)).SerializeToString())
+    harness.send("CreateModel", bodies)
