@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from paramhub._watch import Watch, WatchEvent
     from paramhub.module import RemoteModule
 
-__all__ = ["Client", "connect", "DEFAULT_TARGET", "tensor_checksum"]
+__all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 T = TypeVar("T")
@@ -42,8 +43,9 @@ _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP
 # request id (the SDK always sends one; the server applies an id once and answers a retry with
 # the original result). Forward is not retried: in training mode it updates buffers.
 _IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
+               "Probe", "GetOptimizerState", "PullModel",
                "SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch", "RestoreCheckpoint",
-               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode", "Probe")
+               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode")
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -54,6 +56,39 @@ _SERVICE_CONFIG = json.dumps({
 
 #: Values up to this many bytes travel inline in one message; larger ones are streamed.
 INLINE_BYTES = 4 << 20
+
+
+_MODES = {"async": pb.TRAINING_MODE_ASYNC, "sync": pb.TRAINING_MODE_SYNC,
+          "bounded_staleness": pb.TRAINING_MODE_BOUNDED_STALENESS}
+_POLICIES = {"reject": pb.STALE_POLICY_REJECT, "scale": pb.STALE_POLICY_SCALE}
+_OUTCOMES = {pb.PUSH_OUTCOME_APPLIED: "applied", pb.PUSH_OUTCOME_SCALED: "scaled",
+             pb.PUSH_OUTCOME_REJECTED: "rejected", pb.PUSH_OUTCOME_QUEUED: "queued"}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the server did with pushed gradients.
+
+    Attributes:
+        outcome: "applied", "scaled" (bounded staleness, multiplied by `scale`), "rejected"
+            (too stale, or computed before the last sync step: pull and recompute) or "queued"
+            (sync: counted, but the round had not stepped when the call's deadline came).
+        staleness: optimizer steps taken since the version the gradients were computed at.
+        scale: the factor applied to the gradients (1.0 unless scaled).
+        model_version: the model's version after the push; pull again to train on it.
+        steps: optimizer steps taken so far.
+    """
+
+    outcome: str
+    staleness: int
+    scale: float
+    model_version: int
+    steps: int
+
+    @property
+    def applied(self) -> bool:
+        """Whether the gradients went into a step (applied or scaled)."""
+        return self.outcome in ("applied", "scaled")
 
 
 def model_name(model_id: str) -> str:
@@ -298,6 +333,163 @@ class Client:
             request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
+
+    def forward_versioned(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                          *, module_path: str = "", seed: int | None = None,
+                          timeout: float | None = None) -> tuple[Any, int]:
+        """Forward returning (output, model version the pass ran on); with `seed`, random
+        modules draw from a generator seeded with it (so `backward` can replay the pass)."""
+        request = pb.ForwardRequest(model=model_name(model_id), module_path=module_path,
+                                    args=[_codec.value_to_proto(a) for a in args])
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        if seed is not None:
+            request.seed = seed
+        response = self._call(self.stub.Forward, request, timeout)
+        return _codec.value_from_proto(response.output), response.model_version
+
+    def backward(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+                 grad_outputs: Sequence[torch.Tensor | None], grad_inputs: Sequence[int],
+                 forward_model_version: int, module_path: str = "", seed: int | None = None,
+                 timeout: float | None = None) -> list[torch.Tensor | None]:
+        """Backward: replays a Forward with autograd, accumulates the parameters' .grad on the
+        server, and returns the gradients of the inputs at positions `grad_inputs`.
+
+        Raises:
+            ConflictError: a parameter was written after the Forward (reason
+                PARAMETERS_CHANGED); run the forward pass again.
+            InvalidArgumentError: gradients that do not match the outputs.
+        """
+        request = pb.BackwardRequest(
+            model=model_name(model_id), module_path=module_path,
+            args=[_codec.value_to_proto(a) for a in args],
+            forward_model_version=forward_model_version,
+            grad_outputs=[_codec.value_to_proto(g) for g in grad_outputs],
+            grad_inputs=list(grad_inputs))
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        if seed is not None:
+            request.seed = seed
+        response = self._call(self.stub.Backward, request, timeout)
+        return [_codec.value_from_proto(g) for g in response.input_grads]
+
+    def zero_grad(self, model_id: str, *, module_path: str = "", parameters: Sequence[str] = (),
+                  set_to_none: bool = True, timeout: float | None = None) -> None:
+        """Clears gradients on the server (of `parameters`, else of the module at
+        `module_path`): None when `set_to_none`, else zeros, as torch's zero_grad."""
+        self._call(self.stub.ZeroGrad, pb.ZeroGradRequest(
+            model=model_name(model_id), module_path=module_path, parameters=list(parameters),
+            fill_zeros=not set_to_none), timeout)
+
+    def create_optimizer(self, model_id: str, type_name: str,
+                         param_groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+                         defaults: Mapping[str, Any], *, replace: bool = False,
+                         timeout: float | None = None) -> pb.CreateOptimizerResponse:
+        """CreateOptimizer: a torch.optim `type_name` on the server over named parameters.
+
+        Raises:
+            InvalidArgumentError: unknown optimizer or argument (reasons BAD_OPTIMIZER,
+                BAD_OPTIMIZER_ARGUMENT, DUPLICATE_PARAMETER).
+            AlreadyExistsError: another optimizer exists and `replace` is False.
+        """
+        request = pb.CreateOptimizerRequest(model=model_name(model_id), type=type_name,
+                                            replace=replace)
+        for k, v in defaults.items():
+            request.defaults[k].CopyFrom(_codec.value_to_proto(v))
+        for names, options in param_groups:
+            group = request.param_groups.add(parameters=list(names))
+            for k, v in options.items():
+                group.options[k].CopyFrom(_codec.value_to_proto(v))
+        return self._call(self.stub.CreateOptimizer, request, timeout)
+
+    def optimizer_step(self, model_id: str, *, timeout: float | None = None
+                       ) -> pb.OptimizerStepResponse:
+        """OptimizerStep. Raises NotFoundError (OPTIMIZER_NOT_FOUND) without an optimizer."""
+        return self._call(self.stub.OptimizerStep,
+                          pb.OptimizerStepRequest(model=model_name(model_id)), timeout)
+
+    def get_optimizer_state(self, model_id: str, *, config_only: bool = False,
+                            timeout: float | None = None
+                            ) -> tuple[pb.OptimizerInfo, dict[str, torch.Tensor]]:
+        """(configuration, {"{parameter}/{key}": tensor}) of the model's optimizer."""
+        info: pb.OptimizerInfo | None = None
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            nonlocal info
+            for msg in self._stream(self.stub.GetOptimizerState, pb.GetOptimizerStateRequest(
+                    model=model_name(model_id), config_only=config_only), timeout):
+                if msg.WhichOneof("part") == "optimizer":
+                    info = msg.optimizer
+                else:
+                    yield msg.chunk
+
+        tensors = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        if info is None:
+            raise InvalidArgumentError("the server sent no optimizer", reason="BAD_STREAM")
+        return info, tensors
+
+    def configure_training(self, model_id: str, mode: str = "async", *, sync_workers: int = 1,
+                           max_staleness: int = 0, stale_policy: str = "reject",
+                           timeout: float | None = None) -> pb.TrainingConfig:
+        """ConfigureTraining: how PushGrads applies gradients.
+
+        Args:
+            mode: "async", "sync" (average `sync_workers` pushes per step) or
+                "bounded_staleness" (reject or scale pushes more than `max_staleness` steps old).
+            stale_policy: "reject" or "scale" (bounded staleness).
+
+        Raises:
+            InvalidArgumentError: unknown mode or policy, bad worker count or staleness.
+        """
+        if mode not in _MODES or stale_policy not in _POLICIES:
+            raise InvalidArgumentError(f"mode must be one of {sorted(_MODES)} and stale_policy "
+                                       f"one of {sorted(_POLICIES)}", reason="BAD_TRAINING_MODE")
+        config = pb.TrainingConfig(mode=_MODES[mode], sync_workers=sync_workers,
+                                   max_staleness=max_staleness,
+                                   stale_policy=_POLICIES[stale_policy])
+        return self._call(self.stub.ConfigureTraining, pb.ConfigureTrainingRequest(
+            model=model_name(model_id), config=config), timeout).config
+
+    def pull_state(self, model_id: str, *, include_buffers: bool = True,
+                   timeout: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        """PullModel: ({first name of each storage: tensor}, model version), all read on one
+        consistent version."""
+        version = -1
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            nonlocal version
+            for msg in self._stream(self.stub.PullModel, pb.PullModelRequest(
+                    model=model_name(model_id), include_buffers=include_buffers), timeout):
+                if msg.WhichOneof("part") == "header":
+                    version = msg.header.model_version
+                else:
+                    yield msg.chunk
+
+        tensors = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        return tensors, version
+
+    def push_grads(self, model_id: str, grads: Mapping[str, torch.Tensor], version: int, *,
+                   timeout: float | None = None) -> PushResult:
+        """PushGrads: gradients computed at model `version`, by parameter name.
+
+        In sync mode the call returns when its round's step is taken (or its deadline comes:
+        outcome "queued").
+
+        Raises:
+            NotFoundError: no optimizer (OPTIMIZER_NOT_FOUND) or unknown parameter.
+            InvalidArgumentError: wrong shapes/dtypes, a parameter outside the optimizer, or a
+                version the model never had.
+        """
+        def requests() -> Iterator[pb.PushGradsRequest]:
+            yield pb.PushGradsRequest(header=pb.PushGradsHeader(model=model_name(model_id),
+                                                                model_version=version))
+            for name, t in grads.items():
+                for chunk in _codec.iter_tensor_chunks(t.detach(), name=name):
+                    yield pb.PushGradsRequest(chunk=chunk)
+
+        r = self._call(self.stub.PushGrads, requests(), timeout)
+        return PushResult(_OUTCOMES.get(r.outcome, "unspecified"), r.staleness, r.scale,
+                          r.model_version, r.steps)
 
     def set_training(self, model_id: str, training: bool, module_path: str = "") -> None:
         """Module.train(training) on the server."""

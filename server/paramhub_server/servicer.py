@@ -15,11 +15,12 @@ from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import probe, store, watch
+from paramhub_server.core import probe, store, training, watch
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
                                         WriteContext)
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
+from paramhub_server.logs import current_role
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,16 @@ _OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "
         pb.SLICE_OP_MUL: "mul", pb.SLICE_OP_DIV: "div"}
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _COLLECTIONS = {"parameters": PARAMETER, "buffers": BUFFER}
+_MODES = {pb.TRAINING_MODE_UNSPECIFIED: training.ASYNC, pb.TRAINING_MODE_ASYNC: training.ASYNC,
+          pb.TRAINING_MODE_SYNC: training.SYNC,
+          pb.TRAINING_MODE_BOUNDED_STALENESS: training.BOUNDED}
+_MODES_PB = {training.ASYNC: pb.TRAINING_MODE_ASYNC, training.SYNC: pb.TRAINING_MODE_SYNC,
+             training.BOUNDED: pb.TRAINING_MODE_BOUNDED_STALENESS}
+_POLICIES = {pb.STALE_POLICY_UNSPECIFIED: training.REJECT, pb.STALE_POLICY_REJECT: training.REJECT,
+             pb.STALE_POLICY_SCALE: training.SCALE}
+_POLICIES_PB = {training.REJECT: pb.STALE_POLICY_REJECT, training.SCALE: pb.STALE_POLICY_SCALE}
+_OUTCOMES = {training.APPLIED: pb.PUSH_OUTCOME_APPLIED, training.SCALED: pb.PUSH_OUTCOME_SCALED,
+             training.REJECTED: pb.PUSH_OUTCOME_REJECTED, training.QUEUED: pb.PUSH_OUTCOME_QUEUED}
 MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
 #: Metadata key carrying the client's writer id (shown in watch events).
 WRITER_METADATA = "x-paramhub-writer"
@@ -73,10 +84,6 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
                          requires_grad=bool(t.requires_grad) if ref.kind == PARAMETER else False,
                          storage_group=ref.group, version=m.versions[ref.group],
                          has_grad=ref.kind == PARAMETER and t.grad is not None)
-
-
-def _values(msgs: Any) -> list[Any]:
-    return [_codec.value_from_proto(v) for v in msgs]
 
 
 def write_context(request_id: str, context: grpc.ServicerContext) -> WriteContext:
@@ -135,6 +142,28 @@ def _versions(updated: Any) -> list[pb.TensorVersion]:
     return [pb.TensorVersion(name=n, version=v) for n, v in updated]
 
 
+def _options_to_proto(target: Any, options: dict[str, Any]) -> None:
+    for k, v in options.items():
+        target[k].CopyFrom(_codec.value_to_proto(v))
+
+
+def optimizer_info(opt: training.ServedOptimizer) -> pb.OptimizerInfo:
+    """OptimizerInfo of a served optimizer (groups with resolved options)."""
+    info = pb.OptimizerInfo(type=opt.type, steps=opt.steps)
+    _options_to_proto(info.defaults, opt.defaults)
+    for names, options in opt.resolved_groups():
+        group = info.param_groups.add(parameters=names)
+        _options_to_proto(group.options, options)
+    return info
+
+
+def training_config(cfg: training.TrainingConfig) -> pb.TrainingConfig:
+    """TrainingConfig proto of the core's config."""
+    return pb.TrainingConfig(mode=_MODES_PB[cfg.mode], sync_workers=cfg.sync_workers,
+                             max_staleness=cfg.max_staleness,
+                             stale_policy=_POLICIES_PB[cfg.stale_policy])
+
+
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
@@ -145,6 +174,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
+
+    def _values(self, msgs: Any) -> list[Any]:
+        return [_codec.value_from_proto(v, max_elements=self.max_tensor_elements) for v in msgs]
+
+    def _options(self, options: Any) -> dict[str, Any]:
+        return {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in options.items()}
 
     def _tensor(self, name: str) -> tuple[ServedModel, str, str]:
         model_id, kind, tname = tensor_name_of(name)
@@ -289,7 +325,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 for v in request.args]
         kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
                   for k, v in request.kwargs.items()}
-        out, version = m.forward(request.module_path, args, kwargs)
+        # Without auth every caller may write; with auth a read token may not update buffers.
+        out, version = m.forward(request.module_path, args, kwargs,
+                                 may_write=current_role() in (None, "write", "admin"),
+                                 seed=request.seed if request.HasField("seed") else None)
         try:
             encoded = _codec.value_to_proto(out)
         except InvalidArgumentError:
@@ -310,6 +349,116 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                         ) -> pb.SetTrainingModeResponse:
         self._model(request.model).set_training(request.module_path, request.training)
         return pb.SetTrainingModeResponse()
+
+    @rpc
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext
+                 ) -> pb.BackwardResponse:
+        m = self._model(request.model)
+        grad_outputs = self._values(request.grad_outputs)
+        if any(g is not None and not isinstance(g, torch.Tensor) for g in grad_outputs):
+            raise InvalidArgumentError("each output gradient must be a tensor or null",
+                                       reason="BAD_ARGUMENT")
+        grads, version = m.backward(
+            request.module_path, self._values(request.args), self._options(request.kwargs),
+            seed=request.seed if request.HasField("seed") else None,
+            forward_version=request.forward_model_version, grad_outputs=grad_outputs,
+            grad_inputs=list(request.grad_inputs))
+        return pb.BackwardResponse(input_grads=[_codec.value_to_proto(g) for g in grads],
+                                   model_version=version)
+
+    @rpc
+    def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext
+                 ) -> pb.ZeroGradResponse:
+        self._model(request.model).zero_grad(request.module_path, list(request.parameters),
+                                             request.fill_zeros)
+        return pb.ZeroGradResponse()
+
+    @rpc
+    def CreateOptimizer(self, request: pb.CreateOptimizerRequest, context: grpc.ServicerContext
+                        ) -> pb.CreateOptimizerResponse:
+        m = self._model(request.model)
+        groups = [(list(g.parameters), self._options(g.options)) for g in request.param_groups]
+        opt, created = training.create_optimizer(m, request.type, groups,
+                                                 self._options(request.defaults),
+                                                 replace=request.replace)
+        return pb.CreateOptimizerResponse(optimizer=optimizer_info(opt), created=created)
+
+    @rpc
+    def OptimizerStep(self, request: pb.OptimizerStepRequest, context: grpc.ServicerContext
+                      ) -> pb.OptimizerStepResponse:
+        version, steps = training.step(self._model(request.model))
+        return pb.OptimizerStepResponse(model_version=version, steps=steps)
+
+    @rpc
+    def GetOptimizerState(self, request: pb.GetOptimizerStateRequest,
+                          context: grpc.ServicerContext
+                          ) -> Iterator[pb.GetOptimizerStateResponse]:
+        m = self._model(request.model)
+        opt = training.trainer(m).optimizer
+        if request.config_only or opt is None:
+            # optimizer_of raises OPTIMIZER_NOT_FOUND when there is none.
+            yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(training.optimizer_of(m)))
+            return
+        _, tensors = training.export_optimizer(m)
+        yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(opt))
+        for name, t in tensors.items():
+            for chunk in _codec.iter_tensor_chunks(t, name=name):
+                yield pb.GetOptimizerStateResponse(chunk=chunk)
+
+    @rpc
+    def ConfigureTraining(self, request: pb.ConfigureTrainingRequest,
+                          context: grpc.ServicerContext) -> pb.ConfigureTrainingResponse:
+        m = self._model(request.model)
+        c = request.config
+        mode = _MODES.get(c.mode)
+        policy = _POLICIES.get(c.stale_policy)
+        if mode is None or policy is None:
+            raise InvalidArgumentError("unknown training mode or stale policy",
+                                       reason="BAD_TRAINING_MODE")
+        cfg = training.configure(m, mode, sync_workers=c.sync_workers,
+                                 max_staleness=c.max_staleness, stale_policy=policy)
+        return pb.ConfigureTrainingResponse(config=training_config(cfg))
+
+    @rpc
+    def PullModel(self, request: pb.PullModelRequest, context: grpc.ServicerContext
+                  ) -> Iterator[pb.PullModelResponse]:
+        m = self._model(request.model)
+        tensors, version = m.snapshot(include_buffers=request.include_buffers)
+        yield pb.PullModelResponse(header=pb.PullModelHeader(model_version=version,
+                                                             num_tensors=len(tensors)))
+        for name, t in tensors:
+            for chunk in _codec.iter_tensor_chunks(t, name=name, version=version):
+                yield pb.PullModelResponse(chunk=chunk)
+
+    @rpc
+    def PushGrads(self, request_iterator: Iterator[pb.PushGradsRequest],
+                  context: grpc.ServicerContext) -> pb.PushGradsResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first PushGrads message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("only the first PushGrads message may carry a "
+                                               "header", reason="BAD_STREAM")
+                yield msg.chunk
+
+        grads: dict[str, Any] = {}
+        for asm in _codec.assemble_tensors(chunks(), max_elements=self.max_tensor_elements,
+                                          max_bytes=self.registry.max_model_bytes):
+            if asm.name in grads:
+                raise InvalidArgumentError(f"gradient for {asm.name!r} sent twice",
+                                           reason="DUPLICATE_PARAMETER")
+            grads[asm.name] = asm.finish()
+        result = training.push_grads(m, header.model_version, grads,
+                                     timeout=context.time_remaining())
+        return pb.PushGradsResponse(outcome=_OUTCOMES[result.outcome],
+                                    staleness=result.staleness, scale=result.scale,
+                                    model_version=result.model_version, steps=result.steps)
 
     @rpc
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:

@@ -105,6 +105,46 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/paramhub.v1.ParameterService/Backward',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.FromString,
+                _registered_method=True)
+        self.ZeroGrad = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ZeroGrad',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.FromString,
+                _registered_method=True)
+        self.CreateOptimizer = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CreateOptimizer',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.FromString,
+                _registered_method=True)
+        self.OptimizerStep = channel.unary_unary(
+                '/paramhub.v1.ParameterService/OptimizerStep',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.FromString,
+                _registered_method=True)
+        self.GetOptimizerState = channel.unary_stream(
+                '/paramhub.v1.ParameterService/GetOptimizerState',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.FromString,
+                _registered_method=True)
+        self.ConfigureTraining = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ConfigureTraining',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/paramhub.v1.ParameterService/PullModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.FromString,
+                _registered_method=True)
+        self.PushGrads = channel.stream_unary(
+                '/paramhub.v1.ParameterService/PushGrads',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.FromString,
+                _registered_method=True)
         self.ApplyBatch = channel.stream_unary(
                 '/paramhub.v1.ParameterService/ApplyBatch',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.SerializeToString,
@@ -251,6 +291,65 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Backpropagates through a Forward: re-runs it with autograd on the same inputs (the server
+        keeps nothing between Forward and Backward), accumulates .grad on the module's parameters
+        as loss.backward() does, and returns the gradients of the inputs that were asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ZeroGrad(self, request, context):
+        """Clears gradients, as Module.zero_grad() / Optimizer.zero_grad().
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOptimizer(self, request, context):
+        """Creates the model's server-side optimizer (an allow-listed torch.optim class), or attaches
+        to the existing one when its configuration is identical.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimizerStep(self, request, context):
+        """Runs optimizer.step() on the accumulated gradients, atomically with respect to other writers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOptimizerState(self, request, context):
+        """Reads the optimizer's configuration, then its state tensors as a chunk stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureTraining(self, request, context):
+        """Sets how PushGrads applies gradients: async, sync (k workers per step) or bounded staleness.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """Reads every parameter and buffer on one consistent snapshot, with its model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushGrads(self, request_iterator, context):
+        """Hands locally computed gradients to the model's optimizer (parameter-server mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ApplyBatch(self, request_iterator, context):
         """Applies several writes (slice writes, inits, whole-tensor assigns, across tensors) as one
         atomic write: all or nothing, one new model version, and readers see all of it or none.
@@ -380,6 +479,46 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.SerializeToString,
+            ),
+            'ZeroGrad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ZeroGrad,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.SerializeToString,
+            ),
+            'CreateOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOptimizer,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.SerializeToString,
+            ),
+            'OptimizerStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimizerStep,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.SerializeToString,
+            ),
+            'GetOptimizerState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetOptimizerState,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.SerializeToString,
+            ),
+            'ConfigureTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureTraining,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.SerializeToString,
+            ),
+            'PushGrads': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushGrads,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.SerializeToString,
             ),
             'ApplyBatch': grpc.stream_unary_rpc_method_handler(
                     servicer.ApplyBatch,
@@ -779,6 +918,222 @@ class ParameterService:
             '/paramhub.v1.ParameterService/Probe',
             paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/Backward',
+            paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ZeroGrad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ZeroGrad',
+            paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CreateOptimizer',
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizerStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/OptimizerStep',
+            paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOptimizerState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/GetOptimizerState',
+            paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ConfigureTraining',
+            paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/PullModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushGrads(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ParameterService/PushGrads',
+            paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.FromString,
             options,
             channel_credentials,
             insecure,

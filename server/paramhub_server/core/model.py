@@ -11,6 +11,10 @@ model's version grows by one with every committed write (a batch is one write). 
 a client request id: a write whose id the model remembers (the last MAX_RECENT_REQUESTS ids) is
 not applied again, the original result is returned. With a journal (see store.py) every write is
 logged before it is applied, and the remembered ids are persisted with it.
+
+Gradients: Backward re-runs the pass with autograd under the read lock (several backward passes
+compute at once) and accumulates into `.grad` under the write lock; reading or clearing `.grad`
+takes the lock like any other read or write.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import fnmatch
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from paramhub import _codec, _spec
-from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
+from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+                             PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
@@ -173,6 +180,12 @@ class ServedModel:
         self.recent: OrderedDict[str, WriteResult] = OrderedDict()
         self.watchers = watch.WatchHub()
         self.journal: Journal | None = None
+        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
+        #: The model version of the latest committed write to any parameter (Backward refuses
+        #: to backpropagate through a Forward that ran before it).
+        self.params_written_at = 0
+        #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
+        self.train_state: Any = None
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -342,6 +355,16 @@ class ServedModel:
         first_touch = {g: i for i, g in enumerate(touches)}  # dicts keep insertion order
         return sorted(changes, key=lambda c: first_touch[c.ref.group])
 
+    def _bump(self, groups: Sequence[int], op: str = "optimizer.step") -> WriteResult:
+        """Commits changes already made in place to these storages (optimizer steps,
+        training-mode Forward's buffers): logs their whole values, bumps versions, publishes the
+        watch event. Caller holds the write lock."""
+        changes = []
+        for g in dict.fromkeys(groups):
+            ref = self._refs[self._first[g]]
+            changes.append(Change(ref, (), ref.get().detach()))
+        return self._commit(op, "applied", changes, NO_CONTEXT, applied=True)
+
     def _commit(self, op: str, rpc: str, changes: Sequence[Change], ctx: WriteContext, *,
                 applied: bool = False) -> WriteResult:
         """Makes planned changes visible and durable. Caller holds the write lock.
@@ -366,6 +389,8 @@ class ServedModel:
         self.version = result.model_version
         for g in groups:
             self.versions[g] += 1
+        if any(g in self._param_groups for g in groups):
+            self.params_written_at = self.version
         self.remember(ctx.request_id, result)
         by_group = {}
         for c in changes:
@@ -567,8 +592,15 @@ class ServedModel:
 
     # ----------------------------------------------------------------------------- forward
 
-    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int]:
-        """Runs the (sub)module on inputs; returns (output moved to CPU, model version)."""
+    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
+                may_write: bool = True, seed: int | None = None) -> tuple[Any, int]:
+        """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
+
+        A pass that would update buffers (training mode) is a write: with `may_write` False
+        (a caller holding only the read role) it is refused with PermissionDeniedError.
+        With `seed`, random modules (dropout) draw from a generator seeded with it, so that
+        `backward` with the same seed replays the same pass.
+        """
         sub = _spec.get_submodule(self.module, path)
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
@@ -576,8 +608,15 @@ class ServedModel:
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
             mutating = _mutating(sub)
+            if mutating and not may_write:
+                raise PermissionDeniedError(
+                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
+                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    reason="ROLE_TOO_LOW", metadata={"needed": "write"})
             lock = self.lock.write() if mutating else self.lock.read()
-            with lock, torch.no_grad():
+            replay = rng.seeded_on(seed, self.device) \
+                if seed is not None and _draws_random(sub) else nullcontext()
+            with lock, torch.no_grad(), replay:
                 if not mutating and _mutating(sub):
                     continue  # switched to training mode meanwhile: retry under the write lock
                 # A failed pass must change nothing: keep copies of the buffers it may update.
@@ -602,10 +641,171 @@ class ServedModel:
                     self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
                 return _to_device(out, torch.device("cpu")), self.version
 
+    # ----------------------------------------------------------------------------- gradients
 
-def _mutating(sub: nn.Module) -> list[nn.Module]:
-    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
-    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
+    def _grad_params(self, sub: nn.Module, path: str) -> list[tuple[int, nn.Parameter]]:
+        """(storage group, Parameter) of every parameter of `sub` that requires grad, once per
+        storage, in state_dict order."""
+        out: list[tuple[int, nn.Parameter]] = []
+        seen: set[int] = set()
+        prefix = f"{path}." if path else ""
+        for local, p in sub.named_parameters(remove_duplicate=False):
+            g = self._refs[prefix + local].group
+            if g not in seen and p.requires_grad:
+                seen.add(g)
+                out.append((g, p))
+        return out
+
+    def backward(self, path: str, args: list[Any], kwargs: dict[str, Any], seed: int | None,
+                 forward_version: int, grad_outputs: list[torch.Tensor | None],
+                 grad_inputs: Sequence[int]) -> tuple[list[torch.Tensor | None], int]:
+        """Re-runs Forward with autograd and backpropagates `grad_outputs`.
+
+        Accumulates into `.grad` of the module's parameters that require grad (as local
+        `loss.backward()` does) and returns (gradients of the selected inputs on CPU, model
+        version). The pass is replayed, not remembered: the server keeps no state per Forward.
+        Buffers updated by a training-mode pass (BatchNorm statistics) are not updated again:
+        the replay runs on copies of them.
+        """
+        sub = _spec.get_submodule(self.module, path)
+        flat, treespec = tree_flatten(_to_device(args, self.device))
+        positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        if len(set(grad_inputs)) != len(grad_inputs):
+            raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
+        wanted: list[torch.Tensor] = []
+        for j in grad_inputs:
+            if not 0 <= j < len(positions):
+                raise InvalidArgumentError(
+                    f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
+                    reason="BAD_ARGUMENT")
+            x = flat[positions[j]]
+            if not (x.is_floating_point() or x.is_complex()):
+                raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
+                                           "inputs have gradients", reason="BAD_DTYPE")
+            flat[positions[j]] = x = x.detach().requires_grad_(True)
+            wanted.append(x)
+        args = tree_unflatten(flat, treespec)
+        kwargs = _to_device(kwargs, self.device)
+        params = self._grad_params(sub, path)
+        mutating = {f"{mpath}.{n}" if mpath else n: b
+                    for mpath, m in sub.named_modules(remove_duplicate=False) if m.training
+                    for n, b in m._buffers.items() if b is not None}
+        replay = rng.seeded_on(seed, self.device) if seed is not None and _draws_random(sub) \
+            else nullcontext()
+        with self.lock.read():
+            if self.params_written_at > forward_version:
+                raise ConflictError(
+                    f"a parameter of model {self.id!r} was written after this Forward (version "
+                    f"{forward_version}, parameters written at {self.params_written_at}); run "
+                    "the forward pass again", reason="PARAMETERS_CHANGED",
+                    metadata={"model": self.id, "version": str(self.version)})
+            with torch.enable_grad(), replay:
+                if mutating:
+                    copies = {n: b.clone() for n, b in mutating.items()}
+                    out = _run(sub, path, args, kwargs,
+                               call=lambda a, k: torch.func.functional_call(sub, copies, a, k))
+                else:
+                    out = _run(sub, path, args, kwargs)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if len(grad_outputs) != len(outs):
+                raise InvalidArgumentError(
+                    f"{len(grad_outputs)} output gradients for {len(outs)} output tensors",
+                    reason="BAD_ARGUMENT")
+            pairs = []
+            for i, (o, g) in enumerate(zip(outs, grad_outputs)):
+                if g is None:
+                    continue
+                if tuple(g.shape) != tuple(o.shape):
+                    raise InvalidArgumentError(
+                        f"gradient of output {i} is {list(g.shape)}, the output is "
+                        f"{list(o.shape)}", reason="BAD_SHAPE")
+                if o.requires_grad:
+                    pairs.append((o, g.to(device=o.device, dtype=o.dtype)))
+            targets = [p for _, p in params] + wanted
+            if pairs and targets:
+                try:
+                    grads = list(torch.autograd.grad([o for o, _ in pairs], targets,
+                                                     [g for _, g in pairs], allow_unused=True))
+                except RuntimeError as e:
+                    raise InvalidArgumentError(
+                        f"backward of {path or 'the model'} failed: {str(e).splitlines()[0]}",
+                        reason="BAD_INPUT") from None
+            else:
+                grads = [None] * len(targets)
+            version = self.version
+        param_grads, input_grads = grads[:len(params)], grads[len(params):]
+        with self.lock.write():
+            for (_, p), g in zip(params, param_grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.detach()
+                else:
+                    p.grad.add_(g)
+        return [None if g is None else g.detach().to("cpu") for g in input_grads], version
+
+    def zero_grad(self, path: str, names: Sequence[str], fill_zeros: bool) -> None:
+        """Clears gradients of the named parameters, or else of every parameter of `path`."""
+        if names:
+            refs = [self.ref(n, PARAMETER) for n in names]
+            tensors = {r.group: r.get() for r in refs}
+        else:
+            sub = _spec.get_submodule(self.module, path)
+            prefix = f"{path}." if path else ""
+            tensors = {self._refs[prefix + n].group: p
+                       for n, p in sub.named_parameters(remove_duplicate=False)}
+        with self.lock.write():
+            for p in tensors.values():
+                if p.grad is None:
+                    continue
+                if fill_zeros:
+                    p.grad.detach_().zero_()
+                else:
+                    p.grad = None
+
+    def snapshot(self, *, include_buffers: bool) -> tuple[list[tuple[str, torch.Tensor]], int]:
+        """CPU copies of every storage (under its first name) read on one version, and that
+        version."""
+        out: list[tuple[str, torch.Tensor]] = []
+        seen: set[int] = set()
+        with self.lock.read():
+            for n in self._order:
+                r = self._refs[n]
+                if r.group in seen or (r.kind == BUFFER and not include_buffers):
+                    continue
+                seen.add(r.group)
+                t = r.get().detach()
+                out.append((n, t.to("cpu", copy=True) if t.device.type == "cpu"
+                            else t.to("cpu")))
+            return out, self.version
+
+
+#: Module classes that draw random numbers in training mode.
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout, nn.RReLU)
+
+
+def _draws_random(sub: nn.Module) -> bool:
+    """Whether a pass of `sub` in its current modes draws random numbers."""
+    for m in sub.modules():
+        if not m.training:
+            continue
+        if isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1.0) != 0:
+            return True
+        # RNN/LSTM/GRU and MultiheadAttention keep their dropout as a float attribute.
+        if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0:
+            return True
+    return False
+
+
+def _run(sub: nn.Module, path: str, args: Any, kwargs: Any, call: Any = None) -> Any:
+    """sub(*args, **kwargs), with torch's input errors turned into INVALID_ARGUMENT."""
+    try:
+        return call(tuple(args), kwargs) if call is not None else sub(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
+                                   reason="BAD_INPUT") from None
 
 
 def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:
@@ -675,3 +875,8 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
         raise InvalidArgumentError(f"{op} into {name!r} {list(region.shape)} {region.dtype} "
                                    f"with {list(value.shape)} {value.dtype}: {text}",
                                    reason=reason) from None
+
+
+def _mutating(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
+    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
