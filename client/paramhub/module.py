@@ -290,6 +290,17 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         yield from root.named_parameters(remove_duplicate=False)
         yield from root.named_buffers(remove_duplicate=False)
 
+    def watch(callback: Any = None, **kwargs: Any) -> Any:
+        """`for event in net.watch(): ...`, or `net.watch(callback)`: see Client.watch."""
+        return client.watch(model_id, callback, **kwargs)
+
+    def batch(**kwargs: Any) -> Any:
+        """`with net.batch(): ...` collects this model's writes into one atomic ApplyBatch
+        (the same as `with client.batch(net):`); see Client.batch."""
+        return client.batch(model_id, **kwargs)
+
+    root.watch = watch
+    root.batch = batch
     root.pull = pull
     root.push_grads = push_grads
     root.configure_training = configure_training
