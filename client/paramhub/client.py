@@ -11,9 +11,13 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -28,9 +32,11 @@ from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:
+    from paramhub._batch import Batch
+    from paramhub._watch import Watch, WatchEvent
     from paramhub.module import RemoteModule
 
-__all__ = ["Client", "connect", "DEFAULT_TARGET", "tensor_checksum"]
+__all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 T = TypeVar("T")
@@ -38,10 +44,13 @@ T = TypeVar("T")
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
 
-# Retries on UNAVAILABLE for the RPCs that are safe to repeat (reads, Forward without side
-# effects in eval mode is not guaranteed, so Forward is not retried).
+# Retries on UNAVAILABLE for the RPCs that are safe to repeat: reads, and writes that carry a
+# request id (the SDK always sends one; the server applies an id once and answers a retry with
+# the original result). Forward is not retried: in training mode it updates buffers.
 _IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
-               "Probe")
+               "Probe", "GetOptimizerState", "PullModel",
+               "SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch", "RestoreCheckpoint",
+               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode")
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -71,6 +80,39 @@ def _parse_pull(buf: bytes) -> Any:
     return view if view is not None else pb.PullStateResponse.FromString(buf)
 
 
+_MODES = {"async": pb.TRAINING_MODE_ASYNC, "sync": pb.TRAINING_MODE_SYNC,
+          "bounded_staleness": pb.TRAINING_MODE_BOUNDED_STALENESS}
+_POLICIES = {"reject": pb.STALE_POLICY_REJECT, "scale": pb.STALE_POLICY_SCALE}
+_OUTCOMES = {pb.PUSH_OUTCOME_APPLIED: "applied", pb.PUSH_OUTCOME_SCALED: "scaled",
+             pb.PUSH_OUTCOME_REJECTED: "rejected", pb.PUSH_OUTCOME_QUEUED: "queued"}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the server did with pushed gradients.
+
+    Attributes:
+        outcome: "applied", "scaled" (bounded staleness, multiplied by `scale`), "rejected"
+            (too stale, or computed before the last sync step: pull and recompute) or "queued"
+            (sync: counted, but the round had not stepped when the call's deadline came).
+        staleness: optimizer steps taken since the version the gradients were computed at.
+        scale: the factor applied to the gradients (1.0 unless scaled).
+        model_version: the model's version after the push; pull again to train on it.
+        steps: optimizer steps taken so far.
+    """
+
+    outcome: str
+    staleness: int
+    scale: float
+    model_version: int
+    steps: int
+
+    @property
+    def applied(self) -> bool:
+        """Whether the gradients went into a step (applied or scaled)."""
+        return self.outcome in ("applied", "scaled")
+
+
 def model_name(model_id: str) -> str:
     """"mlp" -> "models/mlp"."""
     return f"models/{model_id}"
@@ -95,8 +137,11 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.progress = progress
+        #: Shown as the writer of this client's writes in watch events.
+        self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
+            (("authorization", f"Bearer {token}"),) if token else ()) + (
+            ("x-paramhub-writer", self.writer_id),)
         self.stub = pb_grpc.ParameterServiceStub(channel)
         # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
         self._get_tensor_raw = channel.unary_stream(
@@ -459,18 +504,33 @@ class Client:
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
-                  timeout: float | None = None) -> int:
+                  request_id: str | None = None, timeout: float | None = None) -> int | None:
         """`tensor[index] (op)= value` on the server, atomically; returns the new version.
 
-        `value` is a tensor or a Python number; large values are streamed.
+        `value` is a tensor or a Python number; large values are streamed. `index` None is the
+        whole tensor. Every write carries a request id (a fresh one unless given): the server
+        applies an id once, so a retry after a lost response returns the original version.
+
+        Inside `with client.batch(model_id):` on this thread the write joins the batch and
+        None is returned (the versions are on the batch after the block).
+
+        Raises:
+            ConflictError: `expected_version` is not the tensor's version (reason
+                VERSION_MISMATCH); nothing was written.
+            NotFoundError, OutOfRangeError, InvalidArgumentError: bad name, index or value.
         """
+        batch = self._active_batch(model_id)
+        if batch is not None:
+            batch.set_slice(name, index, value, op, kind=kind, expected_version=expected_version)
+            return None
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
                                        reason="BAD_OP")
         value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         request = pb.SetSliceRequest(
             name=tensor_name(model_id, name, kind),
-            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op])
+            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op],
+            request_id=request_id or uuid.uuid4().hex)
         if expected_version is not None:
             request.expected_version = expected_version
         nbytes = value_t.numel() * value_t.element_size()
@@ -599,7 +659,7 @@ class Client:
         strict=False: the keys given are written, cast to each tensor's dtype).
 
         Returns:
-            {first pushed name of each written storage: its new version}.
+            {first state_dict name of each written storage: its new version}.
 
         Raises:
             NotFoundError: unknown model or name.
@@ -652,13 +712,30 @@ class Client:
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
-                   timeout: float | None = None) -> pb.ApplyInitResponse:
-        """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`."""
-        request = pb.ApplyInitRequest(model=model_name(model_id), scheme=scheme, targets=targets)
+                   expected_model_version: int | None = None, request_id: str | None = None,
+                   timeout: float | None = None) -> pb.ApplyInitResponse | None:
+        """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`.
+
+        Returns the new versions (None inside `with client.batch(model_id):` on this thread,
+        where the init joins the batch). Carries a request id like `set_slice`.
+
+        Raises:
+            ConflictError: `expected_model_version` is not the model's version.
+            InvalidArgumentError: unknown scheme or bad arguments; NotFoundError: no target.
+        """
+        batch = self._active_batch(model_id)
+        if batch is not None:
+            batch.apply_init(scheme, targets, args, seed=seed,
+                             expected_model_version=expected_model_version)
+            return None
+        request = pb.ApplyInitRequest(model=model_name(model_id), scheme=scheme, targets=targets,
+                                      request_id=request_id or uuid.uuid4().hex)
         for k, v in (args or {}).items():
             request.args[k].CopyFrom(_codec.value_to_proto(v))
         if seed is not None:
             request.seed = seed
+        if expected_model_version is not None:
+            request.expected_model_version = expected_model_version
         return self._call(self.stub.ApplyInit, request, timeout)
 
     def forward(self, model_id: str, *args: Any, module_path: str = "",
@@ -682,6 +759,164 @@ class Client:
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
 
+    def forward_versioned(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                          *, module_path: str = "", seed: int | None = None,
+                          timeout: float | None = None) -> tuple[Any, int]:
+        """Forward returning (output, model version the pass ran on); with `seed`, random
+        modules draw from a generator seeded with it (so `backward` can replay the pass)."""
+        request = pb.ForwardRequest(model=model_name(model_id), module_path=module_path,
+                                    args=[_codec.value_to_proto(a) for a in args])
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        if seed is not None:
+            request.seed = seed
+        response = self._call(self.stub.Forward, request, timeout)
+        return _codec.value_from_proto(response.output), response.model_version
+
+    def backward(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+                 grad_outputs: Sequence[torch.Tensor | None], grad_inputs: Sequence[int],
+                 forward_model_version: int, module_path: str = "", seed: int | None = None,
+                 timeout: float | None = None) -> list[torch.Tensor | None]:
+        """Backward: replays a Forward with autograd, accumulates the parameters' .grad on the
+        server, and returns the gradients of the inputs at positions `grad_inputs`.
+
+        Raises:
+            ConflictError: a parameter was written after the Forward (reason
+                PARAMETERS_CHANGED); run the forward pass again.
+            InvalidArgumentError: gradients that do not match the outputs.
+        """
+        request = pb.BackwardRequest(
+            model=model_name(model_id), module_path=module_path,
+            args=[_codec.value_to_proto(a) for a in args],
+            forward_model_version=forward_model_version,
+            grad_outputs=[_codec.value_to_proto(g) for g in grad_outputs],
+            grad_inputs=list(grad_inputs))
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        if seed is not None:
+            request.seed = seed
+        response = self._call(self.stub.Backward, request, timeout)
+        return [_codec.value_from_proto(g) for g in response.input_grads]
+
+    def zero_grad(self, model_id: str, *, module_path: str = "", parameters: Sequence[str] = (),
+                  set_to_none: bool = True, timeout: float | None = None) -> None:
+        """Clears gradients on the server (of `parameters`, else of the module at
+        `module_path`): None when `set_to_none`, else zeros, as torch's zero_grad."""
+        self._call(self.stub.ZeroGrad, pb.ZeroGradRequest(
+            model=model_name(model_id), module_path=module_path, parameters=list(parameters),
+            fill_zeros=not set_to_none), timeout)
+
+    def create_optimizer(self, model_id: str, type_name: str,
+                         param_groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+                         defaults: Mapping[str, Any], *, replace: bool = False,
+                         timeout: float | None = None) -> pb.CreateOptimizerResponse:
+        """CreateOptimizer: a torch.optim `type_name` on the server over named parameters.
+
+        Raises:
+            InvalidArgumentError: unknown optimizer or argument (reasons BAD_OPTIMIZER,
+                BAD_OPTIMIZER_ARGUMENT, DUPLICATE_PARAMETER).
+            AlreadyExistsError: another optimizer exists and `replace` is False.
+        """
+        request = pb.CreateOptimizerRequest(model=model_name(model_id), type=type_name,
+                                            replace=replace)
+        for k, v in defaults.items():
+            request.defaults[k].CopyFrom(_codec.value_to_proto(v))
+        for names, options in param_groups:
+            group = request.param_groups.add(parameters=list(names))
+            for k, v in options.items():
+                group.options[k].CopyFrom(_codec.value_to_proto(v))
+        return self._call(self.stub.CreateOptimizer, request, timeout)
+
+    def optimizer_step(self, model_id: str, *, timeout: float | None = None
+                       ) -> pb.OptimizerStepResponse:
+        """OptimizerStep. Raises NotFoundError (OPTIMIZER_NOT_FOUND) without an optimizer."""
+        return self._call(self.stub.OptimizerStep,
+                          pb.OptimizerStepRequest(model=model_name(model_id)), timeout)
+
+    def get_optimizer_state(self, model_id: str, *, config_only: bool = False,
+                            timeout: float | None = None
+                            ) -> tuple[pb.OptimizerInfo, dict[str, torch.Tensor]]:
+        """(configuration, {"{parameter}/{key}": tensor}) of the model's optimizer."""
+        info: pb.OptimizerInfo | None = None
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            nonlocal info
+            for msg in self._stream(self.stub.GetOptimizerState, pb.GetOptimizerStateRequest(
+                    model=model_name(model_id), config_only=config_only), timeout):
+                if msg.WhichOneof("part") == "optimizer":
+                    info = msg.optimizer
+                else:
+                    yield msg.chunk
+
+        tensors = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        if info is None:
+            raise InvalidArgumentError("the server sent no optimizer", reason="BAD_STREAM")
+        return info, tensors
+
+    def configure_training(self, model_id: str, mode: str = "async", *, sync_workers: int = 1,
+                           max_staleness: int = 0, stale_policy: str = "reject",
+                           timeout: float | None = None) -> pb.TrainingConfig:
+        """ConfigureTraining: how PushGrads applies gradients.
+
+        Args:
+            mode: "async", "sync" (average `sync_workers` pushes per step) or
+                "bounded_staleness" (reject or scale pushes more than `max_staleness` steps old).
+            stale_policy: "reject" or "scale" (bounded staleness).
+
+        Raises:
+            InvalidArgumentError: unknown mode or policy, bad worker count or staleness.
+        """
+        if mode not in _MODES or stale_policy not in _POLICIES:
+            raise InvalidArgumentError(f"mode must be one of {sorted(_MODES)} and stale_policy "
+                                       f"one of {sorted(_POLICIES)}", reason="BAD_TRAINING_MODE")
+        config = pb.TrainingConfig(mode=_MODES[mode], sync_workers=sync_workers,
+                                   max_staleness=max_staleness,
+                                   stale_policy=_POLICIES[stale_policy])
+        return self._call(self.stub.ConfigureTraining, pb.ConfigureTrainingRequest(
+            model=model_name(model_id), config=config), timeout).config
+
+    def pull_model(self, model_id: str, *, include_buffers: bool = True,
+                   timeout: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        """PullModel: ({first name of each storage: tensor}, model version), all read on one
+        consistent version. (`pull_state` is the bulk read by names/prefix/glob with each
+        tensor's version.)"""
+        version = -1
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            nonlocal version
+            for msg in self._stream(self.stub.PullModel, pb.PullModelRequest(
+                    model=model_name(model_id), include_buffers=include_buffers), timeout):
+                if msg.WhichOneof("part") == "header":
+                    version = msg.header.model_version
+                else:
+                    yield msg.chunk
+
+        tensors = {a.name: a.finish() for a in _codec.assemble_tensors(chunks())}
+        return tensors, version
+
+    def push_grads(self, model_id: str, grads: Mapping[str, torch.Tensor], version: int, *,
+                   timeout: float | None = None) -> PushResult:
+        """PushGrads: gradients computed at model `version`, by parameter name.
+
+        In sync mode the call returns when its round's step is taken (or its deadline comes:
+        outcome "queued").
+
+        Raises:
+            NotFoundError: no optimizer (OPTIMIZER_NOT_FOUND) or unknown parameter.
+            InvalidArgumentError: wrong shapes/dtypes, a parameter outside the optimizer, or a
+                version the model never had.
+        """
+        def requests() -> Iterator[pb.PushGradsRequest]:
+            yield pb.PushGradsRequest(header=pb.PushGradsHeader(model=model_name(model_id),
+                                                                model_version=version))
+            for name, t in grads.items():
+                for chunk in _codec.iter_tensor_chunks(t.detach(), name=name):
+                    yield pb.PushGradsRequest(chunk=chunk)
+
+        r = self._call(self.stub.PushGrads, requests(), timeout)
+        return PushResult(_OUTCOMES.get(r.outcome, "unspecified"), r.staleness, r.scale,
+                          r.model_version, r.steps)
+
     def set_training(self, model_id: str, training: bool, module_path: str = "") -> None:
         """Module.train(training) on the server."""
         self._call(self.stub.SetTrainingMode, pb.SetTrainingModeRequest(
@@ -704,6 +939,165 @@ class Client:
             return []
         request = pb.CheckSharedRequest(model=model_name(_model_id(model)), names=names[:2])
         return [list(g.names) for g in self._call(self.stub.CheckShared, request).groups]
+
+    # ---------------------------------------------------------------------------- versions
+
+    def tensor_version(self, model: Any, name: str, *, kind: str = "parameters") -> int:
+        """The current version of a parameter's (or buffer's) storage.
+
+        Raises:
+            NotFoundError: no such model or tensor.
+        """
+        model_id = _model_id(model)
+        for t in self.list_parameters(model_id, prefix=name,
+                                      include_buffers=kind == "buffers"):
+            if t.name == name and (t.kind == pb.TENSOR_KIND_BUFFER) == (kind == "buffers"):
+                return t.version
+        from paramhub.errors import NotFoundError
+        raise NotFoundError(f"model {model_id!r} has no {kind[:-1]} {name!r}",
+                            reason="TENSOR_NOT_FOUND")
+
+    def model_version(self, model: Any) -> int:
+        """The model's current version (grows by one with every committed write)."""
+        return self.describe_model(_model_id(model)).model.version
+
+    # ---------------------------------------------------------------------------- batches
+
+    def batch(self, model: Any, *, expected_model_version: int | None = None,
+              request_id: str | None = None, timeout: float | None = None) -> Batch:
+        """A context manager collecting writes to `model`, applied atomically at its end.
+
+            with client.batch("mlp") as b:
+                client.set_slice("mlp", "0.weight", None, w)   # joins the batch
+                b.apply_init("zeros_", [paramhub.init_target(glob="*.bias")])
+            print(b.model_version)
+
+        The server applies all the writes or none, as one model version, and readers see all
+        or none. Nothing is sent if the block raises. See paramhub._batch.
+
+        Raises (at the end of the block):
+            ConflictError, InvalidArgumentError, NotFoundError, OutOfRangeError: nothing applied.
+        """
+        from paramhub._batch import Batch
+
+        return Batch(self, _model_id(model), expected_model_version=expected_model_version,
+                     request_id=request_id, timeout=timeout)
+
+    def _active_batch(self, model_id: str) -> Batch | None:
+        """The batch this thread has open for `model_id` on this client, or None.
+
+        For SDK layers (the module mirror): route a write into it with
+        `batch.set_slice(name, index, value, op, kind=..., expected_version=...)` or
+        `batch.apply_init(scheme, targets, args, seed=...)` instead of sending it. Client's own
+        `set_slice` / `apply_init` already do this.
+        """
+        from paramhub import _batch
+
+        return _batch.active(self, model_id)
+
+    # ---------------------------------------------------------------------------- watch
+
+    def watch(self, model: Any, callback: Callable[[WatchEvent], Any] | None = None, *,
+              max_queue: int = 0, timeout: float | None = None) -> Watch:
+        """Watches a model's committed writes.
+
+        Iterate the returned Watch (`for event in client.watch("mlp"): ...`), or pass
+        `callback` to have a background thread call it with each event. The first event is
+        "started"; then one "write" per commit in commit order; "resync" if this watcher fell
+        more than `max_queue` events (server default 1024) behind and events were dropped.
+        The stream has no deadline unless `timeout` is given; `close()` ends it.
+        """
+        from paramhub._watch import Watch
+
+        return Watch(self, _model_id(model), max_queue=max_queue, timeout=timeout,
+                     callback=callback)
+
+    # ---------------------------------------------------------------------------- durability
+
+    def create_checkpoint(self, model: Any, name: str) -> pb.CheckpointInfo:
+        """Saves the model's current values (one consistent version) as checkpoint `name`.
+
+        Raises:
+            AlreadyExistsError: the name is taken. FailedPreconditionError: the server has no
+            data directory (reason NO_DATA_DIR). InvalidArgumentError: bad name.
+        """
+        return self._call(self.stub.CreateCheckpoint, pb.CreateCheckpointRequest(
+            model=model_name(_model_id(model)), checkpoint=name)).checkpoint
+
+    def list_checkpoints(self, model: Any) -> list[pb.CheckpointInfo]:
+        """The model's checkpoints, oldest first."""
+        return list(self._call(self.stub.ListCheckpoints, pb.ListCheckpointsRequest(
+            model=model_name(_model_id(model)))).checkpoints)
+
+    def restore_checkpoint(self, model: Any, name: str, *,
+                           expected_model_version: int | None = None,
+                           request_id: str | None = None, timeout: float | None = None
+                           ) -> pb.RestoreCheckpointResponse:
+        """Rolls the model back to checkpoint `name`: one write, versions keep growing.
+
+        Raises:
+            NotFoundError: no such checkpoint (reason CHECKPOINT_NOT_FOUND).
+            ConflictError: `expected_model_version` is not the model's version.
+        """
+        request = pb.RestoreCheckpointRequest(model=model_name(_model_id(model)),
+                                              checkpoint=name,
+                                              request_id=request_id or uuid.uuid4().hex)
+        if expected_model_version is not None:
+            request.expected_model_version = expected_model_version
+        return self._call(self.stub.RestoreCheckpoint, request, timeout)
+
+    def delete_checkpoint(self, model: Any, name: str) -> None:
+        """Deletes checkpoint `name`. Raises NotFoundError if there is none."""
+        self._call(self.stub.DeleteCheckpoint, pb.DeleteCheckpointRequest(
+            model=model_name(_model_id(model)), checkpoint=name))
+
+    def export_checkpoint(self, model: Any, path: str | os.PathLike[str], name: str = "", *,
+                          timeout: float | None = None) -> str:
+        """Downloads checkpoint `name` (or, with no name, the current values) to `path` as a
+        plain safetensors state_dict: `safetensors.torch.load_file(path)` then
+        `module.load_state_dict(...)` work without paramhub. Returns the path.
+
+        complex128 tensors (no safetensors dtype) are stored as float64 with a trailing
+        dimension of 2, as torch.view_as_real.
+        """
+        request = pb.ExportCheckpointRequest(model=model_name(_model_id(model)), checkpoint=name)
+        target = os.fspath(path)
+        tmp = f"{target}.part"
+        with open(tmp, "wb") as f:
+            for piece in self._stream(self.stub.ExportCheckpoint, request, timeout):
+                f.write(piece.data)
+        os.replace(tmp, target)
+        return target
+
+    def compact(self, model: Any) -> pb.CompactModelResponse:
+        """Folds the model's write-ahead log into a new snapshot now."""
+        return self._call(self.stub.CompactModel, pb.CompactModelRequest(
+            model=model_name(_model_id(model))))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits until the server's health check says SERVING (e.g. after a restart, while it
+        replays its log).
+
+        Raises:
+            UnavailableError: not serving within `timeout` seconds.
+        """
+        from paramhub.errors import UnavailableError
+
+        # grpc.health.v1.Health/Check with an empty request (service ""); the response's field
+        # 1 is the status enum, SERVING = 1. Raw bytes: no dependency on the health package.
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if check(b"", timeout=min(5.0, max(0.1, deadline - time.monotonic())),
+                         metadata=self._metadata) == b"\x08\x01":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise UnavailableError(f"{self.target} is not serving after {timeout}s",
+                                       reason="NOT_SERVING")
+            time.sleep(0.05)
 
     def probe(self, model: Any, name: str | None = None, index: Any = None, *, bins: int = 0,
               hist_range: tuple[float, float] | None = None, kind: str = "parameters",

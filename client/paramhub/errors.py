@@ -25,6 +25,7 @@ __all__ = [
     "DeadlineExceededError",
     "InternalError",
     "UnimplementedError",
+    "FailedPreconditionError",
     "from_rpc_error",
     "ERROR_DOMAIN",
 ]
@@ -133,6 +134,14 @@ class UnimplementedError(ParamhubError, NotImplementedError):
     default_reason = "UNIMPLEMENTED"
 
 
+class FailedPreconditionError(ParamhubError):
+    """The call needs a server state it is not in, e.g. checkpoints on a server without a data
+    directory (FAILED_PRECONDITION)."""
+
+    code = "FAILED_PRECONDITION"
+    default_reason = "FAILED_PRECONDITION"
+
+
 class InternalError(ParamhubError):
     """A server bug (INTERNAL); the message is generic, the server log has the details."""
 
@@ -144,7 +153,8 @@ _BY_CODE: dict[str, type[ParamhubError]] = {
     cls.code: cls
     for cls in (NotFoundError, AlreadyExistsError, InvalidArgumentError, OutOfRangeError,
                 ConflictError, ResourceExhaustedError, AuthError, PermissionDeniedError,
-                UnavailableError, DeadlineExceededError, UnimplementedError, InternalError)
+                UnavailableError, DeadlineExceededError, UnimplementedError, FailedPreconditionError,
+                InternalError)
 }
 
 

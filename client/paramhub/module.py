@@ -5,24 +5,37 @@ parameters and buffers are remote handles (STYLE.md §6).
 the server returns, with the same classes, names and shared module objects; tied weights get one
 handle per server-side storage. From then on, printing, indexing and listing make no RPC; only
 values move, on demand. Calling any module of the tree runs Forward on the server.
+
+Remote autograd: when torch would record a graph (grad mode on, and an input or one of the
+module's parameters requires grad), the call goes through `RemoteForward`, a
+torch.autograd.Function, so the output has a grad_fn and `loss.backward()` reaches the server:
+the Backward RPC replays the Forward with autograd from the inputs it is sent again (and the same
+dropout seed) and accumulates `.grad` on the served parameters. The server keeps nothing per
+Forward, so a forward whose output is never backpropagated (evaluation without no_grad, a
+crashed client) costs no server memory; the price is a second forward pass on the server and
+sending the inputs twice, paid only by calls that are backpropagated. With grad mode off (or
+nothing requiring grad) a call is the plain Forward of before.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.nn.modules.module import _IncompatibleKeys
 
 from paramhub import _codec, _spec
 from paramhub.errors import InvalidArgumentError
-from paramhub.tensor import RemoteBuffer, RemoteParameter, _materialize, _Ref
+from paramhub.tensor import RemoteBuffer, RemoteParameter, _materialize, _Ref, is_remote_tensor
 from paramhub.v1 import parameter_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from paramhub.client import Client
+    from paramhub.client import Client, PushResult
 
 __all__ = ["attach", "is_remote", "model_id_of"]
 
@@ -32,15 +45,105 @@ _LOCAL_ONLY = ("to", "cuda", "cpu", "float", "double", "half", "bfloat16", "type
                "share_memory", "requires_grad_", "ipu", "xpu", "mtia")
 
 
+#: A leaf that requires grad, given to every RemoteForward so that its outputs require grad
+#: (and reach Backward) even when no input does: the graph's link to the served parameters.
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def _requires_grad(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not is_remote_tensor(x) and x.requires_grad
+
+
 class _RemoteForward:
-    """`module(*args)` -> Forward RPC on the module's path; inputs are sent, outputs fetched."""
+    """`module(*args)` -> Forward RPC on the module's path; inputs are sent, outputs fetched.
+
+    When torch would record a graph, the call is a RemoteForward autograd node instead."""
+
+    def __init__(self, client: Client, model_id: str, path: str, module: nn.Module) -> None:
+        self.client, self.model_id, self.path = client, model_id, path
+        # Whether the module has parameters that require grad: fixed for a mirror, since
+        # requires_grad of a served parameter cannot be changed through its handle.
+        self.params_require_grad = any(p.requires_grad for p in module.parameters())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            flat_kwargs = tree_flatten(kwargs)[0]
+            if any(_requires_grad(x) for x in flat_kwargs):
+                raise NotImplementedError(
+                    "gradients of keyword inputs of a served module are not supported; pass "
+                    "tensors that require grad positionally")
+            if self.params_require_grad or any(_requires_grad(x) for x in tree_flatten(args)[0]):
+                return _autograd_call(self, args, kwargs)
+        return self.client.forward(self.model_id, *_materialize(args), module_path=self.path,
+                                   **_materialize(kwargs))
+
+
+class _Call:
+    """What Backward needs to replay one Forward: its inputs, seed and version."""
+
+    def __init__(self, fwd: _RemoteForward, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 grad_inputs: list[int]) -> None:
+        self.fwd, self.args, self.kwargs, self.grad_inputs = fwd, args, kwargs, grad_inputs
+        # Dropout masks are replayed from this seed; Python's generator, so that calling a
+        # served module does not advance the caller's torch generator.
+        self.seed = random.getrandbits(62)
+        self.version = -1
+        self.leaves: list[Any] = []
+        self.positions: list[int] = []
+        self.treespec: Any = None
+
+
+class RemoteForward(torch.autograd.Function):
+    """The autograd node of a served module's call: forward = Forward RPC, backward =
+    Backward RPC (which also accumulates the served parameters' .grad)."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, anchor: torch.Tensor, *inputs: torch.Tensor) -> Any:
+        fwd = call.fwd
+        out, call.version = fwd.client.forward_versioned(
+            fwd.model_id, call.args, call.kwargs, module_path=fwd.path, seed=call.seed)
+        call.leaves, call.treespec = tree_flatten(out)
+        call.positions = [i for i, x in enumerate(call.leaves) if isinstance(x, torch.Tensor)]
+        outs = tuple(call.leaves[i] for i in call.positions)
+        ctx.mark_non_differentiable(*[o for o in outs
+                                      if not (o.is_floating_point() or o.is_complex())])
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> Any:
+        call: _Call = ctx.call
+        fwd = call.fwd
+        grads = fwd.client.backward(
+            fwd.model_id, call.args, call.kwargs, grad_outputs=list(grad_outputs),
+            grad_inputs=call.grad_inputs, forward_model_version=call.version,
+            module_path=fwd.path, seed=call.seed)
+        return (None, None, *grads)
+
+
+def _autograd_call(fwd: _RemoteForward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    args, kwargs = _materialize(args), _materialize(kwargs)
+    tensors = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
+    grad_inputs = [j for j, t in enumerate(tensors) if t.requires_grad]
+    detach = (lambda x: x.detach() if isinstance(x, torch.Tensor) else x)  # noqa: E731
+    call = _Call(fwd, tree_map(detach, args), tree_map(detach, kwargs), grad_inputs)
+    outs = RemoteForward.apply(call, _ANCHOR, *[tensors[j] for j in grad_inputs])
+    leaves = list(call.leaves)
+    for i, o in zip(call.positions, outs):
+        leaves[i] = o
+    return tree_unflatten(leaves, call.treespec)
+
+
+class _RemoteZeroGrad:
+    """`module.zero_grad(set_to_none=True)` -> one ZeroGrad RPC for the whole subtree."""
 
     def __init__(self, client: Client, model_id: str, path: str) -> None:
         self.client, self.model_id, self.path = client, model_id, path
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.client.forward(self.model_id, *_materialize(args), module_path=self.path,
-                                   **_materialize(kwargs))
+    def __call__(self, set_to_none: bool = True) -> None:
+        self.client.zero_grad(self.model_id, module_path=self.path, set_to_none=set_to_none)
 
 
 class _RemoteTrain:
@@ -120,27 +223,68 @@ def attach(client: Client, model_id: str) -> nn.Module:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        m.forward = _RemoteForward(client, model_id, path)
+        m.forward = _RemoteForward(client, model_id, path, m)
         m.train = _RemoteTrain(client, model_id, path, m)
+        m.zero_grad = _RemoteZeroGrad(client, model_id, path)
         for name in _LOCAL_ONLY:
             setattr(m, name, _local_only(name))
         m._paramhub_model_id = model_id
         m._paramhub_path = path
         m._paramhub_client = client
-    _install_root_methods(root, client, model_id)
+    _install_root_methods(root, client, model_id, desc)
     return root
 
 
-def _install_root_methods(root: nn.Module, client: Client, model_id: str) -> None:
-    def pull() -> nn.Module:
-        """A local nn.Module copy of the served model with its current values."""
-        desc = client.describe_model(model_id)
-        local = _spec.build_module(desc.spec)
-        # Every value in one PullState call, read on one consistent snapshot.
-        state, _ = client.pull_state(model_id)
+def _install_root_methods(root: nn.Module, client: Client, model_id: str,
+                          desc: pb.DescribeModelResponse) -> None:
+    # state_dict key -> the name its storage is sent under (the storage's first name).
+    first: dict[int, str] = {}
+    storage_name = {t.name: first.setdefault(t.storage_group, t.name) for t in desc.tensors}
+
+    def pull(into: nn.Module | None = None, *, return_version: bool = False) -> Any:
+        """A local nn.Module copy of the served model with its current values.
+
+        All values are read on one consistent version (one PullModel call).
+
+        Args:
+            into: a local module of the same structure (e.g. from an earlier pull) to load
+                the values into instead of building a new one; reusing it avoids rebuilding.
+            return_version: return `(module, version)`, the model version the values were
+                read at; pass it to `push_grads` (parameter-server training).
+
+        Raises:
+            NotFoundError: the model was deleted.
+        """
+        tensors, version = client.pull_model(model_id, include_buffers=True)
+        local = into if into is not None else _spec.build_module(desc.spec)
+        state = {name: tensors[storage_name[name]] for name in local.state_dict().keys()}
         local.load_state_dict(state)
         local.train(root.training)
-        return local
+        return (local, version) if return_version else local
+
+    def push_grads(grads: nn.Module | Mapping[str, torch.Tensor], version: int, *,
+                   timeout: float | None = None) -> PushResult:
+        """Hands gradients computed locally at model `version` to the server's optimizer.
+
+        `grads` is a local module (its parameters' `.grad`, e.g. the one `pull` returned, after
+        `loss.backward()`) or a {parameter name: gradient} dict. What happens depends on the
+        model's training mode (`configure_training`): see `PushResult`.
+
+        Raises:
+            NotFoundError: the model has no optimizer (create one with paramhub.optim).
+            InvalidArgumentError: gradients that do not match the parameters.
+        """
+        if isinstance(grads, nn.Module):
+            grads = {n: p.grad for n, p in grads.named_parameters() if p.grad is not None}
+        return client.push_grads(model_id, grads, version, timeout=timeout)
+
+    def configure_training(mode: str = "async", *, sync_workers: int = 1,
+                           max_staleness: int = 0, stale_policy: str = "reject") -> Any:
+        """Sets how push_grads applies gradients: "async", "sync" (one step per
+        `sync_workers` pushes, averaged) or "bounded_staleness" ("reject" or "scale" pushes
+        more than `max_staleness` steps old). Returns the stored configuration."""
+        return client.configure_training(model_id, mode, sync_workers=sync_workers,
+                                         max_staleness=max_staleness, stale_policy=stale_policy)
 
     def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True,
                         assign: bool = False) -> Any:
@@ -171,7 +315,13 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str) -> Non
             raise RuntimeError("Error(s) in loading state_dict for "
                                f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
         values = {k: v for k, v in state_dict.items() if k in known}
-        if values:
+        batch = client._active_batch(model_id)
+        if batch is not None:  # inside `with net.batch():` the values join that batch
+            params = {n for n, _ in root.named_parameters(remove_duplicate=False)}
+            for k, v in values.items():
+                batch.set_slice(k, None, v, "assign",
+                                kind="parameters" if k in params else "buffers")
+        elif values:
             client.push_state(model_id, values)
         return _IncompatibleKeys(missing, unexpected)
 
@@ -180,7 +330,20 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str) -> Non
         yield from root.named_parameters(remove_duplicate=False)
         yield from root.named_buffers(remove_duplicate=False)
 
+    def watch(callback: Any = None, **kwargs: Any) -> Any:
+        """`for event in net.watch(): ...`, or `net.watch(callback)`: see Client.watch."""
+        return client.watch(model_id, callback, **kwargs)
+
+    def batch(**kwargs: Any) -> Any:
+        """`with net.batch(): ...` collects this model's writes into one atomic ApplyBatch
+        (the same as `with client.batch(net):`); see Client.batch."""
+        return client.batch(model_id, **kwargs)
+
+    root.watch = watch
+    root.batch = batch
     root.pull = pull
+    root.push_grads = push_grads
+    root.configure_training = configure_training
     root.load_state_dict = load_state_dict
     root.named_remote_tensors = named_remote_tensors
     root.paramhub_client = client

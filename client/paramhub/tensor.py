@@ -59,6 +59,11 @@ class _Ref:
     version: int
     shape: torch.Size  # of the whole storage
 
+    def seen(self, version: int | None) -> None:
+        """Records a version read or written (None: the write joined a batch, not yet sent)."""
+        if version is not None:
+            self.version = max(self.version, version)
+
 
 # --------------------------------------------------------------------------------------------
 # Operation tables (by torch.overrides.resolve_name)
@@ -164,7 +169,7 @@ class _RemoteMixin:
         ref = self._ph_ref
         index, covered = self._first_index()
         t, version = ref.client.get_tensor(ref.model_id, ref.name, index, kind=ref.kind)
-        ref.version = max(ref.version, version)
+        ref.seen(version)
         for func, args, kwargs in self._ph_chain[covered:]:
             t = func(t, *args, **kwargs)
         return t, version
@@ -188,8 +193,8 @@ class _RemoteMixin:
             value = value.expand(shape).reshape(ref.shape)
         else:
             index, value = self._composed_index(value, shape)
-        ref.version = ref.client.set_slice(ref.model_id, ref.name, index, value, op,
-                                           kind=ref.kind, expected_version=expected_version)
+        ref.seen(ref.client.set_slice(ref.model_id, ref.name, index, value, op,
+                                           kind=ref.kind, expected_version=expected_version))
 
     def _composed_index(self, value: torch.Tensor, shape: torch.Size) -> tuple[Any, torch.Tensor]:
         base_shape = self._ph_ref.shape
@@ -323,7 +328,7 @@ def _getitem(self: _RemoteMixin, func: Any, args: tuple[Any, ...], kwargs: dict[
         ref = self._ph_ref
         t, version = ref.client.get_tensor(ref.model_id, ref.name, _materialize(idx),
                                            kind=ref.kind)
-        ref.version = max(ref.version, version)
+        ref.seen(version)
         return t
     return self.fetch()[_materialize(idx)]
 
@@ -358,17 +363,17 @@ def _setitem(self: _RemoteMixin, func: Any, args: tuple[Any, ...], kwargs: dict[
     positions = positions[_materialize(idx)]
     value_t = _materialize(value)
     value_t = value_t if isinstance(value_t, torch.Tensor) else torch.tensor(value_t)
-    ref.version = ref.client.set_slice(
+    ref.seen(ref.client.set_slice(
         ref.model_id, ref.name, torch.unravel_index(positions.reshape(-1), ref.shape),
-        value_t.expand(positions.shape).reshape(-1), "assign", kind=ref.kind)
+        value_t.expand(positions.shape).reshape(-1), "assign", kind=ref.kind))
 
 
 def _write_index(self: _RemoteMixin, idx: Any, value: Any) -> None:
     ref = self._ph_ref
     value = _materialize(value)
-    ref.version = ref.client.set_slice(ref.model_id, ref.name, _materialize(idx),
+    ref.seen(ref.client.set_slice(ref.model_id, ref.name, _materialize(idx),
                                        value if isinstance(value, torch.Tensor)
-                                       else torch.tensor(value), "assign", kind=ref.kind)
+                                       else torch.tensor(value), "assign", kind=ref.kind))
 
 
 _RemoteMixin._write_index = _write_index  # type: ignore[attr-defined]
@@ -486,9 +491,9 @@ def _apply_init(self: _RemoteMixin, scheme: str, init_args: dict[str, Any]) -> N
     ref = self._ph_ref
     resp = ref.client.apply_init(ref.model_id, scheme, [pb.InitTarget(parameter=ref.name)],
                                  init_args)
-    for u in resp.updated:
+    for u in resp.updated if resp is not None else ():  # None: joined an open batch
         if u.name == ref.name:
-            ref.version = u.version
+            ref.seen(u.version)
 
 
 def _init(self: _RemoteMixin, func: Any, name: str, args: tuple[Any, ...],

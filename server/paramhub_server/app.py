@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.auth import Authenticator
 from paramhub_server.core.registry import Registry, parse_device
+from paramhub_server.core.store import Store
 from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
 from paramhub_server.servicer import ParameterService
@@ -80,6 +82,8 @@ class Server:
         self.metrics = metrics
         self.transport = transport
         self._ready = threading.Event()
+        self._loaded = threading.Event()  # the loader finished (successfully or not)
+        self._recovered = threading.Event()  # the data directory's models are loaded (or failed)
 
     @property
     def metrics_port(self) -> int | None:
@@ -103,11 +107,19 @@ class Server:
         """Health NOT_SERVING first (load balancers stop sending), then drain and stop."""
         self._ready.clear()
         self.health.enter_graceful_shutdown()
+        self.registry.close_watchers()  # watch streams end now instead of holding the drain
         self.grpc_server.stop(grace).wait()
+        self.registry.close()  # flush and close every model's write-ahead log
         if self.metrics is not None:
             self.metrics.stop()
         if self.transport is not None:
             self.transport.close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Waits until loading (recovery from the data directory) has finished; True if the
+        server is ready."""
+        self._loaded.wait(timeout)
+        return self.ready()
 
 
 def _read(path: object) -> bytes:
@@ -115,13 +127,15 @@ def _read(path: object) -> bytes:
         return f.read()
 
 
-def build_server(settings: Settings, *, loader: Callable[[Registry], None] | None = None
-                 ) -> Server:
+def build_server(settings: Settings, *, loader: Callable[[Registry], None] | None = None,
+                 wait_ready: bool = True) -> Server:
     """Builds and starts a server bound to settings.host:settings.port (0 picks a free port).
 
-    Liveness is SERVING as soon as it listens. If `loader` is given it runs in a background
-    thread (e.g. loading models from disk) and readiness turns SERVING when it returns; until
-    then ParameterService calls answer UNAVAILABLE (reason NOT_READY).
+    Liveness is SERVING as soon as it listens. With a data directory, the stored models are
+    recovered (newest snapshot + write-ahead log replay) in a background thread, followed by
+    `loader` if given; readiness turns SERVING when that is done; until then ParameterService
+    calls answer UNAVAILABLE (reason NOT_READY). With `wait_ready` this returns only after the
+    recovery (not after `loader`).
 
     Raises:
         ConfigError: unsafe or inconsistent settings (checked before binding).
@@ -131,10 +145,15 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     authenticator = (Authenticator.from_file(settings.auth_file)
                      if settings.auth_file is not None else None)
     device = parse_device(settings.device, torch.device("cpu"))
+    store = None
+    if settings.data_dir is not None:
+        store = Store(settings.data_dir, fsync=settings.fsync,
+                      fsync_interval=settings.fsync_interval_s,
+                      compact_bytes=settings.compact_bytes)
     registry = Registry(device, max_model_bytes=settings.max_model_bytes,
                         max_total_bytes=settings.max_total_bytes,
                         max_spec_nodes=settings.max_spec_nodes,
-                        max_spec_depth=settings.max_spec_depth)
+                        max_spec_depth=settings.max_spec_depth, store=store)
     methods = list(pb.DESCRIPTOR.services_by_name["ParameterService"].methods_by_name)
     metrics = Metrics(registry, methods)
     holder: dict[str, Server] = {}
@@ -177,21 +196,38 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     holder["s"] = srv
     server.start()
     health_servicer.set(LIVENESS, _SERVING)
-    if loader is None:
+    if loader is None and store is None:
         srv.set_ready(True)
+        srv._recovered.set()
+        srv._loaded.set()
     else:
         srv.set_ready(False)
 
         def load() -> None:
             try:
-                loader(registry)
+                if store is not None:
+                    started = time.monotonic()
+                    try:
+                        loaded = registry.recover()
+                    finally:
+                        srv._recovered.set()
+                    log.info("recovered %d models from %s in %.2fs", len(loaded),
+                             settings.data_dir, time.monotonic() - started)
+                else:
+                    srv._recovered.set()
+                if loader is not None:
+                    loader(registry)
             except Exception:  # noqa: BLE001 - stays not ready; the log says why
                 log.exception("loading failed; the server stays not ready")
                 return
+            finally:
+                srv._loaded.set()
             srv.set_ready(True)
             log.info("loading finished; ready")
 
         threading.Thread(target=load, name="paramhub-load", daemon=True).start()
+        if wait_ready:
+            srv._recovered.wait()
     log.info("paramhub serving on %s:%d (device %s, %s, %s)", settings.host, port, device,
              "TLS" if settings.tls_cert else "plaintext",
              "auth" if authenticator else "no auth")

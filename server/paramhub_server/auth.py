@@ -30,8 +30,10 @@ _LEVEL = {r: i for i, r in enumerate(ROLES)}
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterService"].full_name
 
 #: The role each ParameterService RPC needs. Reads (including Forward, which computes on a
-#: snapshot, and probes) need read; anything that changes tensor values or module state needs
-#: write; creating and deleting models (and checkpoints, when they land) needs admin.
+#: snapshot, and probes) need read (a Forward that would update buffers in training mode is
+#: refused to a read token by the core, see ServedModel.forward); anything that changes tensor
+#: values or module state needs write; creating and deleting models and checkpoints, restoring
+#: one, and compaction need admin.
 METHOD_ROLES: dict[str, str] = {
     "CreateModel": ADMIN,
     "DeleteModel": ADMIN,
@@ -46,6 +48,24 @@ METHOD_ROLES: dict[str, str] = {
     "CheckShared": READ,
     "SetTrainingMode": WRITE,
     "Probe": READ,
+    # Training: gradients, optimizer state and steps change what later reads and steps see.
+    "Backward": WRITE,
+    "ZeroGrad": WRITE,
+    "CreateOptimizer": WRITE,
+    "OptimizerStep": WRITE,
+    "GetOptimizerState": READ,
+    "ConfigureTraining": WRITE,
+    "PullModel": READ,
+    "PushGrads": WRITE,
+    "ApplyBatch": WRITE,
+    "WatchModel": READ,
+    "CreateCheckpoint": ADMIN,
+    "ListCheckpoints": READ,
+    # A rollback replaces every value of the model: as destructive as deleting it.
+    "RestoreCheckpoint": ADMIN,
+    "DeleteCheckpoint": ADMIN,
+    "ExportCheckpoint": READ,
+    "CompactModel": ADMIN,
     "GetTransportInfo": READ,
     "PullState": READ,
     "PushState": WRITE,

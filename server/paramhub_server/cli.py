@@ -35,6 +35,14 @@ class LogLevel(str, enum.Enum):
     ERROR = "ERROR"
 
 
+class Fsync(str, enum.Enum):
+    """--fsync choices (see core/wal.py)."""
+
+    always = "always"
+    batch = "batch"
+    off = "off"
+
+
 class LogFormat(str, enum.Enum):
     """--log-format choices."""
 
@@ -56,6 +64,17 @@ def serve(
         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")] = None,
     data_dir: Annotated[Path, typer.Option(help="directory for persistent state")
                         ] = Path("var/paramhub"),
+    in_memory: Annotated[bool, typer.Option(
+        "--in-memory", help="keep models in memory only: no data dir, lost on exit")] = False,
+    fsync: Annotated[Fsync, typer.Option(
+        help="when the write-ahead log is fsynced: before each write is acknowledged (always), "
+             "every --fsync-interval in the background (batch), or never (off)")
+    ] = Fsync.always,
+    fsync_interval: Annotated[float, typer.Option(
+        help="seconds between background fsyncs with --fsync batch")] = 0.05,
+    compact_bytes: Annotated[int, typer.Option(
+        help="compact a model's log into a snapshot once it exceeds this many bytes and the "
+             "snapshot's size")] = 64 << 20,
     log_level: Annotated[LogLevel, typer.Option()] = LogLevel.INFO,
     log_format: Annotated[LogFormat, typer.Option(help="json: one object per line")
                           ] = LogFormat.text,
@@ -96,7 +115,9 @@ def serve(
     log_level, log_format = LogLevel(log_level).value, LogFormat(log_format).value
     logs.configure(log_level, log_format)
     settings = Settings(host=host, port=port, device=device or default_device(),
-                        data_dir=data_dir, log_level=log_level, max_workers=max_workers,
+                        data_dir=None if in_memory else data_dir,
+                        fsync=Fsync(fsync).value, fsync_interval_s=fsync_interval,
+                        compact_bytes=compact_bytes, log_level=log_level, max_workers=max_workers,
                         max_message_bytes=max_message_bytes, max_model_bytes=max_model_bytes,
                         auth_file=auth_file, insecure=insecure, tls_cert=tls_cert,
                         tls_key=tls_key, tls_client_ca=tls_client_ca,
@@ -104,8 +125,14 @@ def serve(
                         max_tensor_elements=max_tensor_elements, max_spec_nodes=max_spec_nodes,
                         max_spec_depth=max_spec_depth, metrics_port=metrics_port,
                         log_format=log_format, shm=shm)
+    # Handlers first: a SIGTERM right after the address line (or during recovery) drains.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        server = build_server(settings)
+        # Recovery from the data directory runs in the background (readiness NOT_SERVING
+        # meanwhile), so the port is known and printed at once.
+        server = build_server(settings, wait_ready=False)
     except (ConfigError, AuthFileError) as e:
         print(f"paramhub serve: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
@@ -117,9 +144,6 @@ def serve(
     print(f"{settings.host}:{server.port}", flush=True)
     if server.metrics_port is not None:
         logging.getLogger(__name__).info("metrics port %d", server.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logging.getLogger(__name__).info("draining (up to %.0fs)", settings.grace_seconds)
     server.stop(settings.grace_seconds)

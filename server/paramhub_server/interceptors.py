@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from paramhub.errors import InvalidArgumentError, ParamhubError, UnavailableError
 from paramhub_server.auth import SERVICE, Authenticator
 from paramhub_server.errors import status_of
-from paramhub_server.logs import request_context
+from paramhub_server.logs import request_context, set_current_role
 from paramhub_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class Pipeline(grpc.ServerInterceptor):
                 principal = self.authenticator.authenticate(metadata)
                 call.who = f"{principal.role}:{principal.label}"
                 self.authenticator.authorize(principal, full)
+                set_current_role(principal.role)
             if not self.ready():
                 raise UnavailableError("the server is still loading its models",
                                        reason="NOT_READY")

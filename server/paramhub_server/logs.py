@@ -28,15 +28,25 @@ def current_method() -> str | None:
     return getattr(_local, "method", None)
 
 
+def current_role() -> str | None:
+    """The authenticated role of the RPC this thread is running; None without auth."""
+    return getattr(_local, "role", None)
+
+
+def set_current_role(role: str) -> None:
+    """Records the caller's role for the rest of the current request context."""
+    _local.role = role
+
+
 @contextmanager
 def request_context(request_id: str, method: str) -> Iterator[None]:
     """Marks this thread as running `method` for `request_id` (restores the previous state)."""
-    prev = (current_request_id(), current_method())
-    _local.request_id, _local.method = request_id, method
+    prev = (current_request_id(), current_method(), current_role())
+    _local.request_id, _local.method, _local.role = request_id, method, None
     try:
         yield
     finally:
-        _local.request_id, _local.method = prev
+        _local.request_id, _local.method, _local.role = prev
 
 
 class RequestContextFilter(logging.Filter):

@@ -15,10 +15,12 @@ from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import probe
-from paramhub_server.core.model import BUFFER, PARAMETER, ServedModel
+from paramhub_server.core import probe, store, training, watch
+from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
+                                        WriteContext)
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
+from paramhub_server.logs import current_role
 from paramhub_server.transport import Transport, create_segment
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,23 @@ _OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "
         pb.SLICE_OP_MUL: "mul", pb.SLICE_OP_DIV: "div"}
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _COLLECTIONS = {"parameters": PARAMETER, "buffers": BUFFER}
+_MODES = {pb.TRAINING_MODE_UNSPECIFIED: training.ASYNC, pb.TRAINING_MODE_ASYNC: training.ASYNC,
+          pb.TRAINING_MODE_SYNC: training.SYNC,
+          pb.TRAINING_MODE_BOUNDED_STALENESS: training.BOUNDED}
+_MODES_PB = {training.ASYNC: pb.TRAINING_MODE_ASYNC, training.SYNC: pb.TRAINING_MODE_SYNC,
+             training.BOUNDED: pb.TRAINING_MODE_BOUNDED_STALENESS}
+_POLICIES = {pb.STALE_POLICY_UNSPECIFIED: training.REJECT, pb.STALE_POLICY_REJECT: training.REJECT,
+             pb.STALE_POLICY_SCALE: training.SCALE}
+_POLICIES_PB = {training.REJECT: pb.STALE_POLICY_REJECT, training.SCALE: pb.STALE_POLICY_SCALE}
+_OUTCOMES = {training.APPLIED: pb.PUSH_OUTCOME_APPLIED, training.SCALED: pb.PUSH_OUTCOME_SCALED,
+             training.REJECTED: pb.PUSH_OUTCOME_REJECTED, training.QUEUED: pb.PUSH_OUTCOME_QUEUED}
 MIN_CHUNK, MAX_CHUNK = 4 << 10, 4 << 20
+#: Metadata key carrying the client's writer id (shown in watch events).
+WRITER_METADATA = "x-paramhub-writer"
+_EVENT_KINDS = {watch.STARTED: pb.WATCH_EVENT_KIND_STARTED, watch.WRITE: pb.WATCH_EVENT_KIND_WRITE,
+                watch.RESYNC: pb.WATCH_EVENT_KIND_RESYNC}
+#: How often a watch stream with no events checks whether its client is still there (seconds).
+_WATCH_POLL = 1.0
 #: Reads of fewer bytes come inline even when the client offers shared memory: below this, a
 #: memfd, a mapping and a descriptor pass cost more than they save.
 SHM_MIN_BYTES = 1 << 20
@@ -74,6 +92,84 @@ def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
                          has_grad=ref.kind == PARAMETER and t.grad is not None)
 
 
+def write_context(request_id: str, context: grpc.ServicerContext) -> WriteContext:
+    """The write's request id and its writer: the client's writer id metadata, else its peer."""
+    writer = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == WRITER_METADATA and isinstance(value, str):
+            writer = value[:200]
+    return WriteContext(request_id=request_id, writer=writer or context.peer())
+
+
+def slice_write(request: pb.SetSliceRequest, value: Any, max_elements: int | None = None
+                ) -> tuple[str, SliceWrite]:
+    """(model id, SliceWrite) of a SetSliceRequest whose value is already decoded."""
+    model_id, kind, name = tensor_name_of(request.name)
+    op = _OPS.get(request.op)
+    if op is None:
+        raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
+    index = _codec.index_from_proto(request.index, max_elements=max_elements)
+    expected = request.expected_version if request.HasField("expected_version") else None
+    return model_id, SliceWrite(name, index, op, value, expected, kind)
+
+
+def init_write(request: pb.ApplyInitRequest, max_elements: int | None = None) -> InitWrite:
+    """The InitWrite of an ApplyInitRequest."""
+    targets: list[tuple[str, Any]] = []
+    for t in request.targets:
+        which = t.WhichOneof("selector")
+        if which == "module":
+            targets.append(("module", (t.module.path, t.module.module_class,
+                                       t.module.parameter)))
+        elif which is not None:
+            targets.append((which, getattr(t, which)))
+        else:
+            raise InvalidArgumentError("an init target has no selector set",
+                                       reason="BAD_ARGUMENT")
+    args = {k: _codec.value_from_proto(v, max_elements=max_elements)
+            for k, v in request.args.items()}
+    return InitWrite(targets, request.scheme, args,
+                     seed=request.seed if request.HasField("seed") else None,
+                     expected_model_version=(request.expected_model_version
+                                             if request.HasField("expected_model_version")
+                                             else None))
+
+
+def event_to_proto(ev: watch.Event) -> pb.WatchModelResponse:
+    """A watch event as its proto."""
+    return pb.WatchModelResponse(
+        kind=_EVENT_KINDS[ev.kind], model_version=ev.model_version, op=ev.op,
+        changes=[pb.TensorChange(name=c.name, version=c.version, region=c.region)
+                 for c in ev.changes],
+        writer=ev.writer, time_unix_nanos=ev.time_ns, request_id=ev.request_id)
+
+
+def _versions(updated: Any) -> list[pb.TensorVersion]:
+    return [pb.TensorVersion(name=n, version=v) for n, v in updated]
+
+
+def _options_to_proto(target: Any, options: dict[str, Any]) -> None:
+    for k, v in options.items():
+        target[k].CopyFrom(_codec.value_to_proto(v))
+
+
+def optimizer_info(opt: training.ServedOptimizer) -> pb.OptimizerInfo:
+    """OptimizerInfo of a served optimizer (groups with resolved options)."""
+    info = pb.OptimizerInfo(type=opt.type, steps=opt.steps)
+    _options_to_proto(info.defaults, opt.defaults)
+    for names, options in opt.resolved_groups():
+        group = info.param_groups.add(parameters=names)
+        _options_to_proto(group.options, options)
+    return info
+
+
+def training_config(cfg: training.TrainingConfig) -> pb.TrainingConfig:
+    """TrainingConfig proto of the core's config."""
+    return pb.TrainingConfig(mode=_MODES_PB[cfg.mode], sync_workers=cfg.sync_workers,
+                             max_staleness=cfg.max_staleness,
+                             stale_policy=_POLICIES_PB[cfg.stale_policy])
+
+
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
@@ -86,6 +182,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
+
+    def _values(self, msgs: Any) -> list[Any]:
+        return [_codec.value_from_proto(v, max_elements=self.max_tensor_elements) for v in msgs]
+
+    def _options(self, options: Any) -> dict[str, Any]:
+        return {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
+                for k, v in options.items()}
 
     def _tensor(self, name: str) -> tuple[ServedModel, str, str]:
         model_id, kind, tname = tensor_name_of(name)
@@ -255,14 +358,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                   shape=list(result.tensor.shape), version=result.version)
         return _codec.encode_chunk(header, _codec._memory(_codec.byte_view(result.tensor)))
 
-    def _set_slice(self, request: pb.SetSliceRequest, value: Any) -> pb.SetSliceResponse:
-        m, kind, name = self._tensor(request.name)
-        op = _OPS.get(request.op)
-        if op is None:
-            raise InvalidArgumentError(f"unknown slice op {request.op}", reason="BAD_OP")
-        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
-        expected = request.expected_version if request.HasField("expected_version") else None
-        version, model_version = m.set_slice(name, index, op, value, expected, kind=kind)
+    def _set_slice(self, request: pb.SetSliceRequest, value: Any,
+                   context: grpc.ServicerContext) -> pb.SetSliceResponse:
+        model_id, w = slice_write(request, value, self.max_tensor_elements)
+        m = self.registry.get(model_id)
+        version, model_version = m.set_slice(w.name, w.index, w.op, w.value, w.expected_version,
+                                             kind=w.kind,
+                                             ctx=write_context(request.request_id, context))
         return pb.SetSliceResponse(version=version, model_version=model_version)
 
     @rpc
@@ -281,11 +383,11 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             segment = self.transport.shm_channel().receive(conn, nbytes)
             try:
                 return self._set_slice(request, _codec.typed_view(segment.tensor, nbytes, dtype,
-                                                                  shape))
+                                                                  shape), context)
             finally:
                 segment.close()
         return self._set_slice(request, _codec.tensor_from_proto(
-            request.value, max_elements=self.max_tensor_elements))
+            request.value, max_elements=self.max_tensor_elements), context)
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[Any],
@@ -311,34 +413,19 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
-        done = self._set_slice(req, asm.finish())
+        done = self._set_slice(req, asm.finish(), context)
         return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
                   ) -> pb.ApplyInitResponse:
         m = self._model(request.model)
-        targets: list[tuple[str, Any]] = []
-        for t in request.targets:
-            which = t.WhichOneof("selector")
-            if which == "module":
-                targets.append(("module", (t.module.path, t.module.module_class,
-                                           t.module.parameter)))
-            elif which is not None:
-                targets.append((which, getattr(t, which)))
-            else:
-                raise InvalidArgumentError("an init target has no selector set",
-                                           reason="BAD_ARGUMENT")
-        args = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
-                for k, v in request.args.items()}
+        w = init_write(request, self.max_tensor_elements)
         updated, model_version = m.apply_init(
-            targets, request.scheme, args,
-            seed=request.seed if request.HasField("seed") else None,
-            expected_model_version=(request.expected_model_version
-                                    if request.HasField("expected_model_version") else None))
-        return pb.ApplyInitResponse(
-            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
-            model_version=model_version)
+            w.targets, w.scheme, w.args, seed=w.seed,
+            expected_model_version=w.expected_model_version,
+            ctx=write_context(request.request_id, context))
+        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version)
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
@@ -348,7 +435,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 for v in request.args]
         kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
                   for k, v in request.kwargs.items()}
-        out, version = m.forward(request.module_path, args, kwargs)
+        # Without auth every caller may write; with auth a read token may not update buffers.
+        out, version = m.forward(request.module_path, args, kwargs,
+                                 may_write=current_role() in (None, "write", "admin"),
+                                 seed=request.seed if request.HasField("seed") else None)
         try:
             encoded = _codec.value_to_proto(out)
         except InvalidArgumentError:
@@ -380,6 +470,116 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         return pb.SetTrainingModeResponse()
 
     @rpc
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext
+                 ) -> pb.BackwardResponse:
+        m = self._model(request.model)
+        grad_outputs = self._values(request.grad_outputs)
+        if any(g is not None and not isinstance(g, torch.Tensor) for g in grad_outputs):
+            raise InvalidArgumentError("each output gradient must be a tensor or null",
+                                       reason="BAD_ARGUMENT")
+        grads, version = m.backward(
+            request.module_path, self._values(request.args), self._options(request.kwargs),
+            seed=request.seed if request.HasField("seed") else None,
+            forward_version=request.forward_model_version, grad_outputs=grad_outputs,
+            grad_inputs=list(request.grad_inputs))
+        return pb.BackwardResponse(input_grads=[_codec.value_to_proto(g) for g in grads],
+                                   model_version=version)
+
+    @rpc
+    def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext
+                 ) -> pb.ZeroGradResponse:
+        self._model(request.model).zero_grad(request.module_path, list(request.parameters),
+                                             request.fill_zeros)
+        return pb.ZeroGradResponse()
+
+    @rpc
+    def CreateOptimizer(self, request: pb.CreateOptimizerRequest, context: grpc.ServicerContext
+                        ) -> pb.CreateOptimizerResponse:
+        m = self._model(request.model)
+        groups = [(list(g.parameters), self._options(g.options)) for g in request.param_groups]
+        opt, created = training.create_optimizer(m, request.type, groups,
+                                                 self._options(request.defaults),
+                                                 replace=request.replace)
+        return pb.CreateOptimizerResponse(optimizer=optimizer_info(opt), created=created)
+
+    @rpc
+    def OptimizerStep(self, request: pb.OptimizerStepRequest, context: grpc.ServicerContext
+                      ) -> pb.OptimizerStepResponse:
+        version, steps = training.step(self._model(request.model))
+        return pb.OptimizerStepResponse(model_version=version, steps=steps)
+
+    @rpc
+    def GetOptimizerState(self, request: pb.GetOptimizerStateRequest,
+                          context: grpc.ServicerContext
+                          ) -> Iterator[pb.GetOptimizerStateResponse]:
+        m = self._model(request.model)
+        opt = training.trainer(m).optimizer
+        if request.config_only or opt is None:
+            # optimizer_of raises OPTIMIZER_NOT_FOUND when there is none.
+            yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(training.optimizer_of(m)))
+            return
+        _, tensors = training.export_optimizer(m)
+        yield pb.GetOptimizerStateResponse(optimizer=optimizer_info(opt))
+        for name, t in tensors.items():
+            for chunk in _codec.iter_tensor_chunks(t, name=name):
+                yield pb.GetOptimizerStateResponse(chunk=chunk)
+
+    @rpc
+    def ConfigureTraining(self, request: pb.ConfigureTrainingRequest,
+                          context: grpc.ServicerContext) -> pb.ConfigureTrainingResponse:
+        m = self._model(request.model)
+        c = request.config
+        mode = _MODES.get(c.mode)
+        policy = _POLICIES.get(c.stale_policy)
+        if mode is None or policy is None:
+            raise InvalidArgumentError("unknown training mode or stale policy",
+                                       reason="BAD_TRAINING_MODE")
+        cfg = training.configure(m, mode, sync_workers=c.sync_workers,
+                                 max_staleness=c.max_staleness, stale_policy=policy)
+        return pb.ConfigureTrainingResponse(config=training_config(cfg))
+
+    @rpc
+    def PullModel(self, request: pb.PullModelRequest, context: grpc.ServicerContext
+                  ) -> Iterator[pb.PullModelResponse]:
+        m = self._model(request.model)
+        tensors, version = m.snapshot(include_buffers=request.include_buffers)
+        yield pb.PullModelResponse(header=pb.PullModelHeader(model_version=version,
+                                                             num_tensors=len(tensors)))
+        for name, t in tensors:
+            for chunk in _codec.iter_tensor_chunks(t, name=name, version=version):
+                yield pb.PullModelResponse(chunk=chunk)
+
+    @rpc
+    def PushGrads(self, request_iterator: Iterator[pb.PushGradsRequest],
+                  context: grpc.ServicerContext) -> pb.PushGradsResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first PushGrads message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+
+        def chunks() -> Iterator[tpb.TensorChunk]:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("only the first PushGrads message may carry a "
+                                               "header", reason="BAD_STREAM")
+                yield msg.chunk
+
+        grads: dict[str, Any] = {}
+        for asm in _codec.assemble_tensors(chunks(), max_elements=self.max_tensor_elements,
+                                          max_bytes=self.registry.max_model_bytes):
+            if asm.name in grads:
+                raise InvalidArgumentError(f"gradient for {asm.name!r} sent twice",
+                                           reason="DUPLICATE_PARAMETER")
+            grads[asm.name] = asm.finish()
+        result = training.push_grads(m, header.model_version, grads,
+                                     timeout=context.time_remaining())
+        return pb.PushGradsResponse(outcome=_OUTCOMES[result.outcome],
+                                    staleness=result.staleness, scale=result.scale,
+                                    model_version=result.model_version, steps=result.steps)
+
+    @rpc
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
         hmin = request.histogram_min if request.HasField("histogram_min") else None
         hmax = request.histogram_max if request.HasField("histogram_max") else None
@@ -399,6 +599,135 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                             grad=request.field == pb.TENSOR_FIELD_GRAD,
                                             bins=request.histogram_bins, hmin=hmin, hmax=hmax)
         return pb.ProbeResponse(stats=stats_to_proto(stats), model_version=version)
+
+    @rpc
+    def ApplyBatch(self, request_iterator: Iterator[pb.ApplyBatchRequest],
+                   context: grpc.ServicerContext) -> pb.ApplyBatchResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgumentError("the first ApplyBatch message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+        writes: list[SliceWrite | InitWrite] = []
+        pending: tuple[pb.SetSliceRequest, _codec.TensorAssembler] | None = None
+
+        def finish_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                req, asm = pending
+                writes.append(self._batch_slice(m, req, asm.finish()))
+                pending = None
+
+        for msg in request_iterator:
+            part = msg.WhichOneof("part")
+            if part == "data":
+                if pending is None:
+                    raise InvalidArgumentError("value bytes without a preceding streamed write",
+                                               reason="BAD_STREAM")
+                pending[1].add(msg.data)
+                continue
+            finish_pending()
+            if part != "write":
+                raise InvalidArgumentError("only the first ApplyBatch message may carry the "
+                                           "header", reason="BAD_STREAM")
+            which = msg.write.WhichOneof("write")
+            if which == "set_slice":
+                req = msg.write.set_slice
+                nbytes = _nbytes(req.value, self.max_tensor_elements)
+                if nbytes and not req.value.data:
+                    pending = (req, _codec.TensorAssembler(
+                        tpb.TensorHeader(dtype=req.value.dtype, shape=req.value.shape),
+                        max_elements=self.max_tensor_elements))
+                else:
+                    writes.append(self._batch_slice(m, req, _codec.tensor_from_proto(
+                        req.value, max_elements=self.max_tensor_elements)))
+            elif which == "apply_init":
+                if request_model := msg.write.apply_init.model:
+                    if model_id_of(request_model) != m.id:
+                        raise InvalidArgumentError("every write of a batch must target the "
+                                                   "batch's model", reason="BAD_BATCH")
+                writes.append(init_write(msg.write.apply_init, self.max_tensor_elements))
+            else:
+                raise InvalidArgumentError("a batch write has no write set", reason="BAD_BATCH")
+        finish_pending()
+        result = m.apply_batch(
+            writes, header.expected_model_version if header.HasField("expected_model_version")
+            else None, ctx=write_context(header.request_id, context))
+        return pb.ApplyBatchResponse(updated=_versions(result.updated),
+                                     model_version=result.model_version)
+
+    def _batch_slice(self, m: ServedModel, req: pb.SetSliceRequest, value: Any) -> SliceWrite:
+        model_id, w = slice_write(req, value, self.max_tensor_elements)
+        if model_id != m.id:
+            raise InvalidArgumentError("every write of a batch must target the batch's model",
+                                       reason="BAD_BATCH")
+        return w
+
+    @rpc
+    def WatchModel(self, request: pb.WatchModelRequest, context: grpc.ServicerContext
+                   ) -> Iterator[pb.WatchModelResponse]:
+        m = self._model(request.name)
+        if request.max_queue < 0:
+            raise InvalidArgumentError("max_queue must be >= 0", reason="BAD_ARGUMENT")
+        watcher = m.watch(request.max_queue)
+        context.add_callback(watcher.close)  # the client went away: stop queueing for it
+        try:
+            while True:
+                ev = watcher.get(_WATCH_POLL)
+                if ev is None:
+                    if not context.is_active():
+                        return
+                    continue
+                if ev.kind == watch.CLOSED:
+                    return
+                yield event_to_proto(ev)
+        finally:
+            watcher.close()
+
+    @rpc
+    def CreateCheckpoint(self, request: pb.CreateCheckpointRequest,
+                         context: grpc.ServicerContext) -> pb.CreateCheckpointResponse:
+        info = store.create_checkpoint(self._model(request.model), request.checkpoint)
+        return pb.CreateCheckpointResponse(checkpoint=info)
+
+    @rpc
+    def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
+                        context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
+        return pb.ListCheckpointsResponse(
+            checkpoints=store.journal_of(self._model(request.model)).list_checkpoints())
+
+    @rpc
+    def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest,
+                          context: grpc.ServicerContext) -> pb.RestoreCheckpointResponse:
+        result = store.restore_checkpoint(
+            self._model(request.model), store.check_checkpoint_name(request.checkpoint),
+            request.expected_model_version if request.HasField("expected_model_version")
+            else None, write_context(request.request_id, context))
+        return pb.RestoreCheckpointResponse(updated=_versions(result.updated),
+                                            model_version=result.model_version)
+
+    @rpc
+    def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest,
+                         context: grpc.ServicerContext) -> pb.DeleteCheckpointResponse:
+        store.journal_of(self._model(request.model)).delete_checkpoint(
+            store.check_checkpoint_name(request.checkpoint))
+        return pb.DeleteCheckpointResponse()
+
+    @rpc
+    def ExportCheckpoint(self, request: pb.ExportCheckpointRequest,
+                         context: grpc.ServicerContext) -> Iterator[pb.ExportCheckpointResponse]:
+        m = self._model(request.model)
+        if request.checkpoint:
+            store.check_checkpoint_name(request.checkpoint)
+        for data in store.export_bytes(m, request.checkpoint):
+            yield pb.ExportCheckpointResponse(data=data)
+
+    @rpc
+    def CompactModel(self, request: pb.CompactModelRequest, context: grpc.ServicerContext
+                     ) -> pb.CompactModelResponse:
+        version, folded = store.compact(self._model(request.model))
+        return pb.CompactModelResponse(model_version=version, log_bytes=folded)
 
     @rpc
     def GetTransportInfo(self, request: pb.GetTransportInfoRequest,
@@ -425,7 +754,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 segments.append(create_segment(nbytes))
                 return segments[0].tensor[:nbytes]
 
-            headers, buf, model_version = m.snapshot(names, alloc=alloc)
+            headers, buf, model_version = m.snapshot_state(names, alloc=alloc)
             if segments:
                 del buf
                 try:
@@ -438,7 +767,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                            shm=True).SerializeToString()
                 return
         else:
-            headers, buf, model_version = m.snapshot(names)
+            headers, buf, model_version = m.snapshot_state(names)
         yield pb.PullStateResponse(headers=headers, model_version=model_version).SerializeToString()
         yield from _codec.iter_data_frames(buf, 0x1A, _chunk_size(request.chunk_bytes))
 
@@ -465,7 +794,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             segment = self.transport.shm_channel().receive(conn, total)
             try:
                 values = _codec.unpack_state(segment.tensor[:total], header.tensors)
-                updated, version = m.load_state(refs, values, expected)
+                updated, version = m.load_state(refs, values, expected,
+                                                ctx=write_context("", context))
                 del values
             finally:
                 segment.close()
@@ -481,7 +811,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                     raise InvalidArgumentError("only the first PushState message may carry the "
                                                "header", reason="BAD_STREAM")
             values = _codec.unpack_state(asm.finish(), header.tensors)
-            updated, version = m.load_state(refs, values, expected)
+            updated, version = m.load_state(refs, values, expected,
+                                                ctx=write_context("", context))
         return pb.PushStateResponse(
             updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
             model_version=version)
@@ -496,6 +827,14 @@ def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
         min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
         histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
         histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)
+
+
+def _nbytes(value: tpb.Tensor, max_elements: int | None) -> int:
+    dtype = _codec.dtype_from_proto(value.dtype)
+    n = 1
+    for s in _codec.check_shape(value.shape, max_elements=max_elements):
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _numel(shape: Any) -> int:

@@ -20,7 +20,16 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "cpu"
-    data_dir: Path = Path("var/paramhub")
+    #: Where models, logs and checkpoints are kept; None keeps models in memory only.
+    data_dir: Path | None = Path("var/paramhub")
+    #: When the write-ahead log is fsynced: "always" (before each write is acknowledged),
+    #: "batch" (every fsync_interval_s in the background) or "off" (left to the OS).
+    fsync: str = "always"
+    #: Seconds between background fsyncs under fsync="batch".
+    fsync_interval_s: float = 0.05
+    #: A model's log is compacted into a new snapshot once it is larger than this and than
+    #: the model's last snapshot.
+    compact_bytes: int = 64 << 20
     log_level: str = "INFO"
     max_workers: int = 16
     #: Largest single gRPC message in bytes (big tensors are streamed in chunks beneath it).

@@ -193,3 +193,22 @@ def test_loopback_allowed_without_auth(settings):
     for host in ("127.0.0.1", "localhost"):
         srv = build_server(dataclasses.replace(settings, host=host))
         srv.stop(None)
+
+
+def test_forward_that_updates_buffers_needs_write_role(target_a):
+    """Forward is a read, except in training mode where BatchNorm updates its running stats."""
+    with paramhub.connect(target_a, token=TOKENS[ADMIN]) as admin:
+        admin.create_model("bn", nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+        stats = admin.get_tensor("bn", "1.running_mean", kind="buffers")
+    x = torch.rand(4, 2)
+    with paramhub.connect(target_a, token=TOKENS[READ]) as reader:
+        with pytest.raises(PermissionDeniedError) as e:
+            reader.forward("bn", x)
+        assert e.value.reason == "ROLE_TOO_LOW" and e.value.metadata["needed"] == WRITE
+        assert torch.equal(reader.get_tensor("bn", "1.running_mean", kind="buffers")[0],
+                           stats[0])
+    with paramhub.connect(target_a, token=TOKENS[WRITE]) as writer:
+        writer.forward("bn", x)  # a writer may update the running stats
+        writer.set_training("bn", False)
+    with paramhub.connect(target_a, token=TOKENS[READ]) as reader:
+        assert reader.forward("bn", x).shape == (4, 3)  # eval mode: a plain read

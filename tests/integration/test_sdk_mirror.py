@@ -256,3 +256,42 @@ def test_mirror_rejects_custom_module_class(client):
         client.create_model("c", Custom())
     assert err.value.reason == "MODULE_NOT_ALLOWED"
     assert client.list_models() == []
+
+
+def test_mirror_batch_applies_torch_edits_atomically(pair, client, target):
+    net, local = pair
+    before = client.model_version(net)
+    with net.batch() as b:
+        net[0].weight.data[0, 0] = 5
+        net[0].weight.data[1] += 1
+        nn.init.zeros_(net[0].bias)
+        nn.init.constant_(net[2].weight, 2.0)
+        with paramhub.connect(target) as other:  # nothing is visible before the block ends
+            assert torch.equal(other.model("mlp")[0].weight.fetch(), local[0].weight.detach())
+    assert b.model_version == before + 1  # one model version for the whole batch
+    local_w = local[0].weight.detach().clone()
+    local_w[0, 0] = 5
+    local_w[1] += 1
+    assert torch.equal(net[0].weight.fetch(), local_w)
+    assert (net[0].bias.fetch() == 0).all() and (net[2].weight.fetch() == 2).all()
+
+
+def test_mirror_batch_failure_changes_nothing(pair, client):
+    net, local = pair
+    with pytest.raises(InvalidArgumentError):
+        with client.batch(net):
+            net[0].weight.data[0, 0] = 5
+            net[2].weight.data[0] = torch.ones(3)  # wrong shape: the whole batch is refused
+    assert torch.equal(net[0].weight.fetch(), local[0].weight.detach())
+
+
+def test_mirror_watch_sees_sdk_writes(pair):
+    net, _ = pair
+    events = net.watch()
+    try:
+        assert next(iter(events)).kind == "started"
+        net[0].weight.data[0, 0] = 1
+        event = next(iter(events))
+        assert event.kind == "write" and "0.weight" in str(event)
+    finally:
+        events.close()

@@ -28,6 +28,34 @@ class SliceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SLICE_OP_SUB: _ClassVar[SliceOp]
     SLICE_OP_MUL: _ClassVar[SliceOp]
     SLICE_OP_DIV: _ClassVar[SliceOp]
+
+class TrainingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_MODE_UNSPECIFIED: _ClassVar[TrainingMode]
+    TRAINING_MODE_ASYNC: _ClassVar[TrainingMode]
+    TRAINING_MODE_SYNC: _ClassVar[TrainingMode]
+    TRAINING_MODE_BOUNDED_STALENESS: _ClassVar[TrainingMode]
+
+class StalePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STALE_POLICY_UNSPECIFIED: _ClassVar[StalePolicy]
+    STALE_POLICY_REJECT: _ClassVar[StalePolicy]
+    STALE_POLICY_SCALE: _ClassVar[StalePolicy]
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_APPLIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_SCALED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_REJECTED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_QUEUED: _ClassVar[PushOutcome]
+
+class WatchEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WATCH_EVENT_KIND_UNSPECIFIED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_STARTED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_WRITE: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_RESYNC: _ClassVar[WatchEventKind]
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_PARAMETER: TensorKind
 TENSOR_KIND_BUFFER: TensorKind
@@ -40,6 +68,22 @@ SLICE_OP_ADD: SliceOp
 SLICE_OP_SUB: SliceOp
 SLICE_OP_MUL: SliceOp
 SLICE_OP_DIV: SliceOp
+TRAINING_MODE_UNSPECIFIED: TrainingMode
+TRAINING_MODE_ASYNC: TrainingMode
+TRAINING_MODE_SYNC: TrainingMode
+TRAINING_MODE_BOUNDED_STALENESS: TrainingMode
+STALE_POLICY_UNSPECIFIED: StalePolicy
+STALE_POLICY_REJECT: StalePolicy
+STALE_POLICY_SCALE: StalePolicy
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+PUSH_OUTCOME_APPLIED: PushOutcome
+PUSH_OUTCOME_SCALED: PushOutcome
+PUSH_OUTCOME_REJECTED: PushOutcome
+PUSH_OUTCOME_QUEUED: PushOutcome
+WATCH_EVENT_KIND_UNSPECIFIED: WatchEventKind
+WATCH_EVENT_KIND_STARTED: WatchEventKind
+WATCH_EVENT_KIND_WRITE: WatchEventKind
+WATCH_EVENT_KIND_RESYNC: WatchEventKind
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class")
@@ -239,20 +283,22 @@ class GetTensorRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
-    __slots__ = ("name", "index", "op", "value", "expected_version", "shm_token")
+    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     op: SliceOp
     value: _tensor_pb2.Tensor
     expected_version: int
+    request_id: str
     shm_token: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ...) -> None: ...
 
 class StreamSetSliceRequest(_message.Message):
     __slots__ = ("request", "data")
@@ -291,7 +337,7 @@ class InitTarget(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., glob: _Optional[str] = ..., module: _Optional[_Union[ModuleSelector, _Mapping]] = ...) -> None: ...
 
 class ApplyInitRequest(_message.Message):
-    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version")
+    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -305,13 +351,15 @@ class ApplyInitRequest(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     targets: _containers.RepeatedCompositeFieldContainer[InitTarget]
     scheme: str
     args: _containers.MessageMap[str, _tensor_pb2.Value]
     seed: int
     expected_model_version: int
-    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TensorVersion(_message.Message):
     __slots__ = ("name", "version")
@@ -330,7 +378,7 @@ class ApplyInitResponse(_message.Message):
     def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "module_path", "args", "kwargs")
+    __slots__ = ("model", "module_path", "args", "kwargs", "seed")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -342,11 +390,13 @@ class ForwardRequest(_message.Message):
     MODULE_PATH_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model: str
     module_path: str
     args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
     kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
-    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("output", "model_version")
@@ -471,6 +521,400 @@ class StreamSetSliceResponse(_message.Message):
     version: int
     model_version: int
     def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("model", "module_path", "args", "kwargs", "seed", "forward_model_version", "grad_outputs", "grad_inputs")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    module_path: str
+    args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
+    kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
+    seed: int
+    forward_model_version: int
+    grad_outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
+    grad_inputs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., forward_model_version: _Optional[int] = ..., grad_outputs: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., grad_inputs: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("input_grads", "model_version")
+    INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    input_grads: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
+    model_version: int
+    def __init__(self, input_grads: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class ZeroGradRequest(_message.Message):
+    __slots__ = ("model", "module_path", "parameters", "fill_zeros")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PATH_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FILL_ZEROS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    module_path: str
+    parameters: _containers.RepeatedScalarFieldContainer[str]
+    fill_zeros: bool
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., fill_zeros: _Optional[bool] = ...) -> None: ...
+
+class ZeroGradResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OptimizerParamGroup(_message.Message):
+    __slots__ = ("parameters", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.RepeatedScalarFieldContainer[str]
+    options: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, parameters: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
+
+class CreateOptimizerRequest(_message.Message):
+    __slots__ = ("model", "type", "param_groups", "defaults", "replace")
+    class DefaultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    type: str
+    param_groups: _containers.RepeatedCompositeFieldContainer[OptimizerParamGroup]
+    defaults: _containers.MessageMap[str, _tensor_pb2.Value]
+    replace: bool
+    def __init__(self, model: _Optional[str] = ..., type: _Optional[str] = ..., param_groups: _Optional[_Iterable[_Union[OptimizerParamGroup, _Mapping]]] = ..., defaults: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class OptimizerInfo(_message.Message):
+    __slots__ = ("type", "param_groups", "steps", "defaults")
+    class DefaultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    param_groups: _containers.RepeatedCompositeFieldContainer[OptimizerParamGroup]
+    steps: int
+    defaults: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, type: _Optional[str] = ..., param_groups: _Optional[_Iterable[_Union[OptimizerParamGroup, _Mapping]]] = ..., steps: _Optional[int] = ..., defaults: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
+
+class CreateOptimizerResponse(_message.Message):
+    __slots__ = ("optimizer", "created")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    optimizer: OptimizerInfo
+    created: bool
+    def __init__(self, optimizer: _Optional[_Union[OptimizerInfo, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class OptimizerStepRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class OptimizerStepResponse(_message.Message):
+    __slots__ = ("model_version", "steps")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    steps: int
+    def __init__(self, model_version: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class GetOptimizerStateRequest(_message.Message):
+    __slots__ = ("model", "config_only")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_ONLY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    config_only: bool
+    def __init__(self, model: _Optional[str] = ..., config_only: _Optional[bool] = ...) -> None: ...
+
+class GetOptimizerStateResponse(_message.Message):
+    __slots__ = ("optimizer", "chunk")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    optimizer: OptimizerInfo
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, optimizer: _Optional[_Union[OptimizerInfo, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class TrainingConfig(_message.Message):
+    __slots__ = ("mode", "sync_workers", "max_staleness", "stale_policy")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    mode: TrainingMode
+    sync_workers: int
+    max_staleness: int
+    stale_policy: StalePolicy
+    def __init__(self, mode: _Optional[_Union[TrainingMode, str]] = ..., sync_workers: _Optional[int] = ..., max_staleness: _Optional[int] = ..., stale_policy: _Optional[_Union[StalePolicy, str]] = ...) -> None: ...
+
+class ConfigureTrainingRequest(_message.Message):
+    __slots__ = ("model", "config")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    config: TrainingConfig
+    def __init__(self, model: _Optional[str] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ...) -> None: ...
+
+class ConfigureTrainingResponse(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: TrainingConfig
+    def __init__(self, config: _Optional[_Union[TrainingConfig, _Mapping]] = ...) -> None: ...
+
+class PullModelRequest(_message.Message):
+    __slots__ = ("model", "include_buffers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    include_buffers: bool
+    def __init__(self, model: _Optional[str] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+
+class PullModelHeader(_message.Message):
+    __slots__ = ("model_version", "num_tensors")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    num_tensors: int
+    def __init__(self, model_version: _Optional[int] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+
+class PullModelResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PullModelHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[PullModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushGradsHeader(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class PushGradsRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushGradsHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[PushGradsHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushGradsResponse(_message.Message):
+    __slots__ = ("outcome", "staleness", "scale", "model_version", "steps")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    staleness: int
+    scale: float
+    model_version: int
+    steps: int
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., staleness: _Optional[int] = ..., scale: _Optional[float] = ..., model_version: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class ApplyBatchHeader(_message.Message):
+    __slots__ = ("model", "expected_model_version", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    expected_model_version: int
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BatchWrite(_message.Message):
+    __slots__ = ("set_slice", "apply_init")
+    SET_SLICE_FIELD_NUMBER: _ClassVar[int]
+    APPLY_INIT_FIELD_NUMBER: _ClassVar[int]
+    set_slice: SetSliceRequest
+    apply_init: ApplyInitRequest
+    def __init__(self, set_slice: _Optional[_Union[SetSliceRequest, _Mapping]] = ..., apply_init: _Optional[_Union[ApplyInitRequest, _Mapping]] = ...) -> None: ...
+
+class ApplyBatchRequest(_message.Message):
+    __slots__ = ("header", "write", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ApplyBatchHeader
+    write: BatchWrite
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ApplyBatchHeader, _Mapping]] = ..., write: _Optional[_Union[BatchWrite, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ApplyBatchResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class WatchModelRequest(_message.Message):
+    __slots__ = ("name", "max_queue")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_queue: int
+    def __init__(self, name: _Optional[str] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class TensorChange(_message.Message):
+    __slots__ = ("name", "version", "region")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    region: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
+
+class WatchModelResponse(_message.Message):
+    __slots__ = ("kind", "model_version", "op", "changes", "writer", "time_unix_nanos", "request_id")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: WatchEventKind
+    model_version: int
+    op: str
+    changes: _containers.RepeatedCompositeFieldContainer[TensorChange]
+    writer: str
+    time_unix_nanos: int
+    request_id: str
+    def __init__(self, kind: _Optional[_Union[WatchEventKind, str]] = ..., model_version: _Optional[int] = ..., op: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[TensorChange, _Mapping]]] = ..., writer: _Optional[str] = ..., time_unix_nanos: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("name", "model_version", "created_unix_nanos", "num_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_version: int
+    created_unix_nanos: int
+    num_bytes: int
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix_nanos: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class CreateCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: CheckpointInfo
+    def __init__(self, checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "expected_model_version", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    expected_model_version: int
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RestoreCheckpointResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportCheckpointRequest(_message.Message):
+    __slots__ = ("model", "checkpoint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class ExportCheckpointResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class CompactModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class CompactModelResponse(_message.Message):
+    __slots__ = ("model_version", "log_bytes")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    log_bytes: int
+    def __init__(self, model_version: _Optional[int] = ..., log_bytes: _Optional[int] = ...) -> None: ...
 
 class GetTransportInfoRequest(_message.Message):
     __slots__ = ()

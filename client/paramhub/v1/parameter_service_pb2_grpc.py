@@ -105,6 +105,86 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/paramhub.v1.ParameterService/Backward',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.FromString,
+                _registered_method=True)
+        self.ZeroGrad = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ZeroGrad',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.FromString,
+                _registered_method=True)
+        self.CreateOptimizer = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CreateOptimizer',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.FromString,
+                _registered_method=True)
+        self.OptimizerStep = channel.unary_unary(
+                '/paramhub.v1.ParameterService/OptimizerStep',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.FromString,
+                _registered_method=True)
+        self.GetOptimizerState = channel.unary_stream(
+                '/paramhub.v1.ParameterService/GetOptimizerState',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.FromString,
+                _registered_method=True)
+        self.ConfigureTraining = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ConfigureTraining',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/paramhub.v1.ParameterService/PullModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.FromString,
+                _registered_method=True)
+        self.PushGrads = channel.stream_unary(
+                '/paramhub.v1.ParameterService/PushGrads',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.FromString,
+                _registered_method=True)
+        self.ApplyBatch = channel.stream_unary(
+                '/paramhub.v1.ParameterService/ApplyBatch',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.FromString,
+                _registered_method=True)
+        self.WatchModel = channel.unary_stream(
+                '/paramhub.v1.ParameterService/WatchModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.FromString,
+                _registered_method=True)
+        self.CreateCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CreateCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/paramhub.v1.ParameterService/ListCheckpoints',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/RestoreCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/paramhub.v1.ParameterService/DeleteCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ExportCheckpoint = channel.unary_stream(
+                '/paramhub.v1.ParameterService/ExportCheckpoint',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.FromString,
+                _registered_method=True)
+        self.CompactModel = channel.unary_unary(
+                '/paramhub.v1.ParameterService/CompactModel',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
+                _registered_method=True)
         self.GetTransportInfo = channel.unary_unary(
                 '/paramhub.v1.ParameterService/GetTransportInfo',
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoRequest.SerializeToString,
@@ -231,6 +311,127 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Backpropagates through a Forward: re-runs it with autograd on the same inputs (the server
+        keeps nothing between Forward and Backward), accumulates .grad on the module's parameters
+        as loss.backward() does, and returns the gradients of the inputs that were asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ZeroGrad(self, request, context):
+        """Clears gradients, as Module.zero_grad() / Optimizer.zero_grad().
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOptimizer(self, request, context):
+        """Creates the model's server-side optimizer (an allow-listed torch.optim class), or attaches
+        to the existing one when its configuration is identical.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimizerStep(self, request, context):
+        """Runs optimizer.step() on the accumulated gradients, atomically with respect to other writers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOptimizerState(self, request, context):
+        """Reads the optimizer's configuration, then its state tensors as a chunk stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureTraining(self, request, context):
+        """Sets how PushGrads applies gradients: async, sync (k workers per step) or bounded staleness.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """Reads every parameter and buffer on one consistent snapshot, with its model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushGrads(self, request_iterator, context):
+        """Hands locally computed gradients to the model's optimizer (parameter-server mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyBatch(self, request_iterator, context):
+        """Applies several writes (slice writes, inits, whole-tensor assigns, across tensors) as one
+        atomic write: all or nothing, one new model version, and readers see all of it or none.
+        The first message carries the header; each write follows, any large value's bytes right
+        after its write as `data` messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchModel(self, request, context):
+        """Streams an event for every committed write of a model, in commit order, from the moment
+        the call starts. A watcher that falls behind gets a RESYNC event instead of silently
+        missing events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCheckpoint(self, request, context):
+        """Saves the model's current values as a named checkpoint in the server's data directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Lists a model's checkpoints, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Rolls a model back to a checkpoint's values. This is a write: versions grow, never go back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Deletes a checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCheckpoint(self, request, context):
+        """Streams a checkpoint (or the current values) as the bytes of a plain safetensors file whose
+        keys are the model's state_dict keys, loadable with safetensors/torch without paramhub.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactModel(self, request, context):
+        """Writes a snapshot of the model and starts a new, empty write-ahead log (compaction).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTransportInfo(self, request, context):
         """Tells a client how to move tensors with this server: message limits and, when enabled, the
         same-host shared-memory channel.
@@ -330,6 +531,86 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.SerializeToString,
+            ),
+            'ZeroGrad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ZeroGrad,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.SerializeToString,
+            ),
+            'CreateOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOptimizer,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.SerializeToString,
+            ),
+            'OptimizerStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimizerStep,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.SerializeToString,
+            ),
+            'GetOptimizerState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetOptimizerState,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.SerializeToString,
+            ),
+            'ConfigureTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureTraining,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.SerializeToString,
+            ),
+            'PushGrads': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushGrads,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.SerializeToString,
+            ),
+            'ApplyBatch': grpc.stream_unary_rpc_method_handler(
+                    servicer.ApplyBatch,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.SerializeToString,
+            ),
+            'WatchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.SerializeToString,
+            ),
+            'CreateCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.SerializeToString,
+            ),
+            'CompactModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactModel,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.SerializeToString,
             ),
             'GetTransportInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransportInfo,
@@ -709,6 +990,438 @@ class ParameterService:
             '/paramhub.v1.ParameterService/Probe',
             paramhub_dot_v1_dot_parameter__service__pb2.ProbeRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.ProbeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/Backward',
+            paramhub_dot_v1_dot_parameter__service__pb2.BackwardRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ZeroGrad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ZeroGrad',
+            paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ZeroGradResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CreateOptimizer',
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizerStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/OptimizerStep',
+            paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.OptimizerStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOptimizerState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/GetOptimizerState',
+            paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetOptimizerStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ConfigureTraining',
+            paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ConfigureTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/PullModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.PullModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PullModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushGrads(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ParameterService/PushGrads',
+            paramhub_dot_v1_dot_parameter__service__pb2.PushGradsRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PushGradsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ParameterService/ApplyBatch',
+            paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ApplyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/WatchModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.WatchModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.WatchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CreateCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CreateCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ListCheckpoints',
+            paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/RestoreCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/DeleteCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/ExportCheckpoint',
+            paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.ExportCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/CompactModel',
+            paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,31 +2,124 @@
 
 Locking: every model has a reader/writer lock. Reads (GetTensor, Forward in eval mode,
 describe) share it and copy what they return before releasing it; writes (SetSlice, ApplyInit,
-training-mode Forward that updates buffers) hold it alone and compute their result completely
-before changing any tensor, so a failed write changes nothing and readers never see half of one.
+ApplyBatch, checkpoint restore, training-mode Forward that updates buffers) hold it alone and
+compute their result completely before changing any tensor, so a failed write changes nothing
+and readers never see half of one.
+
+Versions: each storage has a version that grows by one with every committed write to it; the
+model's version grows by one with every committed write (a batch is one write). Writes may carry
+a client request id: a write whose id the model remembers (the last MAX_RECENT_REQUESTS ids) is
+not applied again, the original result is returned. With a journal (see store.py) every write is
+logged before it is applied, and the remembered ids are persisted with it.
+
+Gradients: Backward re-runs the pass with autograd under the read lock (several backward passes
+compute at once) and accumulates into `.grad` under the write lock; reading or clearing `.grad`
+takes the lock like any other read or write.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from paramhub import _codec, _spec
-from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
+from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+                             PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as pb_tensor
-from paramhub_server.core import inits, rng
+from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
 PARAMETER = "parameter"
 BUFFER = "buffer"
 
 SLICE_OPS = ("assign", "add", "sub", "mul", "div")
+
+#: Request ids remembered per model for idempotent retries (least recently used dropped first).
+MAX_RECENT_REQUESTS = 4096
+#: Longest accepted request id.
+MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """Who asked for a write: the client's request id (for retries) and writer id (for watch)."""
+
+    request_id: str = ""
+    writer: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgumentError(f"request id longer than {MAX_REQUEST_ID} characters",
+                                       reason="BAD_REQUEST_ID")
+
+
+NO_CONTEXT = WriteContext()
+
+
+@dataclass
+class SliceWrite:
+    """`tensor[index] (op)= value` as one write of a batch."""
+
+    name: str
+    index: tuple[Any, ...]
+    op: str
+    value: torch.Tensor
+    expected_version: int | None = None
+    kind: str | None = None
+
+
+@dataclass
+class InitWrite:
+    """An init scheme over targets as one write of a batch."""
+
+    targets: list[tuple[str, Any]]
+    scheme: str
+    args: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    expected_model_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """A planned (or logged) change: `ref's tensor[index] = value`; () is the whole tensor."""
+
+    ref: TensorRef
+    index: tuple[Any, ...]
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a committed write answered: the RPC kind it came from, [(first name of each
+    changed storage, its new version)] in the order the write first touched them, and the new
+    model version."""
+
+    rpc: str
+    updated: list[tuple[str, int]]
+    model_version: int
+
+
+class Journal(Protocol):
+    """Durability hooks (implemented by store.ModelStore). Called under the model's locks."""
+
+    def log_write(self, model: ServedModel, op: str, rpc: str, changes: Sequence[Change],
+                  result: WriteResult, ctx: WriteContext, time_ns: int) -> None: ...
+
+    def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
+
+    def after_commit(self, model: ServedModel) -> None: ...
+
+    def snapshot(self, model: ServedModel) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +173,20 @@ class ServedModel:
         self._order = [n for n in order if n in self._refs] + [
             n for n in self._refs if n not in set(order)]
         self.versions = [0] * len(groups)
+        # First name (state_dict order) of every storage, and each storage's rank in that order.
+        self._first: dict[int, str] = {}
+        for n in self._order:
+            self._first.setdefault(self._refs[n].group, n)
+        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self.recent: OrderedDict[str, WriteResult] = OrderedDict()
+        self.watchers = watch.WatchHub()
+        self.journal: Journal | None = None
+        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
+        #: The model version of the latest committed write to any parameter (Backward refuses
+        #: to backpropagate through a Forward that ran before it).
+        self.params_written_at = 0
+        #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
+        self.train_state: Any = None
         self._layouts: dict[tuple[str, ...], Any] = {}
 
     # ----------------------------------------------------------------------------- metadata
@@ -187,7 +294,7 @@ class ServedModel:
         return [n for n in self.names(include_buffers=not parameters_only)
                 if n.startswith(prefix) and (not glob or fnmatch.fnmatchcase(n, glob))]
 
-    def snapshot(self, names: Sequence[str],
+    def snapshot_state(self, names: Sequence[str],
                  alloc: Callable[[int], torch.Tensor] | None = None
                  ) -> tuple[list[pb_tensor.TensorHeader], torch.Tensor, int]:
         """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
@@ -250,36 +357,39 @@ class ServedModel:
         return refs
 
     def load_state(self, refs: Sequence[TensorRef], values: Sequence[torch.Tensor],
-                   expected_model_version: int | None = None
-                   ) -> tuple[list[tuple[str, int]], int]:
-        """Copies values into tensors, all or nothing, under the write lock (torch's
-        load_state_dict semantics: Tensor.copy_, which casts dtypes). Returns
-        ([(first name of each written storage, its version)], model version)."""
+                   expected_model_version: int | None = None, *,
+                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
+        """Copies values into tensors as one write, all or nothing, under the write lock (torch's
+        load_state_dict semantics: Tensor.copy_, which casts dtypes; for tied names pushed
+        twice the last value wins). Returns ([(first name of each written storage, its
+        version)], model version)."""
         with self.lock.write():
-            if expected_model_version is not None and self.version != expected_model_version:
-                raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
-                                    f"{expected_model_version}", reason="VERSION_MISMATCH",
-                                    metadata={"version": str(self.version)})
-            # Cast (and move to the device) first, so nothing changes if any cast fails.
-            staged = []
-            for ref, v in zip(refs, values):
-                t = ref.get()
-                try:
-                    staged.append(v.to(device=t.device, dtype=t.dtype))
-                except RuntimeError as e:
-                    raise InvalidArgumentError(f"value for {ref.name!r}: "
-                                               f"{str(e).splitlines()[0]}", reason="BAD_DTYPE",
-                                               metadata={"tensor": ref.name}) from None
-            firsts: dict[int, str] = {}
-            with torch.no_grad():
-                for ref, v in zip(refs, staged):
-                    ref.get().copy_(v)
-                    firsts.setdefault(ref.group, ref.name)
-            if firsts:
-                self._bump(list(firsts))
-            return [(n, self.versions[g]) for g, n in firsts.items()], self.version
+            result = self._recall(ctx, "push_state")
+            if result is None:
+                self._check_model_expected(expected_model_version)
+                # Cast (and move to the device) first, so nothing changes if any cast fails.
+                staged: dict[int, Change] = {}
+                for ref, v in zip(refs, values):
+                    t = ref.get()
+                    try:
+                        cast = v.to(device=t.device, dtype=t.dtype)
+                    except RuntimeError as e:
+                        raise InvalidArgumentError(f"value for {ref.name!r}: "
+                                                   f"{str(e).splitlines()[0]}",
+                                                   reason="BAD_DTYPE",
+                                                   metadata={"tensor": ref.name}) from None
+                    staged.pop(ref.group, None)
+                    staged[ref.group] = Change(ref, (), cast)
+                if not staged:
+                    return [], self.version
+                result = self._commit("push_state", "push_state", list(staged.values()), ctx)
+            return result.updated, result.model_version
 
     # ----------------------------------------------------------------------------- writes
+    #
+    # Every write goes through `_plan` (compute the new values without touching any tensor; may
+    # fail, changing nothing) and `_commit` (log to the journal, then copy in, bump versions,
+    # remember the request id, publish the watch event), both under the write lock.
 
     def _check_expected(self, ref: TensorRef, expected: int | None) -> None:
         if expected is not None and self.versions[ref.group] != expected:
@@ -288,31 +398,166 @@ class ServedModel:
                 reason="VERSION_MISMATCH",
                 metadata={"tensor": ref.name, "version": str(self.versions[ref.group])})
 
-    def _bump(self, groups: Sequence[int]) -> None:
-        self.version += 1
+    def _check_model_expected(self, expected: int | None) -> None:
+        if expected is not None and self.version != expected:
+            raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
+                                f"{expected}", reason="VERSION_MISMATCH",
+                                metadata={"version": str(self.version)})
+
+    def _recall(self, ctx: WriteContext, rpc: str) -> WriteResult | None:
+        """The result of an already applied write with this request id, if any."""
+        if not ctx.request_id:
+            return None
+        seen = self.recent.get(ctx.request_id)
+        if seen is None:
+            return None
+        if seen.rpc != rpc:
+            raise InvalidArgumentError(
+                f"request id {ctx.request_id!r} was already used by a {seen.rpc} write",
+                reason="REQUEST_ID_REUSED", metadata={"request_id": ctx.request_id})
+        self.recent.move_to_end(ctx.request_id)
+        return seen
+
+    def remember(self, request_id: str, result: WriteResult) -> None:
+        """Records a write's result under its request id (bounded, least recently used out)."""
+        if not request_id:
+            return
+        self.recent[request_id] = result
+        self.recent.move_to_end(request_id)
+        while len(self.recent) > MAX_RECENT_REQUESTS:
+            self.recent.popitem(last=False)
+
+    def _plan(self, writes: Sequence[SliceWrite | InitWrite]) -> list[Change]:
+        """The changes `writes` make, in order, computed without modifying any tensor.
+
+        A storage written by several writes of one batch is staged in a copy, so later writes
+        see earlier ones; it then becomes one whole-tensor change.
+        """
+        resolved: list[tuple[SliceWrite | InitWrite, list[TensorRef]]] = []
+        touches: dict[int, int] = {}
+        for w in writes:
+            if isinstance(w, SliceWrite):
+                if w.op not in SLICE_OPS:
+                    raise InvalidArgumentError(f"unknown slice op {w.op!r}", reason="BAD_OP")
+                refs = [self.ref(w.name, w.kind)]
+            else:
+                scheme = inits.get_scheme(w.scheme)
+                w.args = scheme.check_args(w.args)
+                refs = self.select(w.targets)
+            resolved.append((w, refs))
+            for r in refs:
+                touches[r.group] = touches.get(r.group, 0) + 1
+        staged: dict[int, tuple[TensorRef, torch.Tensor]] = {}
+        changes: list[Change] = []
+        for w, refs in resolved:
+            if isinstance(w, SliceWrite):
+                ref = refs[0]
+                self._check_expected(ref, w.expected_version)
+                live = ref.get().detach()
+                multi = touches[ref.group] > 1
+                base = (staged.setdefault(ref.group, (ref, live.clone()))[1] if multi else live)
+                region = _codec.apply_index(base, w.index)
+                new = _combine(region, w.op, w.value.to(base.device), ref.name)
+                if multi:
+                    _put(base, w.index, new)
+                else:
+                    changes.append(Change(ref, w.index, new))
+            else:
+                self._check_model_expected(w.expected_model_version)
+                scheme = inits.get_scheme(w.scheme)
+                with rng.seeded(w.seed):
+                    values = [scheme.run(r.get(), w.args) for r in refs]
+                for r, v in zip(refs, values):
+                    if touches[r.group] > 1:
+                        staged.setdefault(r.group, (r, r.get().detach().clone()))[1].copy_(v)
+                    else:
+                        changes.append(Change(r, (), v))
+        for ref, t in staged.values():
+            changes.append(Change(ref, (), t))
+        # One change per storage; report them in the order the writes first touched them.
+        first_touch = {g: i for i, g in enumerate(touches)}  # dicts keep insertion order
+        return sorted(changes, key=lambda c: first_touch[c.ref.group])
+
+    def _bump(self, groups: Sequence[int], op: str = "optimizer.step") -> WriteResult:
+        """Commits changes already made in place to these storages (optimizer steps,
+        training-mode Forward's buffers): logs their whole values, bumps versions, publishes the
+        watch event. Caller holds the write lock."""
+        changes = []
+        for g in dict.fromkeys(groups):
+            ref = self._refs[self._first[g]]
+            changes.append(Change(ref, (), ref.get().detach()))
+        return self._commit(op, "applied", changes, NO_CONTEXT, applied=True)
+
+    def _commit(self, op: str, rpc: str, changes: Sequence[Change], ctx: WriteContext, *,
+                applied: bool = False) -> WriteResult:
+        """Makes planned changes visible and durable. Caller holds the write lock.
+
+        Order: the journal record first (fsynced under the default policy; if logging fails,
+        nothing was applied), then the tensors, versions, request id and watch event.
+        `applied` changes are already in the tensors (training-mode Forward's buffers).
+        """
+        groups: list[int] = []  # in the order of `changes`
+        for c in changes:
+            if c.ref.group not in groups:
+                groups.append(c.ref.group)
+        result = WriteResult(rpc, [(self._first[g], self.versions[g] + 1) for g in groups],
+                             self.version + 1)
+        time_ns = time.time_ns()
+        if self.journal is not None:
+            self.journal.log_write(self, op, rpc, changes, result, ctx, time_ns)
+        if not applied:
+            with torch.no_grad():
+                for c in changes:
+                    _put(c.ref.get().detach(), c.index, c.value)
+        self.version = result.model_version
         for g in groups:
             self.versions[g] += 1
+        if any(g in self._param_groups for g in groups):
+            self.params_written_at = self.version
+        self.remember(ctx.request_id, result)
+        by_group = {}
+        for c in changes:
+            by_group.setdefault(c.ref.group, []).append(region_text(c.index))
+        self.watchers.publish(watch.Event(
+            watch.WRITE, self.version, op=op, writer=ctx.writer, time_ns=time_ns,
+            request_id=ctx.request_id,
+            changes=tuple(watch.Change(self._first[g], self.versions[g],
+                                       by_group[g][0] if len(by_group[g]) == 1 else "[...]")
+                          for g in groups)))
+        if self.journal is not None:
+            self.journal.after_commit(self)
+        return result
 
     def set_slice(self, name: str, index: tuple[Any, ...], op: str, value: torch.Tensor,
-                  expected_version: int | None = None, *, kind: str | None = None
-                  ) -> tuple[int, int]:
+                  expected_version: int | None = None, *, kind: str | None = None,
+                  ctx: WriteContext = NO_CONTEXT) -> tuple[int, int]:
         """`tensor[index] (op)= value`, atomically. Returns (tensor version, model version)."""
         if op not in SLICE_OPS:
             raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
         ref = self.ref(name, kind)
         with self.lock.write():
-            self._check_expected(ref, expected_version)
-            t = ref.get().detach()
-            region = _codec.apply_index(t, index)
-            new = _combine(region, op, value.to(t.device), ref.name)
-            with torch.no_grad():
-                if not index:
-                    t.copy_(new)
-                else:
-                    t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
-                            for i in index)] = new
-            self._bump([ref.group])
-            return self.versions[ref.group], self.version
+            result = self._recall(ctx, "set_slice")
+            if result is None:
+                changes = self._plan([SliceWrite(name, index, op, value, expected_version,
+                                                 kind)])
+                result = self._commit(f"set_slice.{op}", "set_slice", changes, ctx)
+            return (result.updated[0][1] if result.updated else self.versions[ref.group],
+                    result.model_version)
+
+    def apply_batch(self, writes: Sequence[SliceWrite | InitWrite],
+                    expected_model_version: int | None = None, *,
+                    ctx: WriteContext = NO_CONTEXT) -> WriteResult:
+        """Applies several writes as one: all or nothing, one model version step, one watch
+        event. Per-write expected versions are compared with the versions before the batch."""
+        if not writes:
+            raise InvalidArgumentError("a batch needs at least one write", reason="EMPTY_BATCH")
+        with self.lock.write():
+            result = self._recall(ctx, "batch")
+            if result is not None:
+                return result
+            self._check_model_expected(expected_model_version)
+            changes = self._plan(writes)
+            return self._commit("batch", "batch", changes, ctx)
 
     def load_tensors(self, values: dict[str, torch.Tensor]) -> None:
         """Copies whole tensors in (used at creation). Every value is checked before any copy."""
@@ -372,35 +617,113 @@ class ServedModel:
 
     def apply_init(self, targets: Sequence[tuple[str, Any]], scheme_name: str,
                    args: dict[str, Any], seed: int | None,
-                   expected_model_version: int | None = None) -> tuple[list[tuple[str, int]], int]:
+                   expected_model_version: int | None = None, *,
+                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
         """Runs an init scheme over the targets, all or nothing. Returns ([(name, version)],
         model version)."""
         scheme = inits.get_scheme(scheme_name)
         args = scheme.check_args(args)
-        refs = self.select(targets)
+        self.select(targets)
         with self.lock.write():
-            if expected_model_version is not None and self.version != expected_model_version:
-                raise ConflictError(f"model {self.id!r} is at version {self.version}, not "
-                                    f"{expected_model_version}", reason="VERSION_MISMATCH",
-                                    metadata={"version": str(self.version)})
-            with rng.seeded(seed):
-                new = [scheme.run(r.get(), args) for r in refs]
-            with torch.no_grad():
-                for r, v in zip(refs, new):
-                    r.get().copy_(v)
-            self._bump([r.group for r in refs])
-            return [(r.name, self.versions[r.group]) for r in refs], self.version
+            result = self._recall(ctx, "apply_init")
+            if result is None:
+                self._check_model_expected(expected_model_version)
+                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed)])
+                result = self._commit(f"apply_init.{scheme_name}", "apply_init", changes, ctx)
+            return list(result.updated), result.model_version
 
     def set_training(self, path: str, training: bool) -> None:
         """Module.train(training) on the module at `path`."""
         sub = _spec.get_submodule(self.module, path)
         with self.lock.write():
+            if self.journal is not None:
+                self.journal.log_training(self, path, training)
             sub.train(training)
+
+    def watch(self, max_queue: int = 0) -> watch.Watcher:
+        """Subscribes to this model's committed writes (first event: STARTED at the current
+        version)."""
+        with self.lock.read():
+            return self.watchers.subscribe(self.version, max_queue)
+
+    def state_entries(self, *, every_name: bool) -> list[tuple[str, torch.Tensor]]:
+        """(name, live tensor) in state_dict order: every name (a loadable state_dict, tied
+        storages repeated) or each storage once under its first name. Hold a lock while using
+        the tensors."""
+        names = self._order if every_name else [self._first[g] for g in
+                                                sorted(self._group_rank,
+                                                       key=self._group_rank.__getitem__)]
+        return [(n, self._refs[n].get().detach()) for n in names]
+
+    def training_flags(self) -> dict[str, bool]:
+        """Module.training of every module path."""
+        return {p: m.training for p, m in self.module.named_modules(remove_duplicate=False)}
+
+    def restore_state(self, values: dict[str, torch.Tensor], versions: dict[str, int],
+                      model_version: int, training: dict[str, bool] | None = None) -> None:
+        """Loads recovered state (values by first name, versions by first name). Used before
+        the model is served, and by checkpoint restore under the write lock."""
+        with torch.no_grad():
+            for g, name in self._first.items():
+                if name in values:
+                    self._refs[name].get().detach().copy_(values[name])
+                if name in versions:
+                    self.versions[g] = int(versions[name])
+        self.version = int(model_version)
+        for path, flag in (training or {}).items():
+            try:
+                _spec.get_submodule(self.module, path).training = bool(flag)
+            except (NotFoundError, InvalidArgumentError):
+                pass
+
+    def replay(self, changes: Sequence[Change], result: WriteResult) -> None:
+        """Re-applies a logged write during recovery (no lock, no journal, no event)."""
+        with torch.no_grad():
+            for c in changes:
+                _put(c.ref.get().detach(), c.index, c.value)
+        for name, v in result.updated:
+            self.versions[self._refs[name].group] = v
+        self.version = result.model_version
+
+    def restore_values(self, values: dict[str, torch.Tensor], op: str,
+                       expected_model_version: int | None = None, *,
+                       ctx: WriteContext = NO_CONTEXT) -> WriteResult:
+        """Replaces every storage's value (checkpoint rollback) as one write. The journal makes
+        it durable with a snapshot instead of a (model-sized) log record."""
+        with self.lock.write():
+            result = self._recall(ctx, "restore")
+            if result is not None:
+                return result
+            self._check_model_expected(expected_model_version)
+            changes = []
+            for g, name in self._first.items():
+                t = self._refs[name].get()
+                v = values.get(name)
+                if v is None or tuple(v.shape) != tuple(t.shape) or v.dtype != t.dtype:
+                    raise InvalidArgumentError(
+                        f"the checkpoint does not match {name!r} {list(t.shape)} {t.dtype}",
+                        reason="CHECKPOINT_MISMATCH", metadata={"tensor": name})
+                changes.append(Change(self._refs[name], (), v))
+            journal, self.journal = self.journal, None
+            try:
+                result = self._commit(op, "restore", changes, ctx)
+            finally:
+                self.journal = journal
+            if journal is not None:
+                journal.snapshot(self)
+            return result
 
     # ----------------------------------------------------------------------------- forward
 
-    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int]:
-        """Runs the (sub)module on inputs; returns (output moved to CPU, model version)."""
+    def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
+                may_write: bool = True, seed: int | None = None) -> tuple[Any, int]:
+        """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
+
+        A pass that would update buffers (training mode) is a write: with `may_write` False
+        (a caller holding only the read role) it is refused with PermissionDeniedError.
+        With `seed`, random modules (dropout) draw from a generator seeded with it, so that
+        `backward` with the same seed replays the same pass.
+        """
         sub = _spec.get_submodule(self.module, path)
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device)
@@ -408,8 +731,15 @@ class ServedModel:
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
             mutating = _mutating(sub)
+            if mutating and not may_write:
+                raise PermissionDeniedError(
+                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
+                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    reason="ROLE_TOO_LOW", metadata={"needed": "write"})
             lock = self.lock.write() if mutating else self.lock.read()
-            with lock, torch.no_grad():
+            replay = rng.seeded_on(seed, self.device) \
+                if seed is not None and _draws_random(sub) else nullcontext()
+            with lock, torch.no_grad(), replay:
                 if not mutating and _mutating(sub):
                     continue  # switched to training mode meanwhile: retry under the write lock
                 # A failed pass must change nothing: keep copies of the buffers it may update.
@@ -426,15 +756,209 @@ class ServedModel:
                     raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
                                                reason="BAD_INPUT") from None
                 if mutating:
-                    groups = {self._refs[n].group for n, _ in sub.named_buffers(
-                        prefix=path, remove_duplicate=False)}
-                    self._bump(sorted(groups))
+                    names = sorted({self._first[self._refs[n].group] for n, _ in
+                                    sub.named_buffers(prefix=path, remove_duplicate=False)},
+                                   key=self._order.index)
+                    changes = [Change(self._refs[n], (), self._refs[n].get().detach())
+                               for n in names]
+                    self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
                 return _to_device(out, torch.device("cpu")), self.version
 
+    # ----------------------------------------------------------------------------- gradients
 
-def _mutating(sub: nn.Module) -> list[nn.Module]:
-    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
-    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
+    def _grad_params(self, sub: nn.Module, path: str) -> list[tuple[int, nn.Parameter]]:
+        """(storage group, Parameter) of every parameter of `sub` that requires grad, once per
+        storage, in state_dict order."""
+        out: list[tuple[int, nn.Parameter]] = []
+        seen: set[int] = set()
+        prefix = f"{path}." if path else ""
+        for local, p in sub.named_parameters(remove_duplicate=False):
+            g = self._refs[prefix + local].group
+            if g not in seen and p.requires_grad:
+                seen.add(g)
+                out.append((g, p))
+        return out
+
+    def backward(self, path: str, args: list[Any], kwargs: dict[str, Any], seed: int | None,
+                 forward_version: int, grad_outputs: list[torch.Tensor | None],
+                 grad_inputs: Sequence[int]) -> tuple[list[torch.Tensor | None], int]:
+        """Re-runs Forward with autograd and backpropagates `grad_outputs`.
+
+        Accumulates into `.grad` of the module's parameters that require grad (as local
+        `loss.backward()` does) and returns (gradients of the selected inputs on CPU, model
+        version). The pass is replayed, not remembered: the server keeps no state per Forward.
+        Buffers updated by a training-mode pass (BatchNorm statistics) are not updated again:
+        the replay runs on copies of them.
+        """
+        sub = _spec.get_submodule(self.module, path)
+        flat, treespec = tree_flatten(_to_device(args, self.device))
+        positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        if len(set(grad_inputs)) != len(grad_inputs):
+            raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
+        wanted: list[torch.Tensor] = []
+        for j in grad_inputs:
+            if not 0 <= j < len(positions):
+                raise InvalidArgumentError(
+                    f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
+                    reason="BAD_ARGUMENT")
+            x = flat[positions[j]]
+            if not (x.is_floating_point() or x.is_complex()):
+                raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
+                                           "inputs have gradients", reason="BAD_DTYPE")
+            flat[positions[j]] = x = x.detach().requires_grad_(True)
+            wanted.append(x)
+        args = tree_unflatten(flat, treespec)
+        kwargs = _to_device(kwargs, self.device)
+        params = self._grad_params(sub, path)
+        mutating = {f"{mpath}.{n}" if mpath else n: b
+                    for mpath, m in sub.named_modules(remove_duplicate=False) if m.training
+                    for n, b in m._buffers.items() if b is not None}
+        replay = rng.seeded_on(seed, self.device) if seed is not None and _draws_random(sub) \
+            else nullcontext()
+        with self.lock.read():
+            if self.params_written_at > forward_version:
+                raise ConflictError(
+                    f"a parameter of model {self.id!r} was written after this Forward (version "
+                    f"{forward_version}, parameters written at {self.params_written_at}); run "
+                    "the forward pass again", reason="PARAMETERS_CHANGED",
+                    metadata={"model": self.id, "version": str(self.version)})
+            with torch.enable_grad(), replay:
+                if mutating:
+                    copies = {n: b.clone() for n, b in mutating.items()}
+                    out = _run(sub, path, args, kwargs,
+                               call=lambda a, k: torch.func.functional_call(sub, copies, a, k))
+                else:
+                    out = _run(sub, path, args, kwargs)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if len(grad_outputs) != len(outs):
+                raise InvalidArgumentError(
+                    f"{len(grad_outputs)} output gradients for {len(outs)} output tensors",
+                    reason="BAD_ARGUMENT")
+            pairs = []
+            for i, (o, g) in enumerate(zip(outs, grad_outputs)):
+                if g is None:
+                    continue
+                if tuple(g.shape) != tuple(o.shape):
+                    raise InvalidArgumentError(
+                        f"gradient of output {i} is {list(g.shape)}, the output is "
+                        f"{list(o.shape)}", reason="BAD_SHAPE")
+                if o.requires_grad:
+                    pairs.append((o, g.to(device=o.device, dtype=o.dtype)))
+            targets = [p for _, p in params] + wanted
+            if pairs and targets:
+                try:
+                    grads = list(torch.autograd.grad([o for o, _ in pairs], targets,
+                                                     [g for _, g in pairs], allow_unused=True))
+                except RuntimeError as e:
+                    raise InvalidArgumentError(
+                        f"backward of {path or 'the model'} failed: {str(e).splitlines()[0]}",
+                        reason="BAD_INPUT") from None
+            else:
+                grads = [None] * len(targets)
+            version = self.version
+        param_grads, input_grads = grads[:len(params)], grads[len(params):]
+        with self.lock.write():
+            for (_, p), g in zip(params, param_grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.detach()
+                else:
+                    p.grad.add_(g)
+        return [None if g is None else g.detach().to("cpu") for g in input_grads], version
+
+    def zero_grad(self, path: str, names: Sequence[str], fill_zeros: bool) -> None:
+        """Clears gradients of the named parameters, or else of every parameter of `path`."""
+        if names:
+            refs = [self.ref(n, PARAMETER) for n in names]
+            tensors = {r.group: r.get() for r in refs}
+        else:
+            sub = _spec.get_submodule(self.module, path)
+            prefix = f"{path}." if path else ""
+            tensors = {self._refs[prefix + n].group: p
+                       for n, p in sub.named_parameters(remove_duplicate=False)}
+        with self.lock.write():
+            for p in tensors.values():
+                if p.grad is None:
+                    continue
+                if fill_zeros:
+                    p.grad.detach_().zero_()
+                else:
+                    p.grad = None
+
+    def snapshot(self, *, include_buffers: bool) -> tuple[list[tuple[str, torch.Tensor]], int]:
+        """CPU copies of every storage (under its first name) read on one version, and that
+        version."""
+        out: list[tuple[str, torch.Tensor]] = []
+        seen: set[int] = set()
+        with self.lock.read():
+            for n in self._order:
+                r = self._refs[n]
+                if r.group in seen or (r.kind == BUFFER and not include_buffers):
+                    continue
+                seen.add(r.group)
+                t = r.get().detach()
+                out.append((n, t.to("cpu", copy=True) if t.device.type == "cpu"
+                            else t.to("cpu")))
+            return out, self.version
+
+
+#: Module classes that draw random numbers in training mode.
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout, nn.RReLU)
+
+
+def _draws_random(sub: nn.Module) -> bool:
+    """Whether a pass of `sub` in its current modes draws random numbers."""
+    for m in sub.modules():
+        if not m.training:
+            continue
+        if isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1.0) != 0:
+            return True
+        # RNN/LSTM/GRU and MultiheadAttention keep their dropout as a float attribute.
+        if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0:
+            return True
+    return False
+
+
+def _run(sub: nn.Module, path: str, args: Any, kwargs: Any, call: Any = None) -> Any:
+    """sub(*args, **kwargs), with torch's input errors turned into INVALID_ARGUMENT."""
+    try:
+        return call(tuple(args), kwargs) if call is not None else sub(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
+                                   reason="BAD_INPUT") from None
+
+
+def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:
+    """`t[index] = value` in place (the whole tensor for an empty index)."""
+    with torch.no_grad():
+        if not index:
+            t.copy_(value)
+        else:
+            t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
+                    for i in index)] = value.to(t.device)
+
+
+def region_text(index: tuple[Any, ...]) -> str:
+    """A short torch-style text of an index for watch events, e.g. "[0:2, 3]"."""
+    if not index:
+        return "[...]"
+    parts = []
+    for i in index:
+        if i is Ellipsis:
+            parts.append("...")
+        elif i is None:
+            parts.append("None")
+        elif isinstance(i, slice):
+            text = f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
+            parts.append(text + (f":{i.step}" if i.step is not None else ""))
+        elif isinstance(i, torch.Tensor):
+            parts.append(f"<{str(i.dtype).removeprefix('torch.')} index {list(i.shape)}>")
+        else:
+            parts.append(str(i))
+    return "[" + ", ".join(parts) + "]"
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -477,3 +1001,8 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
         raise InvalidArgumentError(f"{op} into {name!r} {list(region.shape)} {region.dtype} "
                                    f"with {list(value.shape)} {value.dtype}: {text}",
                                    reason=reason) from None
+
+
+def _mutating(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
+    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]

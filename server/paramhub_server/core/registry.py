@@ -1,8 +1,9 @@
 """The set of models a server holds: creation (validated completely before anything is
-registered), lookup, deletion."""
+registered), lookup, deletion, and recovery from the data directory at start."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterable
@@ -11,10 +12,13 @@ import torch
 
 from paramhub import _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
-                             ResourceExhaustedError)
+                             ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import rng
 from paramhub_server.core.model import ServedModel
+from paramhub_server.core.store import Store
+
+log = logging.getLogger(__name__)
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -51,7 +55,7 @@ class Registry:
 
     def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
                  max_total_bytes: int | None = None, max_spec_nodes: int = _spec.MAX_SPEC_NODES,
-                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH) -> None:
+                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None) -> None:
         self.default_device = default_device
         self.max_model_bytes = max_model_bytes
         #: Memory budget over all models (bytes of parameters and buffers); None = unlimited.
@@ -64,6 +68,64 @@ class Registry:
         # Bytes promised to creations in progress, so two concurrent creates cannot both fit
         # into the same remaining budget.
         self._reserved: dict[str, int] = {}
+        self.store = store
+        # Set once recovery from the data directory is done; until then creates and deletes
+        # answer UNAVAILABLE (reason STARTING) here, and the server's interceptors answer every
+        # ParameterService call NOT_READY. A registry without a store is ready at once.
+        self.ready = threading.Event()
+        if store is None:
+            self.ready.set()
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise UnavailableError("the server is still recovering its models; retry shortly",
+                                   reason="STARTING")
+
+    def recover(self) -> list[str]:
+        """Loads every stored model (newest snapshot + log replay), then marks the registry
+        ready. A model that fails to load is logged and skipped (its files are kept)."""
+        loaded = []
+        if self.store is not None:
+            for model_id in self.store.model_ids():
+                try:
+                    spec, device = self.store.read_meta(model_id)
+                    try:
+                        dev = parse_device(device, self.default_device)
+                    except InvalidArgumentError:
+                        log.warning("model %s was on %s, unavailable here; loading it on %s",
+                                    model_id, device, self.default_device)
+                        dev = self.default_device
+                    model = self._build(model_id, spec, None, dev, allocate_only=True)
+                    self.store.open(model)
+                except Exception:  # noqa: BLE001 - one bad model must not keep the rest down
+                    log.exception("could not recover model %s; its files are left as they are",
+                                  model_id)
+                    continue
+                with self._lock:
+                    self._models[model_id] = model
+                loaded.append(model_id)
+        self.ready.set()
+        return loaded
+
+    def close_watchers(self) -> None:
+        """Ends every watch stream (server shutdown)."""
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            m.watchers.close()
+
+    def close(self) -> None:
+        """Ends every watch and closes every model's log (server shutdown)."""
+        self.close_watchers()
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            with m.lock.write():
+                if m.journal is not None and hasattr(m.journal, "close"):
+                    m.journal.close()
+                m.journal = None
+        if self.store is not None:
+            self.store.close()
 
     def get(self, model_id: str) -> ServedModel:
         """The model; NotFoundError (MODEL_NOT_FOUND) if absent."""
@@ -74,16 +136,21 @@ class Registry:
         return m
 
     def list(self) -> list[ServedModel]:
-        """Every model, sorted by id."""
+        """Every model, sorted by id (during recovery: those recovered so far)."""
         with self._lock:
             return [self._models[k] for k in sorted(self._models)]
 
     def delete(self, model_id: str) -> None:
-        """Removes a model; NotFoundError if absent."""
+        """Removes a model (and its files); NotFoundError if absent."""
+        self._check_ready()
         with self._lock:
             if model_id not in self._models:
                 self.get(model_id)
-            del self._models[model_id]
+            model = self._models.pop(model_id)
+        model.watchers.close()
+        with model.lock.write():  # waits for in-flight writes and compactions
+            if self.store is not None:
+                self.store.delete(model)
 
     def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None, device: str,
                values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
@@ -93,6 +160,7 @@ class Registry:
         memory), then for real: on CPU under `rng.seeded(seed)` and moved to the device, so a
         seed reproduces local CPU construction bit for bit.
         """
+        self._check_ready()
         check_model_id(model_id)
         dev = parse_device(device, self.default_device)
         with self._lock:
@@ -115,17 +183,14 @@ class Registry:
             self._reserve(model_id, size)
             values = dict(values)
             names = set(skeleton.state_dict(keep_vars=True))
-            if seed is None and names and names <= set(values):
-                # Every value is uploaded: allocate without initializing (no wasted init, no
-                # random numbers drawn); to_empty keeps tied parameters tied.
-                module = skeleton.to_empty(device=dev)
-            else:
-                with rng.seeded(seed):
-                    module = _spec.build_module(spec)
-                module = module.to(dev)
-            _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
-            model = ServedModel(model_id, module, spec, dev)
+            # Every value uploaded: allocate without initializing (no wasted init, no random
+            # numbers drawn).
+            model = self._build(model_id, spec, seed, dev, skeleton=skeleton,
+                                allocate_only=seed is None and bool(names)
+                                and names <= set(values))
             model.load_tensors(values)
+            if self.store is not None:
+                self.store.create(model)  # durable before it is registered and acknowledged
             with self._lock:
                 self._models[model_id] = model
             return model
@@ -154,6 +219,24 @@ class Registry:
                                   "in_use": str(held), "limit_value": str(self.max_total_bytes)})
             self._reserved[model_id] = size
 
+
+    @staticmethod
+    def _build(model_id: str, spec: pb.ModelSpec, seed: int | None, dev: torch.device, *,
+               skeleton: torch.nn.Module | None = None, allocate_only: bool = False
+               ) -> ServedModel:
+        """Builds the module on `dev`: initialized (under `seed`), or only allocated when every
+        value is about to be loaded (an upload, or recovery from a snapshot)."""
+        if allocate_only:
+            if skeleton is None:
+                with torch.device("meta"):
+                    skeleton = _spec.build_module(spec)
+            module = skeleton.to_empty(device=dev)  # to_empty unties; apply_ties below reties
+        else:
+            with rng.seeded(seed):
+                module = _spec.build_module(spec)
+            module = module.to(dev)
+        _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
+        return ServedModel(model_id, module, spec, dev)
 
     def adopt(self, model_id: str, module: torch.nn.Module,
               spec: pb.ModelSpec | None = None) -> ServedModel:

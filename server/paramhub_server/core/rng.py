@@ -28,3 +28,20 @@ def seeded(seed: int | None) -> Iterator[None]:
             # Only the CPU generator: torch.manual_seed would also reseed every CUDA device.
             torch.default_generator.manual_seed(seed)
             yield
+
+
+@contextmanager
+def seeded_on(seed: int, device: torch.device) -> Iterator[None]:
+    """Like `seeded`, but also forks and seeds the generator of a CUDA `device`, for passes
+    that run there (dropout on a GPU draws from the device's generator)."""
+    if device.type != "cuda":
+        with seeded(seed):
+            yield
+        return
+    with _LOCK:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+            yield

@@ -1,0 +1,460 @@
+"""Durable models under a data directory: snapshots, a write-ahead log, checkpoints.
+
+Layout (one directory per model; a model id never starts with "."):
+
+    {data_dir}/models/{id}/model.json                 spec (ModelSpec as JSON) and device
+    {data_dir}/models/{id}/snapshot-{gen}.safetensors  every storage once, by its first name;
+                                                      metadata "paramhub.state" holds versions,
+                                                      training flags and recent request ids
+    {data_dir}/models/{id}/wal-{gen}.log              writes committed after snapshot {gen}
+    {data_dir}/models/{id}/checkpoints/{name}.safetensors   a plain state_dict (every key)
+
+Protocol:
+- CreateModel writes model.json and snapshot 1 into a hidden directory, fsyncs, and renames it
+  into place before the model is registered (and the create acknowledged).
+- Every write appends a record to the current log (values of the changed regions, the index,
+  the resulting versions, the request id) before the write touches any tensor and before it is
+  acknowledged; under fsync "always" the record is fsynced first (see wal.py).
+- Compaction writes snapshot {gen+1} (temporary file, fsync, rename: the rename is the commit
+  point) while holding the model's read lock (readers go on, writers wait), starts wal-{gen+1}
+  and deletes generation {gen}. It runs in the background once a log outgrows both
+  `compact_bytes` and the snapshot, and on CompactModel.
+- Recovery loads the newest snapshot, replays its log up to the first torn record (a crash
+  mid-append; never acknowledged), truncates the log there and removes leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.protobuf import json_format
+
+from paramhub import _codec, _spec
+from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
+                             NotFoundError)
+from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub_server.core import safetensors_io as st
+from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, ServedModel, WriteContext,
+                                        WriteResult)
+from paramhub_server.core.wal import WalWriter, layout, read_records
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_STATE_KEY = "paramhub.state"
+_CHECKPOINT_KEY = "paramhub.checkpoint"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SNAPSHOT = re.compile(r"snapshot-(\d{8})\.safetensors")
+_WAL = re.compile(r"wal-(\d{8})\.log")
+
+
+def check_checkpoint_name(name: str) -> str:
+    """Validates a checkpoint name (same rules as model ids)."""
+    if not _NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"checkpoint name {name[:200]!r} must be 1-128 characters of [A-Za-z0-9_.-] "
+            "starting with a letter or digit", reason="BAD_CHECKPOINT_NAME")
+    return name
+
+
+def _result_to_json(r: WriteResult) -> list[Any]:
+    return [r.rpc, [[n, v] for n, v in r.updated], r.model_version]
+
+
+def _result_from_json(j: list[Any]) -> WriteResult:
+    return WriteResult(j[0], [(n, int(v)) for n, v in j[1]], int(j[2]))
+
+
+class Store:
+    """The data directory: creates, opens, deletes and compacts durable models."""
+
+    def __init__(self, data_dir: Path, *, fsync: str = "always", fsync_interval: float = 0.05,
+                 compact_bytes: int = 64 << 20) -> None:
+        self.root = Path(data_dir)
+        self.models_dir = self.root / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.compact_bytes = compact_bytes
+        self._queue: queue.Queue[ServedModel | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self._compactor = threading.Thread(target=self._compact_loop, daemon=True,
+                                           name="paramhub-compactor")
+        self._compactor.start()
+
+    # ------------------------------------------------------------------------- models
+
+    def model_ids(self) -> list[str]:
+        """Ids of the stored models; removes leftovers of interrupted creates and deletes."""
+        ids = []
+        for p in sorted(self.models_dir.iterdir()):
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir() and (p / "model.json").exists():
+                ids.append(p.name)
+        return ids
+
+    def read_meta(self, model_id: str) -> tuple[pb.ModelSpec, str]:
+        """(spec, device string) of a stored model."""
+        meta = json.loads((self.models_dir / model_id / "model.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"model {model_id}: unknown storage format {meta.get('format')}")
+        return json_format.ParseDict(meta["spec"], pb.ModelSpec()), meta["device"]
+
+    def create(self, model: ServedModel) -> None:
+        """Persists a new model (spec + snapshot 1) and attaches its journal. Nothing is left
+        behind if it fails."""
+        final = self.models_dir / model.id
+        tmp = self.models_dir / f".create-{model.id}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = {"format": FORMAT, "model_id": model.id, "device": str(model.device),
+                    "spec": json_format.MessageToDict(model.spec)}
+            _write_text(tmp / "model.json", json.dumps(meta, indent=1))
+            size = _write_snapshot(tmp / _snapshot_name(1), model, self.fsync != "off")
+            (tmp / "checkpoints").mkdir()
+            if final.exists():  # a stale directory of a model that failed to load
+                raise AlreadyExistsError(f"model {model.id!r} already exists on disk",
+                                         reason="MODEL_EXISTS", metadata={"model": model.id})
+            os.replace(tmp, final)
+            st.fsync_dir(self.models_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        model.journal = ModelStore(self, model.id, final, 1, size)
+
+    def open(self, model: ServedModel) -> ModelStore:
+        """Recovers a stored model's state into `model` and attaches its journal."""
+        d = self.models_dir / model.id
+        gens = sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := _SNAPSHOT.fullmatch(p.name)))
+        if not gens:
+            raise ValueError(f"model {model.id}: no snapshot in {d}")
+        gen = gens[-1]
+        snap = d / _snapshot_name(gen)
+        firsts = [n for n, _ in model.state_entries(every_name=False)]
+        values, meta = st.read_file(snap, firsts)
+        state = json.loads(meta[_STATE_KEY])
+        model.restore_state(values, state["versions"], state["model_version"],
+                            state.get("training"))
+        del values
+        for rid, j in state.get("recent", []):
+            model.remember(rid, _result_from_json(j))
+        wal_path = d / _wal_name(gen)
+        valid = 0
+        n = 0
+        for rec in read_records(wal_path):
+            _replay(model, rec.header, rec.payload)
+            valid = rec.end
+            n += 1
+        if wal_path.exists() and wal_path.stat().st_size != valid:
+            with open(wal_path, "r+b") as f:
+                f.truncate(valid)
+                os.fsync(f.fileno())
+        for p in d.iterdir():  # older generations and temporary files of a crashed compaction
+            m = _SNAPSHOT.fullmatch(p.name) or _WAL.fullmatch(p.name)
+            if (m and int(m.group(1)) < gen) or p.name.endswith(".tmp"):
+                p.unlink()
+        (d / "checkpoints").mkdir(exist_ok=True)
+        for p in (d / "checkpoints").glob("*.tmp"):
+            p.unlink()
+        log.info("recovered model %s: snapshot %d + %d log records, version %d",
+                 model.id, gen, n, model.version)
+        ms = ModelStore(self, model.id, d, gen, snap.stat().st_size)
+        model.journal = ms
+        return ms
+
+    def delete(self, model: ServedModel) -> None:
+        """Removes a model's directory (its checkpoints too). Caller holds its write lock."""
+        if isinstance(model.journal, ModelStore):
+            model.journal.close()
+        model.journal = None
+        d = self.models_dir / model.id
+        if d.exists():
+            gone = self.models_dir / f".deleted-{model.id}-{uuid.uuid4().hex[:8]}"
+            os.replace(d, gone)
+            st.fsync_dir(self.models_dir)
+            shutil.rmtree(gone, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stops the background compactor (models' logs are closed by their owners)."""
+        self._queue.put(None)
+        self._compactor.join(timeout=60)
+
+    # ------------------------------------------------------------------------- compaction
+
+    def request_compaction(self, model: ServedModel) -> None:
+        """Queues a background compaction of `model` (once, however often asked)."""
+        with self._pending_lock:
+            if model.id in self._pending:
+                return
+            self._pending.add(model.id)
+        self._queue.put(model)
+
+    def _compact_loop(self) -> None:
+        while True:
+            model = self._queue.get()
+            if model is None:
+                return
+            with self._pending_lock:
+                self._pending.discard(model.id)
+            try:
+                with model.lock.read():
+                    if isinstance(model.journal, ModelStore):
+                        model.journal.snapshot(model)
+            except Exception:  # noqa: BLE001 - logged; the log keeps every write meanwhile
+                log.exception("background compaction of %s failed", model.id)
+
+
+class ModelStore:
+    """One model's durable state; the `Journal` a ServedModel calls under its locks."""
+
+    def __init__(self, store: Store, model_id: str, directory: Path, gen: int,
+                 snapshot_bytes: int) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.dir = directory
+        self.gen = gen
+        self.snapshot_bytes = snapshot_bytes
+        self.wal = WalWriter(directory / _wal_name(gen), store.fsync, store.fsync_interval)
+        self._lock = threading.Lock()  # snapshots and checkpoint files, one at a time
+
+    # --------------------------------------------------------------- Journal (write lock held)
+
+    def log_write(self, model: ServedModel, op: str, rpc: str, changes: Sequence[Change],
+                  result: WriteResult, ctx: WriteContext, time_ns: int) -> None:
+        """Appends a write's record (fsynced under "always") before it is applied."""
+        blobs: list[Any] = []
+        entries = []
+        for c in changes:
+            idx = None
+            if c.index:
+                raw = pb.SetSliceRequest(index=_codec.index_to_proto(c.index)).SerializeToString()
+                idx = len(blobs)
+                blobs.append(raw)
+            data = _codec._byte_view(c.value)
+            entries.append({"name": c.ref.name, "idx": idx, "blob": len(blobs),
+                            "dtype": _codec.dtype_to_proto(c.value.dtype),
+                            "shape": list(c.value.shape)})
+            blobs.append(data)
+        offsets = layout([b.numel() if hasattr(b, "numel") else len(b) for b in blobs])
+        for e in entries:
+            e["data"] = offsets[e.pop("blob")]
+            if e["idx"] is not None:
+                e["idx"] = offsets[e["idx"]]
+        header = {"t": "write", "op": op, "result": _result_to_json(result),
+                  "rid": ctx.request_id, "writer": ctx.writer, "time": time_ns,
+                  "changes": entries}
+        self.wal.append(header, blobs)
+
+    def log_training(self, model: ServedModel, path: str, training: bool) -> None:
+        """Appends a train()/eval() record."""
+        self.wal.append({"t": "train", "path": path, "training": training})
+
+    def after_commit(self, model: ServedModel) -> None:
+        """Schedules a compaction once the log outgrows the threshold and the snapshot."""
+        if self.wal.size > max(self.store.compact_bytes, self.snapshot_bytes):
+            self.store.request_compaction(model)
+
+    def snapshot(self, model: ServedModel) -> int:
+        """Compaction: writes snapshot gen+1 from the current state, starts a new log and drops
+        the old generation. Caller holds the model's read or write lock. Returns the log bytes
+        folded in."""
+        with self._lock:
+            folded = self.wal.size
+            new_gen = self.gen + 1
+            size = _write_snapshot(self.dir / _snapshot_name(new_gen), model,
+                                   self.store.fsync != "off")
+            old_gen, old_wal = self.gen, self.wal
+            # The new log must exist before the old generation goes: recovery takes the newest
+            # snapshot and replays its (possibly empty) log.
+            self.wal = WalWriter(self.dir / _wal_name(new_gen), self.store.fsync,
+                                 self.store.fsync_interval)
+            st.fsync_dir(self.dir)
+            self.gen, self.snapshot_bytes = new_gen, size
+            old_wal.close()
+            for p in (self.dir / _snapshot_name(old_gen), self.dir / _wal_name(old_gen)):
+                p.unlink(missing_ok=True)
+            log.info("compacted model %s: %d log bytes into snapshot %d (%d bytes)",
+                     self.model_id, folded, new_gen, size)
+            return folded
+
+    def close(self) -> None:
+        """Closes the log (flushing it)."""
+        self.wal.close()
+
+    # --------------------------------------------------------------- checkpoints
+
+    def _checkpoint_path(self, name: str) -> Path:
+        return self.dir / "checkpoints" / f"{check_checkpoint_name(name)}.safetensors"
+
+    def create_checkpoint(self, model: ServedModel, name: str) -> pb.CheckpointInfo:
+        """Writes the model's values as a plain state_dict file. Caller holds a read lock."""
+        path = self._checkpoint_path(name)
+        with self._lock:
+            if path.exists():
+                raise AlreadyExistsError(f"checkpoint {name!r} of {model.id!r} exists",
+                                         reason="CHECKPOINT_EXISTS",
+                                         metadata={"model": model.id, "checkpoint": name})
+            info = {"model_version": model.version, "created_ns": time.time_ns(),
+                    "model_id": model.id}
+            size = st.write_file(path, model.state_entries(every_name=True),
+                                 {_CHECKPOINT_KEY: json.dumps(info)},
+                                 fsync=self.store.fsync != "off")
+        return pb.CheckpointInfo(name=name, model_version=info["model_version"],
+                                 created_unix_nanos=info["created_ns"], num_bytes=size)
+
+    def checkpoint_info(self, name: str) -> pb.CheckpointInfo:
+        """A checkpoint's description; NotFoundError (CHECKPOINT_NOT_FOUND) if absent."""
+        path = self._checkpoint_path(name)
+        if not path.exists():
+            raise NotFoundError(f"checkpoint {name!r} of {self.model_id!r} does not exist",
+                                reason="CHECKPOINT_NOT_FOUND",
+                                metadata={"model": self.model_id, "checkpoint": name})
+        _, meta, _ = st.read_header(path)
+        info = json.loads(meta.get(_CHECKPOINT_KEY, "{}"))
+        return pb.CheckpointInfo(name=name, model_version=int(info.get("model_version", 0)),
+                                 created_unix_nanos=int(info.get("created_ns", 0)),
+                                 num_bytes=path.stat().st_size)
+
+    def list_checkpoints(self) -> list[pb.CheckpointInfo]:
+        """Every checkpoint, oldest first."""
+        infos = [self.checkpoint_info(p.name.removesuffix(".safetensors"))
+                 for p in (self.dir / "checkpoints").glob("*.safetensors")]
+        return sorted(infos, key=lambda i: (i.created_unix_nanos, i.name))
+
+    def read_checkpoint(self, name: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors of `names`."""
+        self.checkpoint_info(name)
+        try:
+            values, _ = st.read_file(self._checkpoint_path(name), names)
+        except st.FormatError as e:
+            raise InvalidArgumentError(f"checkpoint {name!r} cannot be restored: {e}",
+                                       reason="CHECKPOINT_MISMATCH") from None
+        return values
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Removes a checkpoint."""
+        self.checkpoint_info(name)
+        with self._lock:
+            self._checkpoint_path(name).unlink(missing_ok=True)
+            st.fsync_dir(self.dir / "checkpoints")
+
+    def checkpoint_bytes(self, name: str, piece: int = 1 << 20) -> Iterator[bytes]:
+        """The checkpoint file's bytes (a plain safetensors state_dict), in pieces."""
+        self.checkpoint_info(name)
+        with open(self._checkpoint_path(name), "rb") as f:  # opened now: a delete can't race
+            while chunk := f.read(piece):
+                yield chunk
+
+
+# ----------------------------------------------------------------------------- operations
+# What the servicer calls: each takes the model's lock it needs.
+
+
+def journal_of(model: ServedModel) -> ModelStore:
+    """The model's ModelStore; FailedPreconditionError (NO_DATA_DIR) on a memory-only server."""
+    if not isinstance(model.journal, ModelStore):
+        raise FailedPreconditionError("this server keeps models in memory only (no --data-dir):"
+                                      " it has no checkpoints or log", reason="NO_DATA_DIR")
+    return model.journal
+
+
+def create_checkpoint(model: ServedModel, name: str) -> pb.CheckpointInfo:
+    """Saves the model's current values (one consistent version) as checkpoint `name`."""
+    check_checkpoint_name(name)
+    with model.lock.read():
+        return journal_of(model).create_checkpoint(model, name)
+
+
+def restore_checkpoint(model: ServedModel, name: str, expected_model_version: int | None = None,
+                       ctx: WriteContext | None = None) -> WriteResult:
+    """Rolls the model back to checkpoint `name` as one write (versions keep growing)."""
+    firsts = [n for n, _ in model.state_entries(every_name=False)]
+    values = journal_of(model).read_checkpoint(name, firsts)
+    return model.restore_values(values, "restore_checkpoint", expected_model_version,
+                                ctx=ctx or WriteContext())
+
+
+def export_bytes(model: ServedModel, name: str = "") -> Iterator[bytes]:
+    """A plain safetensors state_dict of checkpoint `name` (or of the current values, copied
+    under the read lock so that no lock is held while the bytes are sent)."""
+    if name:
+        return journal_of(model).checkpoint_bytes(name)
+    with model.lock.read():
+        entries = [(n, t.to("cpu", copy=True)) for n, t in model.state_entries(every_name=True)]
+        info = {"model_version": model.version, "created_ns": time.time_ns(),
+                "model_id": model.id}
+    return st.iter_file_bytes(entries, {_CHECKPOINT_KEY: json.dumps(info)})
+
+
+def compact(model: ServedModel) -> tuple[int, int]:
+    """Compacts now; returns (model version of the snapshot, log bytes folded in)."""
+    journal = journal_of(model)
+    with model.lock.read():
+        return model.version, journal.snapshot(model)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _snapshot_name(gen: int) -> str:
+    return f"snapshot-{gen:08d}.safetensors"
+
+
+def _wal_name(gen: int) -> str:
+    return f"wal-{gen:08d}.log"
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
+    entries = model.state_entries(every_name=False)
+    state = {"model_version": model.version,
+             "versions": {n: model.tensor_version(n) for n, _ in entries},
+             "training": model.training_flags(),
+             "recent": [[rid, _result_to_json(r)]
+                        for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
+    return st.write_file(path, entries, {_STATE_KEY: json.dumps(state)}, fsync=fsync)
+
+
+def _replay(model: ServedModel, header: dict[str, Any], payload: bytearray) -> None:
+    if header.get("t") == "train":
+        _spec.get_submodule(model.module, header["path"]).train(header["training"])
+        return
+    changes = []
+    for e in header["changes"]:
+        index: tuple[Any, ...] = ()
+        if e["idx"] is not None:
+            b, end = e["idx"]
+            index = _codec.index_from_proto(pb.SetSliceRequest.FromString(
+                bytes(payload[b:end])).index)
+        dtype = _codec.dtype_from_proto(e["dtype"])
+        b, end = e["data"]
+        if end > b:
+            value = torch.frombuffer(payload, dtype=torch.uint8, offset=b, count=end - b)
+            value = value.view(dtype).reshape(e["shape"])
+        else:
+            value = torch.empty(e["shape"], dtype=dtype)
+        changes.append(Change(model.ref(e["name"]), index, value))
+    result = _result_from_json(header["result"])
+    model.replay(changes, result)
+    model.remember(header.get("rid", ""), result)

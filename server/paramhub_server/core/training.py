@@ -1,0 +1,463 @@
+"""Server-side optimizers and parameter-server training of a served model.
+
+A model has at most one optimizer: an allow-listed torch.optim class built over the model's own
+Parameters, so a step is torch's own `optimizer.step()`. Only allow-listed constructor arguments
+with plain values (numbers, bools, a pair of floats for `betas`) are accepted; nothing a client
+sends is executed. Steps run under the model's write lock, so they are atomic with respect to
+every other writer, and bump the versions of the parameters they change.
+
+Parameter-server mode (PushGrads) hands gradients computed elsewhere to that optimizer:
+
+* async: every push is one step;
+* sync: pushes are averaged until `sync_workers` have arrived, then one step is taken; each
+  push waits for its round's step (a barrier), so k workers move in lockstep;
+* bounded staleness: as async, but a push computed more than `max_staleness` steps ago is
+  rejected or scaled by (max_staleness + 1) / (staleness + 1).
+
+Staleness counts optimizer steps (not other writes) since the version a push was computed at.
+
+Everything here is kept in a form a snapshot can store: `export_optimizer` returns a JSON-able
+configuration and a flat {name: tensor} dict, and `restore_optimizer` rebuilds from them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError)
+from paramhub_server.core.model import PARAMETER, ServedModel
+
+ASYNC, SYNC, BOUNDED = "async", "sync", "bounded_staleness"
+REJECT, SCALE = "reject", "scale"
+APPLIED, SCALED, REJECTED, QUEUED = "applied", "scaled", "rejected", "queued"
+
+MAX_SYNC_WORKERS = 1024
+#: Step versions remembered for computing staleness (older pushes count as this stale).
+MAX_STEP_HISTORY = 100_000
+
+
+def _float(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidArgumentError(f"optimizer argument {name!r} must be a number, not "
+                                   f"{type(v).__name__}", reason="BAD_OPTIMIZER_ARGUMENT",
+                                   metadata={"argument": name})
+    return float(v)
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise InvalidArgumentError(f"optimizer argument {name!r} must be a bool, not "
+                                   f"{type(v).__name__}", reason="BAD_OPTIMIZER_ARGUMENT",
+                                   metadata={"argument": name})
+    return v
+
+
+def _pair(name: str, v: Any) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise InvalidArgumentError(f"optimizer argument {name!r} must be a pair of numbers",
+                                   reason="BAD_OPTIMIZER_ARGUMENT", metadata={"argument": name})
+    return (_float(name, v[0]), _float(name, v[1]))
+
+
+_COMMON = {"lr": _float, "weight_decay": _float, "maximize": _bool}
+#: torch.optim class -> its accepted constructor arguments and their checkers. Implementation
+#: switches (foreach, fused, capturable, differentiable) are the server's choice.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "SGD": (torch.optim.SGD, {**_COMMON, "momentum": _float, "dampening": _float,
+                              "nesterov": _bool}),
+    "Adam": (torch.optim.Adam, {**_COMMON, "betas": _pair, "eps": _float, "amsgrad": _bool}),
+    "AdamW": (torch.optim.AdamW, {**_COMMON, "betas": _pair, "eps": _float, "amsgrad": _bool}),
+    "RMSprop": (torch.optim.RMSprop, {**_COMMON, "alpha": _float, "eps": _float,
+                                      "momentum": _float, "centered": _bool}),
+    "Adagrad": (torch.optim.Adagrad, {**_COMMON, "lr_decay": _float, "eps": _float,
+                                      "initial_accumulator_value": _float}),
+}
+
+
+def check_options(type_name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validates optimizer arguments against the allow-list; returns them normalized."""
+    if type_name not in OPTIMIZERS:
+        raise InvalidArgumentError(
+            f"unknown optimizer {type_name[:100]!r}; one of {sorted(OPTIMIZERS)}",
+            reason="BAD_OPTIMIZER", metadata={"type": type_name[:100]})
+    allowed = OPTIMIZERS[type_name][1]
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        check = allowed.get(k)
+        if check is None:
+            raise InvalidArgumentError(
+                f"{type_name} takes no argument {k[:100]!r}; allowed: {sorted(allowed)}",
+                reason="BAD_OPTIMIZER_ARGUMENT", metadata={"argument": k[:100]})
+        out[k] = check(k, v)
+    return out
+
+
+@dataclass
+class ServedOptimizer:
+    """A torch optimizer over a model's parameters, with what describes it."""
+
+    type: str
+    defaults: dict[str, Any]
+    groups: list[tuple[list[str], dict[str, Any]]]  # (parameter names, option overrides)
+    torch_opt: torch.optim.Optimizer
+    params: list[tuple[int, str, nn.Parameter]]  # (storage group, name, Parameter), torch order
+    steps: int = 0
+
+    def same_config(self, type_name: str, groups: Sequence[tuple[list[str], dict[str, Any]]],
+                    defaults: Mapping[str, Any]) -> bool:
+        """Whether a CreateOptimizer with these arguments would build this same optimizer."""
+        return (self.type == type_name and self.defaults == dict(defaults)
+                and [(list(n), dict(o)) for n, o in groups] == self.groups)
+
+    def resolved_groups(self) -> list[tuple[list[str], dict[str, Any]]]:
+        """Every group's parameter names and full options, as torch's param_groups."""
+        out = []
+        for (names, _), group in zip(self.groups, self.torch_opt.param_groups):
+            out.append((names, {k: v for k, v in group.items() if k != "params"}))
+        return out
+
+
+@dataclass
+class _Round:
+    """One sync round: the sum of its pushes' gradients by storage group."""
+
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+    result: tuple[int, int] | None = None  # (model version, steps) once stepped
+    discarded: bool = False
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What PushGrads did."""
+
+    outcome: str
+    staleness: int
+    scale: float
+    model_version: int
+    steps: int
+
+
+@dataclass
+class TrainingConfig:
+    """How pushes become steps."""
+
+    mode: str = ASYNC
+    sync_workers: int = 1
+    max_staleness: int = 0
+    stale_policy: str = REJECT
+
+
+class Trainer:
+    """A model's optimizer and parameter-server state (ServedModel.training)."""
+
+    def __init__(self) -> None:
+        self.optimizer: ServedOptimizer | None = None
+        self.config = TrainingConfig()
+        # Orders pushes, steps and configuration changes; taken before the model's lock.
+        self.cond = threading.Condition()
+        self.round = _Round()
+        self.step_versions: list[int] = []  # model version after each step that changed values
+
+    def staleness(self, version: int) -> int:
+        """Optimizer steps taken after `version`."""
+        return len(self.step_versions) - bisect.bisect_right(self.step_versions, version)
+
+    def record_step(self, version: int) -> None:
+        self.step_versions.append(version)
+        if len(self.step_versions) > MAX_STEP_HISTORY:
+            del self.step_versions[: len(self.step_versions) - MAX_STEP_HISTORY]
+
+
+_TRAINER_LOCK = threading.Lock()
+
+
+def trainer(model: ServedModel) -> Trainer:
+    """The model's Trainer, created on first use."""
+    if model.train_state is None:
+        with _TRAINER_LOCK:
+            if model.train_state is None:
+                model.train_state = Trainer()
+    return model.train_state
+
+
+def optimizer_of(model: ServedModel) -> ServedOptimizer:
+    opt = trainer(model).optimizer
+    if opt is None:
+        raise NotFoundError(f"model {model.id!r} has no optimizer; create one first",
+                            reason="OPTIMIZER_NOT_FOUND", metadata={"model": model.id})
+    return opt
+
+
+# ------------------------------------------------------------------------------- optimizers
+
+def create_optimizer(model: ServedModel, type_name: str,
+                     groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+                     defaults: Mapping[str, Any], *, replace: bool = False
+                     ) -> tuple[ServedOptimizer, bool]:
+    """Builds the model's optimizer (validated completely before it is installed).
+
+    Returns (optimizer, created); an existing identical optimizer is reused (created=False).
+    """
+    norm_defaults = check_options(type_name, defaults)
+    if not groups:
+        raise InvalidArgumentError("an optimizer needs at least one parameter group",
+                                   reason="BAD_OPTIMIZER_ARGUMENT")
+    norm_groups: list[tuple[list[str], dict[str, Any]]] = []
+    torch_groups = []
+    params: list[tuple[int, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for names, options in groups:
+        if not names:
+            raise InvalidArgumentError("a parameter group has no parameters",
+                                       reason="BAD_OPTIMIZER_ARGUMENT")
+        group_params = []
+        for n in names:
+            ref = model.ref(n, PARAMETER)
+            if ref.group in seen:
+                raise InvalidArgumentError(f"parameter {n!r} appears in more than one group "
+                                           "(or twice, as a tied name)",
+                                           reason="DUPLICATE_PARAMETER",
+                                           metadata={"parameter": n})
+            seen.add(ref.group)
+            p = ref.get()
+            params.append((ref.group, n, p))
+            group_params.append(p)
+        opts = check_options(type_name, options)
+        norm_groups.append((list(names), opts))
+        torch_groups.append({"params": group_params, **opts})
+    tr = trainer(model)
+    with tr.cond:
+        existing = tr.optimizer
+        if existing is not None and existing.same_config(type_name, norm_groups, norm_defaults):
+            return existing, False
+        if existing is not None and not replace:
+            raise AlreadyExistsError(
+                f"model {model.id!r} already has a {existing.type} optimizer with another "
+                "configuration; pass replace=True to discard it and its state",
+                reason="OPTIMIZER_EXISTS", metadata={"model": model.id, "type": existing.type})
+        cls = OPTIMIZERS[type_name][0]
+        try:
+            torch_opt = cls(torch_groups, **norm_defaults)
+        except (ValueError, TypeError) as e:
+            # torch's own checks (lr < 0, nesterov without momentum, ...): nothing installed.
+            raise InvalidArgumentError(f"{type_name}: {str(e).splitlines()[0]}",
+                                       reason="BAD_OPTIMIZER_ARGUMENT") from None
+        opt = ServedOptimizer(type_name, norm_defaults, norm_groups, torch_opt, params)
+        tr.optimizer = opt
+        return opt, True
+
+
+def _run_step(model: ServedModel, opt: ServedOptimizer) -> list[int]:
+    """optimizer.step() under the caller's write lock; returns the groups it changed."""
+    changed = [g for g, _, p in opt.params if p.grad is not None]
+    opt.torch_opt.step()
+    opt.steps += 1
+    return changed
+
+
+def step(model: ServedModel) -> tuple[int, int]:
+    """One optimizer.step() on the accumulated gradients. Returns (model version, steps)."""
+    opt = optimizer_of(model)
+    tr = trainer(model)
+    with tr.cond, model.lock.write():
+        changed = _run_step(model, opt)
+        if changed:
+            model._bump(changed)
+            tr.record_step(model.version)
+        return model.version, opt.steps
+
+
+def zero_grad(model: ServedModel, fill_zeros: bool) -> None:
+    """optimizer.zero_grad() over the optimizer's parameters."""
+    opt = optimizer_of(model)
+    model.zero_grad("", [n for _, n, _ in opt.params], fill_zeros)
+
+
+def export_optimizer(model: ServedModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able configuration, {"{parameter}/{key}": CPU tensor}) of the optimizer.
+
+    The configuration holds type, defaults, groups (names and their overrides), resolved
+    groups and steps; the tensors are torch's per-parameter state (momentum_buffer, exp_avg,
+    exp_avg_sq, step, ...). `restore_optimizer` takes both back.
+    """
+    opt = optimizer_of(model)
+    with model.lock.read():
+        sd = opt.torch_opt.state_dict()
+        names = [n for _, n, _ in opt.params]
+        tensors: dict[str, torch.Tensor] = {}
+        for idx, entries in sd["state"].items():
+            for key, v in entries.items():
+                t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                tensors[f"{names[idx]}/{key}"] = t.detach().to("cpu", copy=True)
+        config = {
+            "type": opt.type,
+            "defaults": _jsonable(opt.defaults),
+            "groups": [{"parameters": n, "options": _jsonable(o)} for n, o in opt.groups],
+            "resolved_groups": [{"parameters": n, "options": _jsonable(o)}
+                                for n, o in opt.resolved_groups()],
+            "steps": opt.steps,
+        }
+        return config, tensors
+
+
+def restore_optimizer(model: ServedModel, config: Mapping[str, Any],
+                      tensors: Mapping[str, torch.Tensor]) -> ServedOptimizer:
+    """Rebuilds an optimizer from `export_optimizer`'s output (replacing any existing one)."""
+    groups = [(list(g["parameters"]), dict(g["options"])) for g in config["groups"]]
+    opt, _ = create_optimizer(model, config["type"], groups, config["defaults"], replace=True)
+    index = {n: i for i, (_, n, _) in enumerate(opt.params)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, entry = key.rpartition("/")
+        if name not in index:
+            raise InvalidArgumentError(f"optimizer state for unknown parameter {name!r}",
+                                       reason="BAD_OPTIMIZER_STATE")
+        state.setdefault(index[name], {})[entry] = t
+    sd = opt.torch_opt.state_dict()
+    sd["state"] = state
+    with model.lock.write():
+        opt.torch_opt.load_state_dict(sd)
+        opt.steps = int(config.get("steps", 0))
+    return opt
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+# ------------------------------------------------------------------------ parameter server
+
+def configure(model: ServedModel, mode: str, *, sync_workers: int = 1, max_staleness: int = 0,
+              stale_policy: str = REJECT) -> TrainingConfig:
+    """Sets how PushGrads applies gradients; an incomplete sync round is discarded."""
+    if mode not in (ASYNC, SYNC, BOUNDED):
+        raise InvalidArgumentError(f"unknown training mode {mode!r}", reason="BAD_TRAINING_MODE")
+    if mode == SYNC and not 1 <= sync_workers <= MAX_SYNC_WORKERS:
+        raise InvalidArgumentError(f"sync mode needs 1 to {MAX_SYNC_WORKERS} workers, not "
+                                   f"{sync_workers}", reason="BAD_TRAINING_MODE")
+    if mode == BOUNDED and max_staleness < 0:
+        raise InvalidArgumentError("max_staleness must be >= 0", reason="BAD_TRAINING_MODE")
+    if stale_policy not in (REJECT, SCALE):
+        raise InvalidArgumentError(f"unknown stale policy {stale_policy!r}",
+                                   reason="BAD_TRAINING_MODE")
+    tr = trainer(model)
+    config = TrainingConfig(mode, sync_workers if mode == SYNC else 1,
+                            max_staleness if mode == BOUNDED else 0, stale_policy)
+    with tr.cond:
+        tr.round.discarded = True
+        tr.round = _Round()
+        tr.config = config
+        tr.cond.notify_all()
+    return config
+
+
+def check_grads(model: ServedModel, grads: Mapping[str, torch.Tensor]
+                ) -> dict[int, torch.Tensor]:
+    """Validates pushed gradients against the optimizer's parameters; returns them by storage
+    group, on the model's device, in the parameter's dtype."""
+    opt = optimizer_of(model)
+    covered = {g for g, _, _ in opt.params}
+    out: dict[int, torch.Tensor] = {}
+    for name, t in grads.items():
+        ref = model.ref(name, PARAMETER)
+        if ref.group in out:
+            raise InvalidArgumentError(f"gradient for {name!r} sent twice (or under a tied name)",
+                                       reason="DUPLICATE_PARAMETER", metadata={"parameter": name})
+        if ref.group not in covered:
+            raise InvalidArgumentError(f"{name!r} is not a parameter of the model's optimizer",
+                                       reason="PARAMETER_NOT_OPTIMIZED",
+                                       metadata={"parameter": name})
+        p = ref.get()
+        if tuple(t.shape) != tuple(p.shape):
+            raise InvalidArgumentError(f"gradient for {name!r} is {list(t.shape)}, the parameter "
+                                       f"is {list(p.shape)}", reason="BAD_SHAPE",
+                                       metadata={"parameter": name})
+        if not (t.is_floating_point() or t.is_complex()) or (
+                t.is_complex() and not p.is_complex()):
+            raise InvalidArgumentError(f"gradient for {name!r} is {t.dtype}", reason="BAD_DTYPE",
+                                       metadata={"parameter": name})
+        out[ref.group] = t.to(device=p.device, dtype=p.dtype)
+    return out
+
+
+def _apply(model: ServedModel, tr: Trainer, grads: Mapping[int, torch.Tensor]) -> None:
+    """One optimizer step with `grads` in place of the parameters' own .grad (which is kept:
+    remote-autograd gradients and pushed ones do not mix). Caller holds tr.cond."""
+    opt = optimizer_of(model)
+    with model.lock.write():
+        saved = [(p, p.grad) for _, _, p in opt.params]
+        try:
+            for g, _, p in opt.params:
+                p.grad = grads.get(g)
+            _run_step(model, opt)
+        finally:
+            for p, grad in saved:
+                p.grad = grad
+        if grads:
+            model._bump(sorted(grads))
+            tr.record_step(model.version)
+
+
+def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tensor],
+               timeout: float | None = None) -> PushResult:
+    """Applies gradients computed at `version` according to the model's TrainingConfig.
+
+    In sync mode the call waits (up to `timeout` seconds) for its round's step.
+    """
+    by_group = check_grads(model, grads)
+    if not 0 <= version <= model.version:
+        raise InvalidArgumentError(f"version {version} is not a version of model {model.id!r} "
+                                   f"(now {model.version})", reason="BAD_VERSION",
+                                   metadata={"version": str(model.version)})
+    tr = trainer(model)
+    opt = optimizer_of(model)
+    with tr.cond:
+        cfg = tr.config
+        stale = tr.staleness(version)
+        if cfg.mode == SYNC:
+            if stale > 0:
+                return PushResult(REJECTED, stale, 1.0, model.version, opt.steps)
+            rnd = tr.round
+            for g, t in by_group.items():
+                if g in rnd.sums:
+                    rnd.sums[g].add_(t)
+                else:
+                    rnd.sums[g] = t.clone()
+            rnd.count += 1
+            if rnd.count >= cfg.sync_workers:
+                mean = {g: s.div_(rnd.count) for g, s in rnd.sums.items()}
+                _apply(model, tr, mean)
+                rnd.result = (model.version, opt.steps)
+                tr.round = _Round()
+                tr.cond.notify_all()
+                return PushResult(APPLIED, 0, 1.0, model.version, opt.steps)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while rnd.result is None and not rnd.discarded:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return PushResult(QUEUED, 0, 1.0, model.version, opt.steps)
+                tr.cond.wait(left)
+            if rnd.discarded:
+                return PushResult(REJECTED, tr.staleness(version), 1.0, model.version,
+                                  opt.steps)
+            v, steps = rnd.result
+            return PushResult(APPLIED, 0, 1.0, v, steps)
+        scale = 1.0
+        outcome = APPLIED
+        if cfg.mode == BOUNDED and stale > cfg.max_staleness:
+            if cfg.stale_policy == REJECT:
+                return PushResult(REJECTED, stale, 1.0, model.version, opt.steps)
+            scale = (cfg.max_staleness + 1) / (stale + 1)
+            by_group = {g: t.mul(scale) for g, t in by_group.items()}
+            outcome = SCALED
+        _apply(model, tr, by_group)
+        return PushResult(outcome, stale, scale, model.version, opt.steps)
