@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="repeats per throughput row")
     p.add_argument("--calls", type=int, default=1000, help="calls per latency row")
     p.add_argument("--quick", action="store_true", help="16 MiB / 64 MiB / 3 / 200")
-    p.add_argument("--json", type=Path, default=ROOT / "var" / "bench" / "results.json")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "transport.json")
     args = p.parse_args(argv)
     if args.quick:
         args.size_mib, args.big_mib, args.repeats, args.calls = 16, 64, 3, 200
