@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -177,6 +178,31 @@ def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
     flat = _byte_view(t)
     data = ctypes.string_at(flat.data_ptr(), flat.numel()) if flat.numel() else b""
     return pb.Tensor(dtype=dtype_to_proto(t.dtype), shape=list(t.shape), data=data)
+
+
+_SCALAR_FORMATS = {torch.float32: "<f", torch.float64: "<d", torch.float16: "<e"}
+
+
+def scalar_to_proto(value: Any) -> pb.Tensor | None:
+    """A 0-d Tensor message for a Python bool, int or float, encoded with struct (~1 us instead
+    of ~15 us through torch.tensor); the dtype is torch.tensor(value)'s. None for anything
+    else (or a value struct cannot pack exactly the way torch would), so callers fall back to
+    torch."""
+    kind = type(value)
+    try:
+        if kind is bool:
+            return pb.Tensor(dtype=_DTYPES[torch.bool], data=b"\x01" if value else b"\x00")
+        if kind is int:
+            return pb.Tensor(dtype=_DTYPES[torch.int64], data=struct.pack("<q", value))
+        if kind is float:
+            dtype = torch.get_default_dtype()
+            fmt = _SCALAR_FORMATS.get(dtype)
+            if fmt is None:
+                return None
+            return pb.Tensor(dtype=_DTYPES[dtype], data=struct.pack(fmt, value))
+    except (struct.error, OverflowError):
+        return None  # out of range: torch decides (inf for floats, an error for ints)
+    return None
 
 
 def _expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

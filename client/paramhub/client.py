@@ -171,6 +171,7 @@ class Client:
         self._transport_lock = threading.Lock()
         #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
         self.rpc_counts: Counter[str] = Counter()
+        self._method_names: dict[Any, str] = {}
 
     # ---------------------------------------------------------------------------- plumbing
 
@@ -252,10 +253,13 @@ class Client:
         return f"paramhub.Client({self.target!r})"
 
     def _count(self, fn: Any) -> None:
-        method = getattr(fn, "_method", b"")
-        if isinstance(method, bytes):
-            method = method.decode()
-        self.rpc_counts[str(method).rsplit("/", 1)[-1]] += 1
+        name = self._method_names.get(fn)
+        if name is None:
+            method = getattr(fn, "_method", b"")
+            if isinstance(method, bytes):
+                method = method.decode()
+            name = self._method_names[fn] = str(method).rsplit("/", 1)[-1]
+        self.rpc_counts[name] += 1
 
     def _call(self, fn: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         self._count(fn)
@@ -526,13 +530,18 @@ class Client:
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
                                        reason="BAD_OP")
-        value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         request = pb.SetSliceRequest(
             name=tensor_name(model_id, name, kind),
             index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op],
-            request_id=request_id or uuid.uuid4().hex)
+            request_id=request_id or os.urandom(16).hex())
         if expected_version is not None:
             request.expected_version = expected_version
+        if not isinstance(value, torch.Tensor):
+            scalar = _codec.scalar_to_proto(value)
+            if scalar is not None:  # a Python number: no torch round trip
+                request.value.CopyFrom(scalar)
+                return self._call(self.stub.SetSlice, request, timeout).version
+        value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         nbytes = value_t.numel() * value_t.element_size()
         if nbytes >= SHM_MIN_BYTES:
             greeted = self._greet()

@@ -30,8 +30,15 @@ def _status(code_name: str, message: str, reason: str, metadata: dict[str, str]
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
                                             metadata=metadata))
-    return rpc_status.to_status(status_pb2.Status(
+    status = rpc_status.to_status(status_pb2.Status(
         code=code_pb2.Code.Value(code_name), message=message, details=[detail]))
+    request_id = current_request_id()
+    if request_id:
+        # The request id travels in trailing metadata (interceptors.py); aborting replaces the
+        # trailers with the status's, so errors carry it here.
+        status = status._replace(trailing_metadata=(*status.trailing_metadata,
+                                                    ("x-request-id", request_id)))
+    return status
 
 
 def status_of(exc: ParamhubError) -> grpc.Status:

@@ -1,7 +1,8 @@
 """The RPC pipeline every ParameterService call passes through, in order:
 
 1. request id: taken from `x-request-id` metadata when well-formed, else generated; sent back as
-   initial metadata and attached to every log record made while the call runs;
+   trailing metadata (with the status, so it costs no extra HTTP/2 write; error statuses carry
+   it too, see errors.py) and attached to every log record made while the call runs;
 2. authentication and role check (auth.py), when the server has an auth file;
 3. readiness: UNAVAILABLE (reason NOT_READY) while the server is still loading;
 4. decoding: requests arrive as raw bytes and are parsed here, so bytes that are not a valid
@@ -17,9 +18,10 @@ same error table as the servicer (paramhub.errors classes -> status + ErrorInfo)
 from __future__ import annotations
 
 import logging
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +38,17 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("paramhub_server.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_REQUEST_ID_MATCH = _REQUEST_ID.fullmatch
+
+#: Generated request ids: 8 random hex characters per server process plus a counter (16
+#: characters, unique per process lifetime; ~1 us instead of uuid4's ~3 us).
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A fresh 16-character request id."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 def _code_name(context: grpc.ServicerContext, default: str) -> str:
@@ -86,10 +99,9 @@ class Pipeline(grpc.ServerInterceptor):
     def _admit(self, call: _Call, full: str, metadata: tuple[Any, ...],
                context: grpc.ServicerContext) -> None:
         """Stages 1-3; aborts the call (raises) on rejection."""
-        try:
-            context.send_initial_metadata((("x-request-id", call.request_id),))
-        except ValueError:  # pragma: no cover - already sent
-            pass
+        # Trailing, not initial, metadata: an explicit send_initial_metadata is a separate HTTP/2
+        # write (measured ~100 us per small call); trailers go with the status.
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
         try:
             if self.authenticator is not None:
                 principal = self.authenticator.authenticate(metadata)
@@ -105,9 +117,10 @@ class Pipeline(grpc.ServerInterceptor):
     def _finish(self, call: _Call, code: str) -> None:
         seconds = time.perf_counter() - call.start
         if self.metrics is not None:
-            self.metrics.observe(call.method, code, seconds)
-            self.metrics.add_bytes(call.method, call.received, call.sent)
+            self.metrics.finished(call.method, code, seconds, call.received, call.sent)
         level = logging.INFO if code not in ("INTERNAL", "UNKNOWN") else logging.ERROR
+        if not access_log.isEnabledFor(level):
+            return
         access_log.log(level, "%s %s %.2fms in=%dB out=%dB peer=%s who=%s", call.method, code,
                        seconds * 1e3, call.received, call.sent, call.peer, call.who,
                        extra={"rpc_code": code, "duration_ms": round(seconds * 1e3, 3),
@@ -118,9 +131,13 @@ class Pipeline(grpc.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, full: str, method: str,
               metadata: tuple[Any, ...]) -> grpc.RpcMethodHandler:
-        given = next((v for k, v in metadata if k == "x-request-id"), None)
-        request_id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else (
-            uuid.uuid4().hex[:16])
+        given = None
+        for k, v in metadata:
+            if k == "x-request-id":
+                given = v
+                break
+        request_id = given if isinstance(given, str) and _REQUEST_ID_MATCH(given) else (
+            new_request_id())
         parse = handler.request_deserializer
         serialize = handler.response_serializer
 

@@ -67,6 +67,9 @@ class Metrics:
                                  "Serialized response bytes sent, by method.", ["method"],
                                  registry=self.prom)
         self.prom.register(_HeldCollector(registry))
+        #: Child metrics by (method, code): prometheus_client's labels() costs a lock, a tuple
+        #: and a dict lookup per call (~10 us for the four series of one RPC).
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self._http: Any = None
         self._thread: Any = None
         self.port: int | None = None
@@ -80,6 +83,25 @@ class Metrics:
         m = self.label(method)
         self.rpcs.labels(m, code).inc()
         self.latency.labels(m, code).observe(seconds)
+
+    def finished(self, method: str, code: str, seconds: float, received: int, sent: int
+                 ) -> None:
+        """Records one finished RPC: count, latency and bytes in one step."""
+        key = (method, code)
+        children = self._children.get(key)
+        if children is None:
+            m = self.label(method)
+            children = (self.rpcs.labels(m, code), self.latency.labels(m, code),
+                        self.bytes_in.labels(m), self.bytes_out.labels(m))
+            if len(self._children) < 4096:  # codes and methods are bounded; stay safe anyway
+                self._children[key] = children
+        rpcs, latency, bytes_in, bytes_out = children
+        rpcs.inc()
+        latency.observe(seconds)
+        if received:
+            bytes_in.inc(received)
+        if sent:
+            bytes_out.inc(sent)
 
     def add_bytes(self, method: str, received: int = 0, sent: int = 0) -> None:
         """Counts serialized bytes in and out."""

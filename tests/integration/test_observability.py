@@ -111,9 +111,9 @@ def test_request_id_from_metadata_reaches_logs_and_response(server, target, capl
             with pytest.raises(grpc.RpcError) as e:
                 stub.DescribeModel(pb.DescribeModelRequest(name="models/none"),
                                    metadata=[("x-request-id", "req-abc-123")], timeout=10)
-            assert ("x-request-id", "req-abc-123") in e.value.initial_metadata()
+            assert ("x-request-id", "req-abc-123") in e.value.trailing_metadata()
             _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10)
-            generated = dict(call.initial_metadata())["x-request-id"]
+            generated = dict(call.trailing_metadata())["x-request-id"]
             assert len(generated) == 16
     finally:
         logging.getLogger().removeHandler(handler)

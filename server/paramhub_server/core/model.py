@@ -515,7 +515,17 @@ class ServedModel:
         if any(g in self._param_groups for g in groups):
             self.params_written_at = self.version
         self.remember(ctx.request_id, result)
-        by_group = {}
+        # Subscribing takes the read lock and we hold the write lock: with no watcher now, none
+        # can miss this event, and building it is skipped.
+        if self.watchers:
+            self._publish_write(op, ctx, time_ns, changes, groups)
+        if self.journal is not None:
+            self.journal.after_commit(self)
+        return result
+
+    def _publish_write(self, op: str, ctx: WriteContext, time_ns: int,
+                       changes: Sequence[Change], groups: Sequence[int]) -> None:
+        by_group: dict[int, list[str]] = {}
         for c in changes:
             by_group.setdefault(c.ref.group, []).append(region_text(c.index))
         self.watchers.publish(watch.Event(
@@ -524,9 +534,6 @@ class ServedModel:
             changes=tuple(watch.Change(self._first[g], self.versions[g],
                                        by_group[g][0] if len(by_group[g]) == 1 else "[...]")
                           for g in groups)))
-        if self.journal is not None:
-            self.journal.after_commit(self)
-        return result
 
     def set_slice(self, name: str, index: tuple[Any, ...], op: str, value: torch.Tensor,
                   expected_version: int | None = None, *, kind: str | None = None,

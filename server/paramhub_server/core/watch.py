@@ -129,3 +129,6 @@ class WatchHub:
     def __len__(self) -> int:
         with self._lock:
             return len(self._watchers)
+
+    def __bool__(self) -> bool:
+        return bool(self._watchers)  # one list read: atomic under the GIL
