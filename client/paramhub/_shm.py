@@ -233,10 +233,8 @@ class ShmLink:
             if time.monotonic() - spare.at < TOKEN_MAX_AGE:
                 return spare
             spare.close()
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = self._open()
         try:
-            conn.settimeout(self.timeout)
-            conn.connect("\0" + self.address)
             token = b""
             while len(token) < TOKEN_CHARS:
                 part = conn.recv(TOKEN_CHARS - len(token))
@@ -247,6 +245,17 @@ class ShmLink:
             conn.close()
             raise
         return Greeted(conn, token.decode("ascii"))
+
+    def _open(self) -> socket.socket:
+        """A new connection to the server's channel (the abstract unix socket here)."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.settimeout(self.timeout)
+            conn.connect("\0" + self.address)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def keep(self, greeted: Greeted) -> None:
         """Returns an unused connection for the next call (or closes it if one is kept)."""

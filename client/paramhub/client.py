@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import torch
 
-from paramhub import _codec, _shm
+from paramhub import _codec, _data, _shm
 from paramhub._progress import progress_for
 from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
@@ -65,6 +65,10 @@ INLINE_BYTES = 4 << 20
 SHM_MIN_BYTES = 1 << 20
 #: Reads of tensors known to be at most this big use the unary GetTensorInline.
 INLINE_READ_BYTES = 1 << 20
+#: Seconds to connect to the data port and be greeted; a data-channel send or receive that makes
+#: no progress for DATA_IO_TIMEOUT seconds fails (and the transfer falls back to gRPC).
+DATA_CONNECT_TIMEOUT = 5.0
+DATA_IO_TIMEOUT = 60.0
 
 log = logging.getLogger(__name__)
 _SERVICE = "/paramhub.v1.ParameterService/"
@@ -132,7 +136,7 @@ class Client:
 
     def __init__(self, channel: grpc.Channel, *, timeout: float | None = 30.0,
                  token: str | None = None, target: str = "", shm: bool = True,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, data_channel: bool = True) -> None:
         self.channel = channel
         self.target = target
         self.timeout = timeout
@@ -167,6 +171,9 @@ class Client:
         self._shm_wanted = shm and _shm.shm_supported()
         self._shm_link: _shm.ShmLink | None = None
         self._pool = _shm.SegmentPool()
+        # The data channel: plaintext TCP, so never under TLS (connect() passes False then).
+        self._data_wanted = data_channel and _target_host(target) is not None
+        self._data_link: _data.DataLink | None = None
         self._transport_info: pb.GetTransportInfoResponse | None = None
         self._transport_lock = threading.Lock()
         #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
@@ -179,6 +186,8 @@ class Client:
         """Closes the channel (and the shared-memory link, if any)."""
         if self._shm_link is not None:
             self._shm_link.close()
+        if self._data_link is not None:
+            self._data_link.close()
         self._pool.close()
         self.channel.close()
 
@@ -202,7 +211,45 @@ class Client:
                         self._shm_link = link
                     except OSError as e:
                         log.debug("shared memory unavailable (%s); using gRPC", e)
+                if self._data_wanted and self._transport_info.data_port:
+                    host = _target_host(self.target)
+                    assert host is not None
+                    data = _data.DataLink(host, self._transport_info.data_port,
+                                          timeout=DATA_CONNECT_TIMEOUT)
+                    try:
+                        # Reaching the data port and being greeted: the channel works here.
+                        data.keep(data.connect())
+                        self._data_link = data
+                    except OSError as e:
+                        log.debug("data channel unreachable (%s); using gRPC streams", e)
             return self._transport_info
+
+    @property
+    def uses_data_channel(self) -> bool:
+        """Whether big transfers that cannot use shared memory go over the data channel."""
+        self.transport_info()
+        return self._data_link is not None
+
+    def _data_greet(self) -> _shm.Greeted | None:
+        """A greeted data-channel connection, or None when off or unreachable."""
+        if not self._data_wanted:
+            return None
+        self.transport_info()
+        link = self._data_link
+        if link is None:
+            return None
+        try:
+            greeted = link.connect()
+        except OSError as e:
+            log.debug("data channel connection failed (%s); using gRPC", e)
+            self._data_link = None
+            link.close()
+            return None
+        greeted.conn.settimeout(DATA_IO_TIMEOUT)
+        return greeted
+
+    def _data_failed(self, exc: BaseException) -> None:
+        log.warning("data-channel transfer failed (%s); falling back to gRPC", exc)
 
     @property
     def uses_shm(self) -> bool:
@@ -429,6 +476,21 @@ class Client:
                 greeted.close()
                 self._shm_failed(e)
             request.shm_token = ""
+        if expect is None or expect >= _data.DATA_MIN_BYTES:
+            data = self._data_greet()
+            if data is not None:
+                request.data_token = data.token
+                try:
+                    return self._get_tensor(request, timeout, None, out, data)
+                except ParamhubError as e:
+                    data.close()
+                    if e.reason != "DATA_CHANNEL_UNAVAILABLE":
+                        raise
+                    self._data_failed(e)
+                except OSError as e:
+                    data.close()
+                    self._data_failed(e)
+                request.data_token = ""
         return self._get_tensor(request, timeout, None, out)
 
     def _get_tensor_pooled(self, request: pb.GetTensorRequest, timeout: float | None,
@@ -464,12 +526,32 @@ class Client:
             self._pool.release(segment)
 
     def _get_tensor(self, request: pb.GetTensorRequest, timeout: float | None,
-                    greeted: _shm.Greeted | None, out: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, int]:
+                    greeted: _shm.Greeted | None, out: torch.Tensor | None,
+                    data: _shm.Greeted | None = None) -> tuple[torch.Tensor, int]:
         chunks = self._stream(self._get_tensor_raw, request, timeout)
         first = next(chunks, None)
         if first is None or first.header is None:
             raise InvalidArgumentError("the server sent no tensor header", reason="BAD_STREAM")
+        if first.header.data_channel:
+            if data is None:
+                raise InvalidArgumentError("the server used the data channel unasked",
+                                           reason="BAD_STREAM")
+            asm = _codec.TensorAssembler(first.header, allocate=False)
+            if out is None:
+                out = _codec.empty(asm.shape, asm.dtype)
+            else:
+                _check_out(out, asm)
+            with progress_for(self.progress, f"GET {request.name}", asm.nbytes):
+                _data.recv_length(data.conn, asm.nbytes)
+                _data.recv_into(data.conn, _codec._memory(_codec.byte_view(out)))
+            data.close()
+            for _ in chunks:  # the stream ends here; drain it so the call completes
+                pass
+            if not request.index:
+                self._note_size(request.name, request.field, asm.nbytes)
+            return out, first.header.version
+        if data is not None:  # small: came inline, the connection is kept for next time
+            self._data_link.keep(data) if self._data_link else data.close()
         if first.header.shm and not request.index:
             self._note_size(request.name, request.field, asm_bytes(first.header))
         if first.header.shm:
@@ -556,6 +638,20 @@ class Client:
                     self._shm_failed(e)
                 finally:
                     greeted.close()
+        if nbytes >= _data.DATA_MIN_BYTES:
+            data = self._data_greet()
+            if data is not None:
+                try:
+                    return self._set_slice_data(request, value_t, data, timeout)
+                except ParamhubError as e:
+                    if e.reason != "DATA_CHANNEL_UNAVAILABLE":
+                        raise
+                    self._data_failed(e)
+                except OSError as e:
+                    # Safe to repeat: the server applies a request id once.
+                    self._data_failed(e)
+                finally:
+                    data.close()
         if nbytes <= INLINE_BYTES:
             request.value.CopyFrom(_codec.tensor_to_proto(value_t))
             return self._call(self.stub.SetSlice, request, timeout).version
@@ -572,6 +668,48 @@ class Client:
                     bar.advance(len(frame))
 
         return self._call(self._stream_set_slice_raw, requests(), timeout).version
+
+    def _set_slice_data(self, request: pb.SetSliceRequest, value: torch.Tensor,
+                        data: _shm.Greeted, timeout: float | None) -> int:
+        req = pb.SetSliceRequest()
+        req.CopyFrom(request)
+        req.data_token = data.token
+        req.value.dtype = _codec.dtype_to_proto(value.dtype)
+        req.value.shape.extend(value.shape)
+        flat = _codec.byte_view(value)  # the tensor's own memory when contiguous
+        view = _codec._memory(flat)
+        preamble = _data.PREAMBLE.pack(view.nbytes, _data.write_digest(data.token, req))
+        self._count(self.stub.SetSlice)
+        future = self.stub.SetSlice.future(
+            req, timeout=timeout if timeout is not None else self.timeout,
+            metadata=self._metadata)
+        conn = data.conn
+        # Short send timeouts: a call the server refused (auth, bad name) never reads the
+        # connection, and the failed call is noticed between sends instead of after 30 s.
+        conn.settimeout(0.5)
+        pending = [memoryview(preamble), view]
+        try:
+            with progress_for(self.progress, f"SET {request.name}", view.nbytes) as bar:
+                for part in pending:
+                    pos = 0
+                    while pos < part.nbytes and not future.done():
+                        try:
+                            k = conn.send(part[pos:pos + _data.PIECE])
+                        except TimeoutError:
+                            continue
+                        pos += k
+                        if part is view:
+                            bar.advance(k)
+        except OSError:
+            if not future.done():  # our side failed: the server cannot have written anything
+                future.cancel()
+                raise
+        try:
+            return future.result().version
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            del flat
 
     def _set_slice_shm(self, request: pb.SetSliceRequest, value: torch.Tensor,
                        greeted: _shm.Greeted, timeout: float | None) -> int:
@@ -1175,11 +1313,28 @@ def _model_id(model: Any) -> str:
     return model_id
 
 
+def _target_host(target: str) -> str | None:
+    """The host of a "host:port" target ("[v6]:port" and "dns:///host:port" too); None for
+    unix sockets and anything else the data channel cannot reach."""
+    t = target
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme):]
+            break
+    if not t or t.startswith("unix") or "/" in t or "," in t:
+        return None
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        return host if sep and rest.startswith(":") and host else None
+    host, sep, port = t.rpartition(":")
+    return host if sep and host and port.isdigit() else None
+
+
 def connect(target: str | None = None, token: str | None = None, timeout: float | None = 30.0,
             *, tls: bool = False, root_certificates: bytes | None = None,
             client_cert: bytes | None = None, client_key: bytes | None = None,
             options: Sequence[tuple[str, Any]] = (), shm: bool = True,
-            progress: bool | None = None) -> Client:
+            progress: bool | None = None, data_channel: bool = True) -> Client:
     """Connects to a paramhub server.
 
     Args:
@@ -1193,6 +1348,9 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
             (negotiated on first use; falls back to gRPC). False always uses gRPC.
         progress: progress bars for transfers over 64 MiB: None shows them when stderr is a
             terminal, True always, False never.
+        data_channel: move tensors of 16 MiB or more over the server's data port (plaintext
+            TCP, raw bytes) when shared memory does not apply; falls back to gRPC streams.
+            Never used with TLS. False always uses gRPC.
     """
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
@@ -1205,7 +1363,8 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
                                              private_key=client_key,
                                              certificate_chain=client_cert)
         channel = grpc.secure_channel(target, creds, options=opts)
+        data_channel = False  # the data channel is plaintext: never beside a TLS channel
     else:
         channel = grpc.insecure_channel(target, options=opts)
     return Client(channel, timeout=timeout, token=token, target=target, shm=shm,
-                  progress=progress)
+                  progress=progress, data_channel=data_channel)

@@ -169,7 +169,11 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
                                                     thread_name_prefix="paramhub-rpc"),
                          interceptors=[pipeline], options=options,
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm)
+    # The data channel is plaintext TCP: offered only when gRPC is plaintext too (under TLS it
+    # would expose what TLS protects), on the same host as gRPC.
+    data_host = settings.host if settings.data_channel and settings.tls_cert is None else None
+    transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
+                          data_host=data_host, data_port=settings.data_port)
     add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
                                   transport=transport), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -105,6 +105,11 @@ def serve(
         help="serve Prometheus /metrics on this port (0 picks one)")] = None,
     shm: Annotated[bool, typer.Option(
         "--shm/--no-shm", help="offer the same-host shared-memory transport")] = True,
+    data_port: Annotated[int, typer.Option(
+        help="TCP port of the data channel that carries tensors of 16 MiB or more across "
+             "hosts, on --host (0 picks a free one; never offered with TLS)")] = 0,
+    no_data_port: Annotated[bool, typer.Option(
+        "--no-data-port", help="no data channel: big tensors stream over gRPC")] = False,
 ) -> None:
     """Run the paramhub gRPC server until SIGTERM or SIGINT, then drain."""
     from paramhub_server import logs
@@ -124,7 +129,8 @@ def serve(
                         max_total_bytes=max_total_bytes, max_concurrent_rpcs=max_concurrent_rpcs,
                         max_tensor_elements=max_tensor_elements, max_spec_nodes=max_spec_nodes,
                         max_spec_depth=max_spec_depth, metrics_port=metrics_port,
-                        log_format=log_format, shm=shm)
+                        log_format=log_format, shm=shm, data_channel=not no_data_port,
+                        data_port=data_port)
     # Handlers first: a SIGTERM right after the address line (or during recovery) drains.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import torch
 
-from paramhub import _codec
+from paramhub import _codec, _data
 from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
@@ -329,6 +329,28 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                 chunk_bytes=_chunk_size(request.chunk_bytes),
                                                 wrap=True)
             return
+        if request.data_token:
+            channel = self.transport.data_channel()
+            # The copy is made under the read lock; the bytes are sent after it is released.
+            result = m.read(name, index, grad=grad, kind=kind)
+            tensor = result.tensor
+            if tensor.numel() * tensor.element_size() >= _data.DATA_MIN_BYTES:
+                conn = channel.take(request.data_token)
+                try:
+                    header = tpb.TensorHeader(
+                        name=name, dtype=_codec.dtype_to_proto(tensor.dtype),
+                        shape=list(tensor.shape), version=result.version, data_channel=True)
+                    del result
+                    yield _codec.encode_chunk(header, wrap=True)
+                    channel.send_tensor(conn, tensor)
+                finally:
+                    conn.close()
+                return
+            # Small: inline, the token stays unused (the client keeps its connection).
+            yield from _codec.iter_chunk_frames(tensor, name=name, version=result.version,
+                                                chunk_bytes=_chunk_size(request.chunk_bytes),
+                                                wrap=True)
+            return
         result = m.read(name, index, grad=grad, kind=kind)
         yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
                                             chunk_bytes=_chunk_size(request.chunk_bytes),
@@ -386,6 +408,22 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                                   shape), context)
             finally:
                 segment.close()
+        if request.data_token:
+            # Names, index, op and limits are checked before any byte is accepted.
+            slice_write(request, None, self.max_tensor_elements)
+            dtype = _codec.dtype_from_proto(request.value.dtype)
+            shape = _codec.check_shape(request.value.shape,
+                                       max_elements=self.max_tensor_elements)
+            if request.value.data:
+                raise InvalidArgumentError("a data-channel SetSlice carries no value bytes",
+                                           reason="BAD_STREAM")
+            m, kind, tname = self._tensor(request.name)
+            m.ref(tname, kind)  # NOT_FOUND before reading a byte
+            channel = self.transport.data_channel()
+            conn = channel.take(request.data_token)
+            value = channel.receive_tensor(conn, dtype, tuple(shape),
+                                           _data.write_digest(request.data_token, request))
+            return self._set_slice(request, value, context)
         return self._set_slice(request, _codec.tensor_from_proto(
             request.value, max_elements=self.max_tensor_elements), context)
 
@@ -732,10 +770,11 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def GetTransportInfo(self, request: pb.GetTransportInfoRequest,
                          context: grpc.ServicerContext) -> pb.GetTransportInfoResponse:
-        shm = self.transport.shm
+        shm, data = self.transport.shm, self.transport.data
         return pb.GetTransportInfoResponse(max_message_bytes=self.transport.max_message_bytes,
                                            chunk_bytes=_codec.DEFAULT_CHUNK_BYTES,
-                                           shm_address=shm.address if shm else "")
+                                           shm_address=shm.address if shm else "",
+                                           data_port=data.port if data else 0)
 
     @rpc
     def PullState(self, request: pb.PullStateRequest, context: grpc.ServicerContext

@@ -64,3 +64,8 @@ class Settings:
     log_format: str = "text"
     #: Offer the same-host shared-memory transport (`--no-shm` turns it off).
     shm: bool = True
+    #: Offer the data channel for big tensors across hosts (`--no-data-port` turns it off; never
+    #: offered under TLS: it is plaintext).
+    data_channel: bool = True
+    #: TCP port of the data channel on `host` (0 picks a free one).
+    data_port: int = 0

@@ -18,7 +18,9 @@ they are mapped, so a client cannot crash the server with SIGBUS.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import math
 import os
 import secrets
 import select
@@ -32,7 +34,7 @@ import grpc
 import torch
 from google.protobuf import message_factory
 
-from paramhub import _codec
+from paramhub import _codec, _data
 from paramhub._shm import (ShmSegment, create_segment, receive_segment, send_segment,
                            shm_supported)
 from paramhub.errors import InvalidArgumentError
@@ -41,6 +43,9 @@ from paramhub.v1 import parameter_service_pb2 as pb
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterService"]
+
+#: poll() flag for "the peer shut down its side" (Linux); 0 elsewhere.
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 
 #: Seconds a greeted shm connection waits for the gRPC call that names its token.
 TOKEN_TTL = 60.0
@@ -54,7 +59,8 @@ TOKEN_CHARS = 32
 #: measured ~1.5x the throughput of streamed tensors on loopback (benchmarks/).
 HTTP2_OPTIONS = [("grpc.http2.max_frame_size", (1 << 24) - 1)]
 
-__all__ = ["HTTP2_OPTIONS", "add_servicer", "ShmChannel", "Transport", "create_segment", "ShmSegment"]
+__all__ = ["HTTP2_OPTIONS", "add_servicer", "ShmChannel", "DataChannel", "Transport",
+           "create_segment", "ShmSegment"]
 
 
 
@@ -105,23 +111,26 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
 # Shared memory
 
 
-class ShmChannel:
-    """The server's end of the same-host channel: accepts connections, greets each with a token,
-    and hands the connection to the one gRPC call that names it."""
+class _GreetingChannel:
+    """Accepts connections, greets each with a fresh single-use token, and hands the connection
+    to the one gRPC call that names it. Subclasses make the listener and move the bytes."""
 
-    def __init__(self) -> None:
-        self.address = f"paramhub-{os.getpid()}-{secrets.token_hex(8)}"
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind("\0" + self.address)
-        self._listener.listen(64)
+    #: Greeted connections kept at most; further ones are closed at once (nobody can hold the
+    #: server's descriptors hostage by connecting and never calling).
+    MAX_PENDING = 256
+    _thread_name = "paramhub-channel"
+    _unavailable = "SHM_UNAVAILABLE"
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
         self._listener.settimeout(0.25)
         self._pending: dict[str, tuple[socket.socket, float]] = {}
-        #: Segments sent to and received from clients (for tests and metrics).
+        #: Transfers sent to and received from clients (for tests and metrics).
         self.sent = 0
         self.received = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="paramhub-shm",
+        self._thread = threading.Thread(target=self._accept_loop, name=self._thread_name,
                                         daemon=True)
         self._thread.start()
 
@@ -135,6 +144,11 @@ class ShmChannel:
             except OSError:
                 if self._stop.is_set():
                     return
+                continue
+            with self._lock:
+                full = len(self._pending) >= self.MAX_PENDING
+            if full:
+                conn.close()
                 continue
             token = secrets.token_hex(TOKEN_CHARS // 2)
             # Registered before the client can know it: it may name it at once.
@@ -158,13 +172,15 @@ class ShmChannel:
         by_fd = {}
         for token, (conn, _) in entries:
             try:
-                poller.register(conn.fileno(), select.POLLIN | select.POLLHUP)
+                poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | _POLLRDHUP)
                 by_fd[conn.fileno()] = (token, conn)
             except (OSError, ValueError):
                 dead.append(token)
         for fd, events in poller.poll(0):
             token, conn = by_fd[fd]
-            if events & select.POLLHUP:
+            if events & (select.POLLHUP | _POLLRDHUP):
+                # The client hung up (died, or gave up after its call failed), even if bytes it
+                # sent are still unread.
                 dead.append(token)
                 continue
             try:
@@ -187,13 +203,47 @@ class ShmChannel:
             return len(self._pending)
 
     def take(self, token: str) -> socket.socket:
-        """The connection greeted with `token` (single use); SHM_UNAVAILABLE if unknown."""
+        """The connection greeted with `token` (single use); SHM_UNAVAILABLE (or
+        DATA_CHANNEL_UNAVAILABLE) if unknown, used or expired."""
         with self._lock:
             entry = self._pending.pop(token, None)
-        if entry is None:
-            raise InvalidArgumentError("unknown or already used shared-memory token",
-                                       reason="SHM_UNAVAILABLE")
+        if entry is None or time.monotonic() - entry[1] > TOKEN_TTL:
+            if entry is not None:
+                entry[0].close()
+            raise InvalidArgumentError(f"unknown, used or expired {self._what} token",
+                                       reason=self._unavailable)
         return entry[0]
+
+    _what = "channel"
+
+    def close(self) -> None:
+        """Stops accepting and drops every pending connection."""
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=2)
+        with self._lock:
+            conns = [c for c, _ in self._pending.values()]
+            self._pending.clear()
+        for c in conns:
+            c.close()
+
+
+class ShmChannel(_GreetingChannel):
+    """The server's end of the same-host channel (an abstract unix socket)."""
+
+    _thread_name = "paramhub-shm"
+    _what = "shared-memory"
+
+    def __init__(self) -> None:
+        self.address = f"paramhub-{os.getpid()}-{secrets.token_hex(8)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind("\0" + self.address)
+            listener.listen(64)
+        except BaseException:
+            listener.close()
+            raise
+        super().__init__(listener)
 
     def send(self, conn: socket.socket, segment: ShmSegment) -> None:
         """Passes a filled segment to the client and closes the connection."""
@@ -219,34 +269,106 @@ class ShmChannel:
         self.received += 1
         return segment
 
-    def close(self) -> None:
-        """Stops accepting and drops every pending connection."""
-        self._stop.set()
-        self._listener.close()
-        self._thread.join(timeout=2)
-        with self._lock:
-            conns = [c for c, _ in self._pending.values()]
-            self._pending.clear()
-        for c in conns:
-            c.close()
+
+class DataChannel(_GreetingChannel):
+    """The server's end of the data channel: a TCP port on the gRPC host (see paramhub._data).
+
+    Reads: the servicer copies the region under the read lock (as for every read), releases the
+    lock, and only then sends, so writers never wait on a slow reader. Writes: the bytes are
+    received into a fresh tensor before the write lock is taken.
+    """
+
+    _thread_name = "paramhub-data"
+    _unavailable = "DATA_CHANNEL_UNAVAILABLE"
+    _what = "data-channel"
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(addr)
+            listener.listen(64)
+        except BaseException:
+            listener.close()
+            raise
+        self.port: int = listener.getsockname()[1]
+        super().__init__(listener)
+
+    def send_tensor(self, conn: socket.socket, tensor: torch.Tensor) -> None:
+        """Sends a read's length and bytes from `tensor`'s memory; closes the connection."""
+        try:
+            view = _codec._memory(_codec.byte_view(tensor))
+            _data.send_length(conn, view.nbytes)
+            _data.send_view(conn, view)
+            self.sent += 1
+        finally:
+            conn.close()
+
+    def receive_tensor(self, conn: socket.socket, dtype: torch.dtype, shape: tuple[int, ...],
+                       digest: bytes) -> torch.Tensor:
+        """Receives a write's bytes into a new tensor after checking the preamble; closes the
+        connection. INVALID_ARGUMENT (DATA_CHANNEL_MISMATCH) if the preamble names another
+        transfer, (BAD_STREAM) if the client stops early."""
+        try:
+            nbytes = dtype.itemsize * math.prod(shape)
+            try:
+                n, got = _data.PREAMBLE.unpack(_data.recv_exact(conn, _data.PREAMBLE.size))
+            except (OSError, ConnectionError) as e:
+                raise InvalidArgumentError(f"no data-channel preamble arrived: {e}",
+                                           reason="BAD_STREAM") from None
+            if n != nbytes or not hmac.compare_digest(got, digest):
+                raise InvalidArgumentError(
+                    "the data-channel bytes were sent for another transfer (tensor, index, op, "
+                    "shape or size differ from this call)", reason="DATA_CHANNEL_MISMATCH")
+            out = _codec.empty(shape, dtype)
+            try:
+                _data.recv_into(conn, _codec._memory(_codec.byte_view(out)))
+            except (OSError, ConnectionError) as e:
+                raise InvalidArgumentError(f"the data-channel transfer failed: {e}",
+                                           reason="BAD_STREAM") from None
+            self.received += 1
+            return out
+        finally:
+            conn.close()
 
 
 class Transport:
-    """What the servicer needs to move bytes: message limit and the optional shm channel."""
+    """What the servicer needs to move bytes: message limit, the optional shm channel and the
+    optional data channel (a TCP port on `data_host`; None = off)."""
 
-    def __init__(self, *, max_message_bytes: int, shm: bool = True) -> None:
+    def __init__(self, *, max_message_bytes: int, shm: bool = True,
+                 data_host: str | None = None, data_port: int = 0) -> None:
         self.max_message_bytes = max_message_bytes
         self.shm: ShmChannel | None = None
+        self.data: DataChannel | None = None
         if shm and shm_supported():
             try:
                 self.shm = ShmChannel()
             except OSError as e:  # e.g. a sandbox without unix sockets
                 log.warning("shared-memory transport disabled: %s", e)
+        if data_host is not None:
+            try:
+                self.data = DataChannel(data_host, data_port)
+                log.info("data channel on port %d", self.data.port)
+            except OSError as e:
+                log.warning("data channel disabled: %s", e)
 
     def close(self) -> None:
-        """Closes the shm channel."""
+        """Closes the shm and data channels."""
         if self.shm is not None:
             self.shm.close()
+        if self.data is not None:
+            self.data.close()
+
+    def data_channel(self) -> DataChannel:
+        """The data channel; DATA_CHANNEL_UNAVAILABLE when disabled."""
+        if self.data is None:
+            raise InvalidArgumentError("the data channel is disabled on this server",
+                                       reason="DATA_CHANNEL_UNAVAILABLE")
+        return self.data
 
     def shm_channel(self) -> ShmChannel:
         """The channel; SHM_UNAVAILABLE when disabled."""

@@ -267,23 +267,25 @@ class ListParametersResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
 
 class GetTensorRequest(_message.Message):
-    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer")
+    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer", "data_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHM_CLIENT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     field: TensorField
     chunk_bytes: int
     shm_token: str
     shm_client_buffer: bool
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ...) -> None: ...
+    data_token: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ..., data_token: _Optional[str] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
-    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token")
+    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token", "data_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +293,7 @@ class SetSliceRequest(_message.Message):
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     op: SliceOp
@@ -298,7 +301,8 @@ class SetSliceRequest(_message.Message):
     expected_version: int
     request_id: str
     shm_token: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ...) -> None: ...
+    data_token: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ..., data_token: _Optional[str] = ...) -> None: ...
 
 class StreamSetSliceRequest(_message.Message):
     __slots__ = ("request", "data")
@@ -921,14 +925,16 @@ class GetTransportInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTransportInfoResponse(_message.Message):
-    __slots__ = ("max_message_bytes", "chunk_bytes", "shm_address")
+    __slots__ = ("max_message_bytes", "chunk_bytes", "shm_address", "data_port")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     chunk_bytes: int
     shm_address: str
-    def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class PullStateRequest(_message.Message):
     __slots__ = ("model", "names", "prefix", "glob", "parameters_only", "chunk_bytes", "shm_token")
