@@ -29,8 +29,8 @@ from typing import Any
 from paramhub._shm import ShmLink
 from paramhub.errors import InvalidArgumentError
 
-__all__ = ["DATA_MIN_BYTES", "PIECE", "DataLink", "send_view", "recv_into", "write_digest",
-           "PREAMBLE"]
+__all__ = ["DATA_MIN_BYTES", "PIECE", "DataLink", "send_view", "recv_into", "recv_exact",
+           "send_length", "recv_length", "write_digest", "reset", "PREAMBLE"]
 
 #: Values of at least this many bytes use the data channel (when shm is not available).
 DATA_MIN_BYTES = 16 << 20
@@ -84,6 +84,16 @@ def recv_length(conn: socket.socket, expected: int) -> None:
     if n != expected:
         raise InvalidArgumentError(f"the data channel announced {n} bytes, the header {expected}",
                                    reason="BAD_STREAM")
+
+
+def reset(conn: socket.socket) -> None:
+    """Makes the coming close() reset the connection (RST) instead of a FIN queued behind unsent
+    bytes: a server that refused the call never reads them, so a FIN would never arrive and
+    the server could not tell the connection is gone."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 class DataLink(ShmLink):

@@ -702,11 +702,13 @@ class Client:
                             bar.advance(k)
         except OSError:
             if not future.done():  # our side failed: the server cannot have written anything
+                _data.reset(conn)
                 future.cancel()
                 raise
         try:
             return future.result().version
         except grpc.RpcError as e:
+            _data.reset(conn)  # bytes may be left unsent: don't let them hold the connection
             raise from_rpc_error(e) from None
         finally:
             del flat

@@ -37,7 +37,7 @@ from google.protobuf import message_factory
 from paramhub import _codec, _data
 from paramhub._shm import (ShmSegment, create_segment, receive_segment, send_segment,
                            shm_supported)
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, UnavailableError
 from paramhub.v1 import parameter_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class _GreetingChannel:
                 dead.append(token)
         for fd, events in poller.poll(0):
             token, conn = by_fd[fd]
-            if events & (select.POLLHUP | _POLLRDHUP):
+            if events & (select.POLLHUP | select.POLLERR | _POLLRDHUP):
                 # The client hung up (died, or gave up after its call failed), even if bytes it
                 # sent are still unread.
                 dead.append(token)
@@ -301,8 +301,12 @@ class DataChannel(_GreetingChannel):
         """Sends a read's length and bytes from `tensor`'s memory; closes the connection."""
         try:
             view = _codec._memory(_codec.byte_view(tensor))
-            _data.send_length(conn, view.nbytes)
-            _data.send_view(conn, view)
+            try:
+                _data.send_length(conn, view.nbytes)
+                _data.send_view(conn, view)
+            except OSError as e:  # the client went away (or stalled past the timeout)
+                raise UnavailableError(f"the data-channel connection broke: {e}",
+                                       reason="DATA_CHANNEL_BROKEN") from None
             self.sent += 1
         finally:
             conn.close()
