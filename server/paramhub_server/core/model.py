@@ -433,6 +433,18 @@ class ServedModel:
         A storage written by several writes of one batch is staged in a copy, so later writes
         see earlier ones; it then becomes one whole-tensor change.
         """
+        if len(writes) == 1 and isinstance(writes[0], SliceWrite):
+            # The common single write (SetSlice): the general path below without its
+            # bookkeeping (no staging or ordering applies to one write).
+            w = writes[0]
+            if w.op not in SLICE_OPS:
+                raise InvalidArgumentError(f"unknown slice op {w.op!r}", reason="BAD_OP")
+            ref = self.ref(w.name, w.kind)
+            self._check_expected(ref, w.expected_version)
+            live = ref.get().detach()
+            region = _codec.apply_index(live, w.index)
+            return [Change(ref, w.index, _combine(region, w.op, w.value.to(live.device),
+                                                  ref.name))]
         resolved: list[tuple[SliceWrite | InitWrite, list[TensorRef]]] = []
         touches: dict[int, int] = {}
         for w in writes:
