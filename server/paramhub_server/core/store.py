@@ -296,6 +296,10 @@ class ModelStore:
         """Closes the log (flushing it)."""
         self.wal.close()
 
+    def lag(self) -> tuple[int, bool]:
+        """(log bytes not yet folded into a snapshot, whether appends await an fsync)."""
+        return self.wal.size, self.wal.unsynced
+
     # --------------------------------------------------------------- checkpoints
 
     def _checkpoint_path(self, name: str) -> Path:
