@@ -234,7 +234,12 @@ def _restart(server, settings):
     return build_server(settings)
 
 
-def test_replaced_optimizer_and_empty_steps_survive_a_restart(settings) -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replaced_optimizer_and_empty_steps_survive_a_restart(settings, device) -> None:
+    settings = dataclasses.replace(settings, device=device)
     srv = build_server(settings)
     try:
         with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
@@ -304,7 +309,10 @@ def test_compaction_with_an_optimizer_folds_its_state_into_the_snapshot(settings
         srv.stop(grace=None)
 
 
-def test_restore_checkpoint_restores_the_optimizer_of_that_point(settings, tmp_path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_restore_checkpoint_restores_the_optimizer_of_that_point(settings, tmp_path,
+                                                                 device) -> None:
+    settings = dataclasses.replace(settings, device=device)
     srv = build_server(settings)
     try:
         with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
@@ -413,3 +421,39 @@ def test_checkpoint_of_a_model_whose_optimizer_lost_its_parameters_is_refused(cl
     assert e.value.reason == "CHECKPOINT_MISMATCH"
     assert_state_dicts_equal(opt.state_dict(), state)
     assert_values_equal(values_of(net), values)
+
+
+def test_a_torn_step_record_is_dropped_whole(settings) -> None:
+    """A crash in the middle of a step's log record: recovery has the previous step's
+    parameters AND optimizer state, never the parameters of one and the state of another."""
+    from paramhub_server.core.wal import read_records
+
+    srv = build_server(settings)
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            net = c.create_model("m", seed_mlp())
+            opt = paramhub.optim.Adam(net.parameters(), lr=0.01)
+            train_steps(net, opt, "autograd", range(2))
+            state2, values2 = opt.state_dict(), values_of(net)
+            train_steps(net, opt, "autograd", range(2, 3))
+    finally:
+        srv.stop(grace=None)
+    wal = next((settings.data_dir / "models" / "m").glob("wal-*.log"))
+    records = list(read_records(wal))
+    last = records[-1]
+    assert last.header["t"] == "write" and last.header["aux"]["steps"] == 3
+    assert {e["key"] for e in last.header["aux"]["tensors"]} >= {"0.weight/exp_avg",
+                                                                 "0.weight/exp_avg_sq"}
+    start = records[-2].end
+    with open(wal, "r+b") as f:  # cut the step record after its parameters, inside its state
+        f.truncate(start + (last.end - start) * 3 // 4)
+    srv = build_server(settings)
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            net = c.model("m")
+            opt = paramhub.optim.get(net)
+            assert opt.steps == 2
+            assert_state_dicts_equal(opt.state_dict(), state2)
+            assert_values_equal(values_of(net), values2)
+    finally:
+        srv.stop(grace=None)
