@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -457,3 +459,71 @@ def test_a_torn_step_record_is_dropped_whole(settings) -> None:
             assert_values_equal(values_of(net), values2)
     finally:
         srv.stop(grace=None)
+
+
+def _grads(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {"weight": torch.randn(256, 256, generator=g), "bias": torch.randn(256, generator=g)}
+
+
+@pytest.mark.slow
+def test_kill_9_during_acknowledged_steps_loses_no_step_and_tears_none(tmp_path,
+                                                                       settings) -> None:
+    """Steps stream in (async pushes) while the server is killed: after the restart the
+    optimizer has taken every acknowledged step and at most the one in flight, and values and
+    state are exactly those of a server that took that many steps."""
+    srv = Serve(tmp_path / "data")
+    acked: list[int] = []
+    wrong: list[object] = []
+    try:
+        with _connect(srv.target) as c:
+            torch.manual_seed(0)
+            net = c.create_model("m", nn.Linear(256, 256))
+            paramhub.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            stop = threading.Event()
+
+            def pusher() -> None:
+                i = 0
+                try:
+                    while not stop.is_set():
+                        r = net.push_grads(_grads(i), c.model_version("m"))
+                        if (r.outcome, r.steps) != ("applied", i + 1):
+                            wrong.append(r)
+                        acked.append(r.steps)
+                        i += 1
+                except paramhub.ParamhubError:
+                    pass  # the server died under us
+
+            t = threading.Thread(target=pusher)
+            t.start()
+            deadline = time.monotonic() + 60
+            while len(acked) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            srv.kill_9()
+            stop.set()
+            t.join(60)
+    finally:
+        srv.stop()
+    assert len(acked) >= 20 and not wrong
+    srv = Serve(tmp_path / "data")
+    try:
+        with _connect(srv.target) as c:
+            net = c.model("m")
+            opt = paramhub.optim.get(net)
+            state, values = opt.state_dict(), values_of(net)
+            n = opt.steps
+            assert n in (acked[-1], acked[-1] + 1)
+    finally:
+        srv.stop()
+    ref = build_server(dataclasses.replace(settings, data_dir=None))
+    try:
+        with paramhub.connect(f"127.0.0.1:{ref.port}", timeout=60) as c:
+            torch.manual_seed(0)
+            net = c.create_model("m", nn.Linear(256, 256))
+            opt = paramhub.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            for i in range(n):
+                net.push_grads(_grads(i), c.model_version("m"))
+            assert_state_dicts_equal(opt.state_dict(), state)
+            assert_values_equal(values_of(net), values)
+    finally:
+        ref.stop(grace=None)
