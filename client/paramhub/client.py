@@ -8,8 +8,11 @@ torch.nn.Module.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -20,8 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import torch
 
-from paramhub import _codec
-from paramhub.errors import InvalidArgumentError, from_rpc_error
+from paramhub import _codec, _shm
+from paramhub._progress import progress_for
+from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
+                             UnimplementedError, from_rpc_error)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
@@ -56,6 +61,23 @@ _SERVICE_CONFIG = json.dumps({
 
 #: Values up to this many bytes travel inline in one message; larger ones are streamed.
 INLINE_BYTES = 4 << 20
+#: Writes of at least this many bytes use shared memory when the server is on this host.
+SHM_MIN_BYTES = 1 << 20
+#: Reads of tensors known to be at most this big use the unary GetTensorInline.
+INLINE_READ_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+_SERVICE = "/paramhub.v1.ParameterService/"
+
+
+def _passthrough(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _parse_pull(buf: bytes) -> Any:
+    # PullStateResponse: data messages (field 3) as memoryviews, the manifest as a message.
+    view = _codec.parse_data_frame(buf, 0x1A)
+    return view if view is not None else pb.PullStateResponse.FromString(buf)
 
 
 _MODES = {"async": pb.TRAINING_MODE_ASYNC, "sync": pb.TRAINING_MODE_SYNC,
@@ -109,24 +131,116 @@ class Client:
     """
 
     def __init__(self, channel: grpc.Channel, *, timeout: float | None = 30.0,
-                 token: str | None = None, target: str = "") -> None:
+                 token: str | None = None, target: str = "", shm: bool = True,
+                 progress: bool | None = None) -> None:
         self.channel = channel
         self.target = target
         self.timeout = timeout
+        self.progress = progress
         #: Shown as the writer of this client's writes in watch events.
         self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()) + (
             ("x-paramhub-writer", self.writer_id),)
         self.stub = pb_grpc.ParameterServiceStub(channel)
+        # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
+        self._get_tensor_raw = channel.unary_stream(
+            _SERVICE + "GetTensor", request_serializer=pb.GetTensorRequest.SerializeToString,
+            response_deserializer=_codec.parse_wrapped_chunk)
+        self._stream_set_slice_raw = channel.stream_unary(
+            _SERVICE + "StreamSetSlice", request_serializer=_passthrough,
+            response_deserializer=pb.StreamSetSliceResponse.FromString)
+        self._pull_state_raw = channel.unary_stream(
+            _SERVICE + "PullState", request_serializer=pb.PullStateRequest.SerializeToString,
+            response_deserializer=_parse_pull)
+        self._get_inline_raw = channel.unary_unary(
+            _SERVICE + "GetTensorInline",
+            request_serializer=pb.GetTensorInlineRequest.SerializeToString,
+            response_deserializer=_codec.parse_chunk)
+        # Whole-tensor sizes in bytes, learnt from reads and descriptions: small tensors are
+        # then read with one unary call instead of a stream (which costs ~1.5x a unary call).
+        self._sizes: dict[tuple[str, str, str], int] = {}
+        self._inline_ok = True
+        self._push_state_raw = channel.stream_unary(
+            _SERVICE + "PushState", request_serializer=_passthrough,
+            response_deserializer=pb.PushStateResponse.FromString)
+        self._shm_wanted = shm and _shm.shm_supported()
+        self._shm_link: _shm.ShmLink | None = None
+        self._pool = _shm.SegmentPool()
+        self._transport_info: pb.GetTransportInfoResponse | None = None
+        self._transport_lock = threading.Lock()
         #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
         self.rpc_counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel (and the shared-memory link, if any)."""
+        if self._shm_link is not None:
+            self._shm_link.close()
+        self._pool.close()
         self.channel.close()
+
+    # ---------------------------------------------------------------------------- transport
+
+    def transport_info(self) -> pb.GetTransportInfoResponse:
+        """The server's message limit and shared-memory address (asked once, then cached)."""
+        with self._transport_lock:
+            if self._transport_info is None:
+                try:
+                    self._transport_info = self._call(self.stub.GetTransportInfo,
+                                                      pb.GetTransportInfoRequest())
+                except UnimplementedError:  # an older server: no limits known, no shm
+                    self._transport_info = pb.GetTransportInfoResponse()
+                if self._shm_wanted and self._transport_info.shm_address:
+                    link = _shm.ShmLink(self._transport_info.shm_address)
+                    try:
+                        # Negotiation: reaching the advertised socket and being greeted proves
+                        # we share the host (and network namespace) with the server.
+                        link.keep(link.connect())
+                        self._shm_link = link
+                    except OSError as e:
+                        log.debug("shared memory unavailable (%s); using gRPC", e)
+            return self._transport_info
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether big transfers go through shared memory (negotiated on first use)."""
+        self.transport_info()
+        return self._shm_link is not None
+
+    def _greet(self) -> _shm.Greeted | None:
+        """A greeted shm connection, or None when shm is off or unreachable."""
+        if not self._shm_wanted:
+            return None
+        self.transport_info()
+        link = self._shm_link
+        if link is None:
+            return None
+        try:
+            return link.connect()
+        except OSError as e:
+            log.debug("shared memory connection failed (%s); using gRPC", e)
+            self._shm_link = None
+            link.close()
+            return None
+
+    def _note_size(self, full_name: str, field: int, nbytes: int) -> None:
+        kind = "grad" if field == pb.TENSOR_FIELD_GRAD else "value"
+        self._sizes[(full_name, kind, "")] = nbytes
+
+    def _note_infos(self, model_id: str, infos: Sequence[pb.TensorInfo]) -> None:
+        for info in infos:
+            try:
+                dtype = _codec.dtype_from_proto(info.dtype)
+            except InvalidArgumentError:
+                continue
+            kind = "parameters" if info.kind == pb.TENSOR_KIND_PARAMETER else "buffers"
+            self._sizes[(tensor_name(model_id, info.name, kind), "value", "")] = (
+                math.prod(info.shape) * dtype.itemsize)
+
+    def _shm_failed(self, exc: BaseException) -> None:
+        log.warning("shared-memory transfer failed (%s); falling back to gRPC", exc)
 
     def __enter__(self) -> Client:
         return self
@@ -225,30 +339,168 @@ class Client:
 
     def describe_model(self, model_id: str) -> pb.DescribeModelResponse:
         """The model's spec, module tree and tensors."""
-        return self._call(self.stub.DescribeModel, pb.DescribeModelRequest(
+        response = self._call(self.stub.DescribeModel, pb.DescribeModelRequest(
             name=model_name(model_id)))
+        self._note_infos(model_id, response.tensors)
+        return response
 
     def list_parameters(self, model_id: str, *, prefix: str = "", glob: str = "",
                         include_buffers: bool = False) -> list[pb.TensorInfo]:
         """Parameter (and optionally buffer) metadata, filtered by prefix and glob."""
-        return list(self._call(self.stub.ListParameters, pb.ListParametersRequest(
+        infos = list(self._call(self.stub.ListParameters, pb.ListParametersRequest(
             model=model_name(model_id), prefix=prefix, glob=glob,
             include_buffers=include_buffers)).tensors)
+        self._note_infos(model_id, infos)
+        return infos
 
     # ---------------------------------------------------------------------------- tensors
 
     def get_tensor(self, model_id: str, name: str, index: Any = None, *,
-                   kind: str = "parameters", grad: bool = False,
+                   kind: str = "parameters", grad: bool = False, out: torch.Tensor | None = None,
                    timeout: float | None = None) -> tuple[torch.Tensor, int]:
-        """Reads `tensor[index]` (or its gradient): returns (local CPU tensor, version)."""
-        request = pb.GetTensorRequest(
-            name=tensor_name(model_id, name, kind),
-            index=_codec.index_to_proto(index) if index is not None else [],
-            field=pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE)
-        chunks = (r.chunk for r in self._stream(self.stub.GetTensor, request, timeout))
-        for asm in _codec.assemble_tensors(chunks):
-            return asm.finish(), asm.version
-        raise InvalidArgumentError("the server sent no tensor", reason="BAD_STREAM")
+        """Reads `tensor[index]` (or its gradient): returns (local CPU tensor, version).
+
+        Big reads from a server on this host arrive through shared memory: the returned tensor
+        then lives in that (private, anonymous) segment, without any further copy.
+
+        Args:
+            out: a contiguous CPU tensor of the result's dtype and shape to receive into
+                (reusing one buffer saves the page faults of a fresh allocation); it is returned.
+
+        Raises:
+            NotFoundError: unknown model or tensor, or no gradient (reason GRAD_NOT_SET).
+            InvalidArgumentError: bad index, or `out` does not match the result.
+            OutOfRangeError: index out of bounds.
+        """
+        if out is not None and (out.device.type != "cpu" or not out.is_contiguous()):
+            raise InvalidArgumentError("out must be a contiguous CPU tensor", reason="BAD_OUT")
+        full_name = tensor_name(model_id, name, kind)
+        items = _codec.index_to_proto(index) if index is not None else []
+        field = pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE
+        known = self._sizes.get((full_name, "grad" if grad else "value", ""))
+        # Basic indexing (ints, slices, ..., None) never reads more bytes than the whole tensor.
+        basic = all(it.WhichOneof("item") != "tensor" for it in items)
+        if (self._inline_ok and known is not None and known <= INLINE_READ_BYTES and basic
+                and out is None):
+            try:
+                chunk = self._call(self._get_inline_raw, pb.GetTensorInlineRequest(
+                    name=full_name, index=items, field=field), timeout)
+                asm = _codec.TensorAssembler(chunk.header)
+                asm.add(chunk.data)
+                return asm.finish(), asm.version
+            except UnimplementedError:
+                self._inline_ok = False  # an older server
+            except ResourceExhaustedError as e:
+                if e.reason != "MESSAGE_TOO_LARGE":
+                    raise
+        request = pb.GetTensorRequest(name=full_name, index=items, field=field)
+        # A result of known size can be received into one of our own warm segments.
+        expect = (out.numel() * out.element_size() if out is not None
+                  else known if not items else None)
+        if expect is not None and expect >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                try:
+                    return self._get_tensor_pooled(request, timeout, greeted, expect, out)
+                except ParamhubError as e:
+                    if e.reason not in ("SHM_UNAVAILABLE", "SHM_BUFFER_TOO_SMALL"):
+                        raise
+                    if e.reason == "SHM_UNAVAILABLE":
+                        self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    greeted.close()
+        greeted = self._greet()
+        if greeted is not None:
+            request.shm_token = greeted.token
+            try:
+                return self._get_tensor(request, timeout, greeted, out)
+            except ParamhubError as e:
+                greeted.close()
+                if e.reason != "SHM_UNAVAILABLE":
+                    raise
+                self._shm_failed(e)
+            except OSError as e:
+                greeted.close()
+                self._shm_failed(e)
+            request.shm_token = ""
+        return self._get_tensor(request, timeout, None, out)
+
+    def _get_tensor_pooled(self, request: pb.GetTensorRequest, timeout: float | None,
+                           greeted: _shm.Greeted, nbytes: int, out: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, int]:
+        segment = self._pool.acquire(nbytes)
+        try:
+            _shm.pass_segment(greeted.conn, segment)
+            pooled = pb.GetTensorRequest()
+            pooled.CopyFrom(request)
+            pooled.shm_token = greeted.token
+            pooled.shm_client_buffer = True
+            chunks = self._stream(self._get_tensor_raw, pooled, timeout)
+            first = next(chunks, None)
+            if first is None or first.header is None or not first.header.shm:
+                raise InvalidArgumentError("the server did not fill the shared buffer",
+                                           reason="BAD_STREAM")
+            for _ in chunks:
+                pass
+            asm = _codec.TensorAssembler(first.header, allocate=False)
+            if asm.nbytes > nbytes:
+                raise InvalidArgumentError("the server wrote past the shared buffer",
+                                           reason="BAD_STREAM")
+            if out is None:
+                out = _codec.empty(asm.shape, asm.dtype)
+            else:
+                _check_out(out, asm)
+            out.copy_(_codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape))
+            if not request.index:
+                self._note_size(request.name, request.field, asm.nbytes)
+            return out, first.header.version
+        finally:
+            self._pool.release(segment)
+
+    def _get_tensor(self, request: pb.GetTensorRequest, timeout: float | None,
+                    greeted: _shm.Greeted | None, out: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, int]:
+        chunks = self._stream(self._get_tensor_raw, request, timeout)
+        first = next(chunks, None)
+        if first is None or first.header is None:
+            raise InvalidArgumentError("the server sent no tensor header", reason="BAD_STREAM")
+        if first.header.shm and not request.index:
+            self._note_size(request.name, request.field, asm_bytes(first.header))
+        if first.header.shm:
+            if greeted is None:
+                raise InvalidArgumentError("the server sent shared memory unasked",
+                                           reason="BAD_STREAM")
+            asm = _codec.TensorAssembler(first.header, allocate=False)
+            segment = _shm.receive_segment(greeted.conn, asm.nbytes)
+            greeted.close()
+            for _ in chunks:  # the stream ends here; drain it so the call completes
+                pass
+            value = _codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape)
+            if out is not None:
+                _check_out(out, asm)
+                out.copy_(value)
+                value = out
+            return value, first.header.version
+        if greeted is not None:
+            self._shm_link.keep(greeted) if self._shm_link else greeted.close()
+        if not request.index:
+            self._note_size(request.name, request.field, asm_bytes(first.header))
+        asm = _codec.TensorAssembler(first.header, allocate=out is None)
+        if out is not None:
+            _check_out(out, asm)
+            asm.receive_into(out)
+        with progress_for(self.progress, f"GET {request.name}", asm.nbytes) as bar:
+            asm.add(first.data)
+            bar.advance(len(first.data))
+            for chunk in chunks:
+                if chunk.header is not None:
+                    raise InvalidArgumentError("GetTensor sent a second tensor",
+                                               reason="BAD_STREAM")
+                asm.add(chunk.data)
+                bar.advance(len(chunk.data))
+        return asm.finish(), asm.version
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
@@ -282,18 +534,181 @@ class Client:
         if expected_version is not None:
             request.expected_version = expected_version
         nbytes = value_t.numel() * value_t.element_size()
+        if nbytes >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                try:
+                    return self._set_slice_shm(request, value_t, greeted, timeout)
+                except ParamhubError as e:
+                    if e.reason != "SHM_UNAVAILABLE":
+                        raise
+                    self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    greeted.close()
         if nbytes <= INLINE_BYTES:
             request.value.CopyFrom(_codec.tensor_to_proto(value_t))
             return self._call(self.stub.SetSlice, request, timeout).version
         request.value.dtype = _codec.dtype_to_proto(value_t.dtype)
         request.value.shape.extend(value_t.shape)
+        flat = _codec.byte_view(value_t)
+        bar = progress_for(self.progress, f"SET {request.name}", nbytes)
 
-        def requests() -> Iterator[pb.StreamSetSliceRequest]:
-            yield pb.StreamSetSliceRequest(request=request)
-            for chunk in _codec.iter_tensor_chunks(value_t):
-                yield pb.StreamSetSliceRequest(data=chunk.data)
+        def requests() -> Iterator[bytes]:
+            with bar:
+                yield pb.StreamSetSliceRequest(request=request).SerializeToString()
+                for frame in _codec.iter_data_frames(flat, 0x12):  # StreamSetSliceRequest.data
+                    yield frame
+                    bar.advance(len(frame))
 
-        return self._call(self.stub.StreamSetSlice, requests(), timeout).version
+        return self._call(self._stream_set_slice_raw, requests(), timeout).version
+
+    def _set_slice_shm(self, request: pb.SetSliceRequest, value: torch.Tensor,
+                       greeted: _shm.Greeted, timeout: float | None) -> int:
+        nbytes = value.numel() * value.element_size()
+        segment = self._pool.acquire(nbytes)
+        try:
+            _codec.typed_view(segment.tensor, nbytes, value.dtype, value.shape).copy_(
+                value.detach())
+            _shm.pass_segment(greeted.conn, segment)
+            shm_request = pb.SetSliceRequest()
+            shm_request.CopyFrom(request)
+            shm_request.shm_token = greeted.token
+            shm_request.value.dtype = _codec.dtype_to_proto(value.dtype)
+            shm_request.value.shape.extend(value.shape)
+            return self._call(self.stub.SetSlice, shm_request, timeout).version
+        finally:
+            self._pool.release(segment)
+
+    # ---------------------------------------------------------------------------- bulk
+
+    def pull_state(self, model_id: str, names: Sequence[str] | None = None, *, prefix: str = "",
+                   glob: str = "", parameters_only: bool = False,
+                   timeout: float | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Reads many tensors of a model in one call, from one consistent snapshot.
+
+        Args:
+            names: state_dict keys (in this order); None means every key passing prefix/glob.
+            prefix, glob: filters over state_dict keys when names is None.
+            parameters_only: leave buffers out.
+
+        Returns:
+            ({name: CPU tensor}, {name: version}). The tensors are views of one buffer.
+
+        Raises:
+            NotFoundError: unknown model or name.
+            InvalidArgumentError: a name is repeated.
+        """
+        request = pb.PullStateRequest(model=model_name(model_id), names=list(names or ()),
+                                      prefix=prefix, glob=glob, parameters_only=parameters_only)
+        greeted = self._greet()
+        if greeted is not None:
+            request.shm_token = greeted.token
+            try:
+                return self._pull_state(request, timeout, greeted)
+            except ParamhubError as e:
+                greeted.close()
+                if e.reason != "SHM_UNAVAILABLE":
+                    raise
+                self._shm_failed(e)
+            except OSError as e:
+                greeted.close()
+                self._shm_failed(e)
+            request.shm_token = ""
+        return self._pull_state(request, timeout, None)
+
+    def _pull_state(self, request: pb.PullStateRequest, timeout: float | None,
+                    greeted: _shm.Greeted | None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        messages = self._stream(self._pull_state_raw, request, timeout)
+        first = next(messages, None)
+        if first is None or isinstance(first, memoryview):
+            raise InvalidArgumentError("the server sent no state manifest", reason="BAD_STREAM")
+        headers = list(first.headers)
+        _, _, total = _codec.state_layout(headers)
+        if first.shm:
+            if greeted is None:
+                raise InvalidArgumentError("the server sent shared memory unasked",
+                                           reason="BAD_STREAM")
+            segment = _shm.receive_segment(greeted.conn, total)
+            greeted.close()
+            for _ in messages:
+                pass
+            flat = segment.tensor[:total]
+        else:
+            if greeted is not None:
+                self._shm_link.keep(greeted) if self._shm_link else greeted.close()
+            asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
+            with progress_for(self.progress, f"PULL {request.model}", total) as bar:
+                asm.add(first.data)
+                for msg in messages:
+                    data = msg if isinstance(msg, memoryview) else msg.data
+                    asm.add(data)
+                    bar.advance(len(data))
+            flat = asm.finish()
+        tensors = _codec.unpack_state(flat, headers)
+        names = [h.name for h in headers]
+        return dict(zip(names, tensors)), {n: h.version for n, h in zip(names, headers)}
+
+    def push_state(self, model_id: str, state_dict: Mapping[str, torch.Tensor], *,
+                   expected_model_version: int | None = None,
+                   timeout: float | None = None) -> dict[str, int]:
+        """Writes many tensors of a model in one call, all or nothing (as load_state_dict with
+        strict=False: the keys given are written, cast to each tensor's dtype).
+
+        Returns:
+            {first state_dict name of each written storage: its new version}.
+
+        Raises:
+            NotFoundError: unknown model or name.
+            InvalidArgumentError: a shape differs from the model's, or a value cannot be cast.
+            ConflictError: expected_model_version is set and the model moved on.
+        """
+        names = list(state_dict)
+        tensors = [state_dict[n] if isinstance(state_dict[n], torch.Tensor)
+                   else torch.as_tensor(state_dict[n]) for n in names]
+        headers = [tpb.TensorHeader(name=n, dtype=_codec.dtype_to_proto(t.dtype),
+                                    shape=list(t.shape)) for n, t in zip(names, tensors)]
+        _, _, total = _codec.state_layout(headers)
+        header = pb.PushStateHeader(model=model_name(model_id), tensors=headers)
+        if expected_model_version is not None:
+            header.expected_model_version = expected_model_version
+        if total >= SHM_MIN_BYTES:
+            greeted = self._greet()
+            if greeted is not None:
+                segment = self._pool.acquire(total)
+                try:
+                    _codec.pack_state(tensors, out=segment.tensor, headers=headers)
+                    _shm.pass_segment(greeted.conn, segment)
+                    shm_header = pb.PushStateHeader()
+                    shm_header.CopyFrom(header)
+                    shm_header.shm_token = greeted.token
+                    response = self._call(self._push_state_raw,
+                                          iter([pb.PushStateRequest(header=shm_header)]), timeout)
+                    return {u.name: u.version for u in response.updated}
+                except ParamhubError as e:
+                    if e.reason != "SHM_UNAVAILABLE":
+                        raise
+                    self._shm_failed(e)
+                except OSError as e:
+                    self._shm_failed(e)
+                finally:
+                    self._pool.release(segment)
+                    greeted.close()
+        flat = _codec.pack_state(tensors, headers=headers)
+        bar = progress_for(self.progress, f"PUSH {header.model}", total)
+
+        def requests() -> Iterator[bytes]:
+            with bar:
+                yield pb.PushStateRequest(header=header).SerializeToString()
+                for frame in _codec.iter_data_frames(flat, 0x12):  # PushStateRequest.data
+                    yield frame
+                    bar.advance(len(frame))
+
+        response = self._call(self._push_state_raw, requests(), timeout)
+        return {u.name: u.version for u in response.updated}
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
@@ -331,6 +746,16 @@ class Client:
                                     args=[_codec.value_to_proto(a) for a in args])
         for k, v in kwargs.items():
             request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        size = request.ByteSize()
+        if size > INLINE_BYTES:
+            limit = self.transport_info().max_message_bytes
+            if limit and size > limit:
+                raise ResourceExhaustedError(
+                    f"the forward inputs need {size} bytes in one message, more than the "
+                    f"server's max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                    reason="MESSAGE_TOO_LARGE",
+                    metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                              "asked": str(size)})
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
 
@@ -450,10 +875,11 @@ class Client:
         return self._call(self.stub.ConfigureTraining, pb.ConfigureTrainingRequest(
             model=model_name(model_id), config=config), timeout).config
 
-    def pull_state(self, model_id: str, *, include_buffers: bool = True,
+    def pull_model(self, model_id: str, *, include_buffers: bool = True,
                    timeout: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """PullModel: ({first name of each storage: tensor}, model version), all read on one
-        consistent version."""
+        consistent version. (`pull_state` is the bulk read by names/prefix/glob with each
+        tensor's version.)"""
         version = -1
 
         def chunks() -> Iterator[tpb.TensorChunk]:
@@ -716,6 +1142,20 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def asm_bytes(header: tpb.TensorHeader) -> int:
+    """Bytes of the tensor a header describes (0 for an invalid header)."""
+    try:
+        return math.prod(header.shape) * _codec.dtype_from_proto(header.dtype).itemsize
+    except InvalidArgumentError:
+        return 0
+
+
+def _check_out(out: torch.Tensor, asm: _codec.TensorAssembler) -> None:
+    if out.dtype != asm.dtype or tuple(out.shape) != asm.shape:
+        raise InvalidArgumentError(f"out is {tuple(out.shape)} {out.dtype}, the result is "
+                                   f"{asm.shape} {asm.dtype}", reason="BAD_OUT")
+
+
 def _model_id(model: Any) -> str:
     if isinstance(model, str):
         return model
@@ -729,7 +1169,8 @@ def _model_id(model: Any) -> str:
 def connect(target: str | None = None, token: str | None = None, timeout: float | None = 30.0,
             *, tls: bool = False, root_certificates: bytes | None = None,
             client_cert: bytes | None = None, client_key: bytes | None = None,
-            options: Sequence[tuple[str, Any]] = ()) -> Client:
+            options: Sequence[tuple[str, Any]] = (), shm: bool = True,
+            progress: bool | None = None) -> Client:
     """Connects to a paramhub server.
 
     Args:
@@ -739,10 +1180,16 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
         tls: use TLS; `root_certificates` (PEM) verifies the server, `client_cert` and
             `client_key` (PEM) authenticate this client (mTLS).
         options: extra grpc channel options.
+        shm: move big tensors through shared memory when the server is on this host
+            (negotiated on first use; falls back to gRPC). False always uses gRPC.
+        progress: progress bars for transfers over 64 MiB: None shows them when stderr is a
+            terminal, True always, False never.
     """
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
     opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+            # Largest HTTP/2 frames: see paramhub_server.transport.HTTP2_OPTIONS.
+            ("grpc.http2.max_frame_size", (1 << 24) - 1),
             ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1), *options]
     if tls or root_certificates or client_cert:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
@@ -751,4 +1198,5 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
         channel = grpc.secure_channel(target, creds, options=opts)
     else:
         channel = grpc.insecure_channel(target, options=opts)
-    return Client(channel, timeout=timeout, token=token, target=target)
+    return Client(channel, timeout=timeout, token=token, target=target, shm=shm,
+                  progress=progress)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.nn.modules.module import _IncompatibleKeys
 
 from paramhub import _codec, _spec
 from paramhub.errors import InvalidArgumentError
@@ -254,7 +255,7 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         Raises:
             NotFoundError: the model was deleted.
         """
-        tensors, version = client.pull_state(model_id, include_buffers=True)
+        tensors, version = client.pull_model(model_id, include_buffers=True)
         local = into if into is not None else _spec.build_module(desc.spec)
         state = {name: tensors[storage_name[name]] for name in local.state_dict().keys()}
         local.load_state_dict(state)
@@ -285,6 +286,45 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         return client.configure_training(model_id, mode, sync_workers=sync_workers,
                                          max_staleness=max_staleness, stale_policy=stale_policy)
 
+    def load_state_dict(state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """torch's load_state_dict, as one atomic PushState (all values or none)."""
+        if assign:
+            raise NotImplementedError("assign=True would replace the served tensors with local "
+                                      "ones; load values instead (assign=False)")
+        shapes = {n: tuple(t.shape) for n, t in root.named_parameters(remove_duplicate=False)}
+        shapes.update((n, tuple(t.shape)) for n, t in root.named_buffers(remove_duplicate=False))
+        own = list(shapes)
+        known = set(own)
+        missing = [n for n in own if n not in state_dict]
+        unexpected = [k for k in state_dict if k not in known]
+        parts = [f"size mismatch for {k}: copying a param with shape "
+                 f"{torch.Size(tuple(v.shape))} from checkpoint, the shape in current model is "
+                 f"{torch.Size(shapes[k])}." for k, v in state_dict.items()
+                 if k in known and tuple(getattr(v, "shape", ())) != shapes[k]]
+        if parts:  # torch's own check, before anything is sent
+            raise RuntimeError("Error(s) in loading state_dict for "
+                               f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
+        if strict and (missing or unexpected):
+            if unexpected:
+                parts.append("Unexpected key(s) in state_dict: "
+                             + ", ".join(f'"{k}"' for k in unexpected) + ". ")
+            if missing:
+                parts.append("Missing key(s) in state_dict: "
+                             + ", ".join(f'"{k}"' for k in missing) + ". ")
+            raise RuntimeError("Error(s) in loading state_dict for "
+                               f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
+        values = {k: v for k, v in state_dict.items() if k in known}
+        batch = client._active_batch(model_id)
+        if batch is not None:  # inside `with net.batch():` the values join that batch
+            params = {n for n, _ in root.named_parameters(remove_duplicate=False)}
+            for k, v in values.items():
+                batch.set_slice(k, None, v, "assign",
+                                kind="parameters" if k in params else "buffers")
+        elif values:
+            client.push_state(model_id, values)
+        return _IncompatibleKeys(missing, unexpected)
+
     def named_remote_tensors() -> Iterator[tuple[str, Any]]:
         """(name, handle) for every parameter and buffer, tied names included."""
         yield from root.named_parameters(remove_duplicate=False)
@@ -304,6 +344,7 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
     root.pull = pull
     root.push_grads = push_grads
     root.configure_training = configure_training
+    root.load_state_dict = load_state_dict
     root.named_remote_tensors = named_remote_tensors
     root.paramhub_client = client
     root.model_id = model_id

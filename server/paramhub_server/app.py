@@ -16,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub_server.auth import Authenticator
 from paramhub_server.core.registry import Registry, parse_device
 from paramhub_server.core.store import Store
@@ -24,6 +23,7 @@ from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
 from paramhub_server.servicer import ParameterService
 from paramhub_server.settings import Settings
+from paramhub_server.transport import HTTP2_OPTIONS, Transport, add_servicer
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,14 @@ class Server:
     """A running paramhub server: the grpc.Server plus what shutting it down needs."""
 
     def __init__(self, grpc_server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 registry: Registry, metrics: Metrics | None = None) -> None:
+                 registry: Registry, metrics: Metrics | None = None,
+                 transport: Transport | None = None) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.health = health_servicer
         self.registry = registry
         self.metrics = metrics
+        self.transport = transport
         self._ready = threading.Event()
         self._loaded = threading.Event()  # the loader finished (successfully or not)
         self._recovered = threading.Event()  # the data directory's models are loaded (or failed)
@@ -110,6 +112,8 @@ class Server:
         self.registry.close()  # flush and close every model's write-ahead log
         if self.metrics is not None:
             self.metrics.stop()
+        if self.transport is not None:
+            self.transport.close()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Waits until loading (recovery from the data directory) has finished; True if the
@@ -159,13 +163,15 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *HTTP2_OPTIONS,
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                     thread_name_prefix="paramhub-rpc"),
                          interceptors=[pipeline], options=options,
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    pb_grpc.add_ParameterServiceServicer_to_server(
-        ParameterService(registry, max_tensor_elements=settings.max_tensor_elements), server)
+    transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm)
+    add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
+                                  transport=transport), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -186,7 +192,7 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     if settings.metrics_port is not None:
         metrics.serve(settings.host, settings.metrics_port)
-    srv = Server(server, port, health_servicer, registry, metrics)
+    srv = Server(server, port, health_servicer, registry, metrics, transport)
     holder["s"] = srv
     server.start()
     health_servicer.set(LIVENESS, _SERVING)

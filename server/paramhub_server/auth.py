@@ -66,6 +66,10 @@ METHOD_ROLES: dict[str, str] = {
     "DeleteCheckpoint": ADMIN,
     "ExportCheckpoint": READ,
     "CompactModel": ADMIN,
+    "GetTransportInfo": READ,
+    "PullState": READ,
+    "PushState": WRITE,
+    "GetTensorInline": READ,
 }
 
 #: Tokens shorter than this are rejected when the file is read (guessable).

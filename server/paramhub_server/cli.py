@@ -103,6 +103,8 @@ def serve(
         help="PEM CA bundle; clients must present a certificate it signed (mTLS)")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(
         help="serve Prometheus /metrics on this port (0 picks one)")] = None,
+    shm: Annotated[bool, typer.Option(
+        "--shm/--no-shm", help="offer the same-host shared-memory transport")] = True,
 ) -> None:
     """Run the paramhub gRPC server until SIGTERM or SIGINT, then drain."""
     from paramhub_server import logs
@@ -122,7 +124,7 @@ def serve(
                         max_total_bytes=max_total_bytes, max_concurrent_rpcs=max_concurrent_rpcs,
                         max_tensor_elements=max_tensor_elements, max_spec_nodes=max_spec_nodes,
                         max_spec_depth=max_spec_depth, metrics_port=metrics_port,
-                        log_format=log_format)
+                        log_format=log_format, shm=shm)
     # Handlers first: a SIGTERM right after the address line (or during recovery) drains.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,7 @@ from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedMode
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
 from paramhub_server.logs import current_role
+from paramhub_server.transport import Transport, create_segment
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ _EVENT_KINDS = {watch.STARTED: pb.WATCH_EVENT_KIND_STARTED, watch.WRITE: pb.WATC
                 watch.RESYNC: pb.WATCH_EVENT_KIND_RESYNC}
 #: How often a watch stream with no events checks whether its client is still there (seconds).
 _WATCH_POLL = 1.0
+#: Reads of fewer bytes come inline even when the client offers shared memory: below this, a
+#: memfd, a mapping and a descriptor pass cost more than they save.
+SHM_MIN_BYTES = 1 << 20
+#: Largest value GetTensorInline answers.
+INLINE_MAX_BYTES = 4 << 20
 
 
 def model_id_of(name: str) -> str:
@@ -167,10 +173,12 @@ def training_config(cfg: training.TrainingConfig) -> pb.TrainingConfig:
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
-    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None) -> None:
+    def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None,
+                 transport: Transport | None = None) -> None:
         self.registry = registry
         #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
         self.max_tensor_elements = max_tensor_elements
+        self.transport = transport or Transport(max_message_bytes=64 << 20, shm=False)
 
     def _model(self, name: str) -> ServedModel:
         return self.registry.get(model_id_of(name))
@@ -259,15 +267,96 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
 
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-                  ) -> Iterator[pb.GetTensorResponse]:
+                  ) -> Iterator[bytes]:
+        # Yields GetTensorResponse wire bytes (transport.add_servicer passes them through).
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
-        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind)
-        chunk = request.chunk_bytes or _codec.DEFAULT_CHUNK_BYTES
-        chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        for c in _codec.iter_tensor_chunks(result.tensor, name=name, version=result.version,
-                                           chunk_bytes=chunk):
-            yield pb.GetTensorResponse(chunk=c)
+        grad = request.field == pb.TENSOR_FIELD_GRAD
+        if request.shm_token and request.shm_client_buffer:
+            # The client passed a (warm, reusable) buffer: write straight into it.
+            channel = self.transport.shm_channel()
+            conn = channel.take(request.shm_token)
+            client_segment = None
+            try:
+                client_segment = channel.receive_open(conn)
+
+                def into_client(dtype: Any, shape: tuple[int, ...]) -> Any:
+                    nbytes = dtype.itemsize * _numel(shape)
+                    if nbytes > client_segment.nbytes:
+                        raise InvalidArgumentError(
+                            f"the client's buffer has {client_segment.nbytes} bytes, the "
+                            f"result needs {nbytes}", reason="SHM_BUFFER_TOO_SMALL",
+                            metadata={"asked": str(nbytes)})
+                    return _codec.typed_view(client_segment.tensor, nbytes, dtype, shape)
+
+                result = m.read(name, index, grad=grad, kind=kind, alloc=into_client)
+                header = tpb.TensorHeader(
+                    name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                    shape=list(result.tensor.shape), version=result.version, shm=True)
+                del result
+            finally:
+                conn.close()
+                if client_segment is not None:
+                    client_segment.close()
+            yield _codec.encode_chunk(header, wrap=True)
+            return
+        if request.shm_token:
+            channel = self.transport.shm_channel()
+            segments: list[Any] = []
+
+            def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
+                nbytes = dtype.itemsize * _numel(shape)
+                if nbytes < SHM_MIN_BYTES:  # small: inline, the token stays unused
+                    return torch.empty(shape, dtype=dtype)
+                segments.append(create_segment(nbytes))
+                return _codec.typed_view(segments[0].tensor, nbytes, dtype, shape)
+
+            result = m.read(name, index, grad=grad, kind=kind, alloc=alloc)
+            if segments:
+                header = tpb.TensorHeader(
+                    name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                    shape=list(result.tensor.shape), version=result.version, shm=True)
+                del result
+                try:
+                    conn = channel.take(request.shm_token)
+                except BaseException:
+                    segments[0].close()
+                    raise
+                channel.send(conn, segments[0])
+                yield _codec.encode_chunk(header, wrap=True)
+                return
+            yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
+                                                chunk_bytes=_chunk_size(request.chunk_bytes),
+                                                wrap=True)
+            return
+        result = m.read(name, index, grad=grad, kind=kind)
+        yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
+                                            chunk_bytes=_chunk_size(request.chunk_bytes),
+                                            wrap=True)
+
+    @rpc
+    def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
+                        ) -> bytes:
+        # Returns GetTensorInlineResponse wire bytes (same layout as a TensorChunk).
+        m, kind, name = self._tensor(request.name)
+        index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
+
+        def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
+            nbytes = dtype.itemsize * _numel(shape)
+            if nbytes > limit:  # refuse before copying anything
+                raise ResourceExhaustedError(
+                    f"{name!r}{'[...]' if index else ''} has {nbytes} bytes, more than "
+                    f"GetTensorInline's {limit}; use GetTensor", reason="MESSAGE_TOO_LARGE",
+                    metadata={"limit": "inline_bytes", "limit_bytes": str(limit),
+                              "asked": str(nbytes)})
+            return torch.empty(shape, dtype=dtype)
+
+        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind,
+                        alloc=alloc)
+        header = tpb.TensorHeader(name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
+                                  shape=list(result.tensor.shape), version=result.version)
+        return _codec.encode_chunk(header, _codec._memory(_codec.byte_view(result.tensor)))
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any,
                    context: grpc.ServicerContext) -> pb.SetSliceResponse:
@@ -281,14 +370,32 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
+        if request.shm_token:
+            conn = self.transport.shm_channel().take(request.shm_token)
+            dtype = _codec.dtype_from_proto(request.value.dtype)
+            shape = _codec.check_shape(request.value.shape,
+                                       max_elements=self.max_tensor_elements)
+            if request.value.data:
+                conn.close()
+                raise InvalidArgumentError("a shared-memory SetSlice carries no value bytes",
+                                           reason="BAD_STREAM")
+            nbytes = dtype.itemsize * _numel(shape)
+            segment = self.transport.shm_channel().receive(conn, nbytes)
+            try:
+                return self._set_slice(request, _codec.typed_view(segment.tensor, nbytes, dtype,
+                                                                  shape), context)
+            finally:
+                segment.close()
         return self._set_slice(request, _codec.tensor_from_proto(
             request.value, max_elements=self.max_tensor_elements), context)
 
     @rpc
-    def StreamSetSlice(self, request_iterator: Iterator[pb.StreamSetSliceRequest],
+    def StreamSetSlice(self, request_iterator: Iterator[Any],
                        context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
+        # Data messages arrive as memoryviews (transport.add_servicer's raw deserializer).
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "request":
+        if (first is None or isinstance(first, memoryview)
+                or first.WhichOneof("part") != "request"):
             raise InvalidArgumentError("the first StreamSetSlice message must carry the request",
                                        reason="BAD_STREAM")
         req = first.request
@@ -299,10 +406,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                       shape=req.value.shape),
                                      max_elements=self.max_tensor_elements)
         for msg in request_iterator:
-            if msg.WhichOneof("part") != "data":
+            if isinstance(msg, memoryview):
+                asm.add(msg)
+            elif msg.WhichOneof("part") == "data":
+                asm.add(msg.data)
+            else:
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
-            asm.add(msg.data)
         done = self._set_slice(req, asm.finish(), context)
         return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
@@ -334,7 +444,16 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
-        return pb.ForwardResponse(output=encoded, model_version=version)
+        response = pb.ForwardResponse(output=encoded, model_version=version)
+        limit = self.transport.max_message_bytes
+        if response.ByteSize() > limit:
+            raise ResourceExhaustedError(
+                f"the forward output needs {response.ByteSize()} bytes, more than the server's "
+                f"max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                          "asked": str(response.ByteSize())})
+        return response
 
     @rpc
     def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
@@ -610,6 +729,94 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         version, folded = store.compact(self._model(request.model))
         return pb.CompactModelResponse(model_version=version, log_bytes=folded)
 
+    @rpc
+    def GetTransportInfo(self, request: pb.GetTransportInfoRequest,
+                         context: grpc.ServicerContext) -> pb.GetTransportInfoResponse:
+        shm = self.transport.shm
+        return pb.GetTransportInfoResponse(max_message_bytes=self.transport.max_message_bytes,
+                                           chunk_bytes=_codec.DEFAULT_CHUNK_BYTES,
+                                           shm_address=shm.address if shm else "")
+
+    @rpc
+    def PullState(self, request: pb.PullStateRequest, context: grpc.ServicerContext
+                  ) -> Iterator[bytes]:
+        # Yields PullStateResponse wire bytes: the manifest, then raw data frames.
+        m = self._model(request.model)
+        names = m.select_names(list(request.names), prefix=request.prefix, glob=request.glob,
+                               parameters_only=request.parameters_only)
+        if request.shm_token:
+            channel = self.transport.shm_channel()
+            segments: list[Any] = []
+
+            def alloc(nbytes: int) -> Any:
+                if nbytes < SHM_MIN_BYTES:  # small: inline, the token stays unused
+                    return torch.empty(nbytes, dtype=torch.uint8)
+                segments.append(create_segment(nbytes))
+                return segments[0].tensor[:nbytes]
+
+            headers, buf, model_version = m.snapshot_state(names, alloc=alloc)
+            if segments:
+                del buf
+                try:
+                    conn = channel.take(request.shm_token)
+                except BaseException:
+                    segments[0].close()
+                    raise
+                channel.send(conn, segments[0])
+                yield pb.PullStateResponse(headers=headers, model_version=model_version,
+                                           shm=True).SerializeToString()
+                return
+        else:
+            headers, buf, model_version = m.snapshot_state(names)
+        yield pb.PullStateResponse(headers=headers, model_version=model_version).SerializeToString()
+        yield from _codec.iter_data_frames(buf, 0x1A, _chunk_size(request.chunk_bytes))
+
+    @rpc
+    def PushState(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                  ) -> pb.PushStateResponse:
+        # Data messages arrive as memoryviews (transport.add_servicer's raw deserializer).
+        first = next(request_iterator, None)
+        if first is None or isinstance(first, memoryview) or not first.HasField("header"):
+            raise InvalidArgumentError("the first PushState message must carry the header",
+                                       reason="BAD_STREAM")
+        header = first.header
+        m = self._model(header.model)
+        refs = m.check_state(header.tensors)
+        _, _, total = _codec.state_layout(header.tensors)
+        expected = (header.expected_model_version if header.HasField("expected_model_version")
+                    else None)
+        if header.shm_token:
+            conn = self.transport.shm_channel().take(header.shm_token)
+            if first.data or next(request_iterator, None) is not None:
+                conn.close()
+                raise InvalidArgumentError("a shared-memory PushState carries no data messages",
+                                           reason="BAD_STREAM")
+            segment = self.transport.shm_channel().receive(conn, total)
+            try:
+                values = _codec.unpack_state(segment.tensor[:total], header.tensors)
+                updated, version = m.load_state(refs, values, expected,
+                                                ctx=write_context("", context))
+                del values
+            finally:
+                segment.close()
+        else:
+            asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
+            asm.add(first.data)
+            for msg in request_iterator:
+                if isinstance(msg, memoryview):
+                    asm.add(msg)
+                elif not msg.HasField("header"):
+                    asm.add(msg.data)
+                else:
+                    raise InvalidArgumentError("only the first PushState message may carry the "
+                                               "header", reason="BAD_STREAM")
+            values = _codec.unpack_state(asm.finish(), header.tensors)
+            updated, version = m.load_state(refs, values, expected,
+                                                ctx=write_context("", context))
+        return pb.PushStateResponse(
+            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
+            model_version=version)
+
 
 
 def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
@@ -628,3 +835,14 @@ def _nbytes(value: tpb.Tensor, max_elements: int | None) -> int:
     for s in _codec.check_shape(value.shape, max_elements=max_elements):
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _chunk_size(asked: int) -> int:
+    return min(max(asked or _codec.DEFAULT_CHUNK_BYTES, MIN_CHUNK), MAX_CHUNK)

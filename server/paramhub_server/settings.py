@@ -62,3 +62,5 @@ class Settings:
     metrics_port: int | None = None
     #: Log line format: "text" or "json" (one object per line).
     log_format: str = "text"
+    #: Offer the same-host shared-memory transport (`--no-shm` turns it off).
+    shm: bool = True

@@ -267,32 +267,38 @@ class ListParametersResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
 
 class GetTensorRequest(_message.Message):
-    __slots__ = ("name", "index", "field", "chunk_bytes")
+    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHM_CLIENT_BUFFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     field: TensorField
     chunk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    shm_token: str
+    shm_client_buffer: bool
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
-    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id")
+    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     op: SliceOp
     value: _tensor_pb2.Tensor
     expected_version: int
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    shm_token: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ...) -> None: ...
 
 class StreamSetSliceRequest(_message.Message):
     __slots__ = ("request", "data")
@@ -909,3 +915,93 @@ class CompactModelResponse(_message.Message):
     model_version: int
     log_bytes: int
     def __init__(self, model_version: _Optional[int] = ..., log_bytes: _Optional[int] = ...) -> None: ...
+
+class GetTransportInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetTransportInfoResponse(_message.Message):
+    __slots__ = ("max_message_bytes", "chunk_bytes", "shm_address")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    chunk_bytes: int
+    shm_address: str
+    def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ...) -> None: ...
+
+class PullStateRequest(_message.Message):
+    __slots__ = ("model", "names", "prefix", "glob", "parameters_only", "chunk_bytes", "shm_token")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    GLOB_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    prefix: str
+    glob: str
+    parameters_only: bool
+    chunk_bytes: int
+    shm_token: str
+    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ..., glob: _Optional[str] = ..., parameters_only: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+
+class PullStateResponse(_message.Message):
+    __slots__ = ("headers", "model_version", "data", "shm")
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    headers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
+    model_version: int
+    data: bytes
+    shm: bool
+    def __init__(self, headers: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., model_version: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
+
+class PushStateHeader(_message.Message):
+    __slots__ = ("model", "tensors", "expected_model_version", "shm_token")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
+    expected_model_version: int
+    shm_token: str
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., expected_model_version: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+
+class PushStateRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: PushStateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[PushStateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushStateResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class GetTensorInlineRequest(_message.Message):
+    __slots__ = ("name", "index", "field")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
+    field: TensorField
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ...) -> None: ...
+
+class GetTensorInlineResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: _tensor_pb2.TensorHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -185,6 +185,26 @@ class ParameterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
                 _registered_method=True)
+        self.GetTransportInfo = channel.unary_unary(
+                '/paramhub.v1.ParameterService/GetTransportInfo',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoResponse.FromString,
+                _registered_method=True)
+        self.PullState = channel.unary_stream(
+                '/paramhub.v1.ParameterService/PullState',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullStateRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullStateResponse.FromString,
+                _registered_method=True)
+        self.PushState = channel.stream_unary(
+                '/paramhub.v1.ParameterService/PushState',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.FromString,
+                _registered_method=True)
+        self.GetTensorInline = channel.unary_unary(
+                '/paramhub.v1.ParameterService/GetTensorInline',
+                request_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServiceServicer:
@@ -412,6 +432,38 @@ class ParameterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTransportInfo(self, request, context):
+        """Tells a client how to move tensors with this server: message limits and, when enabled, the
+        same-host shared-memory channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullState(self, request, context):
+        """Reads many tensors of one model (a whole state_dict or a subset) in one call, from one
+        consistent snapshot: a manifest of headers first, then all their bytes back to back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushState(self, request_iterator, context):
+        """Writes many tensors of one model in one call, all or nothing, under the model's write lock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTensorInline(self, request, context):
+        """GetTensor in one unary response: for small values a unary call costs measurably less than
+        a stream. Values over 4 MiB (or max_message_bytes) fail with RESOURCE_EXHAUSTED, reason
+        MESSAGE_TOO_LARGE, before anything is sent: read those with GetTensor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -559,6 +611,26 @@ def add_ParameterServiceServicer_to_server(servicer, server):
                     servicer.CompactModel,
                     request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.SerializeToString,
+            ),
+            'GetTransportInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransportInfo,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoResponse.SerializeToString,
+            ),
+            'PullState': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullState,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PullStateRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PullStateResponse.SerializeToString,
+            ),
+            'PushState': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushState,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.SerializeToString,
+            ),
+            'GetTensorInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTensorInline,
+                    request_deserializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1350,6 +1422,114 @@ class ParameterService:
             '/paramhub.v1.ParameterService/CompactModel',
             paramhub_dot_v1_dot_parameter__service__pb2.CompactModelRequest.SerializeToString,
             paramhub_dot_v1_dot_parameter__service__pb2.CompactModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransportInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/GetTransportInfo',
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTransportInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/PullState',
+            paramhub_dot_v1_dot_parameter__service__pb2.PullStateRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PullStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushState(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ParameterService/PushState',
+            paramhub_dot_v1_dot_parameter__service__pb2.PushStateRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.PushStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensorInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ParameterService/GetTensorInline',
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineRequest.SerializeToString,
+            paramhub_dot_v1_dot_parameter__service__pb2.GetTensorInlineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ from paramhub import _codec, _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import tensor_pb2 as pb_tensor
 from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
@@ -195,6 +196,7 @@ class ServedModel:
         self.params_written_at = 0
         #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
         self.train_state: Any = None
+        self._layouts: dict[tuple[str, ...], Any] = {}
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -253,8 +255,16 @@ class ServedModel:
     # ----------------------------------------------------------------------------- reads
 
     def read(self, name: str, index: tuple[Any, ...], *, grad: bool = False,
-             kind: str | None = None) -> ReadResult:
-        """A CPU copy of `tensor[index]` (or of its gradient) and the version it was read at."""
+             kind: str | None = None,
+             alloc: Callable[[torch.dtype, tuple[int, ...]], torch.Tensor] | None = None
+             ) -> ReadResult:
+        """A contiguous CPU copy of `tensor[index]` (or of its gradient) and its version.
+
+        The copy is made under the read lock (so it never shows half of a write) and is the only
+        copy: `alloc(dtype, shape)` may supply its destination (e.g. a shared-memory segment);
+        by default it is a fresh CPU tensor, pinned when the model lives on a CUDA device so the
+        device-to-host copy runs at full DMA speed.
+        """
         ref = self.ref(name, kind)
         with self.lock.read():
             t = ref.get()
@@ -264,12 +274,125 @@ class ServedModel:
                                         metadata={"model": self.id, "tensor": name[:200]})
                 t = t.grad
             region = _codec.apply_index(t.detach(), index)
-            # Copy while holding the lock: the bytes are sent after it is released.
-            if region.device.type == "cpu":
-                out = region.clone() if _shares_memory(region, t) else region
+            # Copy while holding the lock: the bytes are sent after it is released, so slow
+            # network readers never hold writers up.
+            if alloc is not None:
+                out = alloc(region.dtype, tuple(region.shape))
+                out.copy_(region)
+            elif region.device.type == "cpu":
+                if _shares_memory(region, t) or not region.is_contiguous():
+                    out = _codec.empty(region.shape, region.dtype)
+                    out.copy_(region)
+                else:
+                    out = region  # advanced indexing already made a private copy
             else:
-                out = region.to("cpu")
+                out = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
+                out.copy_(region)
             return ReadResult(out, self.versions[ref.group])
+
+    def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
+                     parameters_only: bool = False) -> list[str]:
+        """state_dict keys for a bulk read: `names` in order (checked), else every key passing
+        prefix and glob, in state_dict order."""
+        if names:
+            if len(set(names)) != len(names):
+                raise InvalidArgumentError("a name is repeated", reason="DUPLICATE_TENSOR")
+            for n in names:
+                self.ref(n, PARAMETER if parameters_only else None)
+            return list(names)
+        return [n for n in self.names(include_buffers=not parameters_only)
+                if n.startswith(prefix) and (not glob or fnmatch.fnmatchcase(n, glob))]
+
+    def snapshot_state(self, names: Sequence[str],
+                 alloc: Callable[[int], torch.Tensor] | None = None
+                 ) -> tuple[list[pb_tensor.TensorHeader], torch.Tensor, int]:
+        """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
+        lock (a consistent snapshot). Returns (headers with versions, buffer, model version).
+
+        `alloc(nbytes)` may supply the uint8 destination (e.g. shared memory).
+        """
+        refs = [self.ref(n) for n in names]
+        with self.lock.read():
+            tensors = [r.get() for r in refs]
+            versions = self.versions
+            # Shapes and dtypes never change after creation: the layout is computed once per
+            # selection and reused.
+            key = tuple(names)
+            cached = self._layouts.get(key)
+            if cached is None:
+                if len(self._layouts) > 64:
+                    self._layouts.clear()
+                meta = [(_codec.dtype_to_proto(t.dtype), list(t.shape)) for t in tensors]
+                probe = [pb_tensor.TensorHeader(dtype=d, shape=s) for d, s in meta]
+                cached = self._layouts[key] = (meta, _codec.state_layout(probe))
+            meta, layout = cached
+            headers = [pb_tensor.TensorHeader(name=r.name, dtype=d, shape=s,
+                                              version=versions[r.group])
+                       for r, (d, s) in zip(refs, meta)]
+            total = layout[2]
+            if alloc is not None:
+                buf = alloc(total)
+            elif self.device.type == "cuda":
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            else:
+                buf = _codec.empty((total,), torch.uint8)
+            with torch.no_grad():
+                _codec.pack_state(tensors, out=buf, layout=layout)
+            return headers, buf, self.version
+
+    def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
+        """Validates a bulk write's manifest against the model before any byte is received."""
+        seen: set[str] = set()
+        refs = []
+        for h in headers:
+            if h.name in seen:
+                raise InvalidArgumentError(f"{h.name[:200]!r} is pushed twice",
+                                           reason="DUPLICATE_TENSOR",
+                                           metadata={"tensor": h.name[:200]})
+            seen.add(h.name)
+            ref = self.ref(h.name)
+            t = ref.get()
+            dtype = _codec.dtype_from_proto(h.dtype)
+            shape = _codec.check_shape(h.shape)
+            if shape != tuple(t.shape):
+                raise InvalidArgumentError(
+                    f"value for {h.name!r} has shape {list(shape)}, the model's is "
+                    f"{list(t.shape)}", reason="BAD_SHAPE", metadata={"tensor": h.name})
+            if dtype.is_complex and not t.dtype.is_complex:
+                raise InvalidArgumentError(
+                    f"cannot copy {dtype} values into {h.name!r} of dtype {t.dtype}",
+                    reason="BAD_DTYPE", metadata={"tensor": h.name})
+            refs.append(ref)
+        return refs
+
+    def load_state(self, refs: Sequence[TensorRef], values: Sequence[torch.Tensor],
+                   expected_model_version: int | None = None, *,
+                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
+        """Copies values into tensors as one write, all or nothing, under the write lock (torch's
+        load_state_dict semantics: Tensor.copy_, which casts dtypes; for tied names pushed
+        twice the last value wins). Returns ([(first name of each written storage, its
+        version)], model version)."""
+        with self.lock.write():
+            result = self._recall(ctx, "push_state")
+            if result is None:
+                self._check_model_expected(expected_model_version)
+                # Cast (and move to the device) first, so nothing changes if any cast fails.
+                staged: dict[int, Change] = {}
+                for ref, v in zip(refs, values):
+                    t = ref.get()
+                    try:
+                        cast = v.to(device=t.device, dtype=t.dtype)
+                    except RuntimeError as e:
+                        raise InvalidArgumentError(f"value for {ref.name!r}: "
+                                                   f"{str(e).splitlines()[0]}",
+                                                   reason="BAD_DTYPE",
+                                                   metadata={"tensor": ref.name}) from None
+                    staged.pop(ref.group, None)
+                    staged[ref.group] = Change(ref, (), cast)
+                if not staged:
+                    return [], self.version
+                result = self._commit("push_state", "push_state", list(staged.values()), ctx)
+            return result.updated, result.model_version
 
     # ----------------------------------------------------------------------------- writes
     #
@@ -883,7 +1006,10 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
                 raise InvalidArgumentError(
                     f"cannot assign {value.dtype} values into {name!r} of dtype {region.dtype}",
                     reason="BAD_DTYPE")
-            return value.to(region.dtype).expand(region.shape).clone()
+            cast = value.to(region.dtype)
+            if cast.shape == region.shape and not _shares_memory(cast, region):
+                return cast  # already a private tensor of the region's shape: no second copy
+            return cast.expand(region.shape).clone()
         out = region.clone()
         with torch.no_grad():
             {"add": out.add_, "sub": out.sub_, "mul": out.mul_, "div": out.div_}[op](value)

@@ -238,6 +238,22 @@ class Registry:
         _spec.apply_ties(module, spec)  # .to(cuda) unties (see apply_ties)
         return ServedModel(model_id, module, spec, dev)
 
+    def adopt(self, model_id: str, module: torch.nn.Module,
+              spec: pb.ModelSpec | None = None) -> ServedModel:
+        """Registers an already built module as it is (restores, embedding servers, tests).
+
+        Unlike `create`, no spec is validated: the caller built the module in-process.
+        """
+        check_model_id(model_id)
+        model = ServedModel(model_id, module, spec or pb.ModelSpec(),
+                            next(iter(module.parameters()), torch.empty(0)).device)
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._models[model_id] = model
+        return model
+
 
 def _unique_bytes(module: torch.nn.Module) -> int:
     seen: set[int] = set()

@@ -1,0 +1,1 @@
+"""Side-by-side transport benchmarks: `make bench` (python -m benchmarks.run)."""
