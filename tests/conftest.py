@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -27,8 +28,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     """Settings for an in-process test server (tests may replace fields with dataclasses.replace)."""
-    return Settings(host="127.0.0.1", port=0, device="cpu", data_dir=tmp_path / "data",
-                    max_workers=16)
+    # PARAMHUB_TEST_DEVICE=cuda runs the in-process server's models on the GPU (a GPU machine
+    # runs the integration suite that way); the default is the CPU.
+    return Settings(host="127.0.0.1", port=0,
+                    device=os.environ.get("PARAMHUB_TEST_DEVICE", "cpu"),
+                    data_dir=tmp_path / "data", max_workers=16)
 
 
 @pytest.fixture

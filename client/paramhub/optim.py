@@ -166,7 +166,8 @@ class Optimizer:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Not supported yet: optimizer state is set on the server by snapshots."""
+        """Not supported: the server's optimizer state is set by the server itself (it survives
+        restarts, and `restore_checkpoint` brings back the checkpoint's)."""
         raise NotImplementedError("loading optimizer state from a client is not supported")
 
     def __repr__(self) -> str:

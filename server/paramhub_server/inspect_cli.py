@@ -1,4 +1,4 @@
-"""Client-side `paramhub` commands: health, models, tree, stats, get.
+"""Client-side `paramhub` commands: health, models, tree, stats, get, checkpoint.
 
 They speak to a server through the SDK (paramhub.connect) and draw with rich. Index strings for
 `get` and `stats` are parsed here (ints, slices, `...`, `None`), never evaluated.
@@ -362,3 +362,90 @@ def get(model: str, param: str, index: Annotated[Optional[str], typer.Argument(
           f"version {version}")
     with torch.no_grad():
         print(t)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+checkpoint_app = typer.Typer(name="checkpoint", no_args_is_help=True,
+                             help="Named checkpoints of a model: create, list, restore, delete, "
+                                  "export (needs a server with a data directory).")
+app.add_typer(checkpoint_app)
+
+
+def _checkpoint_call(target: str | None, token: str | None, tls: bool, tls_ca: Path | None,
+                     tls_cert: Path | None, tls_key: Path | None, server_name: str | None,
+                     timeout: float, fn: Any) -> Any:
+    from paramhub.errors import ParamhubError
+
+    with _connect(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout) as c:
+        try:
+            return fn(c)
+        except ParamhubError as e:
+            raise _fail(e) from None
+
+
+@checkpoint_app.command("create")
+def checkpoint_create(model: str, name: str, target: Target = None, token: Token = None,
+                      tls: Tls = False, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+                      tls_key: TlsKey = None, server_name: ServerName = None,
+                      timeout: Timeout = 300.0) -> None:
+    """Save the model's current values as checkpoint NAME."""
+    info = _checkpoint_call(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout,
+                            lambda c: c.create_checkpoint(model, name))
+    Console().print(f"checkpoint {info.name} of {model} at version {info.model_version} "
+                    f"({_human_bytes(info.num_bytes)})", highlight=False)
+
+
+@checkpoint_app.command("list")
+def checkpoint_list(model: str, target: Target = None, token: Token = None, tls: Tls = False,
+                    tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
+                    server_name: ServerName = None, timeout: Timeout = 30.0) -> None:
+    """List the model's checkpoints, oldest first."""
+    import datetime
+
+    infos = _checkpoint_call(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout,
+                             lambda c: c.list_checkpoints(model))
+    table = Table(box=None, header_style="bold")
+    for col in ("checkpoint", "model version", "created (UTC)", "bytes"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for i in infos:
+        created = datetime.datetime.fromtimestamp(i.created_unix_nanos / 1e9,
+                                                  tz=datetime.timezone.utc)
+        table.add_row(i.name, str(i.model_version), created.strftime("%Y-%m-%d %H:%M:%S"),
+                      _human_bytes(i.num_bytes))
+    Console().print(table)
+
+
+@checkpoint_app.command("restore")
+def checkpoint_restore(model: str, name: str, target: Target = None, token: Token = None,
+                       tls: Tls = False, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+                       tls_key: TlsKey = None, server_name: ServerName = None,
+                       timeout: Timeout = 300.0) -> None:
+    """Roll the model back to checkpoint NAME (one write; versions keep growing)."""
+    resp = _checkpoint_call(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout,
+                            lambda c: c.restore_checkpoint(model, name))
+    Console().print(f"restored {model} from {name}: model version {resp.model_version}",
+                    highlight=False)
+
+
+@checkpoint_app.command("delete")
+def checkpoint_delete(model: str, name: str, target: Target = None, token: Token = None,
+                      tls: Tls = False, tls_ca: TlsCa = None, tls_cert: TlsCert = None,
+                      tls_key: TlsKey = None, server_name: ServerName = None,
+                      timeout: Timeout = 30.0) -> None:
+    """Delete checkpoint NAME."""
+    _checkpoint_call(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout,
+                     lambda c: c.delete_checkpoint(model, name))
+    Console().print(f"deleted checkpoint {name} of {model}", highlight=False)
+
+
+@checkpoint_app.command("export")
+def checkpoint_export(model: str, path: Path, name: Annotated[str, typer.Option(
+                          help="checkpoint to export (default: the current values)")] = "",
+                      target: Target = None, token: Token = None, tls: Tls = False,
+                      tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
+                      server_name: ServerName = None, timeout: Timeout = 600.0) -> None:
+    """Write a checkpoint (or the current values) to PATH as a plain safetensors state_dict."""
+    out = _checkpoint_call(target, token, tls, tls_ca, tls_cert, tls_key, server_name, timeout,
+                           lambda c: c.export_checkpoint(model, path, name))
+    Console().print(f"wrote {out}", highlight=False)

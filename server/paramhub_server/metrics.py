@@ -44,6 +44,17 @@ class _HeldCollector(Collector):
         yield GaugeMetricFamily("paramhub_held_bytes",
                                 "Bytes of parameters and buffers held (tied storage once).",
                                 value=nbytes)
+        # Write-log lag: what a restart would replay, and logs whose last appends await an
+        # fsync (--fsync batch / off). Memory-only servers (no journal) report nothing.
+        journals = [m.journal for m in models if hasattr(getattr(m, "journal", None), "lag")]
+        if journals:
+            lags = [j.lag() for j in journals]
+            yield GaugeMetricFamily("paramhub_wal_bytes",
+                                    "Write-ahead log bytes not yet compacted into snapshots.",
+                                    value=sum(b for b, _ in lags))
+            yield GaugeMetricFamily("paramhub_wal_unsynced_models",
+                                    "Models whose log has appends not yet fsynced.",
+                                    value=sum(1 for _, dirty in lags if dirty))
         if self.registry.max_total_bytes is not None:
             yield GaugeMetricFamily("paramhub_max_total_bytes", "The --max-total-bytes budget.",
                                     value=self.registry.max_total_bytes)

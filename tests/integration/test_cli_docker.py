@@ -171,3 +171,35 @@ def test_python_m_paramhub_server_still_serves(tmp_path):
                             "--data-dir", str(tmp_path)])
     assert _stop(proc) == 0
     assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
+
+
+def test_cli_checkpoints(live, tmp_path):
+    from safetensors.torch import load_file
+
+    address, _ = live
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    with paramhub.connect(address, token=TOKENS["admin"]) as c:
+        c.create_model_from_spec("m", _spec.spec_from_module(net), values=net.state_dict())
+    env = {"PARAMHUB_TARGET": address, "PARAMHUB_TOKEN": TOKENS["admin"]}
+    made = _run("checkpoint", "create", "m", "before", env=env)
+    assert made.returncode == 0 and "checkpoint before of m" in made.stdout, made.stderr
+    with paramhub.connect(address, token=TOKENS["admin"]) as c:
+        c.set_slice("m", "weight", None, torch.zeros(2, 3))
+    listed = _run("checkpoint", "list", "m", env=env)
+    assert listed.returncode == 0 and re.search(r"before\s+\d+", listed.stdout)
+    out = tmp_path / "before.safetensors"
+    exported = _run("checkpoint", "export", "m", str(out), "--name", "before", env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert torch.equal(load_file(str(out))["weight"], net.weight.detach())
+    restored = _run("checkpoint", "restore", "m", "before", env=env)
+    assert restored.returncode == 0 and "restored m from before" in restored.stdout
+    with paramhub.connect(address, token=TOKENS["read"]) as c:
+        assert torch.equal(c.get_tensor("m", "weight")[0], net.weight.detach())
+    denied = _run("checkpoint", "delete", "m", "before",
+                  env={**env, "PARAMHUB_TOKEN": TOKENS["read"]})
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    deleted = _run("checkpoint", "delete", "m", "before", env=env)
+    assert deleted.returncode == 0
+    missing = _run("checkpoint", "restore", "m", "before", env=env)
+    assert missing.returncode == 1 and "CHECKPOINT_NOT_FOUND" in missing.stderr

@@ -130,3 +130,23 @@ def test_undecodable_bytes_are_invalid_argument(server, target, method):
     with grpc.insecure_channel(target) as ch:
         code, _ = call_raw(ch, method, [b"\x0a\xff\xff\xff\xff\x0f"])
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metrics_write_log_lag(settings):
+    """paramhub_wal_bytes grows with each logged write and drops when the log is compacted;
+    paramhub_wal_unsynced_models counts logs with appends awaiting a batch fsync."""
+    srv = build_server(dataclasses.replace(settings, metrics_port=0, fsync="batch",
+                                           fsync_interval_s=3600.0))
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}") as c:
+            c.create_model_from_spec("m", _spec.spec_from_module(nn.Linear(8, 4)),
+                                     values=nn.Linear(8, 4).state_dict())
+            before = _scrape(srv.metrics_port)["paramhub_wal_bytes"]
+            c.set_slice("m", "weight", (0, 0), 1.0)
+            m = _scrape(srv.metrics_port)
+            assert m["paramhub_wal_bytes"] > before
+            assert m["paramhub_wal_unsynced_models"] == 1  # the hour-long batch has not flushed
+            c.compact("m")
+            assert _scrape(srv.metrics_port)["paramhub_wal_bytes"] < m["paramhub_wal_bytes"]
+    finally:
+        srv.stop(None)

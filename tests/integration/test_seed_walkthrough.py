@@ -197,7 +197,7 @@ def test_seed_walkthrough_matches_local_torch(client: paramhub.Client, target: s
     assert max(rpcs.values()) <= 12, rpcs
     # Record the measurement for the README (printed with -s; written next to the test run).
     (tmp_path / "rpcs.json").write_text(json.dumps(rpcs))
-    print("walkthrough RPCs per cell:", rpcs, "total:", sum(rpcs.values()))
+    print("walkthrough RPCs per cell:", rpcs, "total:", sum(rpcs.values()), dict(client.rpc_counts))
 
     # A second process attached with client.model(name) sees the walkthrough's writes.
     out_file = tmp_path / "seen.safetensors"

@@ -109,13 +109,22 @@ class WriteResult:
     model_version: int
 
 
+#: State that is not a tensor of the model but changes with a write and must be logged in the
+#: same record (an optimizer step's new optimizer state): (JSON-able header, [(key, tensor)]).
+Extra = tuple[dict[str, Any], Sequence[tuple[str, torch.Tensor]]]
+
+
 class Journal(Protocol):
     """Durability hooks (implemented by store.ModelStore). Called under the model's locks."""
 
     def log_write(self, model: ServedModel, op: str, rpc: str, changes: Sequence[Change],
-                  result: WriteResult, ctx: WriteContext, time_ns: int) -> None: ...
+                  result: WriteResult, ctx: WriteContext, time_ns: int,
+                  extra: Extra | None = None) -> None: ...
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
+
+    def log_record(self, model: ServedModel, header: dict[str, Any],
+                   tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None: ...
 
     def after_commit(self, model: ServedModel) -> None: ...
 
@@ -490,23 +499,26 @@ class ServedModel:
         first_touch = {g: i for i, g in enumerate(touches)}  # dicts keep insertion order
         return sorted(changes, key=lambda c: first_touch[c.ref.group])
 
-    def _bump(self, groups: Sequence[int], op: str = "optimizer.step") -> WriteResult:
+    def _bump(self, groups: Sequence[int], op: str = "optimizer.step",
+              extra: Extra | None = None) -> WriteResult:
         """Commits changes already made in place to these storages (optimizer steps,
-        training-mode Forward's buffers): logs their whole values, bumps versions, publishes the
-        watch event. Caller holds the write lock."""
+        training-mode Forward's buffers): logs their whole values (and `extra`, the optimizer
+        state the step changed, in the same record), bumps versions, publishes the watch event.
+        Caller holds the write lock."""
         changes = []
         for g in dict.fromkeys(groups):
             ref = self._refs[self._first[g]]
             changes.append(Change(ref, (), ref.get().detach()))
-        return self._commit(op, "applied", changes, NO_CONTEXT, applied=True)
+        return self._commit(op, "applied", changes, NO_CONTEXT, applied=True, extra=extra)
 
     def _commit(self, op: str, rpc: str, changes: Sequence[Change], ctx: WriteContext, *,
-                applied: bool = False) -> WriteResult:
+                applied: bool = False, extra: Extra | None = None) -> WriteResult:
         """Makes planned changes visible and durable. Caller holds the write lock.
 
         Order: the journal record first (fsynced under the default policy; if logging fails,
         nothing was applied), then the tensors, versions, request id and watch event.
         `applied` changes are already in the tensors (training-mode Forward's buffers).
+        `extra` is logged in the same record (one record per write: replay never sees half).
         """
         groups: list[int] = []  # in the order of `changes`
         for c in changes:
@@ -516,7 +528,7 @@ class ServedModel:
                              self.version + 1)
         time_ns = time.time_ns()
         if self.journal is not None:
-            self.journal.log_write(self, op, rpc, changes, result, ctx, time_ns)
+            self.journal.log_write(self, op, rpc, changes, result, ctx, time_ns, extra)
         if not applied:
             with torch.no_grad():
                 for c in changes:
@@ -706,9 +718,14 @@ class ServedModel:
 
     def restore_values(self, values: dict[str, torch.Tensor], op: str,
                        expected_model_version: int | None = None, *,
-                       ctx: WriteContext = NO_CONTEXT) -> WriteResult:
+                       ctx: WriteContext = NO_CONTEXT,
+                       before_commit: Callable[[], None] | None = None) -> WriteResult:
         """Replaces every storage's value (checkpoint rollback) as one write. The journal makes
-        it durable with a snapshot instead of a (model-sized) log record."""
+        it durable with a snapshot instead of a (model-sized) log record.
+
+        `before_commit` runs under the write lock once the values are checked, before they are
+        applied and the snapshot is written (checkpoint restore installs the checkpoint's
+        optimizer there, so the snapshot holds both); it must not fail."""
         with self.lock.write():
             result = self._recall(ctx, "restore")
             if result is not None:
@@ -723,6 +740,8 @@ class ServedModel:
                         f"the checkpoint does not match {name!r} {list(t.shape)} {t.dtype}",
                         reason="CHECKPOINT_MISMATCH", metadata={"tensor": name})
                 changes.append(Change(self._refs[name], (), v))
+            if before_commit is not None:
+                before_commit()
             journal, self.journal = self.journal, None
             try:
                 result = self._commit(op, "restore", changes, ctx)

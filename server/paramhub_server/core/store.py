@@ -4,17 +4,27 @@ Layout (one directory per model; a model id never starts with "."):
 
     {data_dir}/models/{id}/model.json                 spec (ModelSpec as JSON) and device
     {data_dir}/models/{id}/snapshot-{gen}.safetensors  every storage once, by its first name;
-                                                      metadata "paramhub.state" holds versions,
-                                                      training flags and recent request ids
+                                                      the optimizer's state tensors as
+                                                      "paramhub.optimizer/{param}/{key}" and the
+                                                      staleness history; metadata
+                                                      "paramhub.state" holds versions, training
+                                                      flags, recent request ids, the optimizer's
+                                                      and the training mode's configuration
     {data_dir}/models/{id}/wal-{gen}.log              writes committed after snapshot {gen}
     {data_dir}/models/{id}/checkpoints/{name}.safetensors   a plain state_dict (every key)
+    {data_dir}/models/{id}/checkpoints/training/{name}.safetensors   its optimizer state and
+                                                      configuration and the training mode (kept
+                                                      apart so the plain file stays loadable
+                                                      with load_state_dict(strict=True))
 
 Protocol:
 - CreateModel writes model.json and snapshot 1 into a hidden directory, fsyncs, and renames it
   into place before the model is registered (and the create acknowledged).
 - Every write appends a record to the current log (values of the changed regions, the index,
   the resulting versions, the request id) before the write touches any tensor and before it is
-  acknowledged; under fsync "always" the record is fsynced first (see wal.py).
+  acknowledged; under fsync "always" the record is fsynced first (see wal.py). An optimizer
+  step is one record holding the parameters it changed AND their new optimizer state; creating
+  an optimizer and configuring the training mode are records of their own.
 - Compaction writes snapshot {gen+1} (temporary file, fsync, rename: the rename is the commit
   point) while holding the model's read lock (readers go on, writers wait), starts wal-{gen+1}
   and deletes generation {gen}. It runs in the background once a log outgrows both
@@ -46,8 +56,9 @@ from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, Invali
                              NotFoundError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
-from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, ServedModel, WriteContext,
-                                        WriteResult)
+from paramhub_server.core import training
+from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, ServedModel,
+                                        WriteContext, WriteResult)
 from paramhub_server.core.wal import WalWriter, layout, read_records
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,10 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _STATE_KEY = "paramhub.state"
 _CHECKPOINT_KEY = "paramhub.checkpoint"
+_TRAINING_KEY = "paramhub.training"
+#: Snapshot keys of the optimizer state ("{prefix}{param}/{key}") and the staleness history.
+_OPTIMIZER_PREFIX = "paramhub.optimizer/"
+_STEP_VERSIONS = "paramhub.train/step_versions"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SNAPSHOT = re.compile(r"snapshot-(\d{8})\.safetensors")
 _WAL = re.compile(r"wal-(\d{8})\.log")
@@ -151,6 +166,16 @@ class Store:
         model.restore_state(values, state["versions"], state["model_version"],
                             state.get("training"))
         del values
+        train = state.get("train")
+        if train is not None:
+            keys = [_OPTIMIZER_PREFIX + k for k in train["tensors"]]
+            if train.get("step_versions"):
+                keys.append(_STEP_VERSIONS)
+            extra, _ = st.read_file(snap, keys)
+            history = extra.pop(_STEP_VERSIONS, torch.empty(0, dtype=torch.int64)).tolist()
+            training.load_training_state(
+                model, train["meta"],
+                {k.removeprefix(_OPTIMIZER_PREFIX): t for k, t in extra.items()}, history)
         for rid, j in state.get("recent", []):
             model.remember(rid, _result_from_json(j))
         wal_path = d / _wal_name(gen)
@@ -235,8 +260,10 @@ class ModelStore:
     # --------------------------------------------------------------- Journal (write lock held)
 
     def log_write(self, model: ServedModel, op: str, rpc: str, changes: Sequence[Change],
-                  result: WriteResult, ctx: WriteContext, time_ns: int) -> None:
-        """Appends a write's record (fsynced under "always") before it is applied."""
+                  result: WriteResult, ctx: WriteContext, time_ns: int,
+                  extra: Extra | None = None) -> None:
+        """Appends a write's record (fsynced under "always") before it is applied; `extra`
+        (an optimizer step's new state) goes into the same record as "aux"."""
         blobs: list[Any] = []
         entries = []
         for c in changes:
@@ -258,7 +285,21 @@ class ModelStore:
         header = {"t": "write", "op": op, "result": _result_to_json(result),
                   "rid": ctx.request_id, "writer": ctx.writer, "time": time_ns,
                   "changes": entries}
+        if extra is not None:
+            aux, tensors = extra
+            header["aux"] = {**aux, "tensors": _tensor_entries(tensors, blobs)}
+        _resolve_offsets(header, blobs)
         self.wal.append(header, blobs)
+
+    def log_record(self, model: ServedModel, header: dict[str, Any],
+                   tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
+        """Appends a record that is not a tensor write (optimizer created, training mode
+        configured, an empty step), with `tensors` as its payload."""
+        blobs: list[Any] = []
+        header = {**header, "tensors": _tensor_entries(tensors, blobs)}
+        _resolve_offsets(header, blobs)
+        self.wal.append(header, blobs)
+        self.after_commit(model)
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None:
         """Appends a train()/eval() record."""
@@ -296,6 +337,10 @@ class ModelStore:
         """Closes the log (flushing it)."""
         self.wal.close()
 
+    def lag(self) -> tuple[int, bool]:
+        """(log bytes not yet folded into a snapshot, whether appends await an fsync)."""
+        return self.wal.size, self.wal.unsynced
+
     # --------------------------------------------------------------- checkpoints
 
     def _checkpoint_path(self, name: str) -> Path:
@@ -309,8 +354,22 @@ class ModelStore:
                 raise AlreadyExistsError(f"checkpoint {name!r} of {model.id!r} exists",
                                          reason="CHECKPOINT_EXISTS",
                                          metadata={"model": model.id, "checkpoint": name})
-            info = {"model_version": model.version, "created_ns": time.time_ns(),
-                    "model_id": model.id}
+            info: dict[str, Any] = {"model_version": model.version,
+                                    "created_ns": time.time_ns(), "model_id": model.id}
+            meta, tensors = training.training_state(model)
+            tpath = self._training_path(name)
+            if meta is None:
+                info["training"] = None
+                tpath.unlink(missing_ok=True)  # a leftover of a crashed create or delete
+            else:
+                # Written first: the plain file (the checkpoint's commit point) names it by a
+                # token, so a leftover from another checkpoint of this name is never taken.
+                token = uuid.uuid4().hex
+                info["training"] = {"token": token}
+                tpath.parent.mkdir(exist_ok=True)
+                st.write_file(tpath, [(_OPTIMIZER_PREFIX + k, t) for k, t in tensors],
+                              {_TRAINING_KEY: json.dumps({"token": token, "meta": meta})},
+                              fsync=self.store.fsync != "off")
             size = st.write_file(path, model.state_entries(every_name=True),
                                  {_CHECKPOINT_KEY: json.dumps(info)},
                                  fsync=self.store.fsync != "off")
@@ -336,6 +395,32 @@ class ModelStore:
                  for p in (self.dir / "checkpoints").glob("*.safetensors")]
         return sorted(infos, key=lambda i: (i.created_unix_nanos, i.name))
 
+    def _training_path(self, name: str) -> Path:
+        return self.dir / "checkpoints" / "training" / f"{check_checkpoint_name(name)}.safetensors"
+
+    def read_checkpoint_training(self, name: str
+                                 ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]] | None:
+        """The checkpoint's training state: None for a checkpoint written before training state
+        was saved (a restore leaves the optimizer alone), else (meta or None if the model had
+        none then, optimizer state tensors)."""
+        _, meta, _ = st.read_header(self._checkpoint_path(name))
+        info = json.loads(meta.get(_CHECKPOINT_KEY, "{}"))
+        if "training" not in info:
+            return None
+        if info["training"] is None:
+            return None, {}
+        try:
+            tensors, tmeta = st.read_file(self._training_path(name))
+            stored = json.loads(tmeta[_TRAINING_KEY])
+        except (OSError, KeyError, ValueError, st.FormatError):
+            stored = None
+        if stored is None or stored.get("token") != info["training"].get("token"):
+            raise InvalidArgumentError(f"checkpoint {name!r} lacks its training state file",
+                                       reason="CHECKPOINT_MISMATCH",
+                                       metadata={"checkpoint": name})
+        return stored["meta"], {k.removeprefix(_OPTIMIZER_PREFIX): t
+                                for k, t in tensors.items()}
+
     def read_checkpoint(self, name: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors of `names`."""
         self.checkpoint_info(name)
@@ -350,8 +435,9 @@ class ModelStore:
         """Removes a checkpoint."""
         self.checkpoint_info(name)
         with self._lock:
-            self._checkpoint_path(name).unlink(missing_ok=True)
+            self._checkpoint_path(name).unlink(missing_ok=True)  # the commit point
             st.fsync_dir(self.dir / "checkpoints")
+            self._training_path(name).unlink(missing_ok=True)
 
     def checkpoint_bytes(self, name: str, piece: int = 1 << 20) -> Iterator[bytes]:
         """The checkpoint file's bytes (a plain safetensors state_dict), in pieces."""
@@ -374,7 +460,8 @@ def journal_of(model: ServedModel) -> ModelStore:
 
 
 def create_checkpoint(model: ServedModel, name: str) -> pb.CheckpointInfo:
-    """Saves the model's current values (one consistent version) as checkpoint `name`."""
+    """Saves the model's current values (one consistent version) as checkpoint `name`, with
+    its optimizer (configuration and state) and training mode."""
     check_checkpoint_name(name)
     with model.lock.read():
         return journal_of(model).create_checkpoint(model, name)
@@ -382,11 +469,26 @@ def create_checkpoint(model: ServedModel, name: str) -> pb.CheckpointInfo:
 
 def restore_checkpoint(model: ServedModel, name: str, expected_model_version: int | None = None,
                        ctx: WriteContext | None = None) -> WriteResult:
-    """Rolls the model back to checkpoint `name` as one write (versions keep growing)."""
+    """Rolls the model back to checkpoint `name` as one write (versions keep growing), the
+    optimizer (configuration and state) and training mode included: they become the
+    checkpoint's, as `optimizer.load_state_dict` of a torch checkpoint would."""
+    journal = journal_of(model)
     firsts = [n for n, _ in model.state_entries(every_name=False)]
-    values = journal_of(model).read_checkpoint(name, firsts)
-    return model.restore_values(values, "restore_checkpoint", expected_model_version,
-                                ctx=ctx or WriteContext())
+    values = journal.read_checkpoint(name, firsts)
+    stored = journal.read_checkpoint_training(name)
+    if stored is None:  # a checkpoint from before training state was saved
+        return model.restore_values(values, "restore_checkpoint", expected_model_version,
+                                    ctx=ctx or WriteContext())
+    tr = training.trainer(model)
+    with tr.cond:  # taken before the model's lock, as by steps and pushes
+        try:
+            install = training.prepare_restore(model, *stored)
+        except (NotFoundError, InvalidArgumentError) as e:
+            raise InvalidArgumentError(f"checkpoint {name!r} cannot be restored: {e}",
+                                       reason="CHECKPOINT_MISMATCH",
+                                       metadata={"checkpoint": name}) from None
+        return model.restore_values(values, "restore_checkpoint", expected_model_version,
+                                    ctx=ctx or WriteContext(), before_commit=install)
 
 
 def export_bytes(model: ServedModel, name: str = "") -> Iterator[bytes]:
@@ -428,17 +530,69 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
     entries = model.state_entries(every_name=False)
-    state = {"model_version": model.version,
-             "versions": {n: model.tensor_version(n) for n, _ in entries},
-             "training": model.training_flags(),
-             "recent": [[rid, _result_to_json(r)]
-                        for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
+    state: dict[str, Any] = {
+        "model_version": model.version,
+        "versions": {n: model.tensor_version(n) for n, _ in entries},
+        "training": model.training_flags(),
+        "recent": [[rid, _result_to_json(r)]
+                   for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
+    meta, tensors = training.training_state(model)
+    if meta is not None:
+        history = training.step_history(model)
+        state["train"] = {"meta": meta, "tensors": [k for k, _ in tensors],
+                          "step_versions": bool(history)}
+        entries = entries + [(_OPTIMIZER_PREFIX + k, t) for k, t in tensors]
+        if history:
+            entries.append((_STEP_VERSIONS, torch.tensor(history, dtype=torch.int64)))
     return st.write_file(path, entries, {_STATE_KEY: json.dumps(state)}, fsync=fsync)
 
 
+def _tensor_entries(tensors: Sequence[tuple[str, torch.Tensor]], blobs: list[Any]
+                    ) -> list[dict[str, Any]]:
+    """Appends the tensors' bytes to `blobs`; returns their header entries (offsets resolved
+    by `_resolve_offsets`)."""
+    out = []
+    for key, t in tensors:
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        out.append({"key": key, "dtype": _codec.dtype_to_proto(t.dtype), "shape": list(t.shape),
+                    "data": len(blobs)})
+        blobs.append(_codec._byte_view(t))
+    return out
+
+
+def _resolve_offsets(header: dict[str, Any], blobs: Sequence[Any]) -> None:
+    """Turns the blob numbers of tensor entries ("tensors", "aux.tensors") into payload
+    offsets."""
+    offsets = layout([b.numel() if hasattr(b, "numel") else len(b) for b in blobs])
+    for e in header.get("tensors", []) + header.get("aux", {}).get("tensors", []):
+        e["data"] = offsets[e["data"]]
+
+
+def _tensors_from(entries: Sequence[dict[str, Any]], payload: bytearray
+                  ) -> dict[str, torch.Tensor]:
+    out = {}
+    for e in entries:
+        out[e["key"]] = _value_from(e, payload)
+    return out
+
+
+def _value_from(e: dict[str, Any], payload: bytearray) -> torch.Tensor:
+    dtype = _codec.dtype_from_proto(e["dtype"])
+    b, end = e["data"]
+    if end > b:
+        value = torch.frombuffer(payload, dtype=torch.uint8, offset=b, count=end - b)
+        return value.view(dtype).reshape(e["shape"])
+    return torch.empty(e["shape"], dtype=dtype)
+
+
 def _replay(model: ServedModel, header: dict[str, Any], payload: bytearray) -> None:
-    if header.get("t") == "train":
+    kind = header.get("t")
+    if kind == "train":
         _spec.get_submodule(model.module, header["path"]).train(header["training"])
+        return
+    if kind != "write":
+        training.replay_record(model, header, _tensors_from(header.get("tensors", []), payload))
         return
     changes = []
     for e in header["changes"]:
@@ -447,14 +601,11 @@ def _replay(model: ServedModel, header: dict[str, Any], payload: bytearray) -> N
             b, end = e["idx"]
             index = _codec.index_from_proto(pb.SetSliceRequest.FromString(
                 bytes(payload[b:end])).index)
-        dtype = _codec.dtype_from_proto(e["dtype"])
-        b, end = e["data"]
-        if end > b:
-            value = torch.frombuffer(payload, dtype=torch.uint8, offset=b, count=end - b)
-            value = value.view(dtype).reshape(e["shape"])
-        else:
-            value = torch.empty(e["shape"], dtype=dtype)
-        changes.append(Change(model.ref(e["name"]), index, value))
+        changes.append(Change(model.ref(e["name"]), index, _value_from(e, payload)))
     result = _result_from_json(header["result"])
     model.replay(changes, result)
+    aux = header.get("aux")
+    if aux is not None:
+        training.replay_step(model, aux, _tensors_from(aux["tensors"], payload),
+                             result.model_version)
     model.remember(header.get("rid", ""), result)

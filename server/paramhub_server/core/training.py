@@ -16,16 +16,22 @@ Parameter-server mode (PushGrads) hands gradients computed elsewhere to that opt
 
 Staleness counts optimizer steps (not other writes) since the version a push was computed at.
 
-Everything here is kept in a form a snapshot can store: `export_optimizer` returns a JSON-able
-configuration and a flat {name: tensor} dict, and `restore_optimizer` rebuilds from them.
+Durability (store.py): everything here is kept in a form a snapshot can store: a JSON-able
+configuration (`training_state`) and a flat {"{parameter}/{key}": tensor} dict of torch's
+per-parameter optimizer state; `build_optimizer` rebuilds an optimizer from them. Every change is
+logged under the model's write lock before it is acknowledged: CreateOptimizer and
+ConfigureTraining as small records, a step as ONE record holding the parameters it changed and
+their new optimizer state (so replay never sees half a step). Gradients and an incomplete sync
+round are not persisted (torch does not save .grad either).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +39,7 @@ import torch
 from torch import nn
 
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError)
-from paramhub_server.core.model import PARAMETER, ServedModel
+from paramhub_server.core.model import PARAMETER, Extra, ServedModel
 
 ASYNC, SYNC, BOUNDED = "async", "sync", "bounded_staleness"
 REJECT, SCALE = "reject", "scale"
@@ -207,6 +213,36 @@ def create_optimizer(model: ServedModel, type_name: str,
 
     Returns (optimizer, created); an existing identical optimizer is reused (created=False).
     """
+    norm_defaults, norm_groups, torch_groups, params = _resolve(model, type_name, groups,
+                                                                defaults)
+    tr = trainer(model)
+    with tr.cond:
+        existing = tr.optimizer
+        if existing is not None and existing.same_config(type_name, norm_groups, norm_defaults):
+            return existing, False
+        if existing is not None and not replace:
+            raise AlreadyExistsError(
+                f"model {model.id!r} already has a {existing.type} optimizer with another "
+                "configuration; pass replace=True to discard it and its state",
+                reason="OPTIMIZER_EXISTS", metadata={"model": model.id, "type": existing.type})
+        opt = _construct(type_name, norm_defaults, norm_groups, torch_groups, params)
+        with model.lock.write():
+            # Logged before it is installed and acknowledged (replay rebuilds it, state empty).
+            if model.journal is not None:
+                model.journal.log_record(model, {"t": "optimizer",
+                                                 "optimizer": optimizer_config(opt)})
+            tr.optimizer = opt
+        return opt, True
+
+
+def _resolve(model: ServedModel, type_name: str,
+             groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+             defaults: Mapping[str, Any]) -> tuple[dict[str, Any],
+                                                   list[tuple[list[str], dict[str, Any]]],
+                                                   list[dict[str, Any]],
+                                                   list[tuple[int, str, nn.Parameter]]]:
+    """Validates an optimizer's arguments against the model: (defaults, groups, torch's
+    param_groups, params)."""
     norm_defaults = check_options(type_name, defaults)
     if not groups:
         raise InvalidArgumentError("an optimizer needs at least one parameter group",
@@ -234,26 +270,21 @@ def create_optimizer(model: ServedModel, type_name: str,
         opts = check_options(type_name, options)
         norm_groups.append((list(names), opts))
         torch_groups.append({"params": group_params, **opts})
-    tr = trainer(model)
-    with tr.cond:
-        existing = tr.optimizer
-        if existing is not None and existing.same_config(type_name, norm_groups, norm_defaults):
-            return existing, False
-        if existing is not None and not replace:
-            raise AlreadyExistsError(
-                f"model {model.id!r} already has a {existing.type} optimizer with another "
-                "configuration; pass replace=True to discard it and its state",
-                reason="OPTIMIZER_EXISTS", metadata={"model": model.id, "type": existing.type})
-        cls = OPTIMIZERS[type_name][0]
-        try:
-            torch_opt = cls(torch_groups, **norm_defaults)
-        except (ValueError, TypeError) as e:
-            # torch's own checks (lr < 0, nesterov without momentum, ...): nothing installed.
-            raise InvalidArgumentError(f"{type_name}: {str(e).splitlines()[0]}",
-                                       reason="BAD_OPTIMIZER_ARGUMENT") from None
-        opt = ServedOptimizer(type_name, norm_defaults, norm_groups, torch_opt, params)
-        tr.optimizer = opt
-        return opt, True
+    return norm_defaults, norm_groups, torch_groups, params
+
+
+def _construct(type_name: str, defaults: dict[str, Any],
+               groups: list[tuple[list[str], dict[str, Any]]], torch_groups: list[dict[str, Any]],
+               params: list[tuple[int, str, nn.Parameter]]) -> ServedOptimizer:
+    """The torch optimizer over the parameters (not installed)."""
+    cls = OPTIMIZERS[type_name][0]
+    try:
+        torch_opt = cls(torch_groups, **defaults)
+    except (ValueError, TypeError) as e:
+        # torch's own checks (lr < 0, nesterov without momentum, ...): nothing installed.
+        raise InvalidArgumentError(f"{type_name}: {str(e).splitlines()[0]}",
+                                   reason="BAD_OPTIMIZER_ARGUMENT") from None
+    return ServedOptimizer(type_name, defaults, groups, torch_opt, params)
 
 
 def _run_step(model: ServedModel, opt: ServedOptimizer) -> list[int]:
@@ -264,15 +295,27 @@ def _run_step(model: ServedModel, opt: ServedOptimizer) -> list[int]:
     return changed
 
 
+def _commit_step(model: ServedModel, tr: Trainer, opt: ServedOptimizer,
+                 changed: Sequence[int]) -> None:
+    """Commits a step just taken (caller holds the write lock): ONE log record with the new
+    values of the parameters it changed and their new optimizer state, then versions and the
+    watch event. A step that changed nothing (no gradients) logs only the step count."""
+    if changed:
+        extra: Extra = ({"kind": "optimizer.step", "steps": opt.steps},
+                        optimizer_state(opt, set(changed)))
+        model._bump(changed, extra=extra)
+        tr.record_step(model.version)
+    elif model.journal is not None:
+        model.journal.log_record(model, {"t": "optimizer_steps", "steps": opt.steps})
+
+
 def step(model: ServedModel) -> tuple[int, int]:
     """One optimizer.step() on the accumulated gradients. Returns (model version, steps)."""
     opt = optimizer_of(model)
     tr = trainer(model)
     with tr.cond, model.lock.write():
         changed = _run_step(model, opt)
-        if changed:
-            model._bump(changed)
-            tr.record_step(model.version)
+        _commit_step(model, tr, opt, changed)
         return model.version, opt.steps
 
 
@@ -287,47 +330,171 @@ def export_optimizer(model: ServedModel) -> tuple[dict[str, Any], dict[str, torc
 
     The configuration holds type, defaults, groups (names and their overrides), resolved
     groups and steps; the tensors are torch's per-parameter state (momentum_buffer, exp_avg,
-    exp_avg_sq, step, ...). `restore_optimizer` takes both back.
+    exp_avg_sq, step, ...), copied under the read lock. `build_optimizer` takes both back.
     """
     opt = optimizer_of(model)
     with model.lock.read():
-        sd = opt.torch_opt.state_dict()
-        names = [n for _, n, _ in opt.params]
-        tensors: dict[str, torch.Tensor] = {}
-        for idx, entries in sd["state"].items():
-            for key, v in entries.items():
-                t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-                tensors[f"{names[idx]}/{key}"] = t.detach().to("cpu", copy=True)
-        config = {
-            "type": opt.type,
-            "defaults": _jsonable(opt.defaults),
-            "groups": [{"parameters": n, "options": _jsonable(o)} for n, o in opt.groups],
-            "resolved_groups": [{"parameters": n, "options": _jsonable(o)}
-                                for n, o in opt.resolved_groups()],
-            "steps": opt.steps,
-        }
+        tensors = {k: t.to("cpu", copy=True) for k, t in optimizer_state(opt)}
+        config = optimizer_config(opt)
+        config["resolved_groups"] = [{"parameters": n, "options": _jsonable(o)}
+                                     for n, o in opt.resolved_groups()]
         return config, tensors
 
 
-def restore_optimizer(model: ServedModel, config: Mapping[str, Any],
-                      tensors: Mapping[str, torch.Tensor]) -> ServedOptimizer:
-    """Rebuilds an optimizer from `export_optimizer`'s output (replacing any existing one)."""
-    groups = [(list(g["parameters"]), dict(g["options"])) for g in config["groups"]]
-    opt, _ = create_optimizer(model, config["type"], groups, config["defaults"], replace=True)
-    index = {n: i for i, (_, n, _) in enumerate(opt.params)}
-    state: dict[int, dict[str, torch.Tensor]] = {}
+# ------------------------------------------------------------------------------- durability
+# What store.py persists and recovers. The callers hold the model's lock (read to export, write
+# or exclusive ownership during recovery to install); nothing here takes it.
+
+def optimizer_config(opt: ServedOptimizer) -> dict[str, Any]:
+    """The JSON-able configuration that rebuilds `opt` (type, defaults, groups, steps)."""
+    return {"type": opt.type, "defaults": _jsonable(opt.defaults),
+            "groups": [{"parameters": list(n), "options": _jsonable(o)} for n, o in opt.groups],
+            "steps": opt.steps}
+
+
+def optimizer_state(opt: ServedOptimizer, groups: Collection[int] | None = None
+                    ) -> list[tuple[str, torch.Tensor]]:
+    """[("{parameter}/{key}", live tensor)] of torch's per-parameter state, in parameter
+    order; only of the storages in `groups` if given. Hold the model's lock while using them."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for g, name, p in opt.params:
+        if groups is not None and g not in groups:
+            continue
+        for key, v in opt.torch_opt.state.get(p, {}).items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            out.append((f"{name}/{key}", t.detach()))
+    return out
+
+
+def training_state(model: ServedModel) -> tuple[dict[str, Any] | None,
+                                                list[tuple[str, torch.Tensor]]]:
+    """(JSON-able {"config", "optimizer"}, optimizer state tensors) of the model, or (None, [])
+    if it never had training state. Caller holds the model's lock."""
+    tr = model.train_state
+    if tr is None:
+        return None, []
+    opt = tr.optimizer
+    meta = {"config": dataclasses.asdict(tr.config),
+            "optimizer": optimizer_config(opt) if opt is not None else None}
+    return meta, optimizer_state(opt) if opt is not None else []
+
+
+def step_history(model: ServedModel) -> list[int]:
+    """Model versions after recent steps (what staleness is counted against)."""
+    tr = model.train_state
+    return list(tr.step_versions) if tr is not None else []
+
+
+def _config_from_json(j: Mapping[str, Any]) -> TrainingConfig:
+    cfg = TrainingConfig(**{f.name: j[f.name] for f in dataclasses.fields(TrainingConfig)
+                            if f.name in j})
+    if cfg.mode not in (ASYNC, SYNC, BOUNDED) or cfg.stale_policy not in (REJECT, SCALE):
+        raise InvalidArgumentError(f"unknown stored training mode {cfg.mode!r}",
+                                   reason="BAD_TRAINING_MODE")
+    return cfg
+
+
+def _set_state(opt: ServedOptimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Puts stored per-parameter state into `opt` (copied; "step" stays on the CPU as torch
+    keeps it for non-capturable optimizers, the rest goes to the parameter's device)."""
+    by_name = {n: p for _, n, p in opt.params}
+    staged: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, _, entry = key.rpartition("/")
-        if name not in index:
-            raise InvalidArgumentError(f"optimizer state for unknown parameter {name!r}",
-                                       reason="BAD_OPTIMIZER_STATE")
-        state.setdefault(index[name], {})[entry] = t
-    sd = opt.torch_opt.state_dict()
-    sd["state"] = state
-    with model.lock.write():
-        opt.torch_opt.load_state_dict(sd)
-        opt.steps = int(config.get("steps", 0))
+        p = by_name.get(name)
+        if p is None or not entry:
+            raise InvalidArgumentError(f"optimizer state {key[:200]!r} is for no parameter of "
+                                       "the optimizer", reason="BAD_OPTIMIZER_STATE")
+        device = torch.device("cpu") if entry == "step" else p.device
+        staged.setdefault(p, {})[entry] = t.to(device, copy=True)
+    for p, entries in staged.items():
+        opt.torch_opt.state[p].update(entries)
+
+
+def build_optimizer(model: ServedModel, config: Mapping[str, Any],
+                    tensors: Mapping[str, torch.Tensor]) -> ServedOptimizer:
+    """An optimizer rebuilt from `optimizer_config` and `optimizer_state` output, NOT installed
+    (nothing of the model changes; invalid input raises InvalidArgumentError)."""
+    try:
+        groups = [(list(g["parameters"]), dict(g["options"])) for g in config["groups"]]
+        type_name, defaults, steps = config["type"], config["defaults"], int(config["steps"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidArgumentError("malformed stored optimizer configuration",
+                                   reason="BAD_OPTIMIZER_STATE") from None
+    opt = _construct(type_name, *_resolve(model, type_name, groups, defaults))
+    _set_state(opt, tensors)
+    opt.steps = steps
     return opt
+
+
+def load_training_state(model: ServedModel, meta: Mapping[str, Any] | None,
+                        tensors: Mapping[str, torch.Tensor], step_versions: Sequence[int] = ()
+                        ) -> None:
+    """Installs recovered training state (recovery: the model is not served yet)."""
+    if meta is None:
+        return
+    tr = trainer(model)
+    tr.config = _config_from_json(meta["config"])
+    tr.round = _Round()
+    opt = meta.get("optimizer")
+    tr.optimizer = build_optimizer(model, opt, tensors) if opt is not None else None
+    tr.step_versions = [int(v) for v in step_versions]
+
+
+def replay_record(model: ServedModel, header: Mapping[str, Any],
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Re-applies a logged training record during recovery."""
+    tr = trainer(model)
+    t = header["t"]
+    if t == "optimizer":
+        tr.optimizer = build_optimizer(model, header["optimizer"], {})
+    elif t == "training_config":
+        tr.config = _config_from_json(header["config"])
+        tr.round = _Round()
+    elif t == "optimizer_steps":
+        optimizer_of(model).steps = int(header["steps"])
+    else:
+        raise ValueError(f"unknown training record {t!r}")
+
+
+def replay_step(model: ServedModel, extra: Mapping[str, Any],
+                tensors: Mapping[str, torch.Tensor], model_version: int) -> None:
+    """Re-applies the optimizer half of a logged step (the parameter values are the write's)."""
+    tr = trainer(model)
+    opt = optimizer_of(model)
+    _set_state(opt, tensors)
+    opt.steps = int(extra["steps"])
+    tr.record_step(model_version)
+
+
+def prepare_restore(model: ServedModel, meta: Mapping[str, Any] | None,
+                    tensors: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+    """Checks a checkpoint's training state against the model and returns what installs it
+    (run under the model's write lock, with the trainer's condition held).
+
+    A checkpoint taken without an optimizer resets the current optimizer's state (same
+    configuration, no state, steps 0): the optimizer as it was at that point.
+    """
+    tr = trainer(model)
+    cfg = _config_from_json(meta["config"]) if meta is not None else TrainingConfig()
+    stored = meta.get("optimizer") if meta is not None else None
+    if stored is not None:
+        opt: ServedOptimizer | None = build_optimizer(model, stored, tensors)
+    elif tr.optimizer is not None:
+        fresh = optimizer_config(tr.optimizer)
+        fresh["steps"] = 0
+        opt = build_optimizer(model, fresh, {})
+    else:
+        opt = None
+
+    def install() -> None:
+        tr.optimizer = opt
+        tr.config = cfg
+        tr.round.discarded = True
+        tr.round = _Round()
+        tr.cond.notify_all()
+
+    return install
 
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,7 +519,10 @@ def configure(model: ServedModel, mode: str, *, sync_workers: int = 1, max_stale
     tr = trainer(model)
     config = TrainingConfig(mode, sync_workers if mode == SYNC else 1,
                             max_staleness if mode == BOUNDED else 0, stale_policy)
-    with tr.cond:
+    with tr.cond, model.lock.write():
+        if model.journal is not None:
+            model.journal.log_record(model, {"t": "training_config",
+                                             "config": dataclasses.asdict(config)})
         tr.round.discarded = True
         tr.round = _Round()
         tr.config = config
@@ -398,13 +568,11 @@ def _apply(model: ServedModel, tr: Trainer, grads: Mapping[int, torch.Tensor]) -
         try:
             for g, _, p in opt.params:
                 p.grad = grads.get(g)
-            _run_step(model, opt)
+            changed = _run_step(model, opt)
         finally:
             for p, grad in saved:
                 p.grad = grad
-        if grads:
-            model._bump(sorted(grads))
-            tr.record_step(model.version)
+        _commit_step(model, tr, opt, changed)
 
 
 def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tensor],

@@ -125,6 +125,11 @@ class WalWriter:
                 except OSError:  # closed underneath us during rotation
                     log.exception("background fsync of %s failed", self.path)
 
+    @property
+    def unsynced(self) -> bool:
+        """Whether records were appended since the last fsync (only under "batch" or "off")."""
+        return self._dirty
+
     def sync(self) -> None:
         """fdatasyncs now, whatever the policy."""
         os.fdatasync(self.fd)
