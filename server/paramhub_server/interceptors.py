@@ -17,8 +17,8 @@ same error table as the servicer (paramhub.errors classes -> status + ErrorInfo)
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import os
 import re
 import time

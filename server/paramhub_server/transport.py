@@ -1,5 +1,5 @@
-"""How tensor bytes travel: raw-frame (de)serializers for the bulk RPCs and the same-host
-shared-memory channel.
+"""How tensor bytes travel: raw-frame (de)serializers for the bulk RPCs, the same-host
+shared-memory channel and the data channel.
 
 Raw frames: the servicer's bulk streams (GetTensor, PullState out; StreamSetSlice, PushState in)
 are registered with (de)serializers that pass ready-made protobuf wire bytes through and read
@@ -14,6 +14,10 @@ anonymous memfd passed over that connection with SCM_RIGHTS: a memfd has no name
 leak in /dev/shm when either side dies, and each one holds only the bytes of its own transfer
 (never other tensors' or models' memory). Received memfds are sealed against shrinking before
 they are mapped, so a client cannot crash the server with SIGBUS.
+
+Data channel (any host, plaintext servers only): the same greeting over a TCP port on the gRPC
+host; a GetTensor or SetSlice naming the token moves the raw bytes over that connection instead
+of the gRPC stream (see paramhub._data for the protocol and its checks).
 """
 
 from __future__ import annotations
