@@ -196,6 +196,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     nosync = Peer("-m", "paramhub_server", "--port", "0", "--data-dir",
                   tempfile.mkdtemp(prefix="paramhub-bench-"), "--log-level", "WARNING",
                   "--max-workers", "16", "--device", "cpu", "--fsync", "off")
+    # And without a journal: the peers persist nothing, so the write-throughput targets compare
+    # against an --in-memory server (the default server's rows show what durability costs).
+    volatile = Peer("-m", "paramhub_server", "--port", "0", "--in-memory", "--log-level",
+                    "WARNING", "--max-workers", "16", "--device", "cpu")
     echo = Peer("-m", "benchmarks._peers", "echo")
     try:
         grpc_c = paramhub.connect(server.address, timeout=600, shm=False, progress=False,
@@ -205,6 +209,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             raise RuntimeError("the data channel did not negotiate")
         shm_c = paramhub.connect(server.address, timeout=600, shm=True, progress=False)
         nosync_c = paramhub.connect(nosync.address, timeout=600, shm=False, progress=False)
+        mem_data = paramhub.connect(volatile.address, timeout=600, shm=False, progress=False)
+        mem_grpc = paramhub.connect(volatile.address, timeout=600, shm=False, progress=False,
+                                    data_channel=False)
+        mem_shm = paramhub.connect(volatile.address, timeout=600, shm=True, progress=False)
         _create(grpc_c, "big", nn.Embedding(size // 4 // 1024, 1024, device="meta"))
 
         def note(row: Row) -> Row:
@@ -239,6 +247,19 @@ def run(args: argparse.Namespace) -> list[Row]:
         t = _times(lambda: data_c.set_slice("big", "weight", None, value), args.repeats)
         set_data = note(Row("paramhub SetSlice, data channel (TCP)", _gbps(size, t), "GB/s",
                             samples=t))
+        _create(mem_data, "big", nn.Embedding(size // 4 // 1024, 1024, device="meta"))
+        t = _times(lambda: mem_data.set_slice("big", "weight", None, value), args.repeats)
+        set_data_mem = note(Row("paramhub SetSlice, data channel, --in-memory server",
+                                _gbps(size, t), "GB/s", detail="no journal write",
+                                samples=t))
+        t = _times(lambda: mem_grpc.set_slice("big", "weight", None, value), args.repeats)
+        set_grpc_mem = note(Row("paramhub SetSlice, gRPC stream, --in-memory server",
+                                _gbps(size, t), "GB/s", detail="no journal write",
+                                samples=t))
+        t = _times(lambda: mem_shm.set_slice("big", "weight", None, value), args.repeats)
+        set_shm_mem = note(Row("paramhub SetSlice, same-host shm, --in-memory server",
+                               _gbps(size, t), "GB/s", detail="no journal write", samples=t))
+        mem_data.delete_model("big")
         t = _times(lambda: grpc_c.get_tensor("big", "weight"), args.repeats)
         get_grpc = note(Row("paramhub GetTensor, gRPC stream", _gbps(size, t), "GB/s",
                             detail="connect(data_channel=False)", samples=t))
@@ -302,9 +323,11 @@ def run(args: argparse.Namespace) -> list[Row]:
         for row, tp_row, raw_row in ((get_data, tp_pull, raw_pull),
                                      (get_data_out, tp_pull, raw_pull),
                                      (set_data, tp_push, raw_push),
+                                     (set_data_mem, tp_push, raw_push),
                                      (get_grpc, tp_pull, raw_pull),
                                      (get_grpc_out, tp_pull, raw_pull),
-                                     (set_grpc, tp_push, raw_push)):
+                                     (set_grpc, tp_push, raw_push),
+                                     (set_grpc_mem, tp_push, raw_push)):
             vs(row, tp_row, 1.0, "TensorPipe TCP")
             extra = Row(row.name + " (vs raw)", row.value, "GB/s")
             vs(extra, raw_row, 0.5, "raw TCP")
@@ -312,6 +335,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         vs(get_shm, raw_pull, 1.0, "raw TCP")
         vs(get_shm_out, raw_pull, 1.0, "raw TCP")
         vs(set_shm, raw_push, 1.0, "raw TCP")
+        vs(set_shm_mem, raw_push, 1.0, "raw TCP")
 
         print(f"== latency, {args.calls} calls", file=sys.stderr)
         echo_channel = grpc.insecure_channel(echo.address)
@@ -405,8 +429,11 @@ def run(args: argparse.Namespace) -> list[Row]:
         data_c.close()
         shm_c.close()
         nosync_c.close()
+        for c in (mem_data, mem_grpc, mem_shm):
+            c.close()
     finally:
         echo.close()
+        volatile.close()
         nosync.close()
         server.close()
     return rows
