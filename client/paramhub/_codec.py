@@ -756,12 +756,40 @@ def index_from_proto(items: Sequence[pb.IndexItem], *, max_elements: int | None 
     return tuple(out)
 
 
+def check_index_tensor_bounds(shape: Sequence[int], index: tuple[Any, ...]) -> None:
+    """Raises IndexError for an integer index tensor with an element outside its dimension.
+
+    torch checks this on the host for CPU tensors, but on CUDA the check is a device-side
+    assert, which aborts every later CUDA call of the whole server process. So integer index
+    tensors (which arrive on the CPU) are checked here before they go near a device.
+    """
+    consumed = [0 if i is None or i is Ellipsis else
+                (i.dim() if isinstance(i, torch.Tensor) and i.dtype is torch.bool else 1)
+                for i in index]
+    if Ellipsis in [i for i in index if not isinstance(i, torch.Tensor)]:
+        at = next(k for k, i in enumerate(index)
+                  if not isinstance(i, torch.Tensor) and i is Ellipsis)
+        consumed[at] = max(0, len(shape) - sum(consumed))
+    dim = 0
+    for item, n in zip(index, consumed):
+        if (isinstance(item, torch.Tensor) and item.dtype is not torch.bool and item.numel()
+                and dim < len(shape)):
+            size = shape[dim]
+            low, high = int(item.min()), int(item.max())
+            if low < -size or high >= size:
+                bad = low if low < -size else high
+                raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size "
+                                 f"{size}")
+        dim += n
+
+
 def apply_index(t: torch.Tensor, index: tuple[Any, ...]) -> torch.Tensor:
     """`t[index]` with torch's errors mapped: bounds -> OutOfRangeError, others -> InvalidArgument."""
     if not index:
         return t
-    index = tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i for i in index)
     try:
+        check_index_tensor_bounds(t.shape, index)
+        index = tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i for i in index)
         return t[index]
     except IndexError as e:
         text = str(e)

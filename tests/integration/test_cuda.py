@@ -109,3 +109,20 @@ def test_cuda_serve_subprocess_reports_cuda(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_cuda_bad_indices_are_errors_not_device_asserts(cuda_client):
+    """An out-of-range index tensor or embedding index would be a device-side assert on CUDA,
+    which breaks every later CUDA call of the server: both are refused before the kernel."""
+    torch.manual_seed(0)
+    net = cuda_client.create_model("emb", nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)))
+    before = net[0].weight.fetch()
+    with pytest.raises(paramhub.OutOfRangeError):
+        net[0].weight.data[torch.tensor([3, 10])] = 1.0
+    with pytest.raises(paramhub.OutOfRangeError):
+        net[0].weight.data[torch.tensor([-11])]
+    with pytest.raises(paramhub.InvalidArgumentError):
+        net(torch.tensor([[1, 10]]))
+    # The device still works for everyone.
+    assert torch.equal(net[0].weight.fetch(), before)
+    assert net(torch.tensor([[1, 9]])).shape == (1, 2, 2)

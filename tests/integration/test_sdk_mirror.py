@@ -30,7 +30,8 @@ def test_mirror_structure_and_metadata(pair):
     assert type(net[0]) is nn.Linear and isinstance(net[0].weight, nn.Parameter)
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in local.named_parameters()]
     assert net[0].weight.shape == (8, 4) and net[0].weight.dtype == torch.float32
-    assert net[0].weight.device == torch.device("cpu") and net[0].weight.requires_grad
+    served_on = torch.device(net.paramhub_client.describe_model("mlp").model.device)
+    assert net[0].weight.device == served_on and net[0].weight.requires_grad
     assert paramhub.is_remote(net) and paramhub.is_remote(net[0])
     assert list(net.state_dict()) == list(local.state_dict())
     assert repr(net[0:2]) == repr(local[0:2])

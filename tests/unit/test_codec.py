@@ -404,3 +404,25 @@ def test_value_from_proto_rejects_bad_dtype_and_tensor():
     with pytest.raises(InvalidArgumentError) as e:
         _codec.value_from_proto(pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_INT8, shape=[2])))
     assert e.value.reason == "BAD_TENSOR_BYTES"
+
+
+@pytest.mark.parametrize("index", [
+    (torch.tensor([3]),), (0, torch.tensor([4])), (Ellipsis, torch.tensor([5])),
+    (None, 0, torch.tensor([-5])), (torch.zeros(3, 4, dtype=torch.bool), torch.tensor([5])),
+])
+def test_index_tensor_bounds_checked_before_any_device(index):
+    """Integer index tensors are bounds-checked on the host (on CUDA torch would assert)."""
+    with pytest.raises(OutOfRangeError):
+        _codec.apply_index(torch.zeros(3, 4, 5), index)
+
+
+def test_embedding_guard_turns_bad_indices_into_index_error():
+    from paramhub_server.core.model import guard_device_indexing
+
+    emb = torch.nn.Embedding(5, 2)
+    guard_device_indexing(emb)
+    assert emb(torch.tensor([0, 4])).shape == (2, 2)
+    with pytest.raises(IndexError):
+        emb(torch.tensor([5]))
+    with pytest.raises(IndexError):
+        emb(torch.tensor([-1]))

@@ -167,6 +167,8 @@ class ServedModel:
         self.spec = spec
         self.device = device
         self.lock = RWLock()
+        if device.type == "cuda":
+            guard_device_indexing(module)
         self.version = 0
         self._refs: dict[str, TensorRef] = {}
         groups: dict[int, int] = {}  # id(tensor) -> group number
@@ -1044,3 +1046,25 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
 def _mutating(sub: nn.Module) -> list[nn.Module]:
     """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
     return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
+
+
+def _check_embedding_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.numel() and not (x.is_floating_point()
+                                                         or x.is_complex()):
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= module.num_embeddings:
+            raise IndexError(f"{type(module).__name__} input holds index "
+                             f"{low if low < 0 else high}, outside [0, {module.num_embeddings})")
+
+
+def guard_device_indexing(module: nn.Module) -> None:
+    """Checks Embedding / EmbeddingBag inputs before they reach a CUDA kernel.
+
+    On CUDA an out-of-range embedding index is a device-side assert, which aborts every later
+    CUDA call of the server process (all models); on the CPU torch raises IndexError. The check
+    (one min/max) turns it into INVALID_ARGUMENT for the caller alone.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            m.register_forward_pre_hook(_check_embedding_input)
