@@ -170,6 +170,31 @@ def training_config(cfg: training.TrainingConfig) -> pb.TrainingConfig:
                              stale_policy=_POLICIES_PB[cfg.stale_policy])
 
 
+def _first_header(request_iterator: Iterator[Any], rpc: str) -> Any:
+    """The `header` of a request stream's first message; INVALID_ARGUMENT if it has none."""
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgumentError(f"the first {rpc} message must carry the header",
+                                   reason="BAD_STREAM")
+    return first.header
+
+
+def _header_then_chunks(request_iterator: Iterator[Any], rpc: str
+                        ) -> tuple[Any, Iterator[tpb.TensorChunk]]:
+    """Splits a stream of one `header` message then `chunk` messages (CreateModel, PushGrads)
+    into the header and a lazy iterator over the chunks."""
+    header = _first_header(request_iterator, rpc)
+
+    def chunks() -> Iterator[tpb.TensorChunk]:
+        for msg in request_iterator:
+            if msg.WhichOneof("part") != "chunk":
+                raise InvalidArgumentError(f"only the first {rpc} message may carry a header",
+                                           reason="BAD_STREAM")
+            yield msg.chunk
+
+    return header, chunks()
+
+
 class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
@@ -197,24 +222,13 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def CreateModel(self, request_iterator: Iterator[pb.CreateModelRequest],
                     context: grpc.ServicerContext) -> pb.CreateModelResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgumentError("the first CreateModel message must carry the header",
-                                       reason="BAD_STREAM")
-        header = first.header
-
-        def chunks() -> Iterator[tpb.TensorChunk]:
-            for msg in request_iterator:
-                if msg.WhichOneof("part") != "chunk":
-                    raise InvalidArgumentError("only the first CreateModel message may carry a "
-                                               "header", reason="BAD_STREAM")
-                yield msg.chunk
+        header, chunks = _header_then_chunks(request_iterator, "CreateModel")
 
         try:
-            # One uploaded tensor larger than the whole model may be is refused from its header,
+            # An uploaded tensor larger than the whole model is refused from its header,
             # before it is allocated.
             values = {a.name: a.finish() for a in _codec.assemble_tensors(
-                chunks(), max_elements=self.max_tensor_elements,
+                chunks, max_elements=self.max_tensor_elements,
                 max_bytes=self.registry.max_model_bytes)}
         except ResourceExhaustedError as e:
             if e.metadata.get("limit") != "max_bytes":
@@ -590,22 +604,11 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def PushGrads(self, request_iterator: Iterator[pb.PushGradsRequest],
                   context: grpc.ServicerContext) -> pb.PushGradsResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgumentError("the first PushGrads message must carry the header",
-                                       reason="BAD_STREAM")
-        header = first.header
+        header, chunks = _header_then_chunks(request_iterator, "PushGrads")
         m = self._model(header.model)
 
-        def chunks() -> Iterator[tpb.TensorChunk]:
-            for msg in request_iterator:
-                if msg.WhichOneof("part") != "chunk":
-                    raise InvalidArgumentError("only the first PushGrads message may carry a "
-                                               "header", reason="BAD_STREAM")
-                yield msg.chunk
-
         grads: dict[str, Any] = {}
-        for asm in _codec.assemble_tensors(chunks(), max_elements=self.max_tensor_elements,
+        for asm in _codec.assemble_tensors(chunks, max_elements=self.max_tensor_elements,
                                           max_bytes=self.registry.max_model_bytes):
             if asm.name in grads:
                 raise InvalidArgumentError(f"gradient for {asm.name!r} sent twice",
@@ -641,11 +644,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     @rpc
     def ApplyBatch(self, request_iterator: Iterator[pb.ApplyBatchRequest],
                    context: grpc.ServicerContext) -> pb.ApplyBatchResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgumentError("the first ApplyBatch message must carry the header",
-                                       reason="BAD_STREAM")
-        header = first.header
+        header = _first_header(request_iterator, "ApplyBatch")
         m = self._model(header.model)
         writes: list[SliceWrite | InitWrite] = []
         pending: tuple[pb.SetSliceRequest, _codec.TensorAssembler] | None = None
