@@ -232,21 +232,28 @@ class Client:
 
     def _data_greet(self) -> _shm.Greeted | None:
         """A greeted data-channel connection, or None when off or unreachable."""
-        if not self._data_wanted:
+        greeted = self._connect_link(self._data_wanted, "_data_link", "data channel")
+        if greeted is not None:
+            greeted.conn.settimeout(DATA_IO_TIMEOUT)
+        return greeted
+
+    def _connect_link(self, wanted: bool, attr: str, what: str) -> _shm.Greeted | None:
+        """A greeted connection on the side link stored in `attr` (shm or data channel), or
+        None when that link is off or unreachable; a link that fails to connect is dropped, so
+        later transfers go straight to gRPC."""
+        if not wanted:
             return None
         self.transport_info()
-        link = self._data_link
+        link = getattr(self, attr)
         if link is None:
             return None
         try:
-            greeted = link.connect()
+            return link.connect()
         except OSError as e:
-            log.debug("data channel connection failed (%s); using gRPC", e)
-            self._data_link = None
+            log.debug("%s connection failed (%s); using gRPC", what, e)
+            setattr(self, attr, None)
             link.close()
             return None
-        greeted.conn.settimeout(DATA_IO_TIMEOUT)
-        return greeted
 
     def _data_failed(self, exc: BaseException) -> None:
         log.warning("data-channel transfer failed (%s); falling back to gRPC", exc)
@@ -259,19 +266,7 @@ class Client:
 
     def _greet(self) -> _shm.Greeted | None:
         """A greeted shm connection, or None when shm is off or unreachable."""
-        if not self._shm_wanted:
-            return None
-        self.transport_info()
-        link = self._shm_link
-        if link is None:
-            return None
-        try:
-            return link.connect()
-        except OSError as e:
-            log.debug("shared memory connection failed (%s); using gRPC", e)
-            self._shm_link = None
-            link.close()
-            return None
+        return self._connect_link(self._shm_wanted, "_shm_link", "shared memory")
 
     def _note_size(self, full_name: str, field: int, nbytes: int) -> None:
         kind = "grad" if field == pb.TENSOR_FIELD_GRAD else "value"
