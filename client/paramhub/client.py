@@ -40,6 +40,8 @@ __all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 T = TypeVar("T")
+#: Returned by Client._over_link when a side link failed and the caller should use gRPC.
+_FELL_BACK = object()
 
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
@@ -282,6 +284,33 @@ class Client:
             self._sizes[(tensor_name(model_id, info.name, kind), "value", "")] = (
                 math.prod(info.shape) * dtype.itemsize)
 
+    def _over_link(self, link: _shm.Greeted, send: Callable[[], T], *, shm: bool,
+                   close_after: bool) -> Any:
+        """Runs `send` over a greeted side link (shared memory or the data channel).
+
+        On the link's "unavailable" answer or a socket error the link is closed, the failure
+        logged, and _FELL_BACK returned so that the caller goes on over gRPC; any other error
+        propagates (after closing the link). After success the link is closed when
+        `close_after`, else it stays with the result (e.g. a tensor living in its segment).
+        """
+        unavailable, failed = (("SHM_UNAVAILABLE", self._shm_failed) if shm
+                               else ("DATA_CHANNEL_UNAVAILABLE", self._data_failed))
+        try:
+            result = send()
+        except ParamhubError as e:
+            link.close()
+            if e.reason != unavailable:
+                raise
+            failed(e)
+            return _FELL_BACK
+        except OSError as e:
+            link.close()
+            failed(e)
+            return _FELL_BACK
+        if close_after:
+            link.close()
+        return result
+
     def _shm_failed(self, exc: BaseException) -> None:
         log.warning("shared-memory transfer failed (%s); falling back to gRPC", exc)
 
@@ -460,31 +489,20 @@ class Client:
         greeted = self._greet()
         if greeted is not None:
             request.shm_token = greeted.token
-            try:
-                return self._get_tensor(request, timeout, greeted, out)
-            except ParamhubError as e:
-                greeted.close()
-                if e.reason != "SHM_UNAVAILABLE":
-                    raise
-                self._shm_failed(e)
-            except OSError as e:
-                greeted.close()
-                self._shm_failed(e)
+            # On success the tensor lives in the segment: the connection stays with it.
+            result = self._over_link(greeted, lambda: self._get_tensor(
+                request, timeout, greeted, out), shm=True, close_after=False)
+            if result is not _FELL_BACK:
+                return result
             request.shm_token = ""
         if expect is None or expect >= _data.DATA_MIN_BYTES:
             data = self._data_greet()
             if data is not None:
                 request.data_token = data.token
-                try:
-                    return self._get_tensor(request, timeout, None, out, data)
-                except ParamhubError as e:
-                    data.close()
-                    if e.reason != "DATA_CHANNEL_UNAVAILABLE":
-                        raise
-                    self._data_failed(e)
-                except OSError as e:
-                    data.close()
-                    self._data_failed(e)
+                result = self._over_link(data, lambda: self._get_tensor(
+                    request, timeout, None, out, data), shm=False, close_after=False)
+                if result is not _FELL_BACK:
+                    return result
                 request.data_token = ""
         return self._get_tensor(request, timeout, None, out)
 
@@ -623,30 +641,18 @@ class Client:
         if nbytes >= SHM_MIN_BYTES:
             greeted = self._greet()
             if greeted is not None:
-                try:
-                    return self._set_slice_shm(request, value_t, greeted, timeout)
-                except ParamhubError as e:
-                    if e.reason != "SHM_UNAVAILABLE":
-                        raise
-                    self._shm_failed(e)
-                except OSError as e:
-                    self._shm_failed(e)
-                finally:
-                    greeted.close()
+                result = self._over_link(greeted, lambda: self._set_slice_shm(
+                    request, value_t, greeted, timeout), shm=True, close_after=True)
+                if result is not _FELL_BACK:
+                    return result
         if nbytes >= _data.DATA_MIN_BYTES:
             data = self._data_greet()
             if data is not None:
-                try:
-                    return self._set_slice_data(request, value_t, data, timeout)
-                except ParamhubError as e:
-                    if e.reason != "DATA_CHANNEL_UNAVAILABLE":
-                        raise
-                    self._data_failed(e)
-                except OSError as e:
-                    # Safe to repeat: the server applies a request id once.
-                    self._data_failed(e)
-                finally:
-                    data.close()
+                # Falling back after a broken send is safe: the server applies a request id once.
+                result = self._over_link(data, lambda: self._set_slice_data(
+                    request, value_t, data, timeout), shm=False, close_after=True)
+                if result is not _FELL_BACK:
+                    return result
         if nbytes <= INLINE_BYTES:
             request.value.CopyFrom(_codec.tensor_to_proto(value_t))
             return self._call(self.stub.SetSlice, request, timeout).version
@@ -750,16 +756,10 @@ class Client:
         greeted = self._greet()
         if greeted is not None:
             request.shm_token = greeted.token
-            try:
-                return self._pull_state(request, timeout, greeted)
-            except ParamhubError as e:
-                greeted.close()
-                if e.reason != "SHM_UNAVAILABLE":
-                    raise
-                self._shm_failed(e)
-            except OSError as e:
-                greeted.close()
-                self._shm_failed(e)
+            result = self._over_link(greeted, lambda: self._pull_state(request, timeout, greeted),
+                                     shm=True, close_after=False)
+            if result is not _FELL_BACK:
+                return result
             request.shm_token = ""
         return self._pull_state(request, timeout, None)
 
