@@ -30,12 +30,15 @@ __all__ = [
     "dtype_from_proto",
     "tensor_to_proto",
     "tensor_from_proto",
+    "tensor_from_parts",
+    "tensor_bytes",
     "iter_tensor_chunks",
     "TensorAssembler",
     "assemble_tensors",
     "encode_chunk",
     "iter_chunk_frames",
     "parse_chunk",
+    "parse_inline",
     "parse_wrapped_chunk",
     "RawChunk",
     "data_frame",
@@ -105,14 +108,15 @@ def dtype_from_proto(value: int) -> torch.dtype:
 
 def check_shape(shape: Sequence[int], *, max_elements: int | None = None) -> tuple[int, ...]:
     """Validates a shape from the wire and returns it as a tuple."""
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(map(int, shape))
     if len(shape) > MAX_RANK:
         raise InvalidArgumentError(f"tensor rank {len(shape)} exceeds the maximum {MAX_RANK}",
                                    reason="BAD_SHAPE")
-    if any(s < 0 for s in shape):
-        raise InvalidArgumentError(f"negative size in shape {list(shape)}", reason="BAD_SHAPE")
     numel = 1
     for s in shape:
+        if s < 0:
+            raise InvalidArgumentError(f"negative size in shape {list(shape)}",
+                                       reason="BAD_SHAPE")
         numel *= s
     if max_elements is not None and numel > max_elements:
         # A limit, not a malformed shape: the same shape is fine on a server with a higher cap.
@@ -173,11 +177,22 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 _byte_view = byte_view
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes as one bytes object (one copy; meant for small tensors). A contiguous
+    CPU tensor is read in place, without the views `byte_view` builds."""
+    if (t.device.type == "cpu" and t.layout is torch.strided and t.is_contiguous()
+            and not t.is_conj() and not t.is_neg()):
+        # data_ptr() includes the storage offset; a one-element tensor is contiguous whatever
+        # its stride, and its bytes are the element_size() at data_ptr().
+        n = t.numel() * t.element_size()
+        return ctypes.string_at(t.data_ptr(), n) if n else b""
+    flat = byte_view(t)
+    return ctypes.string_at(flat.data_ptr(), flat.numel()) if flat.numel() else b""
+
+
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
     """Encodes a whole tensor into one Tensor message (use chunks for large ones)."""
-    flat = _byte_view(t)
-    data = ctypes.string_at(flat.data_ptr(), flat.numel()) if flat.numel() else b""
-    return pb.Tensor(dtype=dtype_to_proto(t.dtype), shape=list(t.shape), data=data)
+    return pb.Tensor(dtype=dtype_to_proto(t.dtype), shape=t.shape, data=tensor_bytes(t))
 
 
 _SCALAR_FORMATS = {torch.float32: "<f", torch.float64: "<d", torch.float16: "<e"}
@@ -214,16 +229,25 @@ def _expected_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 
 def tensor_from_proto(msg: pb.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
     """Decodes a Tensor message into a new CPU tensor; validates dtype, shape and byte length."""
-    dtype = dtype_from_proto(msg.dtype)
-    shape = check_shape(msg.shape, max_elements=max_elements)
+    return tensor_from_parts(msg.dtype, msg.shape, msg.data, max_elements=max_elements)
+
+
+def tensor_from_parts(dtype_value: int, shape: Sequence[int], data: bytes | memoryview, *,
+                      max_elements: int | None = None) -> torch.Tensor:
+    """A new CPU tensor from a dtype enum value, a shape and exactly its bytes (validated)."""
+    dtype = dtype_from_proto(dtype_value)
+    shape = check_shape(shape, max_elements=max_elements)
     expected = _expected_nbytes(dtype, shape)
-    if len(msg.data) != expected:
+    if len(data) != expected:
         raise InvalidArgumentError(
-            f"tensor data has {len(msg.data)} bytes but dtype {dtype} and shape {list(shape)} "
+            f"tensor data has {len(data)} bytes but dtype {dtype} and shape {list(shape)} "
             f"need {expected}", reason="BAD_TENSOR_BYTES")
     out = torch.empty(shape, dtype=dtype)
     if expected:
-        ctypes.memmove(out.data_ptr(), msg.data, expected)
+        if isinstance(data, bytes):
+            ctypes.memmove(out.data_ptr(), data, expected)
+        else:
+            copy_into(out.data_ptr(), data)
     return out
 
 
@@ -509,6 +533,19 @@ def parse_chunk(buf: bytes | memoryview) -> RawChunk:
     return RawChunk(header, data)
 
 
+def parse_inline(buf: bytes | memoryview) -> RawChunk:
+    """Reads GetTensorInlineResponse wire bytes (TensorChunk's field numbers): small responses
+    through the protobuf parser (faster than `parse_chunk`'s Python loop below a few KiB, at
+    the price of one copy of the data), bigger ones with `parse_chunk` (no copy)."""
+    if len(buf) > _PARSE_INLINE_MAX:
+        return parse_chunk(buf)
+    msg = pb.TensorChunk.FromString(buf)
+    return RawChunk(msg.header if msg.HasField("header") else None, msg.data)
+
+
+_PARSE_INLINE_MAX = 16 << 10
+
+
 def data_frame(tag: int, data: bytes | memoryview) -> bytes:
     """Wire bytes of a message whose only set field is the bytes field with this tag byte
     ((field number << 3) | 2), built with one copy."""
@@ -788,8 +825,9 @@ def apply_index(t: torch.Tensor, index: tuple[Any, ...]) -> torch.Tensor:
     if not index:
         return t
     try:
-        check_index_tensor_bounds(t.shape, index)
-        index = tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i for i in index)
+        if any(isinstance(i, torch.Tensor) for i in index):
+            check_index_tensor_bounds(t.shape, index)
+            index = tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i for i in index)
         return t[index]
     except IndexError as e:
         text = str(e)

@@ -82,7 +82,7 @@ class Watch:
         self.model_id = model_id
         self._call: Any = client.stub.WatchModel(
             pb.WatchModelRequest(name=model_name(model_id), max_queue=max_queue),
-            timeout=timeout, metadata=client._metadata)
+            timeout=timeout, metadata=client._read_metadata)
         self._closed = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None

@@ -199,6 +199,9 @@ class ServedModel:
         #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
         self.train_state: Any = None
         self._layouts: dict[tuple[str, ...], Any] = {}
+        #: Modules holding buffers, per Forward path (the module tree never changes once built,
+        #: so each path is walked once; only the modes are read per pass).
+        self._buffered: dict[str, list[nn.Module]] = {}
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -532,9 +535,8 @@ class ServedModel:
         if self.journal is not None:
             self.journal.log_write(self, op, rpc, changes, result, ctx, time_ns, extra)
         if not applied:
-            with torch.no_grad():
-                for c in changes:
-                    _put(c.ref.get().detach(), c.index, c.value)
+            for c in changes:
+                _put(c.ref.get().detach(), c.index, c.value)
         self.version = result.model_version
         for g in groups:
             self.versions[g] += 1
@@ -765,12 +767,15 @@ class ServedModel:
         `backward` with the same seed replays the same pass.
         """
         sub = _spec.get_submodule(self.module, path)
+        buffered = self._buffered.get(path)
+        if buffered is None:
+            buffered = self._buffered[path] = _with_buffers(sub)
         args = _to_device(args, self.device)
-        kwargs = _to_device(kwargs, self.device)
+        kwargs = _to_device(kwargs, self.device) if kwargs else kwargs
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
-            mutating = _mutating(sub)
+            mutating = [m for m in buffered if m.training]
             if mutating and not may_write:
                 raise PermissionDeniedError(
                     f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
@@ -780,7 +785,7 @@ class ServedModel:
             replay = rng.seeded_on(seed, self.device) \
                 if seed is not None and _draws_random(sub) else nullcontext()
             with lock, torch.no_grad(), replay:
-                if not mutating and _mutating(sub):
+                if not mutating and any(m.training for m in buffered):
                     continue  # switched to training mode meanwhile: retry under the write lock
                 # A failed pass must change nothing: keep copies of the buffers it may update.
                 saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
@@ -972,13 +977,17 @@ def _run(sub: nn.Module, path: str, args: Any, kwargs: Any, call: Any = None) ->
 
 
 def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:
-    """`t[index] = value` in place (the whole tensor for an empty index)."""
-    with torch.no_grad():
-        if not index:
-            t.copy_(value)
-        else:
-            t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
-                    for i in index)] = value.to(t.device)
+    """`t[index] = value` in place (the whole tensor for an empty index). `t` is a detached
+    tensor and `value` is detached here, so autograd records nothing (no grad-mode switch)."""
+    if value.requires_grad:
+        value = value.detach()
+    if not index:
+        t.copy_(value)
+    elif all(type(i) is int for i in index):  # the common scalar write: no tensor to move
+        t[index] = value
+    else:
+        t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
+                for i in index)] = value.to(t.device)
 
 
 def region_text(index: tuple[Any, ...]) -> str:
@@ -1043,9 +1052,9 @@ def _combine(region: torch.Tensor, op: str, value: torch.Tensor, name: str) -> t
                                    reason=reason) from None
 
 
-def _mutating(sub: nn.Module) -> list[nn.Module]:
-    """Modules under `sub` that a forward pass may write to: in training mode, with buffers."""
-    return [m for m in sub.modules() if m.training and any(True for _ in m.buffers(False))]
+def _with_buffers(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that hold buffers: in training mode, a forward pass may write them."""
+    return [m for m in sub.modules() if any(True for _ in m.buffers(False))]
 
 
 def _check_embedding_input(module: nn.Module, args: tuple[Any, ...]) -> None:

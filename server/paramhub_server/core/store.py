@@ -84,6 +84,34 @@ def check_checkpoint_name(name: str) -> str:
     return name
 
 
+#: Logged values up to this size are copied into bytes rather than viewed in place.
+_SMALL_VALUE = 4096
+
+
+def _index_to_json(index: tuple[Any, ...]) -> list[Any] | None:
+    """A write's index as JSON when it holds only ints, slices, Ellipsis and None (an int,
+    [start, stop, step], "..." and null); None when it holds a tensor (logged as IndexItems).
+    Cheaper than serializing IndexItems for the common small write, and readable in the log."""
+    out: list[Any] = []
+    for i in index:
+        kind = type(i)
+        if kind is int or i is None:
+            out.append(i)
+        elif kind is slice:
+            out.append([i.start, i.stop, i.step])
+        elif i is Ellipsis:
+            out.append("...")
+        else:
+            return None
+    return out
+
+
+def _index_from_json(items: list[Any]) -> tuple[Any, ...]:
+    """The inverse of `_index_to_json`."""
+    return tuple(slice(*i) if isinstance(i, list) else Ellipsis if i == "..." else i
+                 for i in items)
+
+
 def _result_to_json(r: WriteResult) -> list[Any]:
     return [r.rpc, [[n, v] for n, v in r.updated], r.model_version]
 
@@ -266,29 +294,36 @@ class ModelStore:
         (an optimizer step's new state) goes into the same record as "aux"."""
         blobs: list[Any] = []
         entries = []
+        off = 0  # payload offset of the next blob
         for c in changes:
-            idx = None
+            entry: dict[str, Any] = {"name": c.ref.name, "idx": None}
             if c.index:
-                raw = pb.SetSliceRequest(index=_codec.index_to_proto(c.index)).SerializeToString()
-                idx = len(blobs)
-                blobs.append(raw)
-            data = _codec._byte_view(c.value)
-            entries.append({"name": c.ref.name, "idx": idx, "blob": len(blobs),
-                            "dtype": _codec.dtype_to_proto(c.value.dtype),
-                            "shape": list(c.value.shape)})
+                simple = _index_to_json(c.index)
+                if simple is not None:
+                    entry["ix"] = simple
+                else:  # tensor indices travel as their serialized IndexItems
+                    raw = pb.SetSliceRequest(
+                        index=_codec.index_to_proto(c.index)).SerializeToString()
+                    entry["idx"] = [off, off + len(raw)]
+                    off += len(raw)
+                    blobs.append(raw)
+            value = c.value
+            n = value.numel() * value.element_size()
+            # Small values as bytes (one copy, no views); big ones are written from their memory.
+            data = _codec.tensor_bytes(value) if n <= _SMALL_VALUE else _codec._byte_view(value)
+            entry["dtype"] = _codec.dtype_to_proto(c.value.dtype)
+            entry["shape"] = list(c.value.shape)
+            entry["data"] = [off, off + n]
+            off += n
             blobs.append(data)
-        offsets = layout([b.numel() if hasattr(b, "numel") else len(b) for b in blobs])
-        for e in entries:
-            e["data"] = offsets[e.pop("blob")]
-            if e["idx"] is not None:
-                e["idx"] = offsets[e["idx"]]
+            entries.append(entry)
         header = {"t": "write", "op": op, "result": _result_to_json(result),
                   "rid": ctx.request_id, "writer": ctx.writer, "time": time_ns,
                   "changes": entries}
         if extra is not None:
             aux, tensors = extra
             header["aux"] = {**aux, "tensors": _tensor_entries(tensors, blobs)}
-        _resolve_offsets(header, blobs)
+            _resolve_offsets(header, blobs)
         self.wal.append(header, blobs)
 
     def log_record(self, model: ServedModel, header: dict[str, Any],
@@ -597,7 +632,9 @@ def _replay(model: ServedModel, header: dict[str, Any], payload: bytearray) -> N
     changes = []
     for e in header["changes"]:
         index: tuple[Any, ...] = ()
-        if e["idx"] is not None:
+        if "ix" in e:
+            index = _index_from_json(e["ix"])
+        elif e["idx"] is not None:
             b, end = e["idx"]
             index = _codec.index_from_proto(pb.SetSliceRequest.FromString(
                 bytes(payload[b:end])).index)
