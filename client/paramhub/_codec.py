@@ -46,6 +46,7 @@ __all__ = [
     "iter_data_frames",
     "STATE_ALIGN",
     "state_layout",
+    "full_state_layout",
     "pack_state",
     "unpack_state",
     "byte_view",
@@ -592,15 +593,18 @@ def state_layout(headers: Sequence[pb.TensorHeader], *, max_bytes: int | None = 
     Each tensor starts at a multiple of STATE_ALIGN, and the total is rounded up to one too, so
     every tensor's span is a whole number of elements of any dtype.
     """
-    offsets, sizes, _, _, total = _layout(headers)
+    offsets, sizes, _, _, total = full_state_layout(headers)
     if max_bytes is not None and total > max_bytes:
         raise InvalidArgumentError(f"the tensors need {total} bytes, more than the limit "
                                    f"{max_bytes}", reason="TENSOR_TOO_LARGE")
     return offsets, sizes, total
 
 
-def _layout(headers: Sequence[pb.TensorHeader]
-            ) -> tuple[list[int], list[int], list[torch.dtype], list[tuple[int, ...]], int]:
+def full_state_layout(headers: Sequence[pb.TensorHeader]
+                      ) -> tuple[list[int], list[int], list[torch.dtype],
+                                 list[tuple[int, ...]], int]:
+    """(offsets, byte sizes, dtypes, shapes, total bytes): `state_layout` plus what
+    `unpack_state` needs, so a receiver reads its manifest's 1,000 headers once, not twice."""
     offsets, sizes, dtypes, shapes = [], [], [], []
     off = 0
     align = STATE_ALIGN
@@ -675,24 +679,26 @@ def pack_state(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None,
             else:
                 strides = _contiguous_strides(tuple(shape))
             dsts.append(view.as_strided(shape, strides, off // dtype.itemsize))
-            srcs.append(t.detach())
+            srcs.append(t)  # not detached: no_grad below (a detach per tensor cost ~4 us)
         prev_end = off + nbytes
     if total > prev_end:
         out[prev_end:total].zero_()
     same_device = all(s.device.type == "cpu" and not s.is_conj() and not s.is_neg()
                       for s in srcs)
-    if same_device and srcs:
-        torch._foreach_copy_(dsts, srcs)
-    else:
-        for d, s_ in zip(dsts, srcs):
-            d.copy_(s_)
+    with torch.no_grad():
+        if same_device and srcs:
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            for d, s_ in zip(dsts, srcs):
+                d.copy_(s_)
     return out
 
 
 def unpack_state(flat: torch.Tensor, headers: Sequence[pb.TensorHeader],
                  layout: Any = None) -> list[torch.Tensor]:
-    """Views of a state buffer as the tensors its headers describe (no copy)."""
-    offsets, sizes, dtypes, shapes, total = _layout(headers)
+    """Views of a state buffer as the tensors its headers describe (no copy); `layout` is
+    `full_state_layout(headers)` when the caller has it already."""
+    offsets, sizes, dtypes, shapes, total = layout or full_state_layout(headers)
     if flat.numel() != total:
         raise InvalidArgumentError(f"state data has {flat.numel()} bytes, the headers describe "
                                    f"{total}", reason="BAD_TENSOR_BYTES")
@@ -844,6 +850,8 @@ def apply_index(t: torch.Tensor, index: tuple[Any, ...]) -> torch.Tensor:
 
 def value_to_proto(v: Any) -> pb.Value:
     """Encodes None/bool/int/float/str/list/tuple/torch.dtype/torch.Tensor into a Value."""
+    if isinstance(v, torch.Tensor):  # the common case (Forward inputs and outputs) first
+        return pb.Value(tensor_value=tensor_to_proto(v))
     if v is None:
         return pb.Value(null_value=pb.NULL_VALUE_UNSPECIFIED)
     if isinstance(v, bool):
@@ -856,8 +864,6 @@ def value_to_proto(v: Any) -> pb.Value:
         return pb.Value(string_value=v)
     if isinstance(v, torch.dtype):
         return pb.Value(dtype_value=dtype_to_proto(v))
-    if isinstance(v, torch.Tensor):
-        return pb.Value(tensor_value=tensor_to_proto(v))
     if isinstance(v, torch.Size):
         return pb.Value(tuple_value=pb.ValueList(values=[value_to_proto(x) for x in v]))
     if isinstance(v, tuple):
@@ -874,6 +880,8 @@ def value_from_proto(msg: pb.Value, *, max_depth: int = 16,
     if max_depth < 0:
         raise InvalidArgumentError("value nesting is too deep", reason="BAD_VALUE")
     kind = msg.WhichOneof("kind")
+    if kind == "tensor_value":
+        return tensor_from_proto(msg.tensor_value, max_elements=max_elements)
     if kind == "null_value":
         return None
     if kind == "bool_value":
@@ -886,8 +894,6 @@ def value_from_proto(msg: pb.Value, *, max_depth: int = 16,
         return msg.string_value
     if kind == "dtype_value":
         return dtype_from_proto(msg.dtype_value)
-    if kind == "tensor_value":
-        return tensor_from_proto(msg.tensor_value, max_elements=max_elements)
     if kind in ("list_value", "tuple_value"):
         items = [value_from_proto(x, max_depth=max_depth - 1, max_elements=max_elements)
                  for x in getattr(msg, kind).values]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import torch
 
-from paramhub import _codec, _data, _shm
+from paramhub import _batch, _codec, _data, _shm
 from paramhub._progress import progress_for
 from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
@@ -638,17 +638,14 @@ class Client:
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
                                        reason="BAD_OP")
+        scalar = None if isinstance(value, torch.Tensor) else _codec.scalar_to_proto(value)
         request = pb.SetSliceRequest(
             name=tensor_name(model_id, name, kind),
-            index=_codec.index_to_proto(index) if index is not None else [], op=_OPS[op],
-            request_id=request_id or os.urandom(16).hex())
-        if expected_version is not None:
-            request.expected_version = expected_version
-        if not isinstance(value, torch.Tensor):
-            scalar = _codec.scalar_to_proto(value)
-            if scalar is not None:  # a Python number: no torch round trip
-                request.value.CopyFrom(scalar)
-                return self._call(self.stub.SetSlice, request, timeout).version
+            index=_codec.index_to_proto(index) if index is not None else None, op=_OPS[op],
+            request_id=request_id or os.urandom(16).hex(), value=scalar,
+            expected_version=expected_version)
+        if scalar is not None:  # a Python number: no torch round trip
+            return self._call(self.stub.SetSlice, request, timeout).version
         value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         nbytes = value_t.numel() * value_t.element_size()
         if nbytes >= SHM_MIN_BYTES:
@@ -784,7 +781,8 @@ class Client:
         if first is None or isinstance(first, memoryview):
             raise InvalidArgumentError("the server sent no state manifest", reason="BAD_STREAM")
         headers = list(first.headers)
-        _, _, total = _codec.state_layout(headers)
+        layout = _codec.full_state_layout(headers)
+        total = layout[4]
         if first.shm:
             if greeted is None:
                 raise InvalidArgumentError("the server sent shared memory unasked",
@@ -805,7 +803,7 @@ class Client:
                     asm.add(data)
                     bar.advance(len(data))
             flat = asm.finish()
-        tensors = _codec.unpack_state(flat, headers)
+        tensors = _codec.unpack_state(flat, headers, layout)
         names = [h.name for h in headers]
         return dict(zip(names, tensors)), {n: h.version for n, h in zip(names, headers)}
 
@@ -1148,8 +1146,6 @@ class Client:
         `batch.apply_init(scheme, targets, args, seed=...)` instead of sending it. Client's own
         `set_slice` / `apply_init` already do this.
         """
-        from paramhub import _batch
-
         return _batch.active(self, model_id)
 
     # ---------------------------------------------------------------------------- watch

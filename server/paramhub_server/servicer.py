@@ -378,7 +378,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
 
-        def alloc(dtype: Any, shape: tuple[int, ...]) -> Any:
+        def check(dtype: Any, shape: tuple[int, ...]) -> None:
             nbytes = dtype.itemsize * _numel(shape)
             if nbytes > limit:  # refuse before copying anything
                 raise ResourceExhaustedError(
@@ -386,13 +386,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                     f"GetTensorInline's {limit}; use GetTensor", reason="MESSAGE_TOO_LARGE",
                     metadata={"limit": "inline_bytes", "limit_bytes": str(limit),
                               "asked": str(nbytes)})
-            return torch.empty(shape, dtype=dtype)
 
-        result = m.read(name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind,
-                        alloc=alloc)
-        header = tpb.TensorHeader(name=name, dtype=_codec.dtype_to_proto(result.tensor.dtype),
-                                  shape=list(result.tensor.shape), version=result.version)
-        return _codec.encode_chunk(header, _codec._memory(_codec.byte_view(result.tensor)))
+        data, dtype, shape, version = m.read_bytes(
+            name, index, grad=request.field == pb.TENSOR_FIELD_GRAD, kind=kind, check=check)
+        header = tpb.TensorHeader(name=name, dtype=_codec.dtype_to_proto(dtype), shape=shape,
+                                  version=version)
+        return _codec.encode_chunk(header, data)
 
     def _set_slice(self, request: pb.SetSliceRequest, value: Any,
                    context: grpc.ServicerContext) -> pb.SetSliceResponse:

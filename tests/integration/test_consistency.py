@@ -383,3 +383,42 @@ def test_watch_unknown_model_is_not_found(client):
     with pytest.raises(NotFoundError) as e:
         next(iter(client.watch("missing")))
     assert e.value.reason == "MODEL_NOT_FOUND"
+
+
+def test_every_kind_of_write_names_its_writer(client, target):
+    """Writes carry the client's writer id (reads leave that header out, so it must still reach
+    every write RPC): SetSlice, StreamSetSlice, ApplyInit, ApplyBatch, PushState and a
+    checkpoint restore all show it in their watch events."""
+    _create(client, "m", nn.Linear(4, 300_000))  # a 4.8 MB weight: streamed, not inline
+    client.create_checkpoint("m", "c0")
+    events: list = []
+    started = threading.Event()
+    done = threading.Event()
+
+    def on_event(ev) -> None:
+        events.append(ev)
+        if ev.kind == "started":
+            started.set()
+        if ev.kind == "write" and ev.model_version == 6:
+            done.set()
+
+    w = client.watch("m", on_event)
+    try:
+        with paramhub.connect(target, timeout=60, shm=False, data_channel=False) as plain:
+            assert started.wait(30)
+            client.set_slice("m", "bias", 0, 1.0)
+            plain.set_slice("m", "weight", None, torch.ones(300_000, 4))  # StreamSetSlice
+            client.apply_init("m", "zeros_", [pb.InitTarget(parameter="bias")])
+            with client.batch("m"):
+                client.set_slice("m", "bias", 1, 2.0)
+            client.push_state("m", {"bias": torch.zeros(300_000)})
+            client.restore_checkpoint("m", "c0")
+            assert done.wait(30)
+            assert plain.rpc_counts["StreamSetSlice"] == 1
+    finally:
+        w.close()
+        w.join(30)
+    writes = [e for e in events if e.kind == "write"]
+    assert [e.model_version for e in writes] == [1, 2, 3, 4, 5, 6]
+    assert [e.writer for e in writes] == [client.writer_id, plain.writer_id] + [
+        client.writer_id] * 4

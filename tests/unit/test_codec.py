@@ -426,3 +426,29 @@ def test_embedding_guard_turns_bad_indices_into_index_error():
         emb(torch.tensor([5]))
     with pytest.raises(IndexError):
         emb(torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("name", ["offset", "one_element_huge_stride", "empty", "transpose",
+                                  "conj", "zero_d"])
+def test_tensor_bytes_match_the_contiguous_copy(name):
+    base = torch.arange(24.0).reshape(4, 6)
+    t = {"offset": base[1:3],
+         "one_element_huge_stride": torch.arange(12.0).reshape(2, 6)[0, 5::2 ** 40],
+         "empty": base[:0],
+         "transpose": base.t(),
+         "conj": torch.complex(base, -base).conj(),
+         "zero_d": base[2, 3]}[name]
+    # Rebuilt from Python values: a fresh tensor, whatever the source's strides.
+    fresh = torch.tensor(t.resolve_conj().tolist(), dtype=t.dtype).reshape(-1)
+    assert _codec.tensor_bytes(t) == bytes(fresh.view(torch.uint8).tolist())
+
+
+@pytest.mark.parametrize("numel", [1, 3, 40_000])
+def test_parse_inline_reads_small_and_large_responses_alike(numel):
+    value = torch.arange(numel, dtype=torch.float32)
+    header = pb.TensorHeader(name="x", dtype=pb.DTYPE_FLOAT32, shape=[numel], version=7)
+    wire = pb.TensorChunk(header=header, data=_codec.tensor_bytes(value)).SerializeToString()
+    chunk = _codec.parse_inline(wire)
+    assert chunk.header == header
+    back = _codec.tensor_from_parts(chunk.header.dtype, chunk.header.shape, chunk.data)
+    assert torch.equal(back, value)

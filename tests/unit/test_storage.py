@@ -116,3 +116,49 @@ def test_watch_first_event_is_started_and_order_is_kept():
     assert events[0].kind == watch.STARTED
     assert [e.model_version for e in events[1:]] == list(range(1, 51))
     assert w.get(0) is None
+
+
+@pytest.mark.parametrize("policy", ["always", "off"])
+def test_logged_writes_replay_every_index_kind(tmp_path, policy):
+    """Writes logged with each index kind (ints, slices with steps, Ellipsis, None: compact JSON
+    in the record; tensor indices: serialized IndexItems) come back bit for bit on recovery,
+    with their versions."""
+    from torch import nn
+
+    from paramhub import _spec
+    from paramhub_server.core.registry import Registry
+    from paramhub_server.core.store import Store
+
+    spec = _spec.spec_from_module(nn.Linear(6, 5).to("meta"))
+    writes = [
+        ("weight", (2,), torch.tensor(1.5)),
+        ("weight", (0, 4), torch.tensor(-2.0)),
+        ("weight", (slice(1, None, 2), slice(None, 3)), torch.full((2, 3), 7.0)),
+        ("weight", (Ellipsis, slice(0, 6, 5)), torch.arange(10.0).reshape(5, 2)),
+        ("bias", (None, slice(None)), torch.arange(5.0).reshape(1, 5)),
+        ("weight", (torch.tensor([4, 0]), slice(2, 4)), torch.tensor([[8.0, 9.0], [1.0, 2.0]])),
+        ("bias", (torch.tensor([True, False, True, False, True]),), torch.tensor(3.0)),
+        ("bias", (), torch.full((5,), 0.25)),
+    ]
+
+    def open_registry() -> Registry:
+        reg = Registry(torch.device("cpu"), store=Store(tmp_path, fsync=policy))
+        reg.recover()
+        return reg
+
+    reg = open_registry()
+    reg.create("m", spec, seed=0, device="")
+    m = reg.get("m")
+    expected = {k: v.clone() for k, v in m.module.state_dict().items()}
+    for name, index, value in writes:
+        m.set_slice(name, index, "assign", value)
+        expected[name][index] = value
+    versions, model_version = list(m.versions), m.version
+    reg.close()
+
+    again = open_registry()
+    back = again.get("m")
+    for k, v in expected.items():
+        assert torch.equal(back.module.state_dict()[k], v), k
+    assert (back.versions, back.version) == (versions, model_version)
+    again.close()

@@ -272,13 +272,7 @@ class ServedModel:
         """
         ref = self.ref(name, kind)
         with self.lock.read():
-            t = ref.get()
-            if grad:
-                if ref.kind != PARAMETER or t.grad is None:
-                    raise NotFoundError(f"{name!r} has no gradient", reason="GRAD_NOT_SET",
-                                        metadata={"model": self.id, "tensor": name[:200]})
-                t = t.grad
-            region = _codec.apply_index(t.detach(), index)
+            t, region = self._region(ref, index, grad)
             # Copy while holding the lock: the bytes are sent after it is released, so slow
             # network readers never hold writers up.
             if alloc is not None:
@@ -294,6 +288,33 @@ class ServedModel:
                 out = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
                 out.copy_(region)
             return ReadResult(out, self.versions[ref.group])
+
+    def read_bytes(self, name: str, index: tuple[Any, ...], *, grad: bool = False,
+                   kind: str | None = None,
+                   check: Callable[[torch.dtype, tuple[int, ...]], None] | None = None
+                   ) -> tuple[bytes, torch.dtype, tuple[int, ...], int]:
+        """`tensor[index]` (or its gradient) as (bytes, dtype, shape, version), for small reads:
+        the bytes are copied once, under the read lock, with no intermediate tensor.
+        `check(dtype, shape)` may refuse the read (raise) before anything is copied."""
+        ref = self.ref(name, kind)
+        with self.lock.read():
+            _, region = self._region(ref, index, grad)
+            shape = tuple(region.shape)
+            if check is not None:
+                check(region.dtype, shape)
+            return _codec.tensor_bytes(region), region.dtype, shape, self.versions[ref.group]
+
+    def _region(self, ref: TensorRef, index: tuple[Any, ...], grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tensor or its gradient, detached; `[index]` of it). Caller holds the lock."""
+        t = ref.get()
+        if grad:
+            if ref.kind != PARAMETER or t.grad is None:
+                raise NotFoundError(f"{ref.name!r} has no gradient", reason="GRAD_NOT_SET",
+                                    metadata={"model": self.id, "tensor": ref.name[:200]})
+            t = t.grad
+        t = t.detach()
+        return t, _codec.apply_index(t, index)
 
     def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
                      parameters_only: bool = False) -> list[str]:
