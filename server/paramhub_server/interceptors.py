@@ -1,8 +1,9 @@
 """The RPC pipeline every ParameterService call passes through, in order:
 
-1. request id: taken from `x-request-id` metadata when well-formed, else generated; sent back as
-   trailing metadata (with the status, so it costs no extra HTTP/2 write; error statuses carry
-   it too, see errors.py) and attached to every log record made while the call runs;
+1. request id: taken from `x-request-id` metadata when well-formed, else generated; attached to
+   every log record made while the call runs and sent back in the trailing metadata of every
+   error (errors.py) and, when the client chose it, of successes too (with the status, so it
+   costs no extra HTTP/2 write);
 2. authentication and role check (auth.py), when the server has an auth file;
 3. readiness: UNAVAILABLE (reason NOT_READY) while the server is still loading;
 4. decoding: requests arrive as raw bytes and are parsed here, so bytes that are not a valid
@@ -59,24 +60,26 @@ def _code_name(context: grpc.ServicerContext, default: str) -> str:
     return getattr(code, "name", str(code))
 
 
-def _request_id(metadata: Any) -> str:
-    """The client's `x-request-id` when well-formed, else a fresh one."""
+def _given_request_id(metadata: Any) -> str | None:
+    """The client's `x-request-id` when present and well-formed."""
     for k, v in metadata or ():
         if k == "x-request-id":
             if isinstance(v, str) and _REQUEST_ID_MATCH(v):
                 return v
             break
-    return new_request_id()
+    return None
 
 
 class _Call:
     """Per-call bookkeeping. The peer is only looked up when a log line needs it."""
 
-    __slots__ = ("method", "request_id", "start", "received", "sent", "context", "who")
+    __slots__ = ("method", "request_id", "echo", "start", "received", "sent", "context", "who")
 
-    def __init__(self, method: str, request_id: str, context: grpc.ServicerContext) -> None:
+    def __init__(self, method: str, metadata: Any, context: grpc.ServicerContext) -> None:
+        given = _given_request_id(metadata)
         self.method = method
-        self.request_id = request_id
+        self.request_id = given or new_request_id()
+        self.echo = given is not None  # the client chose it: sent back on success too
         self.context = context
         self.start = time.perf_counter()
         self.received = 0
@@ -118,9 +121,12 @@ class Pipeline(grpc.ServerInterceptor):
     def _admit(self, call: _Call, full: str, metadata: Any,
                context: grpc.ServicerContext) -> None:
         """Stages 1-3; aborts the call (raises) on rejection."""
-        # Trailing, not initial, metadata: an explicit send_initial_metadata is a separate HTTP/2
-        # write (measured ~100 us per small call); trailers go with the status.
-        context.set_trailing_metadata((("x-request-id", call.request_id),))
+        # A request id the client chose is echoed in the trailing metadata (not the initial: an
+        # explicit send_initial_metadata is a separate HTTP/2 write, ~100 us per small call).
+        # Generated ids are not sent on success: a trailer costs ~20 us of a ~450 us small call
+        # (measured A/B, benchmarks' latency loop), and errors carry the id anyway (errors.py).
+        if call.echo:
+            context.set_trailing_metadata((("x-request-id", call.request_id),))
         try:
             if self.authenticator is not None:
                 principal = self.authenticator.authenticate(tuple(metadata or ()))
@@ -183,7 +189,7 @@ class Pipeline(grpc.ServerInterceptor):
 
             def unary_response(request: Any, context: grpc.ServicerContext) -> bytes:
                 metadata = context.invocation_metadata()
-                call = _Call(method, _request_id(metadata), context)
+                call = _Call(method, metadata, context)
                 code = "UNKNOWN"
                 prev = enter_request(call.request_id, method)
                 try:
@@ -213,7 +219,7 @@ class Pipeline(grpc.ServerInterceptor):
 
         def stream_response(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
             metadata = context.invocation_metadata()
-            call = _Call(method, _request_id(metadata), context)
+            call = _Call(method, metadata, context)
             request_id = call.request_id
             code = "UNKNOWN"
             try:

@@ -112,8 +112,15 @@ def test_request_id_from_metadata_reaches_logs_and_response(server, target, capl
                 stub.DescribeModel(pb.DescribeModelRequest(name="models/none"),
                                    metadata=[("x-request-id", "req-abc-123")], timeout=10)
             assert ("x-request-id", "req-abc-123") in e.value.trailing_metadata()
+            # A success echoes the client's id; without one it sends none (errors always do).
+            _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10,
+                                                metadata=[("x-request-id", "req-ok-1")])
+            assert ("x-request-id", "req-ok-1") in call.trailing_metadata()
             _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10)
-            generated = dict(call.trailing_metadata())["x-request-id"]
+            assert "x-request-id" not in dict(call.trailing_metadata() or ())
+            with pytest.raises(grpc.RpcError) as e2:
+                stub.DescribeModel(pb.DescribeModelRequest(name="models/none"), timeout=10)
+            generated = dict(e2.value.trailing_metadata())["x-request-id"]
             assert len(generated) == 16
     finally:
         logging.getLogger().removeHandler(handler)
@@ -121,7 +128,9 @@ def test_request_id_from_metadata_reaches_logs_and_response(server, target, capl
     access = [x for x in lines if x["logger"] == "paramhub_server.access"]
     assert {"request_id": "req-abc-123", "method": "DescribeModel", "rpc_code": "NOT_FOUND"
             }.items() <= access[0].items()
-    assert access[1]["request_id"] == generated and access[1]["rpc_code"] == "OK"
+    assert access[1]["request_id"] == "req-ok-1" and access[1]["rpc_code"] == "OK"
+    assert access[2]["rpc_code"] == "OK" and len(access[2]["request_id"]) == 16
+    assert access[3]["request_id"] == generated and access[3]["rpc_code"] == "NOT_FOUND"
 
 
 @pytest.mark.parametrize("method", ["ListModels", "SetSlice", "GetTensor", "CreateModel",
