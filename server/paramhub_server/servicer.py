@@ -791,7 +791,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 segments.append(create_segment(nbytes))
                 return segments[0].tensor[:nbytes]
 
-            headers, buf, model_version = m.snapshot_state(names, alloc=alloc)
+            manifest, buf = m.snapshot_state(names, alloc=alloc)
             if segments:
                 del buf
                 try:
@@ -800,12 +800,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                     segments[0].close()
                     raise
                 channel.send(conn, segments[0])
-                yield pb.PullStateResponse(headers=headers, model_version=model_version,
-                                           shm=True).SerializeToString()
+                manifest.shm = True
+                yield manifest.SerializeToString()
                 return
         else:
-            headers, buf, model_version = m.snapshot_state(names)
-        yield pb.PullStateResponse(headers=headers, model_version=model_version).SerializeToString()
+            manifest, buf = m.snapshot_state(names)
+        yield manifest.SerializeToString()
         yield from _codec.iter_data_frames(buf, 0x1A, _chunk_size(request.chunk_bytes))
 
     @rpc

