@@ -183,9 +183,21 @@ class Pipeline(grpc.ServerInterceptor):
             for raw in raw_iter:
                 yield decode(call, raw)
 
+        request_streaming = handler.request_streaming
+
+        def admit(call: _Call, metadata: Any, request: Any,
+                  context: grpc.ServicerContext) -> Any:
+            """Stages 1-4: the handler's argument (aborts the call on rejection)."""
+            self._admit(call, full, metadata, context)
+            if request_streaming:
+                return requests(call, request)
+            try:
+                return decode(call, request)
+            except ParamhubError as exc:
+                context.abort_with_status(status_of(exc))
+
         if not handler.response_streaming:
-            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            request_streaming = handler.request_streaming
+            behavior = handler.stream_unary if request_streaming else handler.unary_unary
 
             def unary_response(request: Any, context: grpc.ServicerContext) -> bytes:
                 metadata = context.invocation_metadata()
@@ -193,14 +205,7 @@ class Pipeline(grpc.ServerInterceptor):
                 code = "UNKNOWN"
                 prev = enter_request(call.request_id, method)
                 try:
-                    self._admit(call, full, metadata, context)
-                    if request_streaming:
-                        arg = requests(call, request)
-                    else:
-                        try:
-                            arg = decode(call, request)
-                        except ParamhubError as exc:
-                            context.abort_with_status(status_of(exc))
+                    arg = admit(call, metadata, request, context)
                     out = encode(call, behavior(arg, context))
                     code = _code_name(context, "OK")
                     return out
@@ -215,7 +220,7 @@ class Pipeline(grpc.ServerInterceptor):
                     else grpc.unary_unary_rpc_method_handler)
             return make(unary_response)
 
-        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        behavior = handler.stream_stream if request_streaming else handler.unary_stream
 
         def stream_response(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
             metadata = context.invocation_metadata()
@@ -224,14 +229,7 @@ class Pipeline(grpc.ServerInterceptor):
             code = "UNKNOWN"
             try:
                 with request_context(request_id, method):
-                    self._admit(call, full, metadata, context)
-                    if handler.request_streaming:
-                        arg = requests(call, request)
-                    else:
-                        try:
-                            arg = decode(call, request)
-                        except ParamhubError as exc:
-                            context.abort_with_status(status_of(exc))
+                    arg = admit(call, metadata, request, context)
                     responses = iter(behavior(arg, context))
                 while True:
                     # The request context is set around each step only: between steps the
@@ -254,6 +252,6 @@ class Pipeline(grpc.ServerInterceptor):
                 with request_context(request_id, method):
                     self._finish(call, code)
 
-        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+        make = (grpc.stream_stream_rpc_method_handler if request_streaming
                 else grpc.unary_stream_rpc_method_handler)
         return make(stream_response)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import threading
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -318,8 +321,11 @@ def test_request_id_reused_by_another_kind_of_write_is_rejected(client):
 
 # --------------------------------------------------------------------------- watch
 
-def test_watch_delivers_every_event_of_1000_writes_in_order(client):
-    _create(client, "m", nn.Linear(4, 2))
+@contextlib.contextmanager
+def _watching(client: paramhub.Client, model_id: str, until_version: int,
+              **kw: Any) -> Iterator[tuple[list, threading.Event]]:
+    """Watches a model: yields (events so far, set once `until_version` is seen), after the
+    "started" event; stops the watch on exit."""
     events: list = []
     started = threading.Event()
     done = threading.Event()
@@ -328,19 +334,25 @@ def test_watch_delivers_every_event_of_1000_writes_in_order(client):
         events.append(ev)
         if ev.kind == "started":
             started.set()
-        if ev.kind == "write" and ev.model_version == 1000:
+        if ev.kind == "write" and ev.model_version == until_version:
             done.set()
 
-    w = client.watch("m", on_event, max_queue=65536)
+    w = client.watch(model_id, on_event, **kw)
     try:
         assert started.wait(30)
+        yield events, done
+    finally:
+        w.close()
+        w.join(30)
+
+
+def test_watch_delivers_every_event_of_1000_writes_in_order(client):
+    _create(client, "m", nn.Linear(4, 2))
+    with _watching(client, "m", 1000, max_queue=65536) as (events, done):
         ids = [f"w{i}" for i in range(1000)]
         for i, rid in enumerate(ids):
             client.set_slice("m", "weight", (i % 2, slice(0, 2)), 1.0, "add", request_id=rid)
         assert done.wait(60)
-    finally:
-        w.close()
-        w.join(30)
     assert events[0].kind == "started" and events[0].model_version == 0
     writes = events[1:1001]
     assert [e.kind for e in writes] == ["write"] * 1000
@@ -391,33 +403,17 @@ def test_every_kind_of_write_names_its_writer(client, target):
     checkpoint restore all show it in their watch events."""
     _create(client, "m", nn.Linear(4, 300_000))  # a 4.8 MB weight: streamed, not inline
     client.create_checkpoint("m", "c0")
-    events: list = []
-    started = threading.Event()
-    done = threading.Event()
-
-    def on_event(ev) -> None:
-        events.append(ev)
-        if ev.kind == "started":
-            started.set()
-        if ev.kind == "write" and ev.model_version == 6:
-            done.set()
-
-    w = client.watch("m", on_event)
-    try:
-        with paramhub.connect(target, timeout=60, shm=False, data_channel=False) as plain:
-            assert started.wait(30)
-            client.set_slice("m", "bias", 0, 1.0)
-            plain.set_slice("m", "weight", None, torch.ones(300_000, 4))  # StreamSetSlice
-            client.apply_init("m", "zeros_", [pb.InitTarget(parameter="bias")])
-            with client.batch("m"):
-                client.set_slice("m", "bias", 1, 2.0)
-            client.push_state("m", {"bias": torch.zeros(300_000)})
-            client.restore_checkpoint("m", "c0")
-            assert done.wait(30)
-            assert plain.rpc_counts["StreamSetSlice"] == 1
-    finally:
-        w.close()
-        w.join(30)
+    with _watching(client, "m", 6) as (events, done), \
+            paramhub.connect(target, timeout=60, shm=False, data_channel=False) as plain:
+        client.set_slice("m", "bias", 0, 1.0)
+        plain.set_slice("m", "weight", None, torch.ones(300_000, 4))  # StreamSetSlice
+        client.apply_init("m", "zeros_", [pb.InitTarget(parameter="bias")])
+        with client.batch("m"):
+            client.set_slice("m", "bias", 1, 2.0)
+        client.push_state("m", {"bias": torch.zeros(300_000)})
+        client.restore_checkpoint("m", "c0")
+        assert done.wait(30)
+        assert plain.rpc_counts["StreamSetSlice"] == 1
     writes = [e for e in events if e.kind == "write"]
     assert [e.model_version for e in writes] == [1, 2, 3, 4, 5, 6]
     assert [e.writer for e in writes] == [client.writer_id, plain.writer_id] + [
