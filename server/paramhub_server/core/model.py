@@ -1010,8 +1010,8 @@ def _put(t: torch.Tensor, index: tuple[Any, ...], value: torch.Tensor) -> None:
         value = value.detach()
     if not index:
         t.copy_(value)
-    elif all(type(i) is int for i in index):  # the common scalar write: no tensor to move
-        t[index] = value
+    elif all(type(i) is int for i in index):  # the common scalar write: no index to move
+        t[index] = value.to(t.device)
     else:
         t[tuple(i.to(t.device) if isinstance(i, torch.Tensor) else i
                 for i in index)] = value.to(t.device)
