@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -56,6 +57,17 @@ def client(target: str) -> Iterator[paramhub.Client]:
     """An SDK client connected to the running server."""
     with paramhub.connect(target, timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def cuda_client(settings: Settings) -> Iterator[paramhub.Client]:
+    """An SDK client of a server whose models live on the GPU (tests marked `cuda`)."""
+    srv = build_server(dataclasses.replace(settings, device="cuda"))
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=120) as c:
+            yield c
+    finally:
+        srv.stop(grace=None)
 
 
 #: Lines that tests (the fuzz suite) want printed at the end of the run.

@@ -5,7 +5,6 @@ Skipped without a CUDA device (conftest.py); run on a GPU machine with `pytest -
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -16,19 +15,8 @@ from torch import nn
 
 import paramhub
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.app import build_server
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture
-def cuda_client(settings):
-    srv = build_server(dataclasses.replace(settings, device="cuda"))
-    try:
-        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=120) as c:
-            yield c
-    finally:
-        srv.stop(grace=None)
 
 
 def test_cuda_seeded_create_matches_local_cpu_and_lives_on_gpu(cuda_client):

@@ -4,7 +4,6 @@ token rules, auth, and cleanup after a client dies."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from paramhub.errors import InvalidArgumentError, NotFoundError, PermissionDenie
 from paramhub_server.app import build_server
 
 from _certs import issue, make_ca
+from _procfs import count_fds
 
 MIN = _data.DATA_MIN_BYTES
 REPO = Path(__file__).resolve().parents[2]
@@ -342,14 +342,7 @@ def test_auth_still_enforced(auth_server):
 
 
 def _socket_fds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                n += 1
-        except OSError:
-            pass
-    return n
+    return count_fds("socket:")
 
 
 def _threads() -> list[str]:

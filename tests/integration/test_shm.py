@@ -27,6 +27,8 @@ from paramhub_server.core.registry import Registry
 from paramhub_server.servicer import ParameterService
 from paramhub_server.transport import ShmChannel, Transport, add_servicer
 
+from _procfs import count_fds
+
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -45,14 +47,7 @@ class Holder(torch.nn.Module):
 
 def _memfds(pid: int | str = "self") -> int:
     """Open memfd descriptors of a process."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:paramhub"):
-                n += 1
-        except OSError:
-            pass
-    return n
+    return count_fds("/memfd:paramhub", pid)
 
 
 def _shm_entries() -> set[str]:

@@ -7,7 +7,6 @@ Skipped without a CUDA device (conftest.py); run on a GPU machine with `pytest -
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -15,19 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import paramhub
-from paramhub_server.app import build_server
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture
-def cuda_client(settings):
-    srv = build_server(dataclasses.replace(settings, device="cuda"))
-    try:
-        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=120) as c:
-            yield c
-    finally:
-        srv.stop(grace=None)
 
 
 def conv_net() -> nn.Module:

@@ -15,19 +15,10 @@ from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.app import build_server
 
+from _tensors import random_tensor
+
 DTYPES = list(_codec._DTYPES)
 MIB = 1 << 20
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    n = 1
-    for s in shape:
-        n *= s
-    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g)
-    return raw.view(dtype).reshape(shape)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -52,13 +43,13 @@ def any_client(request, target):
 
 
 def test_get_tensor_and_set_slice_every_dtype(server, any_client):
-    originals = {f"t{i}": _random(dt, (3, 5), seed=i) for i, dt in enumerate(DTYPES)}
+    originals = {f"t{i}": random_tensor((3, 5), dt, seed=i) for i, dt in enumerate(DTYPES)}
     server.registry.adopt("dtypes", Holder(originals))
     for i, (name, original) in enumerate(originals.items()):
         got, version = any_client.get_tensor("dtypes", name, kind="buffers")
         assert _same_bytes(got, original), DTYPES[i]
         assert version == 0
-        new = _random(original.dtype, (3, 5), seed=100 + i)
+        new = random_tensor((3, 5), original.dtype, seed=100 + i)
         assert any_client.set_slice("dtypes", name, None, new, kind="buffers") == 1
         got, version = any_client.get_tensor("dtypes", name, kind="buffers")
         assert _same_bytes(got, new) and version == 1
@@ -78,7 +69,7 @@ def test_get_tensor_zero_dim_and_empty(server, any_client, shape):
 @pytest.mark.parametrize("nbytes", [MIB - 1, MIB, MIB + 1, 2 * MIB - 1, 2 * MIB, 2 * MIB + 1,
                                     4 * MIB - 1, 4 * MIB, 4 * MIB + 1, 5 * MIB + 1])
 def test_sizes_at_chunk_boundaries(server, any_client, nbytes):
-    t = _random(torch.uint8, (nbytes,))
+    t = random_tensor((nbytes,), torch.uint8)
     server.registry.adopt("sizes", Holder({"x": torch.zeros(nbytes, dtype=torch.uint8)}))
     # Writes over 4 MiB use StreamSetSlice (or shm), below SetSlice: both sides of each boundary.
     assert any_client.set_slice("sizes", "x", None, t, kind="buffers") == 1

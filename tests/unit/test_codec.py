@@ -9,6 +9,8 @@ from paramhub import _codec
 from paramhub.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 from paramhub.v1 import tensor_pb2 as pb
 
+from _tensors import random_tensor
+
 ALL_DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
     torch.complex128, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
@@ -24,19 +26,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random bytes viewed as `dtype` (bool gets valid 0/1 bytes)."""
-    g = torch.Generator().manual_seed(seed)
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    raw = torch.randint(0, 256, (numel * itemsize,), generator=g, dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
 
 
 # ------------------------------------------------------------------------------- dtypes

@@ -11,24 +11,15 @@ from paramhub.errors import InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as spb
 from paramhub.v1 import tensor_pb2 as pb
 
+from _tensors import random_tensor
+
 DTYPES = list(_codec._DTYPES)
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype is torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    n = 1
-    for s in shape:
-        n *= s
-    return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8,
-                         generator=g).view(dtype).reshape(shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 0, 2), (33, 17)])
 def test_chunk_frames_match_protobuf_and_round_trip(dtype, shape):
-    t = _random(dtype, shape)
+    t = random_tensor(shape, dtype)
     frames = list(_codec.iter_chunk_frames(t, name="w", version=9, chunk_bytes=64))
     messages = list(_codec.iter_tensor_chunks(t, name="w", version=9, chunk_bytes=64))
     assert frames == [m.SerializeToString() for m in messages]
@@ -82,7 +73,7 @@ def test_assembler_rejects_extra_and_missing_bytes():
 
 
 def test_state_layout_aligns_and_round_trips_every_dtype():
-    tensors = [_random(dt, (3,) if i % 3 else (), seed=i) for i, dt in enumerate(DTYPES)]
+    tensors = [random_tensor((3,) if i % 3 else (), dt, seed=i) for i, dt in enumerate(DTYPES)]
     tensors.append(torch.empty(0, 5))
     tensors.append(torch.randn(6, 4).t())  # non-contiguous
     headers = [pb.TensorHeader(name=f"t{i}", dtype=_codec.dtype_to_proto(t.dtype),
