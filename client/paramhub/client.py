@@ -668,17 +668,20 @@ class Client:
             return self._call(self.stub.SetSlice, request, timeout).version
         request.value.dtype = _codec.dtype_to_proto(value_t.dtype)
         request.value.shape.extend(value_t.shape)
-        flat = _codec.byte_view(value_t)
-        bar = progress_for(self.progress, f"SET {request.name}", nbytes)
+        first = pb.StreamSetSliceRequest(request=request).SerializeToString()
+        # StreamSetSliceRequest.data is field 2 (tag 0x12).
+        frames = self._upload(first, _codec.byte_view(value_t), 0x12, f"SET {request.name}")
+        return self._call(self._stream_set_slice_raw, frames, timeout).version
 
-        def requests() -> Iterator[bytes]:
-            with bar:
-                yield pb.StreamSetSliceRequest(request=request).SerializeToString()
-                for frame in _codec.iter_data_frames(flat, 0x12):  # StreamSetSliceRequest.data
-                    yield frame
-                    bar.advance(len(frame))
-
-        return self._call(self._stream_set_slice_raw, requests(), timeout).version
+    def _upload(self, first: bytes, flat: torch.Tensor, tag: int, label: str
+                ) -> Iterator[bytes]:
+        """A client stream: `first` (serialized), then `flat`'s bytes as data frames of the
+        bytes field with this tag byte, with a progress bar over them."""
+        with progress_for(self.progress, label, flat.numel()) as bar:
+            yield first
+            for frame in _codec.iter_data_frames(flat, tag):
+                yield frame
+                bar.advance(len(frame))
 
     def _set_slice_data(self, request: pb.SetSliceRequest, value: torch.Tensor,
                         data: _shm.Greeted, timeout: float | None) -> int:
@@ -853,16 +856,10 @@ class Client:
                     self._pool.release(segment)
                     greeted.close()
         flat = _codec.pack_state(tensors, headers=headers)
-        bar = progress_for(self.progress, f"PUSH {header.model}", total)
-
-        def requests() -> Iterator[bytes]:
-            with bar:
-                yield pb.PushStateRequest(header=header).SerializeToString()
-                for frame in _codec.iter_data_frames(flat, 0x12):  # PushStateRequest.data
-                    yield frame
-                    bar.advance(len(frame))
-
-        response = self._call(self._push_state_raw, requests(), timeout)
+        # PushStateRequest.data is field 2 (tag 0x12).
+        frames = self._upload(pb.PushStateRequest(header=header).SerializeToString(), flat, 0x12,
+                              f"PUSH {header.model}")
+        response = self._call(self._push_state_raw, frames, timeout)
         return {u.name: u.version for u in response.updated}
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],

@@ -396,24 +396,37 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def _set_slice(self, request: pb.SetSliceRequest, value: Any,
                    context: grpc.ServicerContext) -> pb.SetSliceResponse:
         model_id, w = slice_write(request, value, self.max_tensor_elements)
-        m = self.registry.get(model_id)
+        return self._apply_slice(self.registry.get(model_id), w, request, context)
+
+    @staticmethod
+    def _apply_slice(m: ServedModel, w: SliceWrite, request: pb.SetSliceRequest,
+                     context: grpc.ServicerContext) -> pb.SetSliceResponse:
         version, model_version = m.set_slice(w.name, w.index, w.op, w.value, w.expected_version,
                                              kind=w.kind,
                                              ctx=write_context(request.request_id, context))
         return pb.SetSliceResponse(version=version, model_version=model_version)
+
+    def _announced(self, request: pb.SetSliceRequest, link: str
+                   ) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of a value that travels beside the call (shared memory or the data
+        channel), checked; the message itself must carry no value bytes."""
+        dtype = _codec.dtype_from_proto(request.value.dtype)
+        shape = _codec.check_shape(request.value.shape, max_elements=self.max_tensor_elements)
+        if request.value.data:
+            raise InvalidArgumentError(f"a {link} SetSlice carries no value bytes",
+                                       reason="BAD_STREAM")
+        return dtype, shape
 
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
         if request.shm_token:
             conn = self.transport.shm_channel().take(request.shm_token)
-            dtype = _codec.dtype_from_proto(request.value.dtype)
-            shape = _codec.check_shape(request.value.shape,
-                                       max_elements=self.max_tensor_elements)
-            if request.value.data:
+            try:
+                dtype, shape = self._announced(request, "shared-memory")
+            except BaseException:
                 conn.close()
-                raise InvalidArgumentError("a shared-memory SetSlice carries no value bytes",
-                                           reason="BAD_STREAM")
+                raise
             nbytes = dtype.itemsize * _numel(shape)
             segment = self.transport.shm_channel().receive(conn, nbytes)
             try:
@@ -423,20 +436,15 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 segment.close()
         if request.data_token:
             # Names, index, op and limits are checked before any byte is accepted.
-            slice_write(request, None, self.max_tensor_elements)
-            dtype = _codec.dtype_from_proto(request.value.dtype)
-            shape = _codec.check_shape(request.value.shape,
-                                       max_elements=self.max_tensor_elements)
-            if request.value.data:
-                raise InvalidArgumentError("a data-channel SetSlice carries no value bytes",
-                                           reason="BAD_STREAM")
-            m, kind, tname = self._tensor(request.name)
-            m.ref(tname, kind)  # NOT_FOUND before reading a byte
+            model_id, w = slice_write(request, None, self.max_tensor_elements)
+            dtype, shape = self._announced(request, "data-channel")
+            m = self.registry.get(model_id)
+            m.ref(w.name, w.kind)  # NOT_FOUND before reading a byte
             channel = self.transport.data_channel()
             conn = channel.take(request.data_token)
-            value = channel.receive_tensor(conn, dtype, tuple(shape),
-                                           _data.write_digest(request.data_token, request))
-            return self._set_slice(request, value, context)
+            w.value = channel.receive_tensor(conn, dtype, tuple(shape),
+                                             _data.write_digest(request.data_token, request))
+            return self._apply_slice(m, w, request, context)
         return self._set_slice(request, _codec.tensor_from_proto(
             request.value, max_elements=self.max_tensor_elements), context)
 

@@ -16,16 +16,13 @@ from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundE
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import rng
 from paramhub_server.core.model import ServedModel
-from paramhub_server.core.store import Store
+from paramhub_server.core.store import NAME_PATTERN, Store
 
 log = logging.getLogger(__name__)
 
-_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
 def check_model_id(model_id: str) -> str:
     """Validates a client-chosen model id."""
-    if not _MODEL_ID.fullmatch(model_id):
+    if not NAME_PATTERN.fullmatch(model_id):
         raise InvalidArgumentError(
             f"model id {model_id[:200]!r} must be 1-128 characters of [A-Za-z0-9_.-] starting "
             "with a letter or digit", reason="BAD_MODEL_ID")

@@ -70,14 +70,16 @@ _TRAINING_KEY = "paramhub.training"
 #: Snapshot keys of the optimizer state ("{prefix}{param}/{key}") and the staleness history.
 _OPTIMIZER_PREFIX = "paramhub.optimizer/"
 _STEP_VERSIONS = "paramhub.train/step_versions"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: Model ids and checkpoint names: 1-128 characters of [A-Za-z0-9_.-], starting with a letter or
+#: digit (safe as one directory or file name; a model id never starts with ".").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SNAPSHOT = re.compile(r"snapshot-(\d{8})\.safetensors")
 _WAL = re.compile(r"wal-(\d{8})\.log")
 
 
 def check_checkpoint_name(name: str) -> str:
     """Validates a checkpoint name (same rules as model ids)."""
-    if not _NAME.fullmatch(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgumentError(
             f"checkpoint name {name[:200]!r} must be 1-128 characters of [A-Za-z0-9_.-] "
             "starting with a letter or digit", reason="BAD_CHECKPOINT_NAME")
