@@ -8,7 +8,7 @@ PORT ?= 50051
 DEVICE ?=
 PROTOS := $(wildcard protos/paramhub/v1/*.proto)
 
-.PHONY: setup serve test fuzz bench protos clean
+.PHONY: setup serve test fuzz bench load protos clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# Many clients on one default server for LOAD_SECONDS (loopback only, bounded; see
+# benchmarks/load.py): 64 mixed clients, 1,000 watchers, 32 slow readers, 64-worker sync rounds.
+LOAD_SECONDS ?= 60
+load: setup
+	$(PY) -m benchmarks.load --seconds $(LOAD_SECONDS)
 
 # Regenerates client/paramhub/v1 from protos/ (the output is committed).
 protos: setup

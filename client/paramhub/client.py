@@ -1360,6 +1360,10 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
     opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
             # Largest HTTP/2 frames: see paramhub_server.transport.HTTP2_OPTIONS.
             ("grpc.http2.max_frame_size", (1 << 24) - 1),
+            # Each Client its own connection (grpc otherwise shares one among a process's
+            # channels to a target): the server tells clients apart by connection when it has
+            # no credentials to go by, and shares its stream limits out per client.
+            ("grpc.use_local_subchannel_pool", 1),
             ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1), *options]
     if tls or root_certificates or client_cert:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub_server.admission import Admission, Limits
 from paramhub_server.auth import Authenticator
 from paramhub_server.core.registry import Registry, parse_device
 from paramhub_server.core.store import Store
@@ -57,8 +58,11 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     if not 1 <= settings.max_spec_depth <= 64:
         raise ConfigError("--max-spec-depth must be 1 to 64")
+    if not 0 < settings.client_share <= 1:
+        raise ConfigError("--client-share must be in (0, 1]")
     for name in ("max_model_bytes", "max_total_bytes", "max_concurrent_rpcs",
-                 "max_tensor_elements"):
+                 "max_tensor_elements", "max_workers", "max_watchers", "max_transfers",
+                 "max_round_waiters"):
         value = getattr(settings, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -74,13 +78,15 @@ class Server:
 
     def __init__(self, grpc_server: grpc.Server, port: int, health_servicer: health.HealthServicer,
                  registry: Registry, metrics: Metrics | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, admission: Admission | None = None
+                 ) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.health = health_servicer
         self.registry = registry
         self.metrics = metrics
         self.transport = transport
+        self.admission = admission
         self._ready = threading.Event()
         self._loaded = threading.Event()  # the loader finished (successfully or not)
         self._recovered = threading.Event()  # the data directory's models are loaded (or failed)
@@ -107,13 +113,18 @@ class Server:
         """Health NOT_SERVING first (load balancers stop sending), then drain and stop."""
         self._ready.clear()
         self.health.enter_graceful_shutdown()
-        self.registry.close_watchers()  # watch streams end now instead of holding the drain
+        # Calls parked by design end now instead of holding the drain: watch streams close,
+        # sync-round pushes still waiting answer UNAVAILABLE (their round never completes).
+        self.registry.close_watchers()
+        self.registry.close_rounds()
         self.grpc_server.stop(grace).wait()
+        if self.transport is not None:
+            self.transport.close()  # ends transfers still blocked on a data-channel socket
+        if self.admission is not None:
+            self.admission.close()
         self.registry.close()  # flush and close every model's write-ahead log
         if self.metrics is not None:
             self.metrics.stop()
-        if self.transport is not None:
-            self.transport.close()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Waits until loading (recovery from the data directory) has finished; True if the
@@ -155,14 +166,27 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
                         max_spec_nodes=settings.max_spec_nodes,
                         max_spec_depth=settings.max_spec_depth, store=store)
     methods = list(pb.DESCRIPTOR.services_by_name["ParameterService"].methods_by_name)
-    metrics = Metrics(registry, methods)
+    admission = Admission(Limits(watchers=settings.max_watchers,
+                                 transfers=settings.max_transfers,
+                                 round_waiters=settings.max_round_waiters,
+                                 client_share=settings.client_share))
+    registry.max_round_waiters = settings.max_round_waiters
+    metrics = Metrics(registry, methods, admission=admission)
     holder: dict[str, Server] = {}
     pipeline = Pipeline(authenticator=authenticator, metrics=metrics,
-                        ready=lambda: "s" in holder and holder["s"].ready())
+                        ready=lambda: "s" in holder and holder["s"].ready(),
+                        admission=admission)
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Keepalive pings find peers that vanished without closing (a host that died, a
+        # dropped link): their parked watch streams and transfers are cancelled and release
+        # their slots. Clients may ping every 10 s, with or without calls in flight.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         *HTTP2_OPTIONS,
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
@@ -196,7 +220,7 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     if settings.metrics_port is not None:
         metrics.serve(settings.host, settings.metrics_port)
-    srv = Server(server, port, health_servicer, registry, metrics, transport)
+    srv = Server(server, port, health_servicer, registry, metrics, transport, admission)
     holder["s"] = srv
     server.start()
     health_servicer.set(LIVENESS, _SERVING)

@@ -15,6 +15,7 @@ Client commands take --target/--token (or $PARAMHUB_TARGET/$PARAMHUB_TOKEN) and 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -78,7 +79,17 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option()] = LogLevel.INFO,
     log_format: Annotated[LogFormat, typer.Option(help="json: one object per line")
                           ] = LogFormat.text,
-    max_workers: Annotated[int, typer.Option(help="RPC threads")] = 16,
+    max_workers: Annotated[int, typer.Option(
+        help="threads for unary calls; watch streams, streaming transfers and sync-round "
+             "pushes have pools of their own")] = 16,
+    max_watchers: Annotated[int, typer.Option(
+        help="WatchModel streams open at once; more answer RESOURCE_EXHAUSTED")] = 1024,
+    max_transfers: Annotated[int, typer.Option(
+        help="streaming transfers (GetTensor, PullState, uploads) at once")] = 64,
+    max_round_waiters: Annotated[int, typer.Option(
+        help="PushGrads calls at once (sync-round pushes wait for the round's last)")] = 256,
+    client_share: Annotated[float, typer.Option(
+        help="share of each of the three limits above one client may hold")] = 0.25,
     max_message_bytes: Annotated[int, typer.Option(
         help="largest single gRPC message (tensors are streamed beneath it)")] = 64 << 20,
     max_model_bytes: Annotated[Optional[int], typer.Option(
@@ -123,6 +134,8 @@ def serve(
                         data_dir=None if in_memory else data_dir,
                         fsync=Fsync(fsync).value, fsync_interval_s=fsync_interval,
                         compact_bytes=compact_bytes, log_level=log_level, max_workers=max_workers,
+                        max_watchers=max_watchers, max_transfers=max_transfers,
+                        max_round_waiters=max_round_waiters, client_share=client_share,
                         max_message_bytes=max_message_bytes, max_model_bytes=max_model_bytes,
                         auth_file=auth_file, insecure=insecure, tls_cert=tls_cert,
                         tls_key=tls_key, tls_client_ca=tls_client_ca,
@@ -153,6 +166,12 @@ def serve(
     stop.wait()
     logging.getLogger(__name__).info("draining (up to %.0fs)", settings.grace_seconds)
     server.stop(settings.grace_seconds)
+    # Every log is flushed and closed and grpc has cancelled what the grace left. A handler
+    # thread still stuck in torch or a socket would hold the interpreter's exit (it joins the
+    # executors' threads) past the promised drain time: leave without waiting for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # Client commands live in their own module; importing it registers them on `app`.

@@ -10,7 +10,9 @@
    message answer INVALID_ARGUMENT (reason BAD_REQUEST_BYTES) instead of grpc's INTERNAL
    "Exception deserializing request!"; responses are serialized here too, which gives exact
    byte counts without serializing twice;
-5. metrics and one access-log line per call: method, status code, latency, bytes in and out.
+5. admission of the waiting classes (admission.py): watch streams, streaming transfers and
+   sync-round pushes run on thread pools of their own, counted per class and per client;
+6. metrics and one access-log line per call: method, status code, latency, bytes in and out.
 
 grpc.health.v1 and reflection bypass the pipeline: they stay open and cheap. Rejections use the
 same error table as the servicer (paramhub.errors classes -> status + ErrorInfo).
@@ -30,6 +32,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from paramhub.errors import InvalidArgumentError, ParamhubError, UnavailableError
+from paramhub_server.admission import CALL, Admission, method_class
 from paramhub_server.auth import SERVICE, Authenticator
 from paramhub_server.errors import status_of
 from paramhub_server.logs import (enter_request, leave_request, request_context,
@@ -73,7 +76,8 @@ def _given_request_id(metadata: Any) -> str | None:
 class _Call:
     """Per-call bookkeeping. The peer is only looked up when a log line needs it."""
 
-    __slots__ = ("method", "request_id", "echo", "start", "received", "sent", "context", "who")
+    __slots__ = ("method", "request_id", "echo", "start", "received", "sent", "context", "who",
+                 "client")
 
     def __init__(self, method: str, metadata: Any, context: grpc.ServicerContext) -> None:
         given = _given_request_id(metadata)
@@ -85,14 +89,16 @@ class _Call:
         self.received = 0
         self.sent = 0
         self.who = "-"
+        self.client: str | None = None  # set once admitted to a waiting class
 
 
 class Pipeline(grpc.ServerInterceptor):
     """See the module docstring. `ready()` tells whether the server has finished loading."""
 
     def __init__(self, *, authenticator: Authenticator | None, metrics: Metrics | None,
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], admission: Admission | None = None) -> None:
         self.authenticator = authenticator
+        self.admission = admission
         self.metrics = metrics
         self.ready = ready
         #: Wrapped handlers by full method name, built on a method's first call: the set of
@@ -119,8 +125,8 @@ class Pipeline(grpc.ServerInterceptor):
     # ------------------------------------------------------------------------ stages
 
     def _admit(self, call: _Call, full: str, metadata: Any,
-               context: grpc.ServicerContext) -> None:
-        """Stages 1-3; aborts the call (raises) on rejection."""
+               context: grpc.ServicerContext, gate: Any = None) -> None:
+        """Stages 1-3 and 5; aborts the call (raises) on rejection."""
         # A request id the client chose is echoed in the trailing metadata (not the initial: an
         # explicit send_initial_metadata is a separate HTTP/2 write, ~100 us per small call).
         # Generated ids are not sent on success: a trailer costs ~20 us of a ~450 us small call
@@ -136,6 +142,11 @@ class Pipeline(grpc.ServerInterceptor):
             if not self.ready():
                 raise UnavailableError("the server is still loading its models",
                                        reason="NOT_READY")
+            if gate is not None:
+                # Told apart by credentials when there are any, else by connection.
+                client = call.who if self.authenticator is not None else context.peer()
+                gate.enter(client)
+                call.client = client
         except ParamhubError as exc:
             context.abort_with_status(status_of(exc))
 
@@ -184,11 +195,16 @@ class Pipeline(grpc.ServerInterceptor):
                 yield decode(call, raw)
 
         request_streaming = handler.request_streaming
+        cls = method_class(method, request_streaming=request_streaming,
+                           response_streaming=handler.response_streaming)
+        gate = pool = None
+        if cls != CALL and self.admission is not None:
+            gate, pool = self.admission.gates[cls], self.admission.pools[cls]
 
         def admit(call: _Call, metadata: Any, request: Any,
                   context: grpc.ServicerContext) -> Any:
-            """Stages 1-4: the handler's argument (aborts the call on rejection)."""
-            self._admit(call, full, metadata, context)
+            """Stages 1-5: the handler's argument (aborts the call on rejection)."""
+            self._admit(call, full, metadata, context, gate)
             if request_streaming:
                 return requests(call, request)
             try:
@@ -213,9 +229,13 @@ class Pipeline(grpc.ServerInterceptor):
                     code = _code_name(context, "UNKNOWN")
                     raise
                 finally:
+                    if call.client is not None:
+                        gate.leave(call.client)  # type: ignore[union-attr]
                     self._finish(call, code)
                     leave_request(prev)
 
+            if pool is not None:
+                unary_response.experimental_thread_pool = pool  # type: ignore[attr-defined]
             make = (grpc.stream_unary_rpc_method_handler if request_streaming
                     else grpc.unary_unary_rpc_method_handler)
             return make(unary_response)
@@ -249,9 +269,13 @@ class Pipeline(grpc.ServerInterceptor):
                 code = _code_name(context, "UNKNOWN")
                 raise
             finally:
+                if call.client is not None:
+                    gate.leave(call.client)  # type: ignore[union-attr]
                 with request_context(request_id, method):
                     self._finish(call, code)
 
+        if pool is not None:
+            stream_response.experimental_thread_pool = pool  # type: ignore[attr-defined]
         make = (grpc.stream_stream_rpc_method_handler if request_streaming
                 else grpc.unary_stream_rpc_method_handler)
         return make(stream_response)

@@ -60,10 +60,31 @@ class _HeldCollector(Collector):
                                     value=self.registry.max_total_bytes)
 
 
+class _AdmissionCollector(Collector):
+    """Calls in progress per waiting class (admission.py), read at scrape time."""
+
+    def __init__(self, admission: Any) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("paramhub_waiting_calls",
+                              "Calls in progress per waiting class (watch, transfer, round).",
+                              labels=["class"])
+        for cls, n in self.admission.active().items():
+            g.add_metric([cls], n)
+        yield g
+        limits = GaugeMetricFamily("paramhub_waiting_call_limit",
+                                   "Limit of calls in progress per waiting class.",
+                                   labels=["class"])
+        for cls, gate in self.admission.gates.items():
+            limits.add_metric([cls], gate.limit)
+        yield limits
+
+
 class Metrics:
     """The server's metrics and, optionally, the HTTP endpoint that exposes them."""
 
-    def __init__(self, registry: Registry, methods: list[str]) -> None:
+    def __init__(self, registry: Registry, methods: list[str], admission: Any = None) -> None:
         self.methods = set(methods)
         self.prom = CollectorRegistry(auto_describe=True)
         self.rpcs = Counter("paramhub_rpcs", "RPCs finished, by method and status code.",
@@ -78,6 +99,8 @@ class Metrics:
                                  "Serialized response bytes sent, by method.", ["method"],
                                  registry=self.prom)
         self.prom.register(_HeldCollector(registry))
+        if admission is not None:
+            self.prom.register(_AdmissionCollector(admission))
         #: Child metrics by (method, code): prometheus_client's labels() costs a lock, a tuple
         #: and a dict lookup per call (~10 us for the four series of one RPC).
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}

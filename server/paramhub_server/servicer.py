@@ -594,7 +594,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             raise InvalidArgumentError("unknown training mode or stale policy",
                                        reason="BAD_TRAINING_MODE")
         cfg = training.configure(m, mode, sync_workers=c.sync_workers,
-                                 max_staleness=c.max_staleness, stale_policy=policy)
+                                 max_staleness=c.max_staleness, stale_policy=policy,
+                                 max_waiters=self.registry.max_round_waiters)
         return pb.ConfigureTrainingResponse(config=training_config(cfg))
 
     @rpc
@@ -622,7 +623,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                            reason="DUPLICATE_PARAMETER")
             grads[asm.name] = asm.finish()
         result = training.push_grads(m, header.model_version, grads,
-                                     timeout=context.time_remaining())
+                                     timeout=context.time_remaining(), alive=context.is_active)
         return pb.PushGradsResponse(outcome=_OUTCOMES[result.outcome],
                                     staleness=result.staleness, scale=result.scale,
                                     model_version=result.model_version, steps=result.steps)

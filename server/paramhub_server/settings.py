@@ -31,7 +31,17 @@ class Settings:
     #: the model's last snapshot.
     compact_bytes: int = 64 << 20
     log_level: str = "INFO"
+    #: Threads for unary calls (the short ones); calls that wait have pools of their own.
     max_workers: int = 16
+    #: WatchModel streams open at once (admission.py); more answer RESOURCE_EXHAUSTED.
+    max_watchers: int = 1024
+    #: Streaming transfers (GetTensor, PullState, uploads, ...) in progress at once.
+    max_transfers: int = 64
+    #: PushGrads calls in progress at once (a sync round's pushes wait for its step here: a
+    #: round of more workers than this cannot complete, and configuring one is refused).
+    max_round_waiters: int = 256
+    #: Share of each of the three limits above that one client may hold.
+    client_share: float = 0.25
     #: Largest single gRPC message in bytes (big tensors are streamed in chunks beneath it).
     max_message_bytes: int = 64 << 20
     #: Largest model (parameters + buffers) a CreateModel may build; None = unlimited.

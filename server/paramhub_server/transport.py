@@ -31,6 +31,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,9 @@ class _GreetingChannel:
         self._listener = listener
         self._listener.settimeout(0.25)
         self._pending: dict[str, tuple[socket.socket, float]] = {}
+        #: Connections handed to calls (weakly held: each call closes its own), so that
+        #: shutdown can break the ones still blocked on a slow or silent peer.
+        self._taken: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         #: Transfers sent to and received from clients (for tests and metrics).
         self.sent = 0
         self.received = 0
@@ -216,6 +220,8 @@ class _GreetingChannel:
                 entry[0].close()
             raise InvalidArgumentError(f"unknown, used or expired {self._what} token",
                                        reason=self._unavailable)
+        with self._lock:
+            self._taken.add(entry[0])
         return entry[0]
 
     _what = "channel"
@@ -230,6 +236,13 @@ class _GreetingChannel:
             self._pending.clear()
         for c in conns:
             c.close()
+        with self._lock:
+            taken = list(self._taken)
+        for c in taken:
+            try:  # wakes a call blocked in recv/send on it: it fails and ends
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its call
 
 
 class ShmChannel(_GreetingChannel):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -202,6 +203,10 @@ class ServedModel:
         #: Modules holding buffers, per Forward path (the module tree never changes once built,
         #: so each path is walked once; only the modes are read per pass).
         self._buffered: dict[str, list[nn.Module]] = {}
+        #: Whole-tensor read copies still held by a reader, by storage group: readers of the
+        #: same unchanged tensor share one (N slow readers of 256 MiB hold 256 MiB, not N
+        #: copies). Weakly held: the copy is freed with its last reader.
+        self._shared_reads: dict[int, tuple[Any, int, int, weakref.ref[torch.Tensor]]] = {}
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -271,7 +276,12 @@ class ServedModel:
         device-to-host copy runs at full DMA speed.
         """
         ref = self.ref(name, kind)
+        shared = alloc is None and not grad and not index
         with self.lock.read():
+            if shared:
+                hit = self._shared_read(ref)
+                if hit is not None:
+                    return hit
             t, region = self._region(ref, index, grad)
             # Copy while holding the lock: the bytes are sent after it is released, so slow
             # network readers never hold writers up.
@@ -287,7 +297,26 @@ class ServedModel:
             else:
                 out = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
                 out.copy_(region)
+            if shared:
+                live = ref.get()
+                self._shared_reads[ref.group] = (weakref.ref(live), live._version,
+                                                 self.versions[ref.group], weakref.ref(out))
             return ReadResult(out, self.versions[ref.group])
+
+    def _shared_read(self, ref: TensorRef) -> ReadResult | None:
+        """The whole-tensor copy another reader still holds, if the tensor has not changed
+        since: same tensor object, same torch version counter (every in-place change bumps
+        it) and same paramhub version (restores set it). Caller holds the read lock."""
+        entry = self._shared_reads.get(ref.group)
+        if entry is None:
+            return None
+        live = ref.get()
+        owner, counter, version, copy = entry
+        out = copy()
+        if (out is None or owner() is not live or counter != live._version
+                or version != self.versions[ref.group]):
+            return None
+        return ReadResult(out, version)
 
     def read_bytes(self, name: str, index: tuple[Any, ...], *, grad: bool = False,
                    kind: str | None = None,

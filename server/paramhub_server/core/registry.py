@@ -59,6 +59,8 @@ class Registry:
         self.max_total_bytes = max_total_bytes
         self.max_spec_nodes = max_spec_nodes
         self.max_spec_depth = max_spec_depth
+        #: Sync-round pushes the server can keep waiting at once (--max-round-waiters).
+        self.max_round_waiters: int | None = None
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.Lock()
         self._creating: set[str] = set()
@@ -110,6 +112,14 @@ class Registry:
             models = list(self._models.values())
         for m in models:
             m.watchers.close()
+
+    def close_rounds(self) -> None:
+        """Releases every sync-round push still waiting (server shutdown)."""
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            if m.train_state is not None:
+                m.train_state.close()
 
     def close(self) -> None:
         """Ends every watch and closes every model's log (server shutdown)."""

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError)
+from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
+                             ResourceExhaustedError, UnavailableError)
 from paramhub_server.core.model import PARAMETER, Extra, ServedModel
 
 ASYNC, SYNC, BOUNDED = "async", "sync", "bounded_staleness"
@@ -48,6 +49,10 @@ APPLIED, SCALED, REJECTED, QUEUED = "applied", "scaled", "rejected", "queued"
 MAX_SYNC_WORKERS = 1024
 #: Step versions remembered for computing staleness (older pushes count as this stale).
 MAX_STEP_HISTORY = 100_000
+#: A sync push waits in slices of this many seconds, checking that its caller is still there.
+_WAIT_SLICE = 1.0
+#: Timeouts longer than this (seconds, ~11 days) mean "no deadline".
+_NO_DEADLINE = 1e6
 
 
 def _float(name: str, v: Any) -> float:
@@ -172,6 +177,13 @@ class Trainer:
         self.cond = threading.Condition()
         self.round = _Round()
         self.step_versions: list[int] = []  # model version after each step that changed values
+        self.closing = False  # the server is shutting down: waiting pushes return
+
+    def close(self) -> None:
+        """Releases every push waiting for a round (server shutdown)."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
 
     def staleness(self, version: int) -> int:
         """Optimizer steps taken after `version`."""
@@ -504,13 +516,22 @@ def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ parameter server
 
 def configure(model: ServedModel, mode: str, *, sync_workers: int = 1, max_staleness: int = 0,
-              stale_policy: str = REJECT) -> TrainingConfig:
-    """Sets how PushGrads applies gradients; an incomplete sync round is discarded."""
+              stale_policy: str = REJECT, max_waiters: int | None = None) -> TrainingConfig:
+    """Sets how PushGrads applies gradients; an incomplete sync round is discarded.
+
+    `max_waiters` is how many pushes the server can keep waiting at once: a sync round's first
+    `sync_workers - 1` pushes wait for its last, so a larger round could never complete.
+    """
     if mode not in (ASYNC, SYNC, BOUNDED):
         raise InvalidArgumentError(f"unknown training mode {mode!r}", reason="BAD_TRAINING_MODE")
     if mode == SYNC and not 1 <= sync_workers <= MAX_SYNC_WORKERS:
         raise InvalidArgumentError(f"sync mode needs 1 to {MAX_SYNC_WORKERS} workers, not "
                                    f"{sync_workers}", reason="BAD_TRAINING_MODE")
+    if mode == SYNC and max_waiters is not None and sync_workers - 1 > max_waiters:
+        raise ResourceExhaustedError(
+            f"a sync round of {sync_workers} workers keeps {sync_workers - 1} pushes waiting; "
+            f"this server holds at most {max_waiters} (--max-round-waiters)",
+            reason="ROUND_TOO_LARGE", metadata={"limit": str(max_waiters + 1)})
     if mode == BOUNDED and max_staleness < 0:
         raise InvalidArgumentError("max_staleness must be >= 0", reason="BAD_TRAINING_MODE")
     if stale_policy not in (REJECT, SCALE):
@@ -576,10 +597,13 @@ def _apply(model: ServedModel, tr: Trainer, grads: Mapping[int, torch.Tensor]) -
 
 
 def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tensor],
-               timeout: float | None = None) -> PushResult:
+               timeout: float | None = None, alive: Callable[[], bool] | None = None
+               ) -> PushResult:
     """Applies gradients computed at `version` according to the model's TrainingConfig.
 
-    In sync mode the call waits (up to `timeout` seconds) for its round's step.
+    In sync mode the call waits (up to `timeout` seconds, while `alive()` holds and the server
+    is not shutting down) for its round's step; a push that stops waiting is QUEUED: its
+    gradient stays counted in the round.
     """
     by_group = check_grads(model, grads)
     if not 0 <= version <= model.version:
@@ -608,12 +632,20 @@ def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tenso
                 tr.round = _Round()
                 tr.cond.notify_all()
                 return PushResult(APPLIED, 0, 1.0, model.version, opt.steps)
-            deadline = None if timeout is None else time.monotonic() + timeout
+            # The gradient is counted: from here on nothing may fail while the round lives (a
+            # retry would count it twice). No deadline, or a huge one, waits in slices
+            # (Condition.wait overflows past ~292 years, and grpc reports "no deadline" as a
+            # huge number).
+            deadline = (None if timeout is None or timeout > _NO_DEADLINE
+                        else time.monotonic() + max(0.0, timeout))
             while rnd.result is None and not rnd.discarded:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if tr.closing:  # the round dies with this process: the push must be redone
+                    raise UnavailableError("the server is shutting down; the sync round did "
+                                           "not complete", reason="SHUTTING_DOWN")
+                left = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0 or (alive is not None and not alive()):
                     return PushResult(QUEUED, 0, 1.0, model.version, opt.steps)
-                tr.cond.wait(left)
+                tr.cond.wait(min(left, _WAIT_SLICE))
             if rnd.discarded:
                 return PushResult(REJECTED, tr.staleness(version), 1.0, model.version,
                                   opt.steps)
