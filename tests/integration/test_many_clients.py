@@ -296,3 +296,37 @@ def test_sigterm_drains_parked_calls_and_exits_zero(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_shared_read_copies_never_outlive_a_write_or_a_restore(server, target, client):
+    """Readers share the copy of an unchanged tensor only: after a write, and after a
+    checkpoint restore (which sets versions back), a read sees the new values even while a
+    stalled reader still holds the old copy."""
+    net = client.create_model("big", nn.Linear(1024, 1024))
+    stalled = paramhub.connect(target, timeout=60, shm=False, data_channel=False,
+                               options=[("grpc.http2.bdp_probe", 0)])
+    req = pb.GetTensorRequest(name="models/big/parameters/weight", chunk_bytes=1 << 16)
+    plain = paramhub.connect(target, timeout=60, shm=False, data_channel=False)
+    held = []
+    try:
+        def hold() -> None:
+            it = stalled._get_tensor_raw(req, timeout=60)
+            next(it)
+            held.append(it)
+
+        hold()
+        first, _ = plain.get_tensor("big", "weight")
+        net.weight.data[0, 0] = 5.0
+        hold()
+        after_write, _ = plain.get_tensor("big", "weight")
+        assert after_write[0, 0] == 5.0 and torch.equal(after_write[1:], first[1:])
+        client.create_checkpoint("big", "c")
+        net.weight.data[0, 0] = 6.0
+        hold()
+        assert plain.get_tensor("big", "weight")[0][0, 0] == 6.0
+        client.restore_checkpoint("big", "c")
+        assert torch.equal(plain.get_tensor("big", "weight")[0], after_write)
+    finally:
+        _cancel_all(held)
+        stalled.close()
+        plain.close()
