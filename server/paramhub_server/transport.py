@@ -92,7 +92,7 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
         resp = message_factory.GetMessageClass(method.output_type)
         deserializer: Callable[[bytes], Any] = req.FromString
         serializer: Callable[[Any], bytes] = resp.SerializeToString
-        if method.name in ("GetTensor", "PullState", "GetTensorInline"):
+        if method.name in ("GetTensor", "PullState", "GetTensorInline", "WatchModel"):
             serializer = _passthrough
         elif method.name == "StreamSetSlice":
             deserializer = _data_or(req, 0x12)  # StreamSetSliceRequest.data = 2

@@ -330,3 +330,38 @@ def test_shared_read_copies_never_outlive_a_write_or_a_restore(server, target, c
         _cancel_all(held)
         stalled.close()
         plain.close()
+
+
+def test_a_client_that_dies_releases_its_slots(server, target, lin):
+    """kill -9 of a process holding watch streams and stalled reads: its slots come back."""
+    lin.create_model("big", nn.Linear(1024, 1024))
+    script = f"""
+import paramhub
+from paramhub.v1 import parameter_service_pb2 as pb
+c = paramhub.connect({target!r}, timeout=None, shm=False, data_channel=False,
+                     options=[("grpc.http2.bdp_probe", 0)])
+held = []
+for _ in range(10):
+    it = c.stub.WatchModel(pb.WatchModelRequest(name="models/m"))
+    next(it)
+    held.append(it)
+for _ in range(3):
+    it = c._get_tensor_raw(pb.GetTensorRequest(name="models/big/parameters/weight",
+                                               chunk_bytes=1 << 16), timeout=None)
+    next(it)
+    held.append(it)
+print("ready", flush=True)
+import time
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        gates = server.admission.gates
+        assert (gates["watch"].active, gates["transfer"].active) == (10, 3)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    _wait_for(lambda: gates["watch"].active == 0 and gates["transfer"].active == 0)
+    _assert_responsive(target)
