@@ -190,9 +190,17 @@ def test_non_loopback_refused_without_auth(settings, host):
 
 
 def test_loopback_allowed_without_auth(settings):
+    """A loopback server needs no auth file, and then accepts calls without a token (admin
+    ones included); a non-loopback one is refused (test_non_loopback_refused_without_auth)."""
     for host in ("127.0.0.1", "localhost"):
         srv = build_server(dataclasses.replace(settings, host=host))
-        srv.stop(None)
+        try:
+            with paramhub.connect(f"{host}:{srv.port}", timeout=30) as c:
+                c.create_model("m", nn.Linear(2, 2))
+                assert [m.name for m in c.list_models()] == ["models/m"]
+                c.delete_model("m")
+        finally:
+            srv.stop(None)
 
 
 def test_forward_that_updates_buffers_needs_write_role(target_a):

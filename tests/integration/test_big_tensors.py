@@ -18,7 +18,8 @@ ROWS, DIM = 1_100_000, 1024
 @pytest.mark.slow
 def test_tensor_over_2_gib_round_trip_over_grpc(server, target):
     spec = _spec.spec_from_module(nn.Embedding(ROWS, DIM, dtype=torch.float16, device="meta"))
-    with paramhub.connect(target, timeout=600, shm=False) as c:
+    # Both side channels off: the bytes must go through gRPC streams (checked below).
+    with paramhub.connect(target, timeout=600, shm=False, data_channel=False) as c:
         c.create_model_from_spec("huge", spec, seed=0)
         live = server.registry.get("huge").module.weight
         assert live.numel() * live.element_size() > 2**31
@@ -32,5 +33,11 @@ def test_tensor_over_2_gib_round_trip_over_grpc(server, target):
         assert torch.equal(live[0], torch.full((DIM,), 1.5, dtype=torch.float16))
         assert torch.equal(live[-1], torch.full((DIM,), -2.0, dtype=torch.float16))
         assert torch.equal(live, got)
+    channels = [server.transport.data, server.transport.shm]
+    assert [(ch.sent, ch.received) for ch in channels] == [(0, 0), (0, 0)]
+    prom = server.metrics.prom
+    assert prom.get_sample_value("paramhub_sent_bytes_total", {"method": "GetTensor"}) > 2**31
+    assert prom.get_sample_value("paramhub_received_bytes_total",
+                                 {"method": "StreamSetSlice"}) > 2**31
     del got, live
     gc.collect()

@@ -49,6 +49,7 @@ def test_readers_never_see_half_a_write(client, target):
     client.set_slice("r", "weight", None, 0.0)
     stop = threading.Event()
     torn: list[set[float]] = []
+    seen: set[float] = set()  # whole-tensor values read (each one write's)
 
     def writer() -> None:
         with paramhub.connect(target, timeout=60) as c:
@@ -64,6 +65,7 @@ def test_readers_never_see_half_a_write(client, target):
                 values = set(w.unique().tolist())
                 if len(values) != 1:
                     torn.append(values)
+                seen.update(values)
                 reads += 1
         return reads
 
@@ -74,6 +76,9 @@ def test_readers_never_see_half_a_write(client, target):
         counts = [r.result() for r in readers]
     assert not torn
     assert sum(counts) > 0
+    # The reads overlapped the writes: they saw states between the first and the last write
+    # (a test whose reads all ran before or after the writer would prove nothing).
+    assert len({v for v in seen if 0 < v < 150}) >= 2, sorted(seen)
     assert client.get_tensor("r", "weight")[0].eq(150.0).all()
 
 
@@ -85,6 +90,7 @@ def test_forward_sees_a_consistent_snapshot(client, target):
     client.set_training("f", False)
     stop = threading.Event()
     bad: list[list[float]] = []
+    ks: set[float] = set()  # the write each output saw
 
     def writer() -> None:
         with paramhub.connect(target, timeout=60) as c:
@@ -101,6 +107,7 @@ def test_forward_sees_a_consistent_snapshot(client, target):
                 y = c.forward("f", x)
                 # Every output is 256 * k for one k: a forward pass never mixes two writes.
                 k = y[0, 0].item() / 256
+                ks.add(k)
                 if not (k == int(k) and torch.equal(y, torch.full((1, 4), 256 * k))):
                     bad.append(y[0].tolist())
 
@@ -111,3 +118,5 @@ def test_forward_sees_a_consistent_snapshot(client, target):
         for r in rs:
             r.result()
     assert not bad
+    # Forward ran while the weight was being rewritten: it saw intermediate writes.
+    assert len({k for k in ks if 0 < k < 100}) >= 2, sorted(ks)

@@ -101,10 +101,33 @@ def test_error_table(client, server, settings, situation, code, cls, builtin, re
     assert model_ids(client) == ["m"]
 
 
-@pytest.mark.skip(reason="authentication (UNAUTHENTICATED / PERMISSION_DENIED) is not part of "
-                         "the core issue: this server accepts every caller")
-def test_error_table_auth_rows():
-    """Placeholder row: AuthError / PermissionDeniedError get reachable with auth."""
+@pytest.mark.parametrize("token, cls, builtin, code, reason", [
+    (None, errors.AuthError, None, "UNAUTHENTICATED", "TOKEN_MISSING"),
+    ("not-a-token-0123456789", errors.AuthError, None, "UNAUTHENTICATED", "TOKEN_INVALID"),
+    ("read-token-0123456789abcdef", errors.PermissionDeniedError, PermissionError,
+     "PERMISSION_DENIED", "ROLE_TOO_LOW"),
+])
+def test_error_table_auth_rows(settings, tmp_path, token, cls, builtin, code, reason):
+    """The table's auth rows, on a server with an auth file: a write without a token, with an
+    unknown one, and with a read-role one; nothing is written."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read read-token-0123456789abcdef\nadmin admin-token-0123456789abcdef\n")
+    tokens.chmod(0o600)
+    srv = build_server(dataclasses.replace(settings, auth_file=tokens))
+    target = f"127.0.0.1:{srv.port}"
+    try:
+        with paramhub.connect(target, token="admin-token-0123456789abcdef") as admin:
+            create(admin, "m", nn.Linear(2, 2), seed=0)
+            with unchanged(admin, "m"):
+                with paramhub.connect(target, token=token) as c:
+                    with pytest.raises(cls) as info:
+                        c.set_slice("m", "weight", None, torch.ones(2, 2))
+        err = info.value
+        assert (err.code, err.reason) == (code, reason)
+        if builtin is not None:
+            assert isinstance(err, builtin)
+    finally:
+        srv.stop(grace=None)
 
 
 def test_error_table_internal_is_generic_and_logged(client, server, monkeypatch, caplog):
