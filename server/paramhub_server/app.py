@@ -199,7 +199,8 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
                           data_host=data_host, data_port=settings.data_port)
     add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
-                                  transport=transport), server)
+                                  transport=transport,
+                                  max_data_writes=max(1, settings.max_workers // 2)), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

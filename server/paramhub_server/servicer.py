@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,8 +210,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     """The gRPC face of a Registry."""
 
     def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, max_data_writes: int = 8) -> None:
         self.registry = registry
+        #: Data-channel SetSlice calls receiving at once (each holds a unary thread meanwhile).
+        self._data_writes = threading.BoundedSemaphore(max_data_writes)
         #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
         self.max_tensor_elements = max_tensor_elements
         self.transport = transport or Transport(max_message_bytes=64 << 20, shm=False)
@@ -451,9 +454,19 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             m = self.registry.get(model_id)
             m.ref(w.name, w.kind)  # NOT_FOUND before reading a byte
             channel = self.transport.data_channel()
-            conn = channel.take(request.data_token)
-            w.value = channel.receive_tensor(conn, dtype, tuple(shape),
-                                             _data.write_digest(request.data_token, request))
+            # A unary call that waits on its client's bytes: at most half the unary threads
+            # may do so, or slow producers would starve every other call. Past that the SDK
+            # sends the value over a gRPC stream instead (a transfer, admitted as such).
+            if not self._data_writes.acquire(blocking=False):
+                raise InvalidArgumentError(
+                    "the data channel is busy with other writes; send the value over gRPC",
+                    reason="DATA_CHANNEL_UNAVAILABLE", metadata={"busy": "true"})
+            try:
+                conn = channel.take(request.data_token)
+                w.value = channel.receive_tensor(conn, dtype, tuple(shape),
+                                                 _data.write_digest(request.data_token, request))
+            finally:
+                self._data_writes.release()
             return self._apply_slice(m, w, request, context)
         return self._set_slice(request, _codec.tensor_from_proto(
             request.value, max_elements=self.max_tensor_elements), context)

@@ -365,3 +365,40 @@ time.sleep(600)
         proc.stdout.close()
     _wait_for(lambda: gates["watch"].active == 0 and gates["transfer"].active == 0)
     _assert_responsive(target)
+
+
+def test_stalled_data_channel_writes_cannot_take_every_unary_thread(settings):
+    """A data-channel SetSlice is a unary call that waits for its client's bytes: at most half
+    the unary threads may wait so; past that the write is refused as DATA_CHANNEL_UNAVAILABLE
+    and the SDK sends the value over a gRPC stream instead."""
+    from paramhub import _codec, _data
+
+    srv = build_server(dataclasses.replace(settings, max_workers=2))  # 1 data-channel write
+    target = f"127.0.0.1:{srv.port}"
+    n = _data.DATA_MIN_BYTES // 4 + 1
+    try:
+        with paramhub.connect(target, timeout=60, shm=False) as c:
+            c.create_model("m", nn.Linear(n, 1, bias=False))
+            assert c.uses_data_channel
+            stalled = []
+            for _ in range(2):  # two writers that announce a value and never send it
+                link = _data.DataLink("127.0.0.1", srv.transport.data.port).connect()
+                req = pb.SetSliceRequest(name="models/m/parameters/weight",
+                                         op=pb.SLICE_OP_ASSIGN, request_id=f"s{len(stalled)}",
+                                         data_token=link.token)
+                req.value.dtype = _codec.dtype_to_proto(torch.float32)
+                req.value.shape.extend([1, n])
+                stalled.append((link, c.stub.SetSlice.future(req, timeout=60)))
+            # One waits on its bytes; the other is refused at once, nothing written.
+            _wait_for(lambda: sum(f.done() for _, f in stalled) == 1)
+            refused = next(f for _, f in stalled if f.done())
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _health_ok(target)
+            value = torch.full((1, n), 3.0)
+            assert c.set_slice("m", "weight", None, value) == 1  # over a gRPC stream
+            assert torch.equal(c.get_tensor("m", "weight")[0], value)
+            for link, f in stalled:
+                link.close()
+                f.cancel()
+    finally:
+        srv.stop(grace=None)
