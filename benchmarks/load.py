@@ -78,6 +78,15 @@ class Start:
         return float(self.at.value)
 
 
+def _run_threads(work: Any, n: int) -> None:
+    """work(0) .. work(n - 1), each on its own thread; returns when all have."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _code(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if callable(code):  # a grpc.RpcError
@@ -126,12 +135,7 @@ def mixed(target: str, proc: int, start: Start, think: float, out: Any) -> None:
                 acks[slot] = n
                 errors.update(errs)
 
-    threads = [threading.Thread(target=client, args=(proc * MIXED_THREADS + i,))
-               for i in range(MIXED_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(lambda i: client(proc * MIXED_THREADS + i), MIXED_THREADS)
     out.put(("mixed", {"lat": lat, "acks": acks, "errors": dict(errors)}))
 
 
@@ -213,11 +217,7 @@ def slow_readers(target: str, n: int, start: Start, out: Any) -> None:
                         errors[exc.code().name] += 1
                 time.sleep(0.5)
 
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(read, n)
     for c in clients:
         c.close()
     out.put(("slow", {"whole_reads": done["tensors"], "chunks": done["chunks"],
@@ -260,11 +260,7 @@ def round_workers(target: str, n: int, think: float, start: Start, out: Any) -> 
                     errors[_code(exc)] += 1
                 _, v = c.get_tensor("sync", "weight")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(work, n)
     for c in clients:
         c.close()
     out.put(("round", {"outcomes": dict(outcomes), "errors": dict(errors)}))
@@ -282,6 +278,13 @@ def _proc_stats(pid: int) -> tuple[int, int, int]:
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
     return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -303,6 +306,8 @@ def main() -> int:
                     help="pause of each sync worker between rounds (its 'compute'), seconds")
     ap.add_argument("--think", type=float, default=0.1,
                     help="pause of each mixed client after each call, seconds")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `paramhub serve` argument (repeatable), e.g. --server-arg=--in-memory")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -311,7 +316,8 @@ def main() -> int:
 
     data = tempfile.mkdtemp(prefix="paramhub-load-")
     server = subprocess.Popen([str(Path(PY).parent / "paramhub"), "serve", "--port", "0",
-                               "--data-dir", data, "--log-level", "WARNING"],
+                               "--data-dir", data, "--log-level", "WARNING",
+                               *args.server_arg],
                               stdout=subprocess.PIPE, text=True)
     try:
         target = server.stdout.readline().strip()  # type: ignore[union-attr]
@@ -374,6 +380,7 @@ def main() -> int:
             p.start()
         for _ in procs[1:]:
             go.ready.get(timeout=300)
+        cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
         deadline = time.monotonic() + args.seconds
         go.at.value = deadline
         go.go.set()
@@ -400,6 +407,7 @@ def main() -> int:
         wt.start()
         load_reads, load_health, probe_errs = probe(0, 0.05, until=deadline - 1)
         wt.join()
+        server_cores = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
         results: dict[str, Any] = {}
         for _ in procs:
             kind, res = out.get(timeout=300)
@@ -463,6 +471,7 @@ def main() -> int:
         ("slow readers: 1 MiB chunks / whole reads", f"{s.get('chunks')} / "
          f"{s.get('whole_reads')}", f"{args.slow} readers of a 64 MiB weight"),
         ("sync rounds (pushes by outcome)", f"{rd.get('outcomes')}", f"{args.round} workers"),
+        ("server CPU under load", f"{server_cores:.2f} cores busy", f"of {os.cpu_count()}"),
         ("server RSS start / peak / end", f"{rss0 >> 20} / {peak_rss >> 20} / "
          f"{rss_end >> 20} MiB", ""),
         ("server fds start / peak / end", f"{fds0} / {peak_fds} / {fds_end}", ""),
