@@ -470,7 +470,7 @@ def test_ui_cli_serves_and_exits_on_sigterm(target, client, model):
         line = proc.stdout.readline().decode().strip()  # bounded by the pytest timeout
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", line), line
         r = httpx.get(line + "models/mlp", timeout=30)
-        assert r.status_code == 200 and "Sequential(" in r.text
+        assert r.status_code == 200 and '<span class="cls">Sequential</span>(' in r.text
         assert 'id="set-form"' not in httpx.get(line + "models/mlp/parameters/0.weight",
                                                 timeout=30).text
     finally:
