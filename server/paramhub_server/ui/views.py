@@ -103,11 +103,12 @@ def tree_rows(desc: pb.DescribeModelResponse) -> list[dict[str, Any]]:
                 "requires_grad": t.requires_grad,
                 "tied_to": first if first != t.name else None}
 
-    def walk(path: str, key: str, depth: int) -> None:
+    def walk(path: str, key: str, depth: int, parent_training: bool | None) -> None:
         m = modules[path]
+        # The training flag is shown on the root and wherever it differs from the parent's.
         row = {"type": "leaf", "depth": depth, "key": key, "path": path, "cls": m.class_name,
                "extra": m.extra_repr, "params": params_under(path), "training": m.training,
-               "shared_with": None}
+               "show_training": parent_training != m.training, "shared_with": None}
         if m.module_group in printed:
             row["shared_with"] = printed[m.module_group] or "(root)"
             rows.append(row)
@@ -121,10 +122,10 @@ def tree_rows(desc: pb.DescribeModelResponse) -> list[dict[str, Any]]:
             rows.append(tensor_row(t, depth + 1))
         if children:
             for c in children:
-                walk(f"{path}.{c}" if path else c, c, depth + 1)
+                walk(f"{path}.{c}" if path else c, c, depth + 1, m.training)
             rows.append({"type": "close", "depth": depth})
 
-    walk("", "", 0)
+    walk("", "", 0, None)
     return rows
 
 

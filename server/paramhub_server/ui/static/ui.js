@@ -32,7 +32,8 @@
     es.onopen = () => { dot.className = "live on"; };
     es.onerror = () => { dot.className = "live off"; };
     for (const [name, fn] of Object.entries(handlers)) {
-      es.addEventListener(name, (e) => fn(JSON.parse(e.data)));
+      // (the browser's own "error" event, a lost connection, carries no data)
+      es.addEventListener(name, (e) => { if (e.data !== undefined) fn(JSON.parse(e.data)); });
     }
     window.addEventListener("pagehide", () => es.close());
     return es;
@@ -127,12 +128,12 @@
     const hi = Math.max(...rows.map((p) => p.hist.max));
     const span = hi - lo || 1;
     const W = canvas.width, H = canvas.height - 14, left = 0;
-    const step = (H - 20) / Math.max(rows.length, 1);
-    const amp = Math.min(40, step * 3);
+    const step = Math.min(16, (H - 60) / Math.max(rows.length - 1, 1));
+    const amp = 40;
     rows.forEach((p, i) => {
       const counts = p.hist.counts, top = Math.max(...counts) || 1;
       const bw = (p.hist.max - p.hist.min) / counts.length;
-      const base = 20 + (i + 1) * step;
+      const base = H - 2 - (rows.length - 1 - i) * step;  // the newest at the bottom
       const x = (v) => left + (W - left) * (v - lo) / span;
       ctx.beginPath();
       ctx.moveTo(x(p.hist.min), base);
@@ -151,9 +152,8 @@
     ctx.fillText(fmt(lo), 2, H + 2);
     const hiText = fmt(hi);
     ctx.fillText(hiText, W - ctx.measureText(hiText).width - 2, H + 2);
-    ctx.fillText(`v${rows[0].version}`, 2, 2);
-    const last = `v${rows[rows.length - 1].version}`;
-    ctx.fillText(last, W - ctx.measureText(last).width - 2, 2);
+    const first = `v${rows[0].version} (top) … v${rows[rows.length - 1].version} (bottom)`;
+    ctx.fillText(first, 2, 2);
   }
 
   function drawSpark(canvas, history) {
@@ -406,6 +406,12 @@
       error: (d) => { $("values-error").textContent = `${d.code} ${d.reason}: ${d.message}`; },
     });
     follow.addEventListener("change", () => { if (follow.checked && latest) apply(latest); });
+    // After a refused (stale) edit: follow again and show the current values at once.
+    function catchUp() {
+      follow.checked = true;
+      if (latest) apply(latest);
+      loadValues();
+    }
     $("prev").onclick = () => { if (region) page = drawTable($("values"), region, page - 1); };
     $("next").onclick = () => { if (region) page = drawTable($("values"), region, page + 1); };
 
@@ -416,7 +422,7 @@
       const d = await post(`/api/models/${enc(pd.model)}/set_slice`, {
         kind: pd.kind, name: pd.name, index: f.index, value: f.value, expected_version: tv});
       showResult(d, (d) => `${pd.name}[${f.index || ":"}] = ${f.value}: version ${d.version}`);
-      if (!d.ok && d.code === "ABORTED" && !follow.checked) { follow.checked = true; if (latest) apply(latest); }
+      if (!d.ok && d.code === "ABORTED") catchUp();
     });
     const init = $("init-form");
     if (init) init.addEventListener("submit", async (e) => {
@@ -426,7 +432,7 @@
       if (f.seed) body.seed = parseInt(f.seed, 10);
       const d = await post(`/api/models/${enc(pd.model)}/apply_init`, body);
       showResult(d, (d) => `${f.scheme}: model version ${d.model_version}`);
-      if (!d.ok && d.code === "ABORTED" && !follow.checked) { follow.checked = true; if (latest) apply(latest); }
+      if (!d.ok && d.code === "ABORTED") catchUp();
     });
   }
 
