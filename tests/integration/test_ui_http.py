@@ -385,7 +385,7 @@ def test_ui_event_streams_share_one_watch_per_model(server, client, model):
                               for log in logs[:160]):
                     await asyncio.sleep(0.05)
                 while not all(any(n == "stats" and d.get("version") == 1 for n, d in log)
-                              for log in logs[:120:3]):
+                              for log in logs[:120:3] + logs[2:120:3]):
                     await asyncio.sleep(0.05)
                 for t in readers:
                     t.cancel()

@@ -166,10 +166,12 @@ class ModelFeed:
         elif ev.kind == "write":
             changed = {c.name for c in ev.changes}
             for topic in self.topics.values():
-                first = self.first_name.get(topic.key.name, topic.key.name)
+                # Until the tied names are known (the first probe learns them), any write may
+                # concern any topic.
+                first = self.first_name.get(topic.key.name)
                 # A gradient changes on backward/step/zero_grad without a tensor change of its
                 # own name: a grad page re-probes on any write (the checksum tells if it moved).
-                if topic.subs and (topic.key.grad or first in changed):
+                if topic.subs and (topic.key.grad or first is None or first in changed):
                     self.refresh(topic)
 
     def broadcast(self, event: str, data: dict[str, Any]) -> None:
