@@ -478,3 +478,34 @@ def test_ui_cli_serves_and_exits_on_sigterm(target, client, model):
         # uvicorn shuts down gracefully, then re-raises the signal it caught.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+
+
+def test_ui_watch_resync_reaches_pages_and_reprobes(client, model):
+    """A "resync" from the watch (the inspector fell behind the server's queue) goes to every
+    page, which re-reads, and the followed tensors are probed again (sent even if unchanged)."""
+    from paramhub._watch import WatchEvent
+
+    async def run(server, base: str) -> list[str]:
+        names: list[str] = []
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            async with asyncio.timeout(60):
+                async with http.stream("GET", "/api/models/mlp/events",
+                                       params={"name": "0.weight"}) as resp:
+                    name = ""
+                    async for line in resp.aiter_lines():
+                        if line.startswith("event: "):
+                            name = line[7:]
+                            names.append(name)
+                        if name == "stats" and names.count("stats") == 1 and \
+                                line.startswith("data: "):
+                            feeds = server.app.state.feeds
+                            feeds.loop.call_soon_threadsafe(
+                                feeds.models["mlp"]._on_event,
+                                WatchEvent("resync", 0, "", (), "", 0, ""))
+                        if names.count("stats") == 2:
+                            return names
+        return names
+
+    with served_ui(client) as (server, base):
+        names = asyncio.run(run(server, base))
+    assert names[-3:] == ["model", "resync", "stats"], names
