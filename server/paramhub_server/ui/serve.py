@@ -83,6 +83,9 @@ class UIServer:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
+        # Listening now: a client that connects as soon as the address is printed waits in the
+        # backlog until uvicorn accepts, instead of being refused.
+        self.sock.listen(2048)
         self.host = host
         self.port: int = self.sock.getsockname()[1]
         self.app = app
