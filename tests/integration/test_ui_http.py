@@ -509,3 +509,41 @@ def test_ui_watch_resync_reaches_pages_and_reprobes(client, model):
     with served_ui(client) as (server, base):
         names = asyncio.run(run(server, base))
     assert names[-3:] == ["model", "resync", "stats"], names
+
+
+def test_ui_deleted_model_ends_its_streams_with_not_found(client, model):
+    """Deleting a followed model ends its pages' streams; a page that reconnects is told
+    NOT_FOUND (its script then stops reconnecting) and no watch is left behind."""
+    async def read_all(http: httpx.AsyncClient) -> list[tuple[str, dict]]:
+        events: list[tuple[str, dict]] = []
+        async with http.stream("GET", "/api/models/mlp/events") as resp:
+            name = ""
+            async for line in resp.aiter_lines():  # ends when the inspector ends the stream
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if len(events) == 1:
+                        await asyncio.to_thread(client.delete_model, "mlp")
+        return events
+
+    async def run(base: str) -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            async with asyncio.timeout(60):
+                first = await read_all(http)
+                again: list[tuple[str, dict]] = []
+                async with http.stream("GET", "/api/models/mlp/events") as resp:
+                    name = ""
+                    async for line in resp.aiter_lines():
+                        if line.startswith("event: "):
+                            name = line[7:]
+                        elif line.startswith("data: "):
+                            again.append((name, json.loads(line[6:])))
+                return first, again
+
+    with served_ui(client, linger_s=0.2) as (ui, base):
+        first, again = asyncio.run(run(base))
+        assert ui.app.state.feeds.watch_count() == 0
+    assert first[0][0] == "model"
+    assert [(n, d["code"], d["reason"]) for n, d in again if n == "error"] == [
+        ("error", "NOT_FOUND", "MODEL_NOT_FOUND")]

@@ -35,6 +35,16 @@
       // (the browser's own "error" event, a lost connection, carries no data)
       es.addEventListener(name, (e) => { if (e.data !== undefined) fn(JSON.parse(e.data)); });
     }
+    // A model that is gone (deleted) ends the stream for good: no reconnecting every 2 s.
+    es.addEventListener("error", (e) => {
+      if (e.data === undefined) return;
+      const d = JSON.parse(e.data);
+      if (d.code === "NOT_FOUND" && !d.key) {
+        es.close();
+        dot.className = "live off";
+        dot.textContent = `${d.model}: ${d.reason}`;
+      }
+    });
     window.addEventListener("pagehide", () => es.close());
     return es;
   }
