@@ -547,3 +547,37 @@ def test_ui_deleted_model_ends_its_streams_with_not_found(client, model):
     assert first[0][0] == "model"
     assert [(n, d["code"], d["reason"]) for n, d in again if n == "error"] == [
         ("error", "NOT_FOUND", "MODEL_NOT_FOUND")]
+
+
+@pytest.mark.parametrize("path,body,status,reason", [
+    ("apply_init", {"name": "0.bias", "scheme": "exec"}, 400, "BAD_INIT_SCHEME"),
+    ("apply_init", {"name": "0.bias", "scheme": "normal_", "args": "std"}, 400,
+     "BAD_INIT_ARGS"),
+    ("apply_init", {"name": "0.bias", "scheme": "normal_", "args": "evil=1"}, 400, None),
+    ("apply_init", {"scheme": "zeros_"}, 400, "BAD_TARGET"),
+    ("apply_init", {"name": "0.bias", "scheme": "zeros_", "seed": "1"}, 400, "BAD_SEED"),
+    ("apply_init", {"name": "nope", "scheme": "zeros_"}, 404, None),
+    ("apply_init", {"name": "0.bias", "scheme": "zeros_", "expected_model_version": "0"},
+     400, "BAD_VERSION"),
+    ("checkpoints", {"name": "../etc"}, 400, None),
+    ("checkpoints/restore", {"name": "absent"}, 404, "CHECKPOINT_NOT_FOUND"),
+    ("set_slice", {"name": "0.weight", "index": "99", "value": "1"}, 400,
+     "INDEX_OUT_OF_RANGE"),
+    ("set_slice", {"name": "0.weight", "kind": "weights", "value": "1"}, 404, "BAD_KIND"),
+])
+def test_ui_bad_edit_refused_and_nothing_changed(ui, client, path, body, status, reason):
+    _, base, http = ui
+    csrf = csrf_of(http.get("/").text)
+    mv = client.model_version("mlp")
+    body = {"expected_model_version": mv, "expected_version": 0, **body}
+    before = {k: v.clone() for k, v in client.pull_state("mlp")[0].items()}
+    r = http.post(f"/api/models/mlp/{path}", headers=write_headers(base, csrf),
+                  content=json.dumps(body))
+    assert r.status_code == status, r.text
+    assert r.json()["ok"] is False
+    if reason is not None:
+        assert r.json()["reason"] == reason
+    assert client.model_version("mlp") == mv
+    assert client.list_checkpoints("mlp") == []
+    after = client.pull_state("mlp")[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
