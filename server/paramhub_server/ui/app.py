@@ -257,9 +257,10 @@ def build_app(client: paramhub.Client, *, allow_edits: bool = False, role: str =
 
     def event_stream(request: Request, models: list[str], key: views.TensorKey | None
                      ) -> Response:
-        sub = feeds.subscribe(models, key)
-
         async def body() -> AsyncIterator[str]:
+            # Subscribed here, not before the response: the `finally` then always runs (a
+            # generator that never started would leave its subscription behind).
+            sub = feeds.subscribe(models, key)
             try:
                 yield "retry: 2000\n\n"
                 while True:

@@ -40,6 +40,8 @@ HISTORY = 48
 PROBE_HZ = 10.0
 LINGER_S = 10.0
 QUEUE_MAX = 256
+#: Topics a feed keeps (with their history) before it forgets those no page follows.
+MAX_TOPICS = 1024
 #: Marks the end of a subscriber's stream.
 END: dict[str, Any] = {"event": "end", "data": {}}
 
@@ -248,6 +250,9 @@ class ModelFeed:
         if key is not None:
             topic = self.topics.get(key)
             if topic is None:
+                if len(self.topics) >= MAX_TOPICS:  # forget tensors no page follows any more
+                    for k in [k for k, t in self.topics.items() if not t.subs]:
+                        del self.topics[k]
                 topic = self.topics[key] = Topic(key)
             topic.subs.add(sub)
         sub.topics.append((self, topic))
