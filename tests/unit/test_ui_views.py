@@ -78,3 +78,21 @@ def test_ui_region_payload_rows_and_non_finite_values():
     assert views.region_payload(torch.zeros(2, 3, 4), 0, "")["shape"] == [2, 3, 4]
     assert len(views.region_payload(torch.zeros(2, 3, 4), 0, "")["rows"]) == 6
     assert views.region_payload(torch.tensor([True, False]), 0, "")["rows"] == [[1.0, 0.0]]
+
+
+def test_ui_is_only_a_client_of_the_sdk():
+    """The inspector imports the SDK (paramhub) and its own modules; never the server's
+    internals, never grpc (it talks to the server only through paramhub.Client)."""
+    import ast
+    from pathlib import Path
+
+    allowed_server = ("paramhub_server.ui", "paramhub_server.inspect_cli")
+    root = Path(views.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("grpc"), (path.name, name)
+                if name.startswith("paramhub_server"):
+                    assert name.startswith(allowed_server), (path.name, name)
