@@ -8,6 +8,7 @@ HEALTHCHECK) starts without loading torch.
     paramhub tree MODEL             the module tree with shapes, dtypes, counts, shared/tied marks
     paramhub stats MODEL [PARAM]    server-side statistics and a histogram
     paramhub get MODEL PARAM [IDX]  a parameter's values, e.g. `paramhub get mlp 0.weight "0, :3"`
+    paramhub ui [--allow-edits]     the web inspector (paramhub_server/ui), on 127.0.0.1:8080
 
 Client commands take --target/--token (or $PARAMHUB_TARGET/$PARAMHUB_TOKEN) and TLS flags.
 """
@@ -176,6 +177,28 @@ def serve(
 
 # Client commands live in their own module; importing it registers them on `app`.
 from paramhub_server import inspect_cli as _inspect_cli  # noqa: E402,F401
+
+
+@app.command()
+def ui(target: _inspect_cli.Target = None, token: _inspect_cli.Token = None,
+       host: Annotated[str, typer.Option(help="address the web page binds")] = "127.0.0.1",
+       port: Annotated[int, typer.Option(help="port of the web page; 0 picks one")] = 8080,
+       allow_edits: Annotated[bool, typer.Option(
+           "--allow-edits", help="offer edits (values, inits, checkpoints) as far as the "
+                                 "token's role allows")] = False,
+       tls: _inspect_cli.Tls = False, tls_ca: _inspect_cli.TlsCa = None,
+       tls_cert: _inspect_cli.TlsCert = None, tls_key: _inspect_cli.TlsKey = None,
+       server_name: _inspect_cli.ServerName = None, timeout: _inspect_cli.Timeout = 30.0,
+       log_level: Annotated[LogLevel, typer.Option()] = LogLevel.WARNING) -> None:
+    """Serve the web inspector (first stdout line: its address): live models, trees,
+    statistics and histograms, values; edits with --allow-edits."""
+    from paramhub_server.ui.serve import main as ui_main
+
+    with _inspect_cli._connect(target, token, tls, tls_ca, tls_cert, tls_key, server_name,
+                               timeout) as client:
+        code = ui_main(client, host=host, port=port, allow_edits=allow_edits,
+                       log_level=LogLevel(log_level).value.lower())
+    raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
