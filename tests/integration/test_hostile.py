@@ -382,6 +382,52 @@ def test_disk_full_checkpoint_compaction_and_restore_change_nothing(settings, sm
         srv.stop(grace=None)
 
 
+def test_disk_full_optimizer_step_and_training_forward_change_nothing(settings, small_disk):
+    """Steps and training-mode passes change tensors in place before they are logged: on a
+    full disk they are refused (DISK_FULL) with parameters, optimizer state, buffers and
+    versions unchanged, and go on once space is back."""
+    settings = dataclasses.replace(settings, data_dir=small_disk / "data")
+    srv = build_server(settings)
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            c.create_model("m", nn.Sequential(nn.Linear(512, 512)))
+            bn = c.create_model("bn", nn.BatchNorm1d(1 << 16))  # 512 KiB of buffers
+            c.create_optimizer("m", "SGD", [(["0.weight", "0.bias"], {})],
+                               {"lr": 0.1, "momentum": 0.9})
+            grads = {"0.weight": torch.ones(512, 512), "0.bias": torch.ones(512)}
+            c.push_grads("m", grads, c.describe_model("m").model.version)
+            before = c.probe("m", include_buffers=True).stats.checksum_sha256
+            state = {k: v.clone() for k, v in c.get_optimizer_state("m")[1].items()}
+            version = c.describe_model("m").model.version
+            with _filled(small_disk, 64 << 10):
+                with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
+                    c.push_grads("m", grads, version)
+                _disk_full(e)
+                with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
+                    c.optimizer_step("m")
+                _disk_full(e)
+                with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
+                    bn(torch.rand(2, 1 << 16))  # training mode: BatchNorm updates its buffers
+                _disk_full(e)
+                assert c.describe_model("m").model.version == version
+                assert c.probe("m", include_buffers=True).stats.checksum_sha256 == before
+                assert c.describe_model("bn").model.version == 0
+                assert torch.equal(bn.running_mean.data, torch.zeros(1 << 16))
+                after = c.get_optimizer_state("m")[1]
+                assert state.keys() == after.keys()
+                assert all(torch.equal(state[k], after[k]) for k in state)
+            c.push_grads("m", grads, version)
+            expected = c.probe("m", include_buffers=True).stats.checksum_sha256
+            version = c.describe_model("m").model.version
+        srv = _restart(srv, settings)
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            c.wait_ready(timeout=60)
+            assert c.describe_model("m").model.version == version
+            assert c.probe("m", include_buffers=True).stats.checksum_sha256 == expected
+    finally:
+        srv.stop(grace=None)
+
+
 # ------------------------------------------------------------------------ amplification
 
 

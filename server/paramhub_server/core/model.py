@@ -124,6 +124,8 @@ class Journal(Protocol):
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
 
+    def reserve(self, nbytes: int) -> None: ...
+
     def log_record(self, model: ServedModel, header: dict[str, Any],
                    tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None: ...
 
@@ -873,7 +875,13 @@ class ServedModel:
                                    key=self._order.index)
                     changes = [Change(self._refs[n], (), self._refs[n].get().detach())
                                for n in names]
-                    self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
+                    try:
+                        self._commit("forward.train", "forward", changes, NO_CONTEXT,
+                                     applied=True)
+                    except BaseException:  # not logged (a full disk): not applied either
+                        for b, copy in saved:
+                            b.copy_(copy)
+                        raise
                 return _to_device(out, torch.device("cpu")), self.version
 
     # ----------------------------------------------------------------------------- gradients

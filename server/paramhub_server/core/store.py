@@ -350,6 +350,11 @@ class ModelStore:
         self.wal.append(header, blobs)
         self.after_commit(model)
 
+    def reserve(self, nbytes: int) -> None:
+        """Disk space for the next record of about `nbytes` bytes (DISK_FULL if there is none),
+        before a write that changes tensors in place runs."""
+        self.wal.reserve(nbytes)
+
     def log_training(self, model: ServedModel, path: str, training: bool) -> None:
         """Appends a train()/eval() record."""
         self.wal.append({"t": "train", "path": path, "training": training})

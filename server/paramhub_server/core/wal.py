@@ -60,6 +60,14 @@ _SMALL = 64 << 10
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+_FALLOC_FL_KEEP_SIZE = 1
+try:
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (OSError, AttributeError):  # not Linux
+    _fallocate = None
+
+
 def free_bytes(path: Path) -> int:
     """Bytes available to this process on the file system holding `path` (-1 if unknown)."""
     try:
@@ -117,6 +125,7 @@ class WalWriter:
         self.size = os.fstat(self.fd).st_size
         self._dirty = False
         self._closed = False
+        self._reserved = False
         self._cv = threading.Condition()
         self._flusher: threading.Thread | None = None
         if fsync == "batch":
@@ -153,10 +162,30 @@ class WalWriter:
             raise disk_full(self.path, e) or e from None
         n = len(frame) + payload
         self.size += n
+        if self._reserved:  # give back the preallocated space this record did not use
+            self._reserved = False
+            self._cut_back()
         if self.policy == "batch":
             with self._cv:
                 self._dirty = True
         return n
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocates disk space for the next `nbytes` bytes of appends (beyond the end of the
+        file, which keeps its size), so that a write changed in place before it is logged (an
+        optimizer step) learns of a full disk (DISK_FULL) before it changes anything. A no-op
+        where the file system cannot preallocate. The next append releases what it left
+        unused."""
+        if nbytes <= 0 or _fallocate is None:
+            return
+        if _fallocate(self.fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(self.size),
+                      ctypes.c_int64(nbytes)) != 0:
+            err = ctypes.get_errno()
+            if err in _NO_SPACE:
+                self._cut_back()
+                raise disk_full(self.path, OSError(err, os.strerror(err)))
+            return  # EOPNOTSUPP and friends: appends find out as before
+        self._reserved = True
 
     def _cut_back(self) -> None:
         """Drops whatever a failed append left after the last complete record."""
