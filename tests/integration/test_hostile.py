@@ -44,7 +44,6 @@ from paramhub_server.transport import _GreetingChannel
 from _served import MiB, SERVICE, Served, raw as _raw
 
 
-
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -458,9 +457,9 @@ def test_broadcast_index_over_max_tensor_elements_is_refused(served):
     def calls() -> list[Any]:
         out = []
         try:
-            list(s.channel.unary_stream(SERVICE + "GetTensor", pb.GetTensorRequest.SerializeToString,
-                                        bytes)(pb.GetTensorRequest(name=name, index=index),
-                                               timeout=60))
+            list(s.channel.unary_stream(
+                SERVICE + "GetTensor", pb.GetTensorRequest.SerializeToString,
+                bytes)(pb.GetTensorRequest(name=name, index=index), timeout=60))
             out.append(None)
         except grpc.RpcError as e:
             out.append(from_rpc_error(e))

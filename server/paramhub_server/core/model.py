@@ -1144,8 +1144,8 @@ def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, nam
 
 def _int_range(x: Any) -> tuple[int, int] | None:
     """(min, max) of an integer tensor with elements; None for anything else."""
-    if isinstance(x, torch.Tensor) and x.numel() and not (x.is_floating_point()
-                                                         or x.is_complex() or x.dtype is torch.bool):
+    if (isinstance(x, torch.Tensor) and x.numel() and not x.is_floating_point()
+            and not x.is_complex() and x.dtype is not torch.bool):
         return int(x.min()), int(x.max())
     return None
 
