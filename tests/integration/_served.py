@@ -13,9 +13,11 @@ import grpc
 
 import paramhub
 from paramhub.errors import from_rpc_error
+from paramhub.v1 import parameter_service_pb2 as pb
 
 SERVICE = "/paramhub.v1.ParameterService/"
 MiB = 1 << 20
+METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["ParameterService"].methods}
 
 
 def raw(channel: grpc.Channel, method: str, msgs: Sequence[Any], *, stream: bool = False,
@@ -27,6 +29,9 @@ def raw(channel: grpc.Channel, method: str, msgs: Sequence[Any], *, stream: bool
         if stream:
             return channel.stream_unary(SERVICE + method, ser, bytes)(iter(msgs),
                                                                       timeout=timeout)
+        if METHODS[method].server_streaming:  # the answers, all of them
+            return list(channel.unary_stream(SERVICE + method, ser, bytes)(msgs[0],
+                                                                           timeout=timeout))
         return channel.unary_unary(SERVICE + method, ser, bytes)(msgs[0], timeout=timeout)
     except grpc.RpcError as e:
         return from_rpc_error(e)

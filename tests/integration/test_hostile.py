@@ -32,7 +32,7 @@ from torch import nn
 
 import paramhub
 from paramhub import _codec, _shm, _spec
-from paramhub.errors import ParamhubError, from_rpc_error
+from paramhub.errors import ParamhubError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
@@ -41,7 +41,7 @@ from paramhub_server.app import build_server
 from paramhub_server.core.wal import _FRAME as WAL_FRAME
 from paramhub_server.transport import _GreetingChannel
 
-from _served import MiB, SERVICE, Served, raw as _raw
+from _served import MiB, Served, raw as _raw
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -455,19 +455,11 @@ def test_broadcast_index_over_max_tensor_elements_is_refused(served):
     before = s.client.probe("m").stats.checksum_sha256
 
     def calls() -> list[Any]:
-        out = []
-        try:
-            list(s.channel.unary_stream(
-                SERVICE + "GetTensor", pb.GetTensorRequest.SerializeToString,
-                bytes)(pb.GetTensorRequest(name=name, index=index), timeout=60))
-            out.append(None)
-        except grpc.RpcError as e:
-            out.append(from_rpc_error(e))
-        out.append(_raw(s.channel, "SetSlice", [pb.SetSliceRequest(
-            name=name, index=index, op=pb.SLICE_OP_ADD, value=_codec.tensor_to_proto(
-                torch.tensor(1.0)))]))
-        out.append(_raw(s.channel, "Probe", [pb.ProbeRequest(name=name, index=index)]))
-        return out
+        return [_raw(s.channel, "GetTensor", [pb.GetTensorRequest(name=name, index=index)]),
+                _raw(s.channel, "SetSlice", [pb.SetSliceRequest(
+                    name=name, index=index, op=pb.SLICE_OP_ADD,
+                    value=_codec.tensor_to_proto(torch.tensor(1.0)))]),
+                _raw(s.channel, "Probe", [pb.ProbeRequest(name=name, index=index)])]
 
     answers, growth = s.growth(calls)
     for a in answers:
