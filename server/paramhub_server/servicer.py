@@ -490,14 +490,10 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             nbytes = dtype.itemsize * _numel(shape)
             segment = self.transport.shm_channel().receive(conn, nbytes)
             try:
-                # Owned by the server before it is checked, logged or applied: the client still
-                # maps the memfd and could change the bytes between the log's CRC and its
-                # write (or between the log and the tensor).
-                w.value = _codec.empty(shape, dtype)
-                w.value.copy_(_codec.typed_view(segment.tensor, nbytes, dtype, shape))
+                w.value = _owned(m, _codec.typed_view(segment.tensor, nbytes, dtype, shape))
+                return self._apply_slice(m, w, request, context)
             finally:
                 segment.close()
-            return self._apply_slice(m, w, request, context)
         if request.data_token:
             # Names, index, op and limits are checked before any byte is accepted.
             model_id, w = slice_write(request, None, self.max_tensor_elements)
@@ -951,15 +947,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                            reason="BAD_STREAM")
             segment = self.transport.shm_channel().receive(conn, total)
             try:
-                # Owned by the server before it is logged or applied (see SetSlice).
-                owned = _codec.empty((total,), torch.uint8)
-                owned.copy_(segment.tensor[:total])
+                values = _codec.unpack_state(_owned(m, segment.tensor[:total]), header.tensors)
+                updated, version = m.load_state(refs, values, expected,
+                                                ctx=write_context("", context))
+                del values
             finally:
                 segment.close()
-            values = _codec.unpack_state(owned, header.tensors)
-            updated, version = m.load_state(refs, values, expected,
-                                            ctx=write_context("", context))
-            del values
         else:
             asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
             asm.add(first.data)
@@ -996,6 +989,19 @@ def _nbytes(value: tpb.Tensor, max_elements: int | None) -> int:
     for s in _codec.check_shape(value.shape, max_elements=max_elements):
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _owned(m: ServedModel, view: torch.Tensor) -> torch.Tensor:
+    """A value received in the client's shared memory, as a write of `m` may use it: copied
+    into server memory when the write is logged, since the client still maps the memfd and
+    could change the bytes between the log's CRC and its write, or between the log and the
+    tensor (a log that disagrees with itself or with what was served). Without a log there is
+    nothing to disagree with: the view is used as it is (one copy fewer)."""
+    if m.journal is None:
+        return view
+    out = _codec.empty(tuple(view.shape), view.dtype)
+    out.copy_(view)
+    return out
 
 
 def _once() -> Any:
