@@ -364,7 +364,12 @@ def test_disk_full_checkpoint_compaction_and_restore_change_nothing(settings, sm
                 with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
                     c.restore_checkpoint("m", "zero")
                 _disk_full(e)
+                with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
+                    c.create_model("other", nn.Sequential(nn.Linear(512, 512)))
+                _disk_full(e)
+                assert [m.name for m in c.list_models()] == ["models/m"]
                 assert _tmp_files(settings.data_dir) == []
+                assert sorted(p.name for p in (settings.data_dir / "models").iterdir()) == ["m"]
                 assert c.describe_model("m").model.version == version
                 assert torch.equal(net[0].weight.data, values), "a failed restore applied"
             c.set_slice("m", "0.bias", 0, 1.0)
