@@ -16,7 +16,7 @@ import math
 import mmap
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,9 @@ _FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in _DTYPES.items()}
 
 #: Hard cap on tensor rank accepted from the wire (torch itself allows at most 64 dims).
 MAX_RANK = 64
+#: Sizes (and their product, zeros counted as ones) must stay below this: torch's strides are
+#: signed 64-bit byte offsets, so the product times the widest element must fit.
+_MAX_NUMEL = 1 << 59
 
 
 def dtype_to_proto(dtype: torch.dtype) -> int:
@@ -114,11 +117,18 @@ def check_shape(shape: Sequence[int], *, max_elements: int | None = None) -> tup
         raise InvalidArgumentError(f"tensor rank {len(shape)} exceeds the maximum {MAX_RANK}",
                                    reason="BAD_SHAPE")
     numel = 1
+    nonzero = 1
     for s in shape:
         if s < 0:
             raise InvalidArgumentError(f"negative size in shape {list(shape)}",
                                        reason="BAD_SHAPE")
         numel *= s
+        nonzero *= max(s, 1)
+    if nonzero >= _MAX_NUMEL:
+        # torch computes strides over the non-zero sizes: even an empty tensor of
+        # [0, 2**62, 2**62] overflows them.
+        raise InvalidArgumentError(f"shape {list(shape)} is too large to index",
+                                   reason="BAD_SHAPE")
     if max_elements is not None and numel > max_elements:
         # A limit, not a malformed shape: the same shape is fine on a server with a higher cap.
         raise ResourceExhaustedError(
@@ -336,15 +346,20 @@ class TensorAssembler:
         return self.tensor
 
 
-def assemble_tensors(chunks: Iterable[pb.TensorChunk], **limits: Any
+def assemble_tensors(chunks: Iterable[pb.TensorChunk],
+                     check: Callable[[pb.TensorHeader], None] | None = None, **limits: Any
                      ) -> Iterator[TensorAssembler]:
-    """Splits a stream holding one or more chunked tensors; yields each finished assembler."""
+    """Splits a stream holding one or more chunked tensors; yields each finished assembler.
+    `check(header)` may refuse a tensor (raise) before its memory is allocated."""
     current: TensorAssembler | None = None
     for chunk in chunks:
         if chunk.HasField("header"):
             if current is not None:
                 current.finish()
                 yield current
+            current = None
+            if check is not None:
+                check(chunk.header)
             current = TensorAssembler(chunk.header, **limits)
         elif current is None:
             raise InvalidArgumentError("the first tensor chunk carries no header",
@@ -836,6 +851,32 @@ def check_index_tensor_bounds(shape: Sequence[int], index: tuple[Any, ...]) -> N
                 raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size "
                                  f"{size}")
         dim += n
+
+
+def index_result_shape(shape: Sequence[int], index: tuple[Any, ...]
+                       ) -> tuple[int, ...] | None:
+    """The shape `tensor[index]` would have, computed on the meta device (no memory), for a
+    tensor of `shape`: an index tensor can make a region far larger than the tensor (index
+    tensors of shapes (N, 1) and (1, N) select N x N elements). A boolean mask counts as all
+    True (an upper bound). None if torch rejects the index (the real indexing reports it)."""
+    items: list[Any] = []
+    for i in index:
+        if isinstance(i, torch.Tensor):
+            if i.dtype is torch.bool:
+                if i.dim() == 0:
+                    items.append(None)  # a size-1 (or 0) new dimension
+                else:
+                    items.extend(torch.empty(i.numel(), dtype=torch.int64, device="meta")
+                                 for _ in range(i.dim()))
+            else:
+                items.append(torch.empty(i.shape, dtype=torch.int64, device="meta"))
+        else:
+            items.append(i)
+    try:
+        return tuple(torch.empty(tuple(shape), dtype=torch.uint8, device="meta")
+                     [tuple(items)].shape)
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return None
 
 
 def apply_index(t: torch.Tensor, index: tuple[Any, ...]) -> torch.Tensor:

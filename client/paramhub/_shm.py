@@ -27,7 +27,7 @@ from paramhub.errors import InvalidArgumentError
 
 __all__ = ["shm_supported", "ShmSegment", "create_segment", "open_received", "ShmLink", "SEALS",
            "TOKEN_CHARS", "TOKEN_MAX_AGE", "Greeted", "send_segment", "receive_segment", "pass_segment",
-           "SegmentPool"]
+           "SegmentPool", "receive_fd", "seal_received"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ def shm_supported() -> bool:
 class ShmSegment:
     """A memfd mapped into this process, viewed as a flat uint8 tensor (`tensor`)."""
 
-    def __init__(self, fd: int, nbytes: int) -> None:
+    def __init__(self, fd: int, nbytes: int, *, populate: bool = True) -> None:
         self.fd = fd
         self.nbytes = nbytes
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        # MAP_POPULATE prefaults the whole mapping: only for segments whose every byte is used.
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         self._mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor: torch.Tensor | None = torch.frombuffer(self._mm, dtype=torch.uint8)
 
@@ -88,28 +89,35 @@ def create_segment(nbytes: int) -> ShmSegment:
         raise
 
 
-def open_received(fd: int, nbytes: int) -> ShmSegment:
-    """Maps a peer's memfd after sealing its size and checking it holds `nbytes` bytes.
+def seal_received(fd: int) -> int:
+    """Seals a peer's memfd against shrinking and growing; returns its size. Raises
+    InvalidArgumentError (SHM_UNAVAILABLE) if it cannot be sealed. Does not close `fd`."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except OSError:
+        # Already sealed with F_SEAL_SEAL (or not a memfd): only the size seals matter.
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & SEALS != SEALS:
+            raise InvalidArgumentError("the shared-memory segment cannot be sealed",
+                                       reason="SHM_UNAVAILABLE") from None
+    return os.fstat(fd).st_size
+
+
+def open_received(fd: int, nbytes: int, *, populate: bool = True) -> ShmSegment:
+    """Maps the first `nbytes` bytes of a peer's memfd after sealing its size and checking it
+    holds that many (never more than that is mapped).
 
     Takes ownership of `fd`. Raises InvalidArgumentError (SHM_UNAVAILABLE / BAD_TENSOR_BYTES).
     """
     try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        except OSError:
-            # Already sealed with F_SEAL_SEAL (or not a memfd): only the size seals matter.
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                seals = 0
-            if seals & SEALS != SEALS:
-                raise InvalidArgumentError("the shared-memory segment cannot be sealed",
-                                           reason="SHM_UNAVAILABLE") from None
-        size = os.fstat(fd).st_size
+        size = seal_received(fd)
         if size < max(nbytes, 1):
             raise InvalidArgumentError(f"the shared-memory segment has {size} bytes, the value "
                                        f"needs {nbytes}", reason="BAD_TENSOR_BYTES")
-        return ShmSegment(fd, max(nbytes, 1))
+        return ShmSegment(fd, max(nbytes, 1), populate=populate)
     except BaseException:
         os.close(fd)
         raise
@@ -130,7 +138,12 @@ def pass_segment(conn: socket.socket, segment: ShmSegment) -> None:
 
 
 def receive_segment(conn: socket.socket, nbytes: int) -> ShmSegment:
-    """Receives one memfd of at least `nbytes` bytes over `conn` and maps it."""
+    """Receives one memfd of at least `nbytes` bytes over `conn` and maps `nbytes` of it."""
+    return open_received(receive_fd(conn), nbytes)
+
+
+def receive_fd(conn: socket.socket) -> int:
+    """Receives one descriptor over `conn` (not mapped; the caller owns it)."""
     try:
         _, fds, _, _ = socket.recv_fds(conn, 1, 4)
     except OSError as e:
@@ -140,15 +153,7 @@ def receive_segment(conn: socket.socket, nbytes: int) -> ShmSegment:
         for fd in fds:
             os.close(fd)
         raise InvalidArgumentError("expected one shared-memory segment", reason="SHM_UNAVAILABLE")
-    fd = fds[0]
-    if nbytes == 0:  # any size: map all of it
-        try:
-            nbytes = os.fstat(fd).st_size
-        except OSError:
-            os.close(fd)
-            raise
-    segment = open_received(fd, nbytes)
-    return segment
+    return fds[0]
 
 
 class SegmentPool:

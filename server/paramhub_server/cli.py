@@ -9,6 +9,7 @@ HEALTHCHECK) starts without loading torch.
     paramhub stats MODEL [PARAM]    server-side statistics and a histogram
     paramhub get MODEL PARAM [IDX]  a parameter's values, e.g. `paramhub get mlp 0.weight "0, :3"`
     paramhub ui [--allow-edits]     the web inspector (paramhub_server/ui), on 127.0.0.1:8080
+    paramhub wal check|repair DIR   what recovery makes of each model's log; cut a damaged one
 
 Client commands take --target/--token (or $PARAMHUB_TARGET/$PARAMHUB_TOKEN) and TLS flags.
 """
@@ -177,6 +178,7 @@ def serve(
 
 # Client commands live in their own module; importing it registers them on `app`.
 from paramhub_server import inspect_cli as _inspect_cli  # noqa: E402,F401
+from paramhub_server import wal_cli as _wal_cli  # noqa: E402,F401
 
 
 @app.command()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import torch
+from torch.utils._pytree import tree_flatten
 
 from paramhub import _codec, _data
 from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
@@ -23,7 +25,7 @@ from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedMode
 from paramhub_server.core.registry import Registry
 from paramhub_server.errors import rpc
 from paramhub_server.logs import current_role
-from paramhub_server.transport import Transport, create_segment
+from paramhub_server.transport import ShmSegment, Transport, create_segment
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             # An uploaded tensor larger than the whole model is refused from its header,
             # before it is allocated.
             values = {a.name: a.finish() for a in _codec.assemble_tensors(
-                chunks, max_elements=self.max_tensor_elements,
+                chunks, check=_once(), max_elements=self.max_tensor_elements,
                 max_bytes=self.registry.max_model_bytes)}
         except ResourceExhaustedError as e:
             if e.metadata.get("limit") != "max_bytes":
@@ -298,22 +300,27 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         # Yields GetTensorResponse wire bytes (transport.add_servicer passes them through).
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        self._check_index(m, name, kind, index)
         grad = request.field == pb.TENSOR_FIELD_GRAD
         if request.shm_token and request.shm_client_buffer:
-            # The client passed a (warm, reusable) buffer: write straight into it.
+            # The client passed a (warm, reusable) buffer: write straight into it. Only the
+            # result's bytes of it are mapped (never the whole memfd, never prefaulted).
             channel = self.transport.shm_channel()
             conn = channel.take(request.shm_token)
             client_segment = None
+            fd = -1
             try:
-                client_segment = channel.receive_open(conn)
+                fd, size = channel.receive_open(conn)
 
                 def into_client(dtype: Any, shape: tuple[int, ...]) -> Any:
+                    nonlocal client_segment, fd
                     nbytes = dtype.itemsize * _numel(shape)
-                    if nbytes > client_segment.nbytes:
+                    if nbytes > size:
                         raise InvalidArgumentError(
-                            f"the client's buffer has {client_segment.nbytes} bytes, the "
-                            f"result needs {nbytes}", reason="SHM_BUFFER_TOO_SMALL",
-                            metadata={"asked": str(nbytes)})
+                            f"the client's buffer has {size} bytes, the result needs {nbytes}",
+                            reason="SHM_BUFFER_TOO_SMALL", metadata={"asked": str(nbytes)})
+                    client_segment = ShmSegment(fd, max(nbytes, 1), populate=False)
+                    fd = -1
                     return _codec.typed_view(client_segment.tensor, nbytes, dtype, shape)
 
                 result = m.read(name, index, grad=grad, kind=kind, alloc=into_client)
@@ -325,6 +332,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 conn.close()
                 if client_segment is not None:
                     client_segment.close()
+                elif fd >= 0:
+                    os.close(fd)
             yield _codec.encode_chunk(header, wrap=True)
             return
         if request.shm_token:
@@ -390,6 +399,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
         limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
+        self._check_index(m, name, kind, index, inline_bytes=limit)
 
         def check(dtype: Any, shape: tuple[int, ...]) -> None:
             nbytes = dtype.itemsize * _numel(shape)
@@ -409,7 +419,53 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
     def _set_slice(self, request: pb.SetSliceRequest, value: Any,
                    context: grpc.ServicerContext) -> pb.SetSliceResponse:
         model_id, w = slice_write(request, value, self.max_tensor_elements)
-        return self._apply_slice(self.registry.get(model_id), w, request, context)
+        m = self.registry.get(model_id)
+        self._check_index(m, w.name, w.kind, w.index)
+        return self._apply_slice(m, w, request, context)
+
+    def _check_index(self, m: ServedModel, name: str, kind: str | None, index: Any, *,
+                     inline_bytes: int | None = None) -> tuple[int, ...] | None:
+        """Refuses, before anything is built, an index whose region would hold more than
+        --max-tensor-elements elements (or, for an inline answer, more than `inline_bytes`):
+        index tensors can select far more than the tensor holds ((N,1) and (1,N): N x N).
+        Returns the region's shape when it was computed."""
+        if not any(isinstance(i, torch.Tensor) for i in index):
+            return None  # ints, slices, None and ... never select more than the tensor holds
+        shape = m.region_shape(name, index, kind=kind)
+        if shape is None:
+            return None  # an invalid index: the indexing itself reports it
+        numel = _numel(shape)
+        limit = self.max_tensor_elements
+        if limit is not None and numel > limit:
+            raise ResourceExhaustedError(
+                f"the index selects {numel} elements of {name!r}, more than "
+                f"--max-tensor-elements {limit}", reason="TENSOR_TOO_LARGE",
+                metadata={"limit": "max_tensor_elements", "limit_value": str(limit),
+                          "asked": str(numel)})
+        if inline_bytes is not None:
+            nbytes = numel * m.ref(name, kind).get().element_size()
+            if nbytes > inline_bytes:
+                raise ResourceExhaustedError(
+                    f"{name!r}[...] has {nbytes} bytes, more than GetTensorInline's "
+                    f"{inline_bytes}; use GetTensor", reason="MESSAGE_TOO_LARGE",
+                    metadata={"limit": "inline_bytes", "limit_bytes": str(inline_bytes),
+                              "asked": str(nbytes)})
+        return shape
+
+    def _check_upload(self, m: ServedModel, w: SliceWrite, shape: tuple[int, ...]) -> None:
+        """Refuses an announced value larger than the region it is written to, before its
+        memory is allocated (a value broadcasts to the region, so it never holds more
+        elements than the region)."""
+        region = self._check_index(m, w.name, w.kind, w.index)
+        if region is None:
+            region = m.region_shape(w.name, w.index, kind=w.kind)
+        if region is None:
+            return  # an invalid index: the write reports it
+        if _numel(shape) > max(_numel(region), 1):
+            raise InvalidArgumentError(
+                f"a value of shape {list(shape)} cannot be written to a region of shape "
+                f"{list(region)} of {w.name!r}", reason="BAD_SHAPE",
+                metadata={"tensor": w.name, "asked": str(_numel(shape))})
 
     @staticmethod
     def _apply_slice(m: ServedModel, w: SliceWrite, request: pb.SetSliceRequest,
@@ -436,15 +492,19 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         if request.shm_token:
             conn = self.transport.shm_channel().take(request.shm_token)
             try:
+                # Names, index, op and sizes are checked before the memfd is mapped.
+                model_id, w = slice_write(request, None, self.max_tensor_elements)
                 dtype, shape = self._announced(request, "shared-memory")
+                m = self.registry.get(model_id)
+                self._check_upload(m, w, shape)
             except BaseException:
                 conn.close()
                 raise
             nbytes = dtype.itemsize * _numel(shape)
             segment = self.transport.shm_channel().receive(conn, nbytes)
             try:
-                return self._set_slice(request, _codec.typed_view(segment.tensor, nbytes, dtype,
-                                                                  shape), context)
+                w.value = _owned(m, _codec.typed_view(segment.tensor, nbytes, dtype, shape))
+                return self._apply_slice(m, w, request, context)
             finally:
                 segment.close()
         if request.data_token:
@@ -452,7 +512,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             model_id, w = slice_write(request, None, self.max_tensor_elements)
             dtype, shape = self._announced(request, "data-channel")
             m = self.registry.get(model_id)
-            m.ref(w.name, w.kind)  # NOT_FOUND before reading a byte
+            self._check_upload(m, w, shape)  # NOT_FOUND, or too big, before reading a byte
             channel = self.transport.data_channel()
             # A unary call that waits on its client's bytes: at most half the unary threads
             # may do so, or slow producers would starve every other call. Past that the SDK
@@ -484,6 +544,11 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         if req.value.data:
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
+        # The target is checked, and the announced size against it, before allocating.
+        model_id, w = slice_write(req, None, self.max_tensor_elements)
+        m = self.registry.get(model_id)
+        self._check_upload(m, w, _codec.check_shape(req.value.shape,
+                                                    max_elements=self.max_tensor_elements))
         asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
                                                       shape=req.value.shape),
                                      max_elements=self.max_tensor_elements)
@@ -495,7 +560,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             else:
                 raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
                                            "request", reason="BAD_STREAM")
-        done = self._set_slice(req, asm.finish(), context)
+        w.value = asm.finish()
+        done = self._apply_slice(m, w, req, context)
         return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 
     @rpc
@@ -521,13 +587,24 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         out, version = m.forward(request.module_path, args, kwargs,
                                  may_write=current_role() in (None, "write", "admin"),
                                  seed=request.seed if request.HasField("seed") else None)
+        limit = self.transport.max_message_bytes
+        # Bounded from the output's tensors before anything is encoded (an encoding of more
+        # than 2 GiB is not even possible).
+        asked = sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
+                    if isinstance(t, torch.Tensor))
+        if asked > limit:
+            raise ResourceExhaustedError(
+                f"the forward output holds {asked} bytes of tensors, more than the server's "
+                f"max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                          "asked": str(asked)})
         try:
             encoded = _codec.value_to_proto(out)
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
         response = pb.ForwardResponse(output=encoded, model_version=version)
-        limit = self.transport.max_message_bytes
         if response.ByteSize() > limit:
             raise ResourceExhaustedError(
                 f"the forward output needs {response.ByteSize()} bytes, more than the server's "
@@ -639,11 +716,23 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         m = self._model(header.model)
 
         grads: dict[str, Any] = {}
-        for asm in _codec.assemble_tensors(chunks, max_elements=self.max_tensor_elements,
-                                          max_bytes=self.registry.max_model_bytes):
-            if asm.name in grads:
-                raise InvalidArgumentError(f"gradient for {asm.name!r} sent twice",
+
+        def check(header: tpb.TensorHeader) -> None:
+            # Before the gradient is allocated: a known parameter, once, of its shape.
+            if header.name in grads:
+                raise InvalidArgumentError(f"gradient for {header.name!r} sent twice",
                                            reason="DUPLICATE_PARAMETER")
+            p = m.ref(header.name, PARAMETER).get()
+            shape = _codec.check_shape(header.shape, max_elements=self.max_tensor_elements)
+            if shape != tuple(p.shape):
+                raise InvalidArgumentError(f"gradient for {header.name!r} is {list(shape)}, "
+                                           f"the parameter is {list(p.shape)}",
+                                           reason="BAD_SHAPE",
+                                           metadata={"parameter": header.name})
+
+        for asm in _codec.assemble_tensors(chunks, check=check,
+                                          max_elements=self.max_tensor_elements,
+                                          max_bytes=self.registry.max_model_bytes):
             grads[asm.name] = asm.finish()
         result = training.push_grads(m, header.model_version, grads,
                                      timeout=context.time_remaining(), alive=context.is_active)
@@ -667,6 +756,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                     model_version=version)
         m, kind, name = self._tensor(request.name)
         index = _codec.index_from_proto(request.index, max_elements=self.max_tensor_elements)
+        self._check_index(m, name, kind, index)
         stats, version = probe.probe_tensor(m, name, index, kind=kind,
                                             grad=request.field == pb.TENSOR_FIELD_GRAD,
                                             bins=request.histogram_bins, hmin=hmin, hmax=hmax)
@@ -678,13 +768,28 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         header = _first_header(request_iterator, "ApplyBatch")
         m = self._model(header.model)
         writes: list[SliceWrite | InitWrite] = []
-        pending: tuple[pb.SetSliceRequest, _codec.TensorAssembler] | None = None
+        pending: tuple[SliceWrite, _codec.TensorAssembler] | None = None
+        # Value bytes a batch may hold while it arrives: every tensor of the model once, plus
+        # one message; counted from each value's announced size, before it is allocated.
+        budget = m.stats()[1] + self.transport.max_message_bytes
+        held = 0
+
+        def take(nbytes: int) -> None:
+            nonlocal held
+            held += nbytes
+            if held > budget:
+                raise ResourceExhaustedError(
+                    f"the batch's values exceed {budget} bytes (the model's size plus "
+                    f"max_message_bytes)", reason="BATCH_TOO_LARGE",
+                    metadata={"limit": "batch_bytes", "limit_bytes": str(budget),
+                              "asked": str(held)})
 
         def finish_pending() -> None:
             nonlocal pending
             if pending is not None:
-                req, asm = pending
-                writes.append(self._batch_slice(m, req, asm.finish()))
+                w, asm = pending
+                w.value = asm.finish()
+                writes.append(w)
                 pending = None
 
         for msg in request_iterator:
@@ -703,13 +808,17 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             if which == "set_slice":
                 req = msg.write.set_slice
                 nbytes = _nbytes(req.value, self.max_tensor_elements)
+                w = self._batch_slice(m, req, None)
+                self._check_upload(m, w, tuple(req.value.shape))
+                take(nbytes)
                 if nbytes and not req.value.data:
-                    pending = (req, _codec.TensorAssembler(
+                    pending = (w, _codec.TensorAssembler(
                         tpb.TensorHeader(dtype=req.value.dtype, shape=req.value.shape),
                         max_elements=self.max_tensor_elements))
                 else:
-                    writes.append(self._batch_slice(m, req, _codec.tensor_from_proto(
-                        req.value, max_elements=self.max_tensor_elements)))
+                    w.value = _codec.tensor_from_proto(req.value,
+                                                       max_elements=self.max_tensor_elements)
+                    writes.append(w)
             elif which == "apply_init":
                 if request_model := msg.write.apply_init.model:
                     if model_id_of(request_model) != m.id:
@@ -863,7 +972,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                            reason="BAD_STREAM")
             segment = self.transport.shm_channel().receive(conn, total)
             try:
-                values = _codec.unpack_state(segment.tensor[:total], header.tensors)
+                values = _codec.unpack_state(_owned(m, segment.tensor[:total]), header.tensors)
                 updated, version = m.load_state(refs, values, expected,
                                                 ctx=write_context("", context))
                 del values
@@ -905,6 +1014,33 @@ def _nbytes(value: tpb.Tensor, max_elements: int | None) -> int:
     for s in _codec.check_shape(value.shape, max_elements=max_elements):
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _owned(m: ServedModel, view: torch.Tensor) -> torch.Tensor:
+    """A value received in the client's shared memory, as a write of `m` may use it: copied
+    into server memory when the write is logged, since the client still maps the memfd and
+    could change the bytes between the log's CRC and its write, or between the log and the
+    tensor (a log that disagrees with itself or with what was served). Without a log there is
+    nothing to disagree with: the view is used as it is (one copy fewer)."""
+    if m.journal is None:
+        return view
+    out = _codec.empty(tuple(view.shape), view.dtype)
+    out.copy_(view)
+    return out
+
+
+def _once() -> Any:
+    """A header check refusing a tensor name uploaded twice (CreateModel values)."""
+    seen: set[str] = set()
+
+    def check(header: tpb.TensorHeader) -> None:
+        if header.name in seen:
+            raise InvalidArgumentError(f"value for {header.name[:200]!r} uploaded twice",
+                                       reason="DUPLICATE_TENSOR",
+                                       metadata={"tensor": header.name[:200]})
+        seen.add(header.name)
+
+    return check
 
 
 def _numel(shape: Any) -> int:

@@ -29,6 +29,7 @@ import os
 import secrets
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -40,8 +41,8 @@ import torch
 from google.protobuf import message_factory
 
 from paramhub import _codec, _data
-from paramhub._shm import (ShmSegment, create_segment, receive_segment, send_segment,
-                           shm_supported)
+from paramhub._shm import (ShmSegment, create_segment, receive_fd, receive_segment,
+                           seal_received, send_segment, shm_supported)
 from paramhub.errors import InvalidArgumentError, UnavailableError
 from paramhub.v1 import parameter_service_pb2 as pb
 
@@ -120,16 +121,22 @@ class _GreetingChannel:
     """Accepts connections, greets each with a fresh single-use token, and hands the connection
     to the one gRPC call that names it. Subclasses make the listener and move the bytes."""
 
-    #: Greeted connections kept at most; further ones are closed at once (nobody can hold the
-    #: server's descriptors hostage by connecting and never calling).
+    #: Greeted connections kept at most, and per peer (a process on the unix socket, an address
+    #: on the data port). A new connection past either cap evicts the oldest pending one (of
+    #: that peer first) instead of being refused: idle connections that never call cannot
+    #: hold the slots, and a client names its token right after its greeting.
     MAX_PENDING = 256
+    MAX_PER_PEER = 16
     _thread_name = "paramhub-channel"
     _unavailable = "SHM_UNAVAILABLE"
 
     def __init__(self, listener: socket.socket) -> None:
         self._listener = listener
         self._listener.settimeout(0.25)
-        self._pending: dict[str, tuple[socket.socket, float]] = {}
+        #: token -> (connection, greeted at, peer); oldest first (dicts keep insertion order).
+        self._pending: dict[str, tuple[socket.socket, float, Any]] = {}
+        #: Pending connections evicted to make room (for tests and metrics).
+        self.evicted = 0
         #: Connections handed to calls (weakly held: each call closes its own), so that
         #: shutdown can break the ones still blocked on a slow or silent peer.
         self._taken: weakref.WeakSet[socket.socket] = weakref.WeakSet()
@@ -153,15 +160,14 @@ class _GreetingChannel:
                 if self._stop.is_set():
                     return
                 continue
-            with self._lock:
-                full = len(self._pending) >= self.MAX_PENDING
-            if full:
-                conn.close()
-                continue
+            peer = self._peer(conn)
             token = secrets.token_hex(TOKEN_CHARS // 2)
-            # Registered before the client can know it: it may name it at once.
             with self._lock:
-                self._pending[token] = (conn, time.monotonic())
+                evict = self._make_room(peer)
+                # Registered before the client can know it: it may name it at once.
+                self._pending[token] = (conn, time.monotonic(), peer)
+            for old in evict:
+                old.close()
             try:
                 conn.settimeout(RECV_TIMEOUT)
                 conn.sendall(token.encode("ascii"))
@@ -170,15 +176,37 @@ class _GreetingChannel:
                     self._pending.pop(token, None)
                 conn.close()
 
+    def _peer(self, conn: socket.socket) -> Any:
+        """Who is connecting: the peer's address (TCP), or its process id (unix socket)."""
+        try:
+            if conn.family == socket.AF_UNIX:
+                cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+                return struct.unpack("3i", cred)[0]
+            return conn.getpeername()[0]
+        except OSError:
+            return None
+
+    def _make_room(self, peer: Any) -> list[socket.socket]:
+        """Pops the pending connections a new one from `peer` evicts (caller holds the lock)."""
+        mine = [t for t, (_, _, p) in self._pending.items() if p == peer]
+        out = []
+        if len(mine) >= self.MAX_PER_PEER:
+            out.append(self._pending.pop(mine[0])[0])
+        if len(self._pending) >= self.MAX_PENDING:
+            out.append(self._pending.pop(next(iter(self._pending)))[0])
+        self.evicted += len(out)
+        return out
+
     def _expire(self) -> None:
         """Drops tokens that are too old or whose client hung up (e.g. it died)."""
         now = time.monotonic()
         with self._lock:
             entries = list(self._pending.items())
-        dead = [t for t, (_, at) in entries if now - at > TOKEN_TTL]
+        dead = [t for t, (_, at, _) in entries if now - at > TOKEN_TTL]
         poller = select.poll()
         by_fd = {}
-        for token, (conn, _) in entries:
+        for token, (conn, _, _) in entries:
             try:
                 poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | _POLLRDHUP)
                 by_fd[conn.fileno()] = (token, conn)
@@ -232,7 +260,7 @@ class _GreetingChannel:
         self._listener.close()
         self._thread.join(timeout=2)
         with self._lock:
-            conns = [c for c, _ in self._pending.values()]
+            conns = [c for c, _, _ in self._pending.values()]
             self._pending.clear()
         for c in conns:
             c.close()
@@ -279,12 +307,18 @@ class ShmChannel(_GreetingChannel):
         finally:
             conn.close()
 
-    def receive_open(self, conn: socket.socket) -> ShmSegment:
-        """Receives and maps the client's memfd whatever its size (the caller checks it); the
-        connection stays open."""
-        segment = receive_segment(conn, 0)
+    def receive_open(self, conn: socket.socket) -> tuple[int, int]:
+        """Receives the client's memfd and seals its size, without mapping it: (descriptor,
+        size). The caller maps only what it writes (`ShmSegment(fd, n, populate=False)`), never
+        the whole memfd; the connection stays open."""
+        fd = receive_fd(conn)
+        try:
+            size = seal_received(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self.received += 1
-        return segment
+        return fd, size
 
 
 class DataChannel(_GreetingChannel):

@@ -306,3 +306,135 @@ def test_fuzz_specs(harness, data):
             header=tpb.TensorHeader(name="0.weight", dtype=1, shape=[4, 4]),
             data=PICKLE)).SerializeToString())
     harness.send("CreateModel", bodies)
+
+
+# ------------------------------------------------------------------------------ memory
+
+#: The most a `paramhub serve` process's peak RSS may rise over a whole run of amplifying
+#: requests (each of which, unchecked, would commit hundreds of MiB to GiB).
+RSS_BOUND = 200 << 20
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, request):
+    """`paramhub serve` as a subprocess (its peak RSS is read from /proc), with small limits."""
+    from _served import Served
+
+    s = Served(tmp_path_factory.mktemp("fuzz-rss"), "--max-message-bytes", str(4 << 20),
+               "--max-tensor-elements", str(1 << 26))
+    net = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 4))
+    s.client.create_model_from_spec("fz", _spec.spec_from_module(net), values=net.state_dict())
+    base = s.reset_peak()
+    yield s, base
+    s.close()
+    request.config.stash.setdefault(SUMMARY_KEY, []).append(
+        f"fuzz memory: {STATS['memory requests']} amplifying requests, server peak RSS grew "
+        f"{STATS['memory peak growth MiB']} MiB at most (bound {RSS_BOUND >> 20} MiB); "
+        + ", ".join(f"{m}: {dict(c)}" for m, c in sorted(PER_METHOD.items())
+                    if m.startswith("memory")))
+
+
+def _amplifying(data: st.DataObject) -> tuple[str, list, bool]:
+    """(method, messages, client streaming) of a small request that announces or selects far
+    more than its target holds."""
+    from paramhub.v1 import parameter_service_pb2 as pb
+
+    weight = "models/fz/parameters/0.weight"  # 64 x 16
+    # Announced elements: within --max-tensor-elements (2**26, 256 MiB of float32: only the
+    # check against the target refuses them) and beyond it.
+    big = data.draw(st.sampled_from([1 << 26, 1 << 28, 1 << 24, 1 << 20]))
+    kind = data.draw(st.sampled_from(["index", "upload", "grads", "batch", "forward", "shm"]))
+    if kind == "index":
+        n = data.draw(st.sampled_from([1 << 10, 1 << 11, 1 << 14, 1 << 15]))
+        rows = torch.zeros(n, 1, dtype=torch.int64)
+        cols = torch.zeros(1, data.draw(st.sampled_from([1, n])), dtype=torch.int64)
+        index = _codec_index(rows, cols)
+        method = data.draw(st.sampled_from(["GetTensorInline", "GetTensor", "Probe",
+                                            "SetSlice"]))
+        msg = {"GetTensorInline": lambda: pb.GetTensorInlineRequest(name=weight, index=index),
+               "GetTensor": lambda: pb.GetTensorRequest(name=weight, index=index),
+               "Probe": lambda: pb.ProbeRequest(name=weight, index=index),
+               "SetSlice": lambda: pb.SetSliceRequest(
+                   name=weight, index=index, op=pb.SLICE_OP_ADD,
+                   value=tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, data=b"\0\0\0\0"))}[method]()
+        return method, [msg], False
+    value = tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=[big])
+    req = pb.SetSliceRequest(name=weight, op=pb.SLICE_OP_ASSIGN, value=value)
+    tail = [b"\0" * data.draw(st.sampled_from([0, 64, 1 << 20]))]
+    if kind == "upload":
+        return "StreamSetSlice", [pb.StreamSetSliceRequest(request=req)] + [
+            pb.StreamSetSliceRequest(data=t) for t in tail], True
+    if kind == "grads":
+        chunk = tpb.TensorChunk(header=tpb.TensorHeader(name="0.weight", dtype=1, shape=[big]),
+                                data=tail[0])
+        return "PushGrads", [pb.PushGradsRequest(header=pb.PushGradsHeader(model="models/fz")),
+                             pb.PushGradsRequest(chunk=chunk)], True
+    if kind == "batch":
+        count = data.draw(st.integers(1, 200))
+        one = pb.ApplyBatchRequest(write=pb.BatchWrite(set_slice=pb.SetSliceRequest(
+            name=weight, op=pb.SLICE_OP_ASSIGN, value=tpb.Tensor(
+                dtype=tpb.DTYPE_FLOAT32, shape=[1 << 18], data=b"\0" * (1 << 20)))))
+        return "ApplyBatch", [pb.ApplyBatchRequest(header=pb.ApplyBatchHeader(
+            model="models/fz"))] + [one] * count, True
+    if kind == "forward":
+        rows = data.draw(st.sampled_from([1 << 10, 1 << 14, 1 << 16]))
+        fwd = pb.ForwardRequest(model="models/fz", module_path="0")
+        fwd.args.add().tensor_value.CopyFrom(tpb.Tensor(
+            dtype=tpb.DTYPE_FLOAT32, shape=[rows, 16], data=b"\0" * (rows * 64)))
+        return "Forward", [fwd], False
+    return "shm", [big * 4], False
+
+
+def _codec_index(*items):
+    from paramhub import _codec
+
+    return _codec.index_to_proto(tuple(items))
+
+
+def _shm_read(s, size: int) -> object:
+    """GetTensor into a client buffer that is a sparse memfd of `size` bytes."""
+    import socket
+
+    from paramhub import _shm
+    from paramhub.v1 import parameter_service_pb2 as pb
+    from _served import raw
+
+    link = _shm.ShmLink(s.client.transport_info().shm_address)
+    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        greeted = link.connect()
+        try:
+            socket.send_fds(greeted.conn, [b"F"], [fd])
+            return raw(s.channel, "GetTensor", [pb.GetTensorRequest(
+                name="models/fz/parameters/0.bias", shm_token=greeted.token,
+                shm_client_buffer=True)])
+        finally:
+            greeted.close()
+    finally:
+        os.close(fd)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_server_memory_stays_bounded(served, data):
+    """Random amplifying requests (broadcast index tensors, announced uploads, gradient and
+    batch streams, Forward outputs over the limit, sparse shm client buffers) against a
+    `paramhub serve` process: none answers INTERNAL, and the server's peak RSS over the whole
+    run stays within RSS_BOUND of where it started."""
+    from _served import raw
+    from paramhub.errors import ParamhubError
+
+    s, base = served
+    method, msgs, stream = _amplifying(data)
+    if method == "shm":
+        answer = _shm_read(s, msgs[0])
+    else:
+        answer = raw(s.channel, method, msgs, stream=stream)
+    STATS["memory requests"] += 1
+    if isinstance(answer, ParamhubError):
+        PER_METHOD[f"memory {method}"][answer.reason] += 1
+        assert answer.code not in ("INTERNAL", "UNKNOWN"), answer
+    growth = s.peak() - base
+    STATS["memory peak growth MiB"] = max(STATS["memory peak growth MiB"], growth >> 20)
+    assert growth < RSS_BOUND, f"server peak RSS grew {growth >> 20} MiB ({method})"

@@ -20,6 +20,7 @@ takes the lock like any other read or write.
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -124,12 +125,30 @@ class Journal(Protocol):
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
 
+    def reserve(self, nbytes: int) -> None: ...
+
     def log_record(self, model: ServedModel, header: dict[str, Any],
                    tensors: Sequence[tuple[str, torch.Tensor]] = ()) -> None: ...
 
     def after_commit(self, model: ServedModel) -> None: ...
 
     def snapshot(self, model: ServedModel) -> int: ...
+
+    def prepare_snapshot(self, model: ServedModel, override: SnapshotState | None = None
+                         ) -> Any: ...
+
+    def commit_snapshot(self, prepared: Any) -> int: ...
+
+
+@dataclass(frozen=True)
+class SnapshotState:
+    """The state a snapshot records instead of the model's current one (a checkpoint restore
+    is made durable before it is applied): values by first name, the write's result (new
+    versions and model version) and its request id."""
+
+    values: dict[str, torch.Tensor]
+    result: WriteResult
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -344,6 +363,12 @@ class ServedModel:
             t = t.grad
         t = t.detach()
         return t, _codec.apply_index(t, index)
+
+    def region_shape(self, name: str, index: tuple[Any, ...], *, kind: str | None = None
+                     ) -> tuple[int, ...] | None:
+        """The shape `tensor[index]` would have, computed without building it (shapes never
+        change after creation, so no lock is needed); None if the index is invalid."""
+        return _codec.index_result_shape(tuple(self.ref(name, kind).get().shape), index)
 
     def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
                      parameters_only: bool = False) -> list[str]:
@@ -779,13 +804,15 @@ class ServedModel:
     def restore_values(self, values: dict[str, torch.Tensor], op: str,
                        expected_model_version: int | None = None, *,
                        ctx: WriteContext = NO_CONTEXT,
-                       before_commit: Callable[[], None] | None = None) -> WriteResult:
+                       before_commit: Callable[[], None] | None = None,
+                       undo: Callable[[], None] | None = None) -> WriteResult:
         """Replaces every storage's value (checkpoint rollback) as one write. The journal makes
         it durable with a snapshot instead of a (model-sized) log record.
 
         `before_commit` runs under the write lock once the values are checked, before they are
         applied and the snapshot is written (checkpoint restore installs the checkpoint's
-        optimizer there, so the snapshot holds both); it must not fail."""
+        optimizer there, so the snapshot holds both); it must not fail. `undo` reverts it if
+        the snapshot cannot be written."""
         with self.lock.write():
             result = self._recall(ctx, "restore")
             if result is not None:
@@ -802,13 +829,28 @@ class ServedModel:
                 changes.append(Change(self._refs[name], (), v))
             if before_commit is not None:
                 before_commit()
-            journal, self.journal = self.journal, None
+            journal = self.journal
+            prepared = None
+            if journal is not None:
+                # Durable before visible: the snapshot of the restored state is written (and
+                # fsynced) first; if that fails (a full disk) nothing is applied.
+                expect = WriteResult("restore", [(self._first[g], self.versions[g] + 1)
+                                                 for g in self._first], self.version + 1)
+                try:
+                    prepared = journal.prepare_snapshot(
+                        self, SnapshotState({c.ref.name: c.value for c in changes}, expect,
+                                            ctx.request_id))
+                except BaseException:
+                    if undo is not None:
+                        undo()
+                    raise
+            self.journal = None
             try:
                 result = self._commit(op, "restore", changes, ctx)
             finally:
                 self.journal = journal
-            if journal is not None:
-                journal.snapshot(self)
+            if prepared is not None:
+                journal.commit_snapshot(prepared)
             return result
 
     # ----------------------------------------------------------------------------- forward
@@ -862,7 +904,13 @@ class ServedModel:
                                    key=self._order.index)
                     changes = [Change(self._refs[n], (), self._refs[n].get().detach())
                                for n in names]
-                    self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
+                    try:
+                        self._commit("forward.train", "forward", changes, NO_CONTEXT,
+                                     applied=True)
+                    except BaseException:  # not logged (a full disk): not applied either
+                        for b, copy in saved:
+                            b.copy_(copy)
+                        raise
                 return _to_device(out, torch.device("cpu")), self.version
 
     # ----------------------------------------------------------------------------- gradients
@@ -1113,23 +1161,66 @@ def _with_buffers(sub: nn.Module) -> list[nn.Module]:
     return [m for m in sub.modules() if any(True for _ in m.buffers(False))]
 
 
-def _check_embedding_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.numel() and not (x.is_floating_point()
-                                                         or x.is_complex()):
-        low, high = int(x.min()), int(x.max())
+class DeviceIndexError(IndexError):
+    """An index a CUDA kernel would assert on (aborting the whole process's CUDA context),
+    caught on the host first."""
+
+
+def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str) -> Any:
+    """The argument a module's forward receives as `name` (at `position`), however passed."""
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
+def _int_range(x: Any) -> tuple[int, int] | None:
+    """(min, max) of an integer tensor with elements; None for anything else."""
+    if (isinstance(x, torch.Tensor) and x.numel() and not x.is_floating_point()
+            and not x.is_complex() and x.dtype is not torch.bool):
+        return int(x.min()), int(x.max())
+    return None
+
+
+def _check_embedding_input(module: nn.Module, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
+    span = _int_range(_first_arg(args, kwargs, 0, "input"))
+    if span is not None:
+        low, high = span
         if low < 0 or high >= module.num_embeddings:
-            raise IndexError(f"{type(module).__name__} input holds index "
-                             f"{low if low < 0 else high}, outside [0, {module.num_embeddings})")
+            raise DeviceIndexError(f"{type(module).__name__} input holds index "
+                                   f"{low if low < 0 else high}, outside "
+                                   f"[0, {module.num_embeddings})")
+
+
+def _check_unpool_indices(module: nn.Module, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+    x = _first_arg(args, kwargs, 0, "input")
+    indices = _first_arg(args, kwargs, 1, "indices")
+    span = _int_range(indices)
+    if span is None or not isinstance(x, torch.Tensor):
+        return
+    dims = {nn.MaxUnpool1d: 1, nn.MaxUnpool2d: 2, nn.MaxUnpool3d: 3}[type(module)]
+    try:
+        size = nn.functional._unpool_output_size(
+            x, module.kernel_size, module.stride, module.padding,
+            _first_arg(args, kwargs, 2, "output_size"))
+    except (ValueError, TypeError, RuntimeError):
+        return  # torch reports a bad output_size itself, before any kernel runs
+    limit = math.prod(list(size)[-dims:])
+    low, high = span
+    if low < 0 or high >= limit:
+        raise DeviceIndexError(f"{type(module).__name__} indices hold {low if low < 0 else high},"
+                               f" outside [0, {limit})")
 
 
 def guard_device_indexing(module: nn.Module) -> None:
-    """Checks Embedding / EmbeddingBag inputs before they reach a CUDA kernel.
+    """Checks index inputs of Embedding / EmbeddingBag and MaxUnpool before they reach a CUDA
+    kernel, whether passed by position or by keyword.
 
-    On CUDA an out-of-range embedding index is a device-side assert, which aborts every later
-    CUDA call of the server process (all models); on the CPU torch raises IndexError. The check
-    (one min/max) turns it into INVALID_ARGUMENT for the caller alone.
+    On CUDA an out-of-range index there is a device-side assert, which aborts every later CUDA
+    call of the server process (all models); on the CPU torch raises. The check (one min/max)
+    turns it into INVALID_ARGUMENT for the caller alone.
     """
     for m in module.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            m.register_forward_pre_hook(_check_embedding_input)
+            m.register_forward_pre_hook(_check_embedding_input, with_kwargs=True)
+        elif type(m) in (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d):
+            m.register_forward_pre_hook(_check_unpool_indices, with_kwargs=True)

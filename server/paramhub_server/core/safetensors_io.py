@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from paramhub_server.core.wal import disk_full
+
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -95,21 +97,43 @@ def write_file(path: Path, entries: Sequence[tuple[str, torch.Tensor]], metadata
 
     Entries keep their order; names must be unique.
     """
-    head, sizes = encode_header(entries, metadata)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, head)
-        for (_, t), _n in zip(entries, sizes):
-            _write_all(fd, _bytes_of(t))
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    tmp = write_tmp(path, entries, metadata, fsync=fsync)
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
-    return len(head) + sum(sizes)
+    return os.path.getsize(path)
+
+
+def write_tmp(path: Path, entries: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str],
+              *, fsync: bool = True) -> Path:
+    """Writes (and fsyncs) the file as `{path}.tmp`, for the caller to rename into place; the
+    temporary file is removed if anything fails (a full disk: ResourceExhaustedError reason
+    DISK_FULL)."""
+    head, sizes = encode_header(entries, metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all_bytes(fd, head)
+            for (_, t), _n in zip(entries, sizes):
+                _write_all(fd, _bytes_of(t))
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(tmp, e) or e from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_all_bytes(fd: int, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv.nbytes:
+        mv = mv[os.write(fd, mv):]
 
 
 def iter_file_bytes(entries: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str],

@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training
 from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, ServedModel,
+                                        SnapshotState,
                                         WriteContext, WriteResult)
-from paramhub_server.core.wal import WalWriter, layout, read_records
+from paramhub_server.core.wal import (WalCorruptError, WalWriter, disk_full, layout,
+                                      read_records)
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +172,18 @@ class Store:
             meta = {"format": FORMAT, "model_id": model.id, "device": str(model.device),
                     "spec": json_format.MessageToDict(model.spec)}
             _write_text(tmp / "model.json", json.dumps(meta, indent=1))
-            size = _write_snapshot(tmp / _snapshot_name(1), model, self.fsync != "off")
+            snap = tmp / _snapshot_name(1)
+            os.replace(_write_snapshot(snap, model, self.fsync != "off"), snap)
+            size = snap.stat().st_size
             (tmp / "checkpoints").mkdir()
             if final.exists():  # a stale directory of a model that failed to load
                 raise AlreadyExistsError(f"model {model.id!r} already exists on disk",
                                          reason="MODEL_EXISTS", metadata={"model": model.id})
             os.replace(tmp, final)
             st.fsync_dir(self.models_dir)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_full(tmp, e) or e from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -211,10 +219,14 @@ class Store:
         wal_path = d / _wal_name(gen)
         valid = 0
         n = 0
-        for rec in read_records(wal_path):
-            _replay(model, rec.header, rec.payload)
-            valid = rec.end
-            n += 1
+        try:
+            for rec in read_records(wal_path):
+                _replay(model, rec.header, rec.payload)
+                valid = rec.end
+                n += 1
+        except WalCorruptError as e:
+            log.error("model %s is NOT loaded: %s", model.id, e)
+            raise
         if wal_path.exists() and wal_path.stat().st_size != valid:
             with open(wal_path, "r+b") as f:
                 f.truncate(valid)
@@ -338,6 +350,11 @@ class ModelStore:
         self.wal.append(header, blobs)
         self.after_commit(model)
 
+    def reserve(self, nbytes: int) -> None:
+        """Disk space for the next record of about `nbytes` bytes (DISK_FULL if there is none),
+        before a write that changes tensors in place runs."""
+        self.wal.reserve(nbytes)
+
     def log_training(self, model: ServedModel, path: str, training: bool) -> None:
         """Appends a train()/eval() record."""
         self.wal.append({"t": "train", "path": path, "training": training})
@@ -350,25 +367,54 @@ class ModelStore:
     def snapshot(self, model: ServedModel) -> int:
         """Compaction: writes snapshot gen+1 from the current state, starts a new log and drops
         the old generation. Caller holds the model's read or write lock. Returns the log bytes
-        folded in."""
+        folded in. On failure (a full disk: DISK_FULL) nothing changes and no file is left."""
         with self._lock:
-            folded = self.wal.size
-            new_gen = self.gen + 1
-            size = _write_snapshot(self.dir / _snapshot_name(new_gen), model,
-                                   self.store.fsync != "off")
-            old_gen, old_wal = self.gen, self.wal
-            # The new log must exist before the old generation goes: recovery takes the newest
-            # snapshot and replays its (possibly empty) log.
-            self.wal = WalWriter(self.dir / _wal_name(new_gen), self.store.fsync,
-                                 self.store.fsync_interval)
-            st.fsync_dir(self.dir)
-            self.gen, self.snapshot_bytes = new_gen, size
-            old_wal.close()
-            for p in (self.dir / _snapshot_name(old_gen), self.dir / _wal_name(old_gen)):
-                p.unlink(missing_ok=True)
-            log.info("compacted model %s: %d log bytes into snapshot %d (%d bytes)",
-                     self.model_id, folded, new_gen, size)
-            return folded
+            return self.commit_snapshot(self.prepare_snapshot(model))
+
+    def prepare_snapshot(self, model: ServedModel, override: SnapshotState | None = None
+                         ) -> PreparedSnapshot:
+        """Writes snapshot gen+1 (of the current state, or of the state `override` describes:
+        a restore that is not applied yet) to a temporary file and creates the new, empty log;
+        `commit_snapshot` makes it the current generation. On failure nothing is left behind."""
+        new_gen = self.gen + 1
+        path = self.dir / _snapshot_name(new_gen)
+        tmp = _write_snapshot(path, model, self.store.fsync != "off", override)
+        try:
+            # The new log exists before the snapshot is renamed into place: recovery takes the
+            # newest snapshot and replays its (possibly empty) log.
+            wal_path = self.dir / _wal_name(new_gen)
+            wal_path.unlink(missing_ok=True)  # a leftover of a failed attempt
+            try:
+                wal = WalWriter(wal_path, self.store.fsync, self.store.fsync_interval)
+            except OSError as e:
+                wal_path.unlink(missing_ok=True)
+                raise disk_full(wal_path, e) or e from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return PreparedSnapshot(new_gen, tmp, path, wal, self.wal.size)
+
+    def commit_snapshot(self, prepared: PreparedSnapshot) -> int:
+        """Renames a prepared snapshot into place (the commit point), switches to its log and
+        drops the old generation. Returns the log bytes folded in."""
+        os.replace(prepared.tmp, prepared.path)
+        st.fsync_dir(self.dir)
+        size = prepared.path.stat().st_size
+        old_gen, old_wal = self.gen, self.wal
+        self.wal = prepared.wal
+        self.gen, self.snapshot_bytes = prepared.gen, size
+        old_wal.close()
+        for p in (self.dir / _snapshot_name(old_gen), self.dir / _wal_name(old_gen)):
+            p.unlink(missing_ok=True)
+        log.info("compacted model %s: %d log bytes into snapshot %d (%d bytes)",
+                 self.model_id, prepared.folded, prepared.gen, size)
+        return prepared.folded
+
+    def abandon_snapshot(self, prepared: PreparedSnapshot) -> None:
+        """Drops a prepared snapshot that will not be committed."""
+        prepared.wal.close()
+        prepared.tmp.unlink(missing_ok=True)
+        (self.dir / _wal_name(prepared.gen)).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Closes the log (flushing it)."""
@@ -407,9 +453,14 @@ class ModelStore:
                 st.write_file(tpath, [(_OPTIMIZER_PREFIX + k, t) for k, t in tensors],
                               {_TRAINING_KEY: json.dumps({"token": token, "meta": meta})},
                               fsync=self.store.fsync != "off")
-            size = st.write_file(path, model.state_entries(every_name=True),
-                                 {_CHECKPOINT_KEY: json.dumps(info)},
-                                 fsync=self.store.fsync != "off")
+            try:
+                size = st.write_file(path, model.state_entries(every_name=True),
+                                     {_CHECKPOINT_KEY: json.dumps(info)},
+                                     fsync=self.store.fsync != "off")
+            except BaseException:
+                if meta is not None:
+                    tpath.unlink(missing_ok=True)  # nobody names it: the checkpoint failed
+                raise
         return pb.CheckpointInfo(name=name, model_version=info["model_version"],
                                  created_unix_nanos=info["created_ns"], num_bytes=size)
 
@@ -524,8 +575,16 @@ def restore_checkpoint(model: ServedModel, name: str, expected_model_version: in
             raise InvalidArgumentError(f"checkpoint {name!r} cannot be restored: {e}",
                                        reason="CHECKPOINT_MISMATCH",
                                        metadata={"checkpoint": name}) from None
+        saved = (tr.optimizer, tr.config, tr.round, tr.round.discarded)
+
+        def undo() -> None:
+            # The condition is held throughout: no waiter saw the installed state.
+            tr.optimizer, tr.config, tr.round = saved[:3]
+            tr.round.discarded = saved[3]
+
         return model.restore_values(values, "restore_checkpoint", expected_model_version,
-                                    ctx=ctx or WriteContext(), before_commit=install)
+                                    ctx=ctx or WriteContext(), before_commit=install,
+                                    undo=undo)
 
 
 def export_bytes(model: ServedModel, name: str = "") -> Iterator[bytes]:
@@ -565,14 +624,36 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
+@dataclass
+class PreparedSnapshot:
+    """A snapshot written to its temporary file, with its new (empty) log open."""
+
+    gen: int
+    tmp: Path
+    path: Path
+    wal: WalWriter
+    folded: int
+
+
+def _write_snapshot(path: Path, model: ServedModel, fsync: bool,
+                    override: SnapshotState | None = None) -> Path:
+    """Writes the snapshot to `{path}.tmp` (removed on failure); returns that path."""
     entries = model.state_entries(every_name=False)
+    versions = {n: model.tensor_version(n) for n, _ in entries}
+    model_version = model.version
+    recent = list(model.recent.items())
+    if override is not None:
+        entries = [(n, override.values.get(n, t)) for n, t in entries]
+        versions.update(dict(override.result.updated))
+        model_version = override.result.model_version
+        if override.request_id:
+            recent = [(r, w) for r, w in recent if r != override.request_id]
+            recent.append((override.request_id, override.result))
     state: dict[str, Any] = {
-        "model_version": model.version,
-        "versions": {n: model.tensor_version(n) for n, _ in entries},
+        "model_version": model_version,
+        "versions": versions,
         "training": model.training_flags(),
-        "recent": [[rid, _result_to_json(r)]
-                   for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
+        "recent": [[rid, _result_to_json(r)] for rid, r in recent[-MAX_RECENT_REQUESTS:]]}
     meta, tensors = training.training_state(model)
     if meta is not None:
         history = training.step_history(model)
@@ -581,7 +662,7 @@ def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
         entries = entries + [(_OPTIMIZER_PREFIX + k, t) for k, t in tensors]
         if history:
             entries.append((_STEP_VERSIONS, torch.tensor(history, dtype=torch.int64)))
-    return st.write_file(path, entries, {_STATE_KEY: json.dumps(state)}, fsync=fsync)
+    return st.write_tmp(path, entries, {_STATE_KEY: json.dumps(state)}, fsync=fsync)
 
 
 def _tensor_entries(tensors: Sequence[tuple[str, torch.Tensor]], blobs: list[Any]

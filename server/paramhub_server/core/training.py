@@ -300,11 +300,31 @@ def _construct(type_name: str, defaults: dict[str, Any],
 
 
 def _run_step(model: ServedModel, opt: ServedOptimizer) -> list[int]:
-    """optimizer.step() under the caller's write lock; returns the groups it changed."""
+    """optimizer.step() under the caller's write lock; returns the groups it changed.
+
+    The step changes parameters and state in place before its record is logged, so the log's
+    disk space is reserved first: a full disk refuses the step (DISK_FULL) before it runs."""
     changed = [g for g, _, p in opt.params if p.grad is not None]
+    if model.journal is not None:
+        model.journal.reserve(_step_record_bytes(opt))
     opt.torch_opt.step()
     opt.steps += 1
     return changed
+
+
+def _step_record_bytes(opt: ServedOptimizer) -> int:
+    """An upper bound of a step's log record: the parameters with gradients and their state
+    (three parameter-sized tensors where torch has not created it yet), plus the header."""
+    total = 1 << 20
+    for _, _, p in opt.params:
+        if p.grad is None:
+            continue
+        n = p.numel() * p.element_size()
+        state = opt.torch_opt.state.get(p) or {}
+        held = sum(t.numel() * t.element_size() for t in state.values()
+                   if isinstance(t, torch.Tensor))
+        total += n + (held if state else 3 * n)
+    return total
 
 
 def _commit_step(model: ServedModel, tr: Trainer, opt: ServedOptimizer,

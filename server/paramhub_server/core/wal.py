@@ -9,7 +9,13 @@ A record is
 Nothing is pickled. A crash can leave a torn last record; `read_records` stops at the first
 record that is incomplete or fails its CRC, and the owner truncates the file there. Such a record
 was never acknowledged: under `fsync="always"` a write is acknowledged only after its record is
-completely written and fsynced.
+completely written and fsynced. Only a torn *tail* is dropped: a bad record followed by an
+intact one (the log was damaged, not cut short) raises `WalCorruptError` and recovery stops
+there, leaving the file alone (`paramhub wal check|repair DATA_DIR`).
+
+A failed append (ENOSPC, EIO, ...) truncates the file back to its last complete record before
+the error propagates, so a later append never lands behind half a record; a full disk is
+`ResourceExhaustedError` reason DISK_FULL (metadata: path, free bytes).
 
 Fsync policies:
 - "always": fdatasync after every record, before the write is acknowledged. Nothing acknowledged
@@ -23,16 +29,20 @@ Fsync policies:
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from paramhub.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,52 @@ _MAX_HEADER = 64 << 20
 _PIECE = 8 << 20
 #: Records whose payload is at most this many bytes are written with one syscall.
 _SMALL = 64 << 10
+
+
+#: errno values that mean "no space left" (a full disk or a quota).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+try:
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (OSError, AttributeError):  # not Linux
+    _fallocate = None
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to this process on the file system holding `path` (-1 if unknown)."""
+    try:
+        st = os.statvfs(path if path.is_dir() else path.parent)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full(path: Path, exc: OSError) -> ResourceExhaustedError | None:
+    """RESOURCE_EXHAUSTED (DISK_FULL) for an ENOSPC/EDQUOT error on `path`; None otherwise."""
+    if exc.errno not in _NO_SPACE:
+        return None
+    return ResourceExhaustedError(
+        f"no space left for {path.name} ({exc.strerror}); nothing was written",
+        reason="DISK_FULL", metadata={"limit": "disk", "path": str(path),
+                                      "free_bytes": str(free_bytes(path))})
+
+
+class WalCorruptError(Exception):
+    """A log holds a corrupt record followed by intact ones: it was damaged, not cut short by
+    a crash, so replaying only the prefix would silently drop acknowledged writes."""
+
+    def __init__(self, path: Path, offset: int, next_valid: int) -> None:
+        super().__init__(
+            f"{path}: corrupt record at byte {offset}, yet an intact record follows at byte "
+            f"{next_valid}; recovery stops here and leaves the file as it is. Inspect with "
+            f"`paramhub wal check DATA_DIR`; `paramhub wal repair DATA_DIR MODEL` cuts the log "
+            f"at byte {offset} (the bytes after it are kept in a .corrupt file)")
+        self.path = path
+        self.offset = offset
+        self.next_valid = next_valid
 
 
 def _view(buf: Any) -> memoryview:
@@ -69,6 +125,7 @@ class WalWriter:
         self.size = os.fstat(self.fd).st_size
         self._dirty = False
         self._closed = False
+        self._reserved = False
         self._cv = threading.Condition()
         self._flusher: threading.Thread | None = None
         if fsync == "batch":
@@ -89,22 +146,54 @@ class WalWriter:
         for v in views:
             crc = zlib.crc32(v, crc)
         frame = _FRAME.pack(MAGIC, len(head), payload, crc) + head
-        if payload <= _SMALL:
-            # One write (one syscall) for a small record instead of one per piece.
-            self._write(b"".join([frame, *views]))
-        else:
-            self._write(frame)
-            for v in views:
-                for start in range(0, v.nbytes, _PIECE):
-                    self._write(v[start:start + _PIECE])
+        try:
+            if payload <= _SMALL:
+                # One write (one syscall) for a small record instead of one per piece.
+                self._write(b"".join([frame, *views]))
+            else:
+                self._write(frame)
+                for v in views:
+                    for start in range(0, v.nbytes, _PIECE):
+                        self._write(v[start:start + _PIECE])
+            if self.policy == "always":
+                os.fdatasync(self.fd)
+        except OSError as e:
+            self._cut_back()
+            raise disk_full(self.path, e) or e from None
         n = len(frame) + payload
         self.size += n
-        if self.policy == "always":
-            os.fdatasync(self.fd)
-        elif self.policy == "batch":
+        if self._reserved:  # give back the preallocated space this record did not use
+            self._reserved = False
+            self._cut_back()
+        if self.policy == "batch":
             with self._cv:
                 self._dirty = True
         return n
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocates disk space for the next `nbytes` bytes of appends (beyond the end of the
+        file, which keeps its size), so that a write changed in place before it is logged (an
+        optimizer step) learns of a full disk (DISK_FULL) before it changes anything. A no-op
+        where the file system cannot preallocate. The next append releases what it left
+        unused."""
+        if nbytes <= 0 or _fallocate is None:
+            return
+        if _fallocate(self.fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(self.size),
+                      ctypes.c_int64(nbytes)) != 0:
+            err = ctypes.get_errno()
+            if err in _NO_SPACE:
+                self._cut_back()
+                raise disk_full(self.path, OSError(err, os.strerror(err)))
+            return  # EOPNOTSUPP and friends: appends find out as before
+        self._reserved = True
+
+    def _cut_back(self) -> None:
+        """Drops whatever a failed append left after the last complete record."""
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            log.exception("%s: could not cut a failed append back to %d bytes", self.path,
+                          self.size)
 
     def _write(self, data: Any) -> None:
         mv = memoryview(data).cast("B")
@@ -166,36 +255,140 @@ class Record:
     end: int  # file offset just past this record
 
 
+def _frame_at(f: Any, pos: int, size: int) -> tuple[int, dict[str, Any], bytearray] | None:
+    """(end offset, header, payload) of an intact record starting at `pos`, else None."""
+    f.seek(pos)
+    raw = f.read(_FRAME.size)
+    if len(raw) < _FRAME.size:
+        return None
+    magic, hlen, plen, crc = _FRAME.unpack(raw)
+    end = pos + _FRAME.size + hlen + plen
+    if magic != MAGIC or hlen > _MAX_HEADER or end > size:
+        return None
+    head = f.read(hlen)
+    payload = bytearray(plen)
+    if len(head) != hlen or f.readinto(payload) != plen:
+        return None
+    if zlib.crc32(payload, zlib.crc32(head)) != crc:
+        return None
+    try:
+        header = json.loads(head)
+    except ValueError:
+        return None
+    return end, header, payload
+
+
+def next_intact(path: Path, start: int) -> int | None:
+    """Offset of the first intact record that starts after `start`, if any (a scan for the
+    magic bytes; each candidate is checked in full)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        pos = start + 1
+        carry = b""
+        while pos < size:
+            f.seek(pos)
+            block = f.read(_PIECE)
+            if not block:
+                return None
+            data = carry + block
+            base = pos - len(carry)
+            k = data.find(MAGIC)
+            while k >= 0:
+                if base + k > start and _frame_at(f, base + k, size) is not None:
+                    return base + k
+                k = data.find(MAGIC, k + 1)
+            carry = data[-(len(MAGIC) - 1):]
+            pos += len(block)
+    return None
+
+
+def _bad_record_end(path: Path, pos: int, size: int) -> int:
+    """Where the bad record at `pos` ends by its own frame: `size` if its frame says it runs
+    past the end of the file (a torn append: everything after `pos` is its), the end it
+    announces if its frame is readable (bytes inside its payload are never taken for a record),
+    else `pos + 1` (the frame itself is damaged: any later offset may start a record)."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        raw = f.read(_FRAME.size)
+    if len(raw) < _FRAME.size:
+        return size
+    magic, hlen, plen, _ = _FRAME.unpack(raw)
+    if magic != MAGIC or hlen > _MAX_HEADER:
+        return pos + 1
+    return min(size, pos + _FRAME.size + hlen + plen)
+
+
 def read_records(path: Path) -> Iterator[Record]:
     """Yields every complete, intact record of a log in order, one at a time.
 
     Stops at the first torn or corrupt record (the tail a crash leaves): the `end` of the last
     record yielded is the length of the valid prefix, to which the caller truncates the file
-    before appending again.
+    before appending again. If an intact record follows the bad one, the log was damaged rather
+    than cut short: WalCorruptError, raised after the records before it were yielded.
     """
     if not path.exists():
         return
     size = path.stat().st_size
     valid = 0
     with open(path, "rb") as f:
-        while True:
-            raw = f.read(_FRAME.size)
-            if len(raw) < _FRAME.size:
+        while valid < size:
+            rec = _frame_at(f, valid, size)
+            if rec is None:
                 break
-            magic, hlen, plen, crc = _FRAME.unpack(raw)
-            if magic != MAGIC or hlen > _MAX_HEADER or valid + _FRAME.size + hlen + plen > size:
-                break
-            head = f.read(hlen)
-            payload = bytearray(plen)
-            if len(head) != hlen or f.readinto(payload) != plen:
-                break
-            if zlib.crc32(payload, zlib.crc32(head)) != crc:
-                break
-            try:
-                header = json.loads(head)
-            except ValueError:
-                break
-            valid += _FRAME.size + hlen + plen
+            valid, header, payload = rec
             yield Record(header, payload, valid)
     if valid < size:
-        log.warning("%s: ignoring %d bytes of torn or corrupt log tail", path, size - valid)
+        following = next_intact(path, _bad_record_end(path, valid, size) - 1)
+        if following is not None:
+            raise WalCorruptError(path, valid, following)
+        log.warning("%s: ignoring %d bytes of torn log tail", path, size - valid)
+
+
+@dataclass
+class Scan:
+    """What `scan` found in a log: intact records, where the intact prefix ends, the file size,
+    and for a damaged log where the corrupt record starts and the next intact one."""
+
+    records: int
+    valid: int
+    size: int
+    corrupt_at: int | None = None
+    next_valid: int | None = None
+
+    @property
+    def state(self) -> str:
+        """"ok", "torn tail" (a crash cut the last record short: dropped at recovery) or
+        "corrupt" (recovery refuses the model)."""
+        if self.corrupt_at is not None:
+            return "corrupt"
+        return "ok" if self.valid == self.size else "torn tail"
+
+
+def scan(path: Path) -> Scan:
+    """Reads a whole log and says what recovery would make of it."""
+    records = valid = 0
+    try:
+        for rec in read_records(path):
+            records += 1
+            valid = rec.end
+    except WalCorruptError as e:
+        return Scan(records, valid, path.stat().st_size, e.offset, e.next_valid)
+    return Scan(records, valid, path.stat().st_size if path.exists() else 0)
+
+
+def cut(path: Path, offset: int) -> Path | None:
+    """Truncates a log at `offset`, first copying the bytes after it to
+    `{path}.corrupt-{time}` (returned; None when there was nothing to cut)."""
+    size = path.stat().st_size
+    if offset >= size:
+        return None
+    keep = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    with open(path, "r+b") as f, open(keep, "wb") as out:
+        f.seek(offset)
+        while block := f.read(_PIECE):
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+        f.truncate(offset)
+        os.fsync(f.fileno())
+    return keep
