@@ -8,7 +8,7 @@ PORT ?= 50051
 DEVICE ?=
 PROTOS := $(wildcard protos/paramhub/v1/*.proto)
 
-.PHONY: setup serve test fuzz bench protos clean
+.PHONY: setup serve test fuzz bench protos clean image container-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# The server image from docker/Dockerfile, with docker or, where docker has no daemon, podman
+# (docker/engine.py holds the recipe; it builds a local base where no registry is reachable).
+IMAGE ?= paramhub:cpu
+image: setup
+	$(PY) docker/engine.py build --tag $(IMAGE)
+
+# Builds the image and runs it as compose.yaml does: serve, stop, restart on the volume, read
+# back (tests/integration/test_container.py). Skipped, saying so, where no engine runs.
+container-test: setup
+	@if $(PY) docker/engine.py which >/dev/null; then \
+	  $(MAKE) image && PARAMHUB_CONTAINER_TEST=1 PARAMHUB_IMAGE=$(IMAGE) \
+	    $(PY) -m pytest -q tests/integration/test_container.py; \
+	else echo "container-test SKIPPED: neither docker (with a daemon) nor podman runs here"; fi
 
 # Regenerates client/paramhub/v1 from protos/ (the output is committed).
 protos: setup
