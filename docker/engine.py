@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +118,8 @@ def _local_torch_wheel() -> Path | None:
 
 
 def _requirements() -> list[str]:
+    import tomllib  # 3.11+: only the build needs it
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return [*project["build-system"]["requires"], *project["project"]["dependencies"],
             *project["project"]["optional-dependencies"]["server"]]
@@ -152,9 +153,13 @@ def build(tag: str, python: str) -> None:
         # docker format: OCI images drop HEALTHCHECK.
         args += ["--format", "docker", "--network", "host",
                  "--build-arg", f"BASE_IMAGE={ensure_base(engine)}"]
-    if prepare_wheels(python):
-        args += ["--build-arg", "OFFLINE=1"]
-    _run(engine, *args, str(ROOT))
+    try:
+        if prepare_wheels(python):
+            args += ["--build-arg", "OFFLINE=1"]
+        _run(engine, *args, str(ROOT))
+    finally:
+        for f in WHEELS.glob("*.whl"):
+            f.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
