@@ -4,7 +4,7 @@
     python docker/engine.py build [--tag T]  # the server image from docker/Dockerfile
     python docker/engine.py ARGS...          # the engine with this machine's flags: run, stop, ...
 
-`docker` is used when its daemon answers. Otherwise Debian's `podman` (4.3) with `runc`, the
+`docker` is used when its daemon answers ($PARAMHUB_ENGINE=podman forces podman). Otherwise Debian's `podman` (4.3) with `runc`, the
 `vfs` storage driver, host networking for builds, and docker/podman-containers.conf (no default
 ulimits, the cgroupfs manager): crun, the rlimits it sets and systemd cgroups fail on
 machines like the CI's. Nothing here is in the Dockerfile, which builds anywhere as it is.
@@ -41,7 +41,7 @@ BASE_TAG = "localhost/paramhub-base:3.11-bookworm"
 # resolves no virtual packages).
 BASE_PACKAGES = ["python3.11", "python3.11-venv", "python3-distutils", "ca-certificates"]
 PODMAN_FLAGS = ["--runtime", "runc", "--storage-driver", "vfs"]
-#: Keep in step with the Dockerfile's TORCH_VERSION default (tests/container checks it).
+#: The Dockerfile's TORCH_VERSION default (tests/integration/test_cli_docker.py checks).
 TORCH_VERSION = "2.13.0"
 
 
@@ -61,7 +61,8 @@ def environ() -> dict[str, str]:
 
 
 def which() -> str | None:
-    """"docker" when its daemon answers, else "podman" when it runs with the flags above."""
+    """The engine to use: $PARAMHUB_ENGINE if set, else docker when its daemon answers, else
+    podman when it runs with the flags above; None when neither does."""
     forced = os.environ.get("PARAMHUB_ENGINE")
     if forced:
         return forced

@@ -4,6 +4,7 @@ command line it ends in is checked against `paramhub serve` itself."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,15 @@ from typer.main import get_command
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def engine_module():
+    """docker/engine.py (a script, not a package): which engine, its flags, the build."""
+    spec = importlib.util.spec_from_file_location("paramhub_docker_engine",
+                                                  ROOT / "docker" / "engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load() -> dict:

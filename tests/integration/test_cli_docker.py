@@ -19,7 +19,7 @@ from torch import nn
 
 import paramhub
 from paramhub import _spec
-from _compose import check_serve_argv, load, run_args, seconds, serve_argv
+from _compose import check_serve_argv, engine_module, load, run_args, seconds, serve_argv
 from _compose import dockerfile as _dockerfile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,10 @@ def test_dockerfile_is_multistage_nonroot_with_cuda_arg_and_grpc_healthcheck():
     d = _dockerfile()
     assert any(f.endswith(" AS build") for f in d["FROM"]) and " AS " not in d["FROM"][-1]
     assert {"TORCH_INDEX_URL", "BASE_IMAGE", "OFFLINE"} <= set(d["ARG"])
+    # make image's offline build looks for a local wheel of the version the Dockerfile pins.
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", (ROOT / "docker" / "Dockerfile").read_text(),
+                       re.M).group(1)
+    assert engine_module().TORCH_VERSION == pinned
     assert d["USER"] and d["USER"][0] not in ("root", "0")
     assert "TORCH_INDEX_URL" in d["ARG"]
     assert d["ENTRYPOINT"][:4] == ["paramhub", "serve", "--host", "0.0.0.0"]

@@ -12,7 +12,6 @@ Skipped unless PARAMHUB_CONTAINER_TEST=1 (make container-test sets it after buil
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -28,7 +27,7 @@ from torch import nn
 import paramhub
 from paramhub import _spec
 from paramhub.errors import AuthError, PermissionDeniedError
-from _compose import dockerfile, load, run_args
+from _compose import dockerfile, engine_module, load, run_args
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("PARAMHUB_IMAGE", "paramhub:cpu")
@@ -40,20 +39,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("PARAMHUB_CONTAINER_TEST") != "1"
 
 
 
-def _engine_module():
-    """docker/engine.py (a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("paramhub_docker_engine",
-                                                  ROOT / "docker" / "engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Engine:
     """docker or podman with this machine's flags (docker/engine.py)."""
 
     def __init__(self) -> None:
-        self.engine = engine = _engine_module()
+        self.engine = engine = engine_module()
         name = engine.which()
         if name is None:
             pytest.fail("PARAMHUB_CONTAINER_TEST=1 but neither docker nor podman runs here")
