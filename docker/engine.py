@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["which"]:
         engine = which()
         print(engine or "none")
+        if engine is None and shutil.which("podman"):  # say why podman does not run
+            info = subprocess.run(command("podman", "info"), env=environ(), text=True,
+                                  capture_output=True, timeout=60)
+            print(info.stderr.strip()[-2000:], file=sys.stderr)
         return 0 if engine else 1
     if argv[:1] == ["build"]:
         p = argparse.ArgumentParser(prog="engine.py build")
