@@ -8,7 +8,7 @@ PORT ?= 50051
 DEVICE ?=
 PROTOS := $(wildcard protos/paramhub/v1/*.proto)
 
-.PHONY: setup serve test fuzz bench protos clean image container-test
+.PHONY: setup serve test fuzz bench protos clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,7 @@ bench: setup
 
 # The server image from docker/Dockerfile, with docker or, where docker has no daemon, podman
 # (docker/engine.py holds the recipe; it builds a local base where no registry is reachable).
+.PHONY: image container-test
 IMAGE ?= paramhub:cpu
 image: setup
 	$(PY) docker/engine.py build --tag $(IMAGE)
