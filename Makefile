@@ -35,6 +35,14 @@ fuzz: setup
 bench: setup
 	$(PY) -m benchmarks.run
 
+# Regenerates client/paramhub/v1 from protos/ (the output is committed).
+protos: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=client --pyi_out=client \
+	  --grpc_python_out=client $(PROTOS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+
 # The server image from docker/Dockerfile, with docker or, where docker has no daemon, podman
 # (docker/engine.py holds the recipe; it builds a local base where no registry is reachable).
 .PHONY: image container-test
@@ -49,11 +57,3 @@ container-test: setup
 	  $(MAKE) image && PARAMHUB_CONTAINER_TEST=1 PARAMHUB_IMAGE=$(IMAGE) \
 	    $(PY) -m pytest -q tests/integration/test_container.py; \
 	else echo "container-test SKIPPED: neither docker (with a daemon) nor podman runs here"; fi
-
-# Regenerates client/paramhub/v1 from protos/ (the output is committed).
-protos: setup
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=client --pyi_out=client \
-	  --grpc_python_out=client $(PROTOS)
-
-clean:
-	rm -rf $(VENV) .pytest_cache
