@@ -54,12 +54,14 @@ def seconds(duration: str | int) -> int:
     return int(parts.group(1) or 0) * 60 + int(parts.group(2) or 0)
 
 
-def run_args(doc: dict, name: str, *, container: str, volumes: dict[str, str] | None = None,
-             secrets: dict[str, str] | None = None, publish: bool = True) -> list[str]:
+def run_args(doc: dict, name: str, *, container: str, engine: str = "podman",
+             volumes: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+             publish: bool = True) -> list[str]:
     """`run` arguments for service `name`: restart policy, named volumes, secrets, healthcheck,
     stop timeout, ports, GPUs, image and command. `volumes`/`secrets` map the file's names to
-    the engine's (compose prefixes volumes with the project name); `publish=False` leaves the
-    ports out (a host-network run binds them directly)."""
+    the engine's (compose prefixes volumes with the project name; for docker, whose `run` has
+    no secrets, a secret maps to its file, bind-mounted read-only where compose mounts it);
+    `publish=False` leaves the ports out (a host-network run binds them directly)."""
     s = doc["services"][name]
     args = ["run", "--detach", "--name", container]
     if "restart" in s:
@@ -71,8 +73,11 @@ def run_args(doc: dict, name: str, *, container: str, volumes: dict[str, str] | 
         args += ["--volume", f"{(volumes or {}).get(src, doc['name'] + '_' + src)}:{dst}"]
     for sec in s.get("secrets", []):
         sec = {"source": sec} if isinstance(sec, str) else sec
-        opts = [(secrets or {}).get(sec["source"], sec["source"]),
-                f"target={sec.get('target', sec['source'])}"]
+        source = (secrets or {}).get(sec["source"], sec["source"])
+        if engine == "docker":
+            args += ["--volume", f"{source}:/run/secrets/{sec.get('target', sec['source'])}:ro"]
+            continue
+        opts = [source, f"target={sec.get('target', sec['source'])}"]
         opts += [f"{k}={sec[k]}" for k in ("uid", "gid") if k in sec]
         if "mode" in sec:  # YAML reads 0400 as the integer 256
             opts.append(f"mode=0{sec['mode']:o}")
@@ -93,7 +98,7 @@ def run_args(doc: dict, name: str, *, container: str, volumes: dict[str, str] | 
             args += ["--publish", p]
     for dev in s.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", []):
         if "gpu" in dev.get("capabilities", []):
-            args += ["--device", "nvidia.com/gpu=all"]  # CDI name; docker: --gpus all
+            args += ["--gpus", "all"] if engine == "docker" else ["--device", "nvidia.com/gpu=all"]
     return args + [s["image"], *s.get("command", [])]
 
 

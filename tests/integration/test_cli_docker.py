@@ -112,6 +112,10 @@ def test_compose_services_run_real_serve_flags_and_the_image_healthcheck():
         image = args.index(s["image"])
         assert args[image + 1:] == s["command"]
     assert "nvidia.com/gpu=all" in run_args(doc, "paramhub-gpu", container="g")
+    docker = run_args(doc, "paramhub-gpu", container="g", engine="docker",
+                      secrets={"paramhub_tokens": "/etc/t"})
+    assert "/etc/t:/run/secrets/paramhub_tokens:ro" in docker and "--secret" not in docker
+    assert docker[docker.index("--gpus") + 1] == "all"
     assert seconds("1m30s") == 90 and seconds(15) == 15
 
 

@@ -38,7 +38,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("PARAMHUB_CONTAINER_TEST") != "1"
                                 reason="builds and runs the image: make container-test")
 
 
-
 class Engine:
     """docker or podman with this machine's flags (docker/engine.py)."""
 
@@ -64,12 +63,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_serving(run: Engine, container: str) -> float:
-    """Seconds until the container's health command first passes (bounded)."""
+def _wait_serving(run: Engine, container: str, health_cmd: list[str]) -> None:
+    """Returns once the container's health command passes (bounded): `podman healthcheck run`
+    (docker has no such command: there it runs through `exec`)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < START_TIMEOUT_S:
-        if run("healthcheck", "run", container, check=False, timeout=60).returncode == 0:
-            return time.monotonic() - t0
+        check = (["healthcheck", "run", container] if run.name == "podman"
+                 else ["exec", container, *health_cmd])
+        if run(*check, check=False, timeout=60).returncode == 0:
+            return
         state = run("inspect", "--format", "{{.State.Running}}", container).stdout.strip()
         if state != "true":
             logs = run("logs", container, check=False)
@@ -81,7 +83,8 @@ def _wait_serving(run: Engine, container: str) -> float:
 @pytest.fixture
 def deployment(tmp_path):
     """Starts containers of the image as compose's `paramhub` service on one volume and one
-    secret; yields (start, run, port, tokens); removes everything afterwards."""
+    secret; yields (start, run, health command, target, tokens); removes everything
+    afterwards."""
     run = Engine()
     if run("image", "inspect", IMAGE, check=False).returncode != 0:
         pytest.fail(f"no image {IMAGE}: make container-test builds it (make image)")
@@ -94,15 +97,22 @@ def deployment(tmp_path):
     port, metrics_port = _free_port(), _free_port()
     containers: list[str] = []
     run("volume", "create", volume)
-    run("secret", "create", secret, str(token_file))
+    if run.name == "docker":  # a bind-mounted file keeps its owner and mode
+        os.chown(token_file, 10001, 10001)
+        token_file.chmod(0o400)
+        secret = str(token_file)
+    else:
+        run("secret", "create", secret, str(token_file))
     doc = load()
     hc = doc["services"]["paramhub"]["healthcheck"]["test"][1:]
     hc[hc.index("--target") + 1] = f"127.0.0.1:{port}"
 
     def start() -> tuple[str, float, float]:
+        """A new container: (name, when `run` was called, seconds until it returned)."""
         name = f"paramhub-test-{tag}-{len(containers)}"
-        args = run_args(doc, "paramhub", container=name, volumes={"paramhub-data": volume},
-                        secrets={"paramhub_tokens": secret}, publish=False)
+        args = run_args(doc, "paramhub", container=name, engine=run.name,
+                        volumes={"paramhub-data": volume}, secrets={"paramhub_tokens": secret},
+                        publish=False)
         args[args.index(doc["services"]["paramhub"]["image"])] = IMAGE
         # Host networking: the server's 0.0.0.0 is reached on 127.0.0.1; free ports replace
         # the fixed ones (the later flag wins), and the health command follows the port.
@@ -115,20 +125,21 @@ def deployment(tmp_path):
         return name, t0, time.monotonic() - t0
 
     try:
-        yield start, run, port, tokens
+        yield start, run, hc, f"127.0.0.1:{port}", tokens
     finally:
         for name in containers:
-            run("rm", "--force", "--time", "0", name, check=False)
+            run("rm", "--force", *(["--time", "0"] if run.name == "podman" else []), name,
+                check=False)
         run("volume", "rm", "--force", volume, check=False)
-        run("secret", "rm", secret, check=False)
+        if run.name == "podman":
+            run("secret", "rm", secret, check=False)
 
 
 def test_container_serves_restarts_on_its_volume_and_stops_cleanly(deployment, capsys):
-    start, run, port, tokens = deployment
-    target = f"127.0.0.1:{port}"
+    start, run, health_cmd, target, tokens = deployment
 
     first, t0, created = start()
-    _wait_serving(run, first)
+    _wait_serving(run, first, health_cmd)
     cold = time.monotonic() - t0  # from `run` to the first passing health command
     user = run("exec", first, "id", "-u").stdout.strip()
     assert user == "10001", "the server must not run as root"
@@ -160,7 +171,7 @@ def test_container_serves_restarts_on_its_volume_and_stops_cleanly(deployment, c
     assert "draining" in run("logs", first).stderr
 
     second, t1, _ = start()
-    _wait_serving(run, second)
+    _wait_serving(run, second, health_cmd)
     warm = time.monotonic() - t1
     with paramhub.connect(target, token=tokens["read"], timeout=60) as c:
         for name, value in expected.items():
