@@ -48,3 +48,18 @@ protos: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The server image from docker/Dockerfile, with docker or, where docker has no daemon, podman
+# (docker/engine.py holds the recipe; it builds a local base where no registry is reachable).
+.PHONY: image container-test
+IMAGE ?= paramhub:cpu
+image: setup
+	$(PY) docker/engine.py build --tag $(IMAGE)
+
+# Builds the image and runs it as compose.yaml does: serve, stop, restart on the volume, read
+# back (tests/integration/test_container.py). Skipped, saying so, where no engine runs.
+container-test: setup
+	@if $(PY) docker/engine.py which >/dev/null; then \
+	  $(MAKE) image && PARAMHUB_CONTAINER_TEST=1 PARAMHUB_IMAGE=$(IMAGE) \
+	    $(PY) -m pytest -q tests/integration/test_container.py; \
+	else echo "container-test SKIPPED: neither docker (with a daemon) nor podman runs here"; fi

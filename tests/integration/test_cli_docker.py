@@ -19,23 +19,13 @@ from torch import nn
 
 import paramhub
 from paramhub import _spec
+from _compose import check_serve_argv, engine_module, load, run_args, seconds, serve_argv
+from _compose import dockerfile as _dockerfile
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PARAMHUB = str(BIN / "paramhub")
 TOKENS = {"read": "cli-read-token-0123456789", "admin": "cli-admin-token-0123456789"}
-
-
-def _dockerfile() -> dict[str, object]:
-    text = (ROOT / "docker" / "Dockerfile").read_text()
-    out: dict[str, object] = {"FROM": re.findall(r"^FROM\s+(.+)$", text, re.M),
-                              "USER": re.findall(r"^USER\s+(\S+)", text, re.M),
-                              "ARG": re.findall(r"^ARG\s+(\w+)", text, re.M)}
-    for key in ("ENTRYPOINT", "CMD"):
-        out[key] = json.loads(re.search(rf"^{key}\s+(\[.*\])$", text, re.M).group(1))
-    out["HEALTHCHECK"] = json.loads(re.search(r"^HEALTHCHECK .*CMD\s+(\[.*\])$", text,
-                                              re.M).group(1))
-    return out
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -64,7 +54,12 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_dockerfile_is_multistage_nonroot_with_cuda_arg_and_grpc_healthcheck():
     d = _dockerfile()
-    assert len(d["FROM"]) == 2 and " AS build" in d["FROM"][0]
+    assert any(f.endswith(" AS build") for f in d["FROM"]) and " AS " not in d["FROM"][-1]
+    assert {"TORCH_INDEX_URL", "BASE_IMAGE", "OFFLINE"} <= set(d["ARG"])
+    # make image's offline build looks for a local wheel of the version the Dockerfile pins.
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", (ROOT / "docker" / "Dockerfile").read_text(),
+                       re.M).group(1)
+    assert engine_module().TORCH_VERSION == pinned
     assert d["USER"] and d["USER"][0] not in ("root", "0")
     assert "TORCH_INDEX_URL" in d["ARG"]
     assert d["ENTRYPOINT"][:4] == ["paramhub", "serve", "--host", "0.0.0.0"]
@@ -77,6 +72,8 @@ def test_compose_file_parses():
     assert {"paramhub", "paramhub-gpu"} <= set(svc)
     for s in svc.values():
         assert "paramhub-data:/data" in s["volumes"]
+        assert s["secrets"] == [{"source": "paramhub_tokens", "uid": "10001", "gid": "10001",
+                                 "mode": 0o400}]
         assert s["healthcheck"]["test"][:3] == ["CMD", "paramhub", "health"]
         assert "--auth-file" in s["command"]
     assert svc["paramhub-gpu"]["profiles"] == ["gpu"]
@@ -96,6 +93,38 @@ def test_compose_file_parses():
         finally:
             if created:
                 tokens.unlink()
+
+
+def test_compose_services_run_real_serve_flags_and_the_image_healthcheck():
+    """Each service, translated into the `run` call compose would make, passes only flags and
+    values `paramhub serve` accepts, checks health with the image's own HEALTHCHECK command, and
+    gives the server longer to stop than its drain takes."""
+    from paramhub_server.settings import Settings
+
+    doc, d = load(), _dockerfile()
+    for name, s in doc["services"].items():
+        check_serve_argv(serve_argv(doc, name))
+        args = run_args(doc, name, container=name)
+        assert args[args.index("--health-cmd") + 1] == json.dumps(d["HEALTHCHECK"])
+        assert f"paramhub_paramhub-data:/data" in args
+        assert "paramhub_tokens,target=paramhub_tokens,uid=10001,gid=10001,mode=0400" in args
+        assert int(args[args.index("--stop-timeout") + 1]) > Settings.grace_seconds
+        image = args.index(s["image"])
+        assert args[image + 1:] == s["command"]
+    assert "nvidia.com/gpu=all" in run_args(doc, "paramhub-gpu", container="g")
+    docker = run_args(doc, "paramhub-gpu", container="g", engine="docker",
+                      secrets={"paramhub_tokens": "/etc/t"})
+    assert "/etc/t:/run/secrets/paramhub_tokens:ro" in docker and "--secret" not in docker
+    assert docker[docker.index("--gpus") + 1] == "all"
+    assert seconds("1m30s") == 90 and seconds(15) == 15
+
+
+@pytest.mark.parametrize("bad", [["--no-such-flag"], ["--port", "http"], ["--fsync", "never"],
+                                 ["--auth-file"]])
+def test_compose_serve_flag_check_refuses_what_serve_refuses(bad):
+    doc = load()
+    with pytest.raises(ValueError, match="paramhub serve"):
+        check_serve_argv([*serve_argv(doc, "paramhub"), *bad])
 
 
 def test_entrypoint_refuses_exposed_address_without_auth(tmp_path):
