@@ -368,7 +368,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         if request.data_token:
             channel = self.transport.data_channel()
             # The copy is made under the read lock; the bytes are sent after it is released.
-            result = m.read(name, index, grad=grad, kind=kind)
+            result = m.read(name, index, grad=grad, kind=kind, share=True)
             tensor = result.tensor
             if tensor.numel() * tensor.element_size() >= _data.DATA_MIN_BYTES:
                 conn = channel.take(request.data_token)
@@ -387,7 +387,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                                                 chunk_bytes=_chunk_size(request.chunk_bytes),
                                                 wrap=True)
             return
-        result = m.read(name, index, grad=grad, kind=kind)
+        result = m.read(name, index, grad=grad, kind=kind, share=True)
         yield from _codec.iter_chunk_frames(result.tensor, name=name, version=result.version,
                                             chunk_bytes=_chunk_size(request.chunk_bytes),
                                             wrap=True)

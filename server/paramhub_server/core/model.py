@@ -285,17 +285,19 @@ class ServedModel:
 
     def read(self, name: str, index: tuple[Any, ...], *, grad: bool = False,
              kind: str | None = None,
-             alloc: Callable[[torch.dtype, tuple[int, ...]], torch.Tensor] | None = None
-             ) -> ReadResult:
+             alloc: Callable[[torch.dtype, tuple[int, ...]], torch.Tensor] | None = None,
+             share: bool = False) -> ReadResult:
         """A contiguous CPU copy of `tensor[index]` (or of its gradient) and its version.
 
         The copy is made under the read lock (so it never shows half of a write) and is the only
         copy: `alloc(dtype, shape)` may supply its destination (e.g. a shared-memory segment);
         by default it is a fresh CPU tensor, pinned when the model lives on a CUDA device so the
-        device-to-host copy runs at full DMA speed.
+        device-to-host copy runs at full DMA speed. With `share`, a whole-tensor read may return
+        the copy another reader still holds (the caller must not change it): N readers of an
+        unchanged tensor then hold one copy.
         """
         ref = self.ref(name, kind)
-        shared = alloc is None and not grad and not index
+        shared = share and alloc is None and not grad and not index
         with self.lock.read():
             if shared:
                 hit = self._shared_read(ref)

@@ -656,8 +656,10 @@ def push_grads(model: ServedModel, version: int, grads: Mapping[str, torch.Tenso
             # retry would count it twice). No deadline, or a huge one, waits in slices
             # (Condition.wait overflows past ~292 years, and grpc reports "no deadline" as a
             # huge number).
+            # A push that times out answers QUEUED a little before the caller's deadline, so
+            # that the answer, not DEADLINE_EXCEEDED, reaches it.
             deadline = (None if timeout is None or timeout > _NO_DEADLINE
-                        else time.monotonic() + max(0.0, timeout))
+                        else time.monotonic() + max(0.0, timeout - min(0.05, timeout / 10)))
             while rnd.result is None and not rnd.discarded:
                 if tr.closing:  # the round dies with this process: the push must be redone
                     raise UnavailableError("the server is shutting down; the sync round did "
