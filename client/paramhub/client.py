@@ -381,8 +381,13 @@ class Client:
 
         spec = _spec.spec_from_module(module)
         values: dict[str, torch.Tensor] = {}
-        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-            values = {k: v for k, v in module.state_dict().items()}
+        # A lazy module's uninitialized tensors have no values yet: the server materializes
+        # them at the first Forward, as torch would.
+        lazy = torch.nn.parameter.UninitializedTensorMixin
+        tensors = [t for t in list(module.parameters()) + list(module.buffers())
+                   if not isinstance(t, lazy)]
+        if not any(t.is_meta for t in tensors):
+            values = {k: v for k, v in module.state_dict().items() if not isinstance(v, lazy)}
         self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
                                     timeout=timeout)
         return self.model(model_id)
@@ -865,11 +870,17 @@ class Client:
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
                    expected_model_version: int | None = None, request_id: str | None = None,
+                   generator: torch.Generator | None = None,
                    timeout: float | None = None) -> pb.ApplyInitResponse | None:
         """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`.
 
         Returns the new versions (None inside `with client.batch(model_id):` on this thread,
         where the init joins the batch). Carries a request id like `set_slice`.
+
+        The draws come from: a generator seeded with `seed`; else, with `generator` (a CPU
+        torch.Generator, e.g. torch.default_generator), from that generator's state, which is
+        then advanced as the same local calls would advance it (the values equal local
+        torch's, bit for bit, whatever device the model is on); else from the server's own.
 
         Raises:
             ConflictError: `expected_model_version` is not the model's version.
@@ -877,6 +888,11 @@ class Client:
         """
         batch = self._active_batch(model_id)
         if batch is not None:
+            if generator is not None:
+                raise InvalidArgumentError(
+                    "an init drawing from a client generator cannot join a batch (its state "
+                    "comes back only after the batch); draw locally and set the values",
+                    reason="BAD_ARGUMENT")
             batch.apply_init(scheme, targets, args, seed=seed,
                              expected_model_version=expected_model_version)
             return None
@@ -888,7 +904,12 @@ class Client:
             request.seed = seed
         if expected_model_version is not None:
             request.expected_model_version = expected_model_version
-        return self._call(self.stub.ApplyInit, request, timeout)
+        if generator is not None and seed is None:
+            request.generator_state = generator_state(generator)
+        response = self._call(self.stub.ApplyInit, request, timeout)
+        if request.HasField("generator_state"):
+            set_generator_state(generator, response.generator_state)
+        return response
 
     def forward(self, model_id: str, *args: Any, module_path: str = "",
                 timeout: float | None = None, **kwargs: Any) -> Any:
@@ -910,6 +931,25 @@ class Client:
                               "asked": str(size)})
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
+
+    def forward_materializing(self, model_id: str, args: Sequence[Any],
+                              kwargs: Mapping[str, Any], *, module_path: str = "",
+                              generator: torch.Generator | None = None,
+                              timeout: float | None = None) -> tuple[Any, bool]:
+        """Forward of a model with lazy modules not yet materialized: returns (output, whether
+        the pass materialized some, so the model's structure changed). Their parameters are
+        initialized from `generator`'s state (default: torch.default_generator), which is
+        advanced as a local pass would advance it."""
+        gen = generator if generator is not None else torch.default_generator
+        request = pb.ForwardRequest(model=model_name(model_id), module_path=module_path,
+                                    args=[_codec.value_to_proto(a) for a in args],
+                                    generator_state=generator_state(gen))
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        response = self._call(self.stub.Forward, request, timeout)
+        if response.generator_state:
+            set_generator_state(gen, response.generator_state)
+        return _codec.value_from_proto(response.output), response.materialized
 
     def forward_versioned(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any],
                           *, module_path: str = "", seed: int | None = None,
@@ -1277,6 +1317,19 @@ class Client:
             request.histogram_min, request.histogram_max = (float(hist_range[0]),
                                                             float(hist_range[1]))
         return self._call(self.stub.Probe, request, timeout)
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """A CPU generator's state as bytes (what ApplyInit and Forward carry)."""
+    if generator.device.type != "cpu":
+        raise InvalidArgumentError("only a CPU generator's state can be sent",
+                                   reason="BAD_ARGUMENT")
+    return _codec.tensor_bytes(generator.get_state())
+
+
+def set_generator_state(generator: torch.Generator, state: bytes) -> None:
+    """Sets a CPU generator to a state received from the server."""
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -61,11 +61,24 @@ class _RemoteForward:
 
     def __init__(self, client: Client, model_id: str, path: str, module: nn.Module) -> None:
         self.client, self.model_id, self.path = client, model_id, path
+        self.module = module
         # Whether the module has parameters that require grad: fixed for a mirror, since
         # requires_grad of a served parameter cannot be changed through its handle.
         self.params_require_grad = any(p.requires_grad for p in module.parameters())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mirror: _Mirror = self.module._paramhub_mirror
+        if mirror.lazy:
+            # Lazy modules not yet materialized: the pass initializes them on the server from
+            # this process's generator (as local torch would); the mirror then re-describes the
+            # model (new shapes, LazyLinear -> Linear). This pass records no autograd graph.
+            try:
+                out, _ = self.client.forward_materializing(
+                    self.model_id, _materialize(args), _materialize(kwargs),
+                    module_path=self.path)
+            finally:
+                mirror.refresh()
+            return out
         if torch.is_grad_enabled():
             flat_kwargs = tree_flatten(kwargs)[0]
             if any(_requires_grad(x) for x in flat_kwargs):
@@ -184,15 +197,74 @@ def model_id_of(module: nn.Module) -> str:
     return model_id
 
 
-def attach(client: Client, model_id: str) -> nn.Module:
-    """Builds the mirror of a served model (one DescribeModel call)."""
-    desc = client.describe_model(model_id)
-    with torch.device("meta"):
-        root = _spec.build_module(desc.spec)
+_LAZY = nn.parameter.UninitializedTensorMixin
+
+
+class _Mirror:
+    """What every module of one mirror shares: the latest description of the served model,
+    and whether it still has lazy modules to materialize."""
+
+    def __init__(self, client: Client, model_id: str, root: nn.Module,
+                 desc: pb.DescribeModelResponse) -> None:
+        self.client, self.model_id, self.root, self.desc = client, model_id, root, desc
+        #: Whether some parameter or buffer of the mirror is still uninitialized.
+        self.lazy = any(isinstance(t, _LAZY) for t in _all_tensors(root))
+
+    def refresh(self) -> None:
+        """Re-describes the model after a pass that may have materialized lazy modules: each
+        such module of the mirror becomes, in place, what the server's now is (its class, e.g.
+        LazyLinear -> Linear, its attributes and new handles), as torch changes it locally."""
+        desc = self.client.describe_model(self.model_id)
+        with torch.device("meta"):
+            fresh = _spec.build_module(desc.spec)
+        for path, m in self.root.named_modules(remove_duplicate=False):
+            own = [t for t in list(m._parameters.values()) + list(m._buffers.values())
+                   if isinstance(t, _LAZY)]
+            if not own:
+                continue
+            try:
+                now = fresh.get_submodule(path)
+            except AttributeError:
+                continue
+            if any(isinstance(t, _LAZY) for t in list(now._parameters.values())
+                   + list(now._buffers.values())):
+                continue  # not materialized by this pass
+            installed = {k: v for k, v in m.__dict__.items()
+                         if k in _INSTALLED or k.startswith("_paramhub")}
+            m.__class__ = type(now)
+            m.__dict__.update({k: v for k, v in now.__dict__.items()
+                               if k not in ("_modules", "training")})
+            m.__dict__.update(installed)
+        _install_handles(self.root, self.client, self.model_id, desc)
+        self.desc = desc
+        self.lazy = any(isinstance(t, _LAZY) for t in _all_tensors(self.root))
+
+
+#: Attributes `attach` sets on each module of a mirror (kept when a lazy module materializes).
+_INSTALLED = {"forward", "train", "zero_grad", *_LOCAL_ONLY}
+
+
+def _all_tensors(root: nn.Module) -> list[torch.Tensor]:
+    return [t for m in root.modules() for t in list(m._parameters.values())
+            + list(m._buffers.values()) if t is not None]
+
+
+def _install_handles(root: nn.Module, client: Client, model_id: str,
+                     desc: pb.DescribeModelResponse) -> None:
+    """Puts a remote handle where each described parameter and buffer is, one per storage;
+    handles already in place (a refresh) are kept."""
     handles: dict[int, Any] = {}  # storage group -> handle
     for info in desc.tensors:
         owner_path, _, local = info.name.rpartition(".")
         owner = root.get_submodule(owner_path)
+        table = owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER else owner._buffers
+        if local not in table:
+            raise InvalidArgumentError(
+                f"the served model's {info.name!r} does not exist in the local rebuild; the "
+                "client's torch may differ from the server's", reason="BAD_SPEC")
+        current = table[local]
+        if is_remote_tensor(current) and handles.get(info.storage_group) is None:
+            handles[info.storage_group] = current
         handle = handles.get(info.storage_group)
         if handle is None:
             dtype = _codec.dtype_from_proto(info.dtype)
@@ -203,21 +275,33 @@ def attach(client: Client, model_id: str) -> nn.Module:
             handle = (RemoteParameter._make(meta, ref, info.requires_grad)
                       if kind == "parameters" else RemoteBuffer._make(meta, ref))
             handles[info.storage_group] = handle
-        table = owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER else owner._buffers
-        if local not in table:
-            raise InvalidArgumentError(
-                f"the served model's {info.name!r} does not exist in the local rebuild; the "
-                "client's torch may differ from the server's", reason="BAD_SPEC")
         table[local] = handle
-    # Leftover meta tensors would mean the local rebuild has names the server lacks.
+
+
+def attach(client: Client, model_id: str) -> nn.Module:
+    """Builds the mirror of a served model (one DescribeModel call)."""
+    desc = client.describe_model(model_id)
+    with torch.device("meta"):
+        root = _spec.build_module(desc.spec)
+    for m in root.modules():
+        # A lazy module of the mirror must not materialize itself here when called (torch's
+        # pre-forward hook would): the server does, and the mirror re-describes it.
+        for hook in ("_initialize_hook", "_load_hook"):
+            if hasattr(m, hook):
+                getattr(m, hook).remove()
+    _install_handles(root, client, model_id, desc)
+    # Leftover meta tensors would mean the local rebuild has names the server lacks
+    # (uninitialized tensors of lazy modules are not described: they have no storage yet).
     described = {t.name for t in desc.tensors}
-    extra = [n for n, _ in root.named_parameters(remove_duplicate=False) if n not in described]
+    extra = [n for n, p in root.named_parameters(remove_duplicate=False)
+             if n not in described and not isinstance(p, _LAZY)]
     if extra:
         raise InvalidArgumentError(f"the local rebuild has parameters the server lacks: {extra}",
                                    reason="BAD_SPEC")
     training = {m.path: m.training for m in desc.modules}
     for path, m in root.named_modules(remove_duplicate=False):
         m.training = training.get(path, m.training)
+    mirror = _Mirror(client, model_id, root, desc)
     seen: set[int] = set()
     for path, m in root.named_modules(remove_duplicate=False):
         if id(m) in seen:
@@ -231,15 +315,17 @@ def attach(client: Client, model_id: str) -> nn.Module:
         m._paramhub_model_id = model_id
         m._paramhub_path = path
         m._paramhub_client = client
-    _install_root_methods(root, client, model_id, desc)
+        m._paramhub_mirror = mirror
+    _install_root_methods(root, client, model_id, mirror)
     return root
 
 
 def _install_root_methods(root: nn.Module, client: Client, model_id: str,
-                          desc: pb.DescribeModelResponse) -> None:
-    # state_dict key -> the name its storage is sent under (the storage's first name).
-    first: dict[int, str] = {}
-    storage_name = {t.name: first.setdefault(t.storage_group, t.name) for t in desc.tensors}
+                          mirror: _Mirror) -> None:
+    def storage_names() -> dict[str, str]:
+        # state_dict key -> the name its storage is sent under (the storage's first name).
+        first: dict[int, str] = {}
+        return {t.name: first.setdefault(t.storage_group, t.name) for t in mirror.desc.tensors}
 
     def pull(into: nn.Module | None = None, *, return_version: bool = False) -> Any:
         """A local nn.Module copy of the served model with its current values.
@@ -256,7 +342,8 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
             NotFoundError: the model was deleted.
         """
         tensors, version = client.pull_model(model_id, include_buffers=True)
-        local = into if into is not None else _spec.build_module(desc.spec)
+        local = into if into is not None else _spec.build_module(mirror.desc.spec)
+        storage_name = storage_names()
         state = {name: tensors[storage_name[name]] for name in local.state_dict().keys()}
         local.load_state_dict(state)
         local.train(root.training)

@@ -15,7 +15,7 @@ from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import probe, store, training, watch
+from paramhub_server.core import probe, rng, store, training, watch
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
                                         WriteContext)
 from paramhub_server.core.registry import Registry
@@ -480,11 +480,14 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                   ) -> pb.ApplyInitResponse:
         m = self._model(request.model)
         w = init_write(request, self.max_tensor_elements)
+        generator = (rng.GeneratorState(request.generator_state)
+                     if request.HasField("generator_state") and w.seed is None else None)
         updated, model_version = m.apply_init(
             w.targets, w.scheme, w.args, seed=w.seed,
             expected_model_version=w.expected_model_version,
-            ctx=write_context(request.request_id, context))
-        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version)
+            ctx=write_context(request.request_id, context), generator=generator)
+        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version,
+                                    generator_state=generator.state if generator else b"")
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
@@ -495,15 +498,20 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
                   for k, v in request.kwargs.items()}
         # Without auth every caller may write; with auth a read token may not update buffers.
-        out, version = m.forward(request.module_path, args, kwargs,
-                                 may_write=current_role() in (None, "write", "admin"),
-                                 seed=request.seed if request.HasField("seed") else None)
+        generator = (rng.GeneratorState(request.generator_state)
+                     if request.HasField("generator_state") else None)
+        out, version, materialized = m.forward(
+            request.module_path, args, kwargs,
+            may_write=current_role() in (None, "write", "admin"),
+            seed=request.seed if request.HasField("seed") else None, generator=generator)
         try:
             encoded = _codec.value_to_proto(out)
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
-        response = pb.ForwardResponse(output=encoded, model_version=version)
+        response = pb.ForwardResponse(output=encoded, model_version=version,
+                                      materialized=materialized,
+                                      generator_state=generator.state if generator else b"")
         limit = self.transport.max_message_bytes
         if response.ByteSize() > limit:
             raise ResourceExhaustedError(

@@ -341,7 +341,7 @@ class InitTarget(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., glob: _Optional[str] = ..., module: _Optional[_Union[ModuleSelector, _Mapping]] = ...) -> None: ...
 
 class ApplyInitRequest(_message.Message):
-    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id")
+    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id", "generator_state")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +356,7 @@ class ApplyInitRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     targets: _containers.RepeatedCompositeFieldContainer[InitTarget]
     scheme: str
@@ -363,7 +364,8 @@ class ApplyInitRequest(_message.Message):
     seed: int
     expected_model_version: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class TensorVersion(_message.Message):
     __slots__ = ("name", "version")
@@ -374,15 +376,17 @@ class TensorVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ApplyInitResponse(_message.Message):
-    __slots__ = ("updated", "model_version")
+    __slots__ = ("updated", "model_version", "generator_state")
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
     model_version: int
-    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "module_path", "args", "kwargs", "seed")
+    __slots__ = ("model", "module_path", "args", "kwargs", "seed", "generator_state")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -395,20 +399,26 @@ class ForwardRequest(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     module_path: str
     args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
     kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
     seed: int
-    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "model_version")
+    __slots__ = ("output", "model_version", "materialized", "generator_state")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     output: _tensor_pb2.Value
     model_version: int
-    def __init__(self, output: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    materialized: bool
+    generator_state: bytes
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., model_version: _Optional[int] = ..., materialized: _Optional[bool] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class CheckSharedRequest(_message.Message):
     __slots__ = ("model", "names")

@@ -20,6 +20,7 @@ takes the lock like any other read or write.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as pb_tensor
 from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
+
+log = logging.getLogger(__name__)
 
 PARAMETER = "parameter"
 BUFFER = "buffer"
@@ -87,6 +90,8 @@ class InitWrite:
     args: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     expected_model_version: int | None = None
+    #: The client's generator to draw from (when no seed is given); advanced by the draws.
+    generator: rng.GeneratorState | None = None
 
 
 @dataclass(frozen=True)
@@ -171,37 +176,58 @@ class ServedModel:
             guard_device_indexing(module)
         self.version = 0
         self._refs: dict[str, TensorRef] = {}
-        groups: dict[int, int] = {}  # id(tensor) -> group number
-        for kind, items in ((PARAMETER, module.named_parameters(remove_duplicate=False)),
-                            (BUFFER, module.named_buffers(remove_duplicate=False))):
-            for name, t in items:
-                owner_path, _, local = name.rpartition(".")
-                group = groups.setdefault(id(t), len(groups))
-                self._refs[name] = TensorRef(name, kind, module.get_submodule(owner_path), local,
-                                             group)
-        # state_dict order: torch lists each module's parameters then buffers, module by module.
-        order = list(module.state_dict(keep_vars=True).keys())
-        self._order = [n for n in order if n in self._refs] + [
-            n for n in self._refs if n not in set(order)]
-        self.versions = [0] * len(groups)
-        # First name (state_dict order) of every storage, and each storage's rank in that order.
-        self._first: dict[int, str] = {}
-        for n in self._order:
-            self._first.setdefault(self._refs[n].group, n)
-        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self._group_of: dict[int, int] = {}  # id(tensor) -> storage group, kept for life
+        self.versions: list[int] = []
+        #: Names of the parameters and buffers of lazy modules not yet materialized (by their
+        #: first Forward): they have no shape and no storage, so they are left out of every
+        #: table until then, and `ref` answers torch's own error for them.
+        self._uninitialized: dict[str, str] = {}
+        self._layouts: dict[tuple[str, ...], Any] = {}
+        #: Modules holding buffers, per Forward path (the tree changes only when lazy modules
+        #: materialize, which clears this; only the modes are read per pass).
+        self._buffered: dict[str, list[nn.Module]] = {}
+        self._index()
         self.recent: OrderedDict[str, WriteResult] = OrderedDict()
         self.watchers = watch.WatchHub()
         self.journal: Journal | None = None
-        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
         #: The model version of the latest committed write to any parameter (Backward refuses
         #: to backpropagate through a Forward that ran before it).
         self.params_written_at = 0
         #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
         self.train_state: Any = None
-        self._layouts: dict[tuple[str, ...], Any] = {}
-        #: Modules holding buffers, per Forward path (the module tree never changes once built,
-        #: so each path is walked once; only the modes are read per pass).
-        self._buffered: dict[str, list[nn.Module]] = {}
+
+    def _index(self) -> list[str]:
+        """(Re)builds the name tables from the module tree; returns the names that were not
+        indexed before (those of newly materialized lazy modules). Storage groups and their
+        versions are kept: a group number is given once per tensor object."""
+        module = self.module
+        before = set(self._refs)
+        self._refs = {}
+        self._uninitialized = {}
+        for kind, items in ((PARAMETER, module.named_parameters(remove_duplicate=False)),
+                            (BUFFER, module.named_buffers(remove_duplicate=False))):
+            for name, t in items:
+                if is_uninitialized(t):
+                    self._uninitialized[name] = kind
+                    continue
+                owner_path, _, local = name.rpartition(".")
+                group = self._group_of.setdefault(id(t), len(self._group_of))
+                self._refs[name] = TensorRef(name, kind, module.get_submodule(owner_path), local,
+                                             group)
+        self.versions += [0] * (len(self._group_of) - len(self.versions))
+        # state_dict order: torch lists each module's parameters then buffers, module by module.
+        order = list(module.state_dict(keep_vars=True).keys())
+        self._order = [n for n in order if n in self._refs] + [
+            n for n in self._refs if n not in set(order)]
+        # First name (state_dict order) of every storage, and each storage's rank in that order.
+        self._first: dict[int, str] = {}
+        for n in self._order:
+            self._first.setdefault(self._refs[n].group, n)
+        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
+        self._layouts = {}
+        self._buffered = {}
+        return [n for n in self._order if n not in before]
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -210,6 +236,11 @@ class ServedModel:
         """Resource name "models/{id}"."""
         return f"models/{self.id}"
 
+    @property
+    def uninitialized(self) -> list[str]:
+        """Names of lazy modules' parameters and buffers that no Forward has materialized."""
+        return list(self._uninitialized)
+
     def names(self, *, include_buffers: bool = True) -> list[str]:
         """Every state_dict name (tied duplicates included) in state_dict order."""
         return [n for n in self._order if include_buffers or self._refs[n].kind == PARAMETER]
@@ -217,6 +248,10 @@ class ServedModel:
     def ref(self, name: str, kind: str | None = None) -> TensorRef:
         """The TensorRef of a name; NotFoundError (TENSOR_NOT_FOUND) if there is none."""
         r = self._refs.get(name)
+        if r is None and name in self._uninitialized and kind in (None, self._uninitialized[name]):
+            raise InvalidArgumentError(uninitialized_text(self.module, name),
+                                       reason="UNINITIALIZED_TENSOR",
+                                       metadata={"model": self.id, "tensor": name[:200]})
         if r is None or (kind is not None and r.kind != kind):
             what = kind or "parameter or buffer"
             raise NotFoundError(f"model {self.id!r} has no {what} {name[:200]!r}",
@@ -518,7 +553,8 @@ class ServedModel:
             else:
                 self._check_model_expected(w.expected_model_version)
                 scheme = inits.get_scheme(w.scheme)
-                with rng.seeded(w.seed):
+                with (rng.drawing_from(w.generator) if w.generator is not None
+                      else rng.seeded(w.seed)):
                     values = [scheme.run(r.get(), w.args) for r in refs]
                 for r, v in zip(refs, values):
                     if touches[r.group] > 1:
@@ -669,7 +705,7 @@ class ServedModel:
                     for local, p in m._parameters.items():
                         if p is None or (param and local != param):
                             continue
-                        add(self._refs[mprefix + local])
+                        add(self.ref(mprefix + local))
             else:
                 raise InvalidArgumentError("an init target has no selector set",
                                            reason="BAD_ARGUMENT")
@@ -680,9 +716,11 @@ class ServedModel:
     def apply_init(self, targets: Sequence[tuple[str, Any]], scheme_name: str,
                    args: dict[str, Any], seed: int | None,
                    expected_model_version: int | None = None, *,
-                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
+                   ctx: WriteContext = NO_CONTEXT, generator: rng.GeneratorState | None = None
+                   ) -> tuple[list[tuple[str, int]], int]:
         """Runs an init scheme over the targets, all or nothing. Returns ([(name, version)],
-        model version)."""
+        model version). With `generator` (and no seed) the draws come from the client's
+        generator state, which then holds the advanced state."""
         scheme = inits.get_scheme(scheme_name)
         args = scheme.check_args(args)
         self.select(targets)
@@ -690,7 +728,8 @@ class ServedModel:
             result = self._recall(ctx, "apply_init")
             if result is None:
                 self._check_model_expected(expected_model_version)
-                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed)])
+                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed,
+                                                generator=generator)])
                 result = self._commit(f"apply_init.{scheme_name}", "apply_init", changes, ctx)
             return list(result.updated), result.model_version
 
@@ -785,56 +824,106 @@ class ServedModel:
     # ----------------------------------------------------------------------------- forward
 
     def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
-                may_write: bool = True, seed: int | None = None) -> tuple[Any, int]:
-        """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
+                may_write: bool = True, seed: int | None = None,
+                generator: rng.GeneratorState | None = None) -> tuple[Any, int, bool]:
+        """Runs the (sub)module on inputs; returns (output moved to CPU, model version, whether
+        the pass materialized lazy modules).
 
         A pass that would update buffers (training mode) is a write: with `may_write` False
         (a caller holding only the read role) it is refused with PermissionDeniedError.
         With `seed`, random modules (dropout) draw from a generator seeded with it, so that
         `backward` with the same seed replays the same pass.
+
+        A pass through lazy modules not yet materialized is a write as well: torch infers their
+        shapes from the inputs and initializes them (drawing from `generator`, the client's
+        state, when given); the model's structure then changes (`spec` is re-described, the new
+        tensors get versions) and the journal writes a snapshot, since its records name tensors
+        of a fixed shape. As in torch, lazy modules stay materialized even if a later layer of
+        the pass fails.
         """
         sub = _spec.get_submodule(self.module, path)
-        buffered = self._buffered.get(path)
-        if buffered is None:
-            buffered = self._buffered[path] = _with_buffers(sub)
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device) if kwargs else kwargs
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
+            buffered = self._buffered.get(path)
+            if buffered is None:
+                buffered = self._buffered[path] = _with_buffers(sub)
+            prefix = f"{path}." if path else ""
+            lazy = any(n.startswith(prefix) for n in self._uninitialized)
             mutating = [m for m in buffered if m.training]
-            if mutating and not may_write:
+            if (mutating or lazy) and not may_write:
+                what = ("materializes lazy modules" if lazy else
+                        "in training mode updates buffers (e.g. BatchNorm running stats)")
                 raise PermissionDeniedError(
-                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
-                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    f"Forward of {path or 'the model'} {what}, which needs the write role"
+                    + ("" if lazy else "; call eval() first"),
                     reason="ROLE_TOO_LOW", metadata={"needed": "write"})
-            lock = self.lock.write() if mutating else self.lock.read()
-            replay = rng.seeded_on(seed, self.device) \
-                if seed is not None and _draws_random(sub) else nullcontext()
-            with lock, torch.no_grad(), replay:
-                if not mutating and any(m.training for m in buffered):
+            lock = self.lock.write() if mutating or lazy else self.lock.read()
+            if lazy:
+                replay: Any = rng.drawing_from(generator)
+            elif seed is not None and _draws_random(sub):
+                replay = rng.seeded_on(seed, self.device)
+            else:
+                replay = nullcontext()
+            with lock:
+                if not (mutating or lazy) and any(m.training for m in buffered):
                     continue  # switched to training mode meanwhile: retry under the write lock
                 # A failed pass must change nothing: keep copies of the buffers it may update.
-                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
+                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)
+                         if not is_uninitialized(b)]
                 try:
-                    out = sub(*args, **kwargs)
+                    with torch.no_grad(), replay:
+                        out = sub(*args, **kwargs)
                 except Exception as e:
-                    for b, copy in saved:
-                        b.copy_(copy)
+                    with torch.no_grad():
+                        for b, copy in saved:
+                            b.copy_(copy)
+                    if lazy:
+                        self._materialized([])
                     if not isinstance(e, (RuntimeError, TypeError, ValueError, IndexError,
                                           AssertionError)):
                         raise
                     text = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
                                                reason="BAD_INPUT") from None
+                names = []
                 if mutating:
                     names = sorted({self._first[self._refs[n].group] for n, _ in
-                                    sub.named_buffers(prefix=path, remove_duplicate=False)},
+                                    sub.named_buffers(prefix=path, remove_duplicate=False)
+                                    if n in self._refs},
                                    key=self._order.index)
+                if lazy and self._materialized(names):
+                    return _to_device(out, torch.device("cpu")), self.version, True
+                if mutating:
                     changes = [Change(self._refs[n], (), self._refs[n].get().detach())
                                for n in names]
                     self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
-                return _to_device(out, torch.device("cpu")), self.version
+                return _to_device(out, torch.device("cpu")), self.version, False
+
+    def _materialized(self, buffers: Sequence[str]) -> bool:
+        """After a pass through lazy modules (write lock held): indexes what it materialized,
+        re-describes the spec and commits the new tensors (and the pass's buffer updates) as
+        one write, made durable by a snapshot. Returns whether anything was materialized."""
+        new = self._index()
+        if not new:
+            return False
+        try:
+            self.spec = _spec.spec_from_module(self.module)
+        except InvalidArgumentError:  # e.g. a module changed in a way a spec cannot say
+            log.exception("model %s: no spec describes the materialized tree", self.id)
+        names = list(dict.fromkeys(
+            [self._first[self._refs[n].group] for n in new] + list(buffers)))
+        changes = [Change(self._refs[n], (), self._refs[n].get().detach()) for n in names]
+        journal, self.journal = self.journal, None
+        try:
+            self._commit("forward.materialize", "forward", changes, NO_CONTEXT, applied=True)
+        finally:
+            self.journal = journal
+        if journal is not None:
+            journal.snapshot(self)
+        return True
 
     # ----------------------------------------------------------------------------- gradients
 
@@ -845,7 +934,10 @@ class ServedModel:
         seen: set[int] = set()
         prefix = f"{path}." if path else ""
         for local, p in sub.named_parameters(remove_duplicate=False):
-            g = self._refs[prefix + local].group
+            ref = self._refs.get(prefix + local)
+            if ref is None:  # a lazy module's parameter the pass did not materialize
+                continue
+            g = ref.group
             if g not in seen and p.requires_grad:
                 seen.add(g)
                 out.append((g, p))
@@ -1104,3 +1196,22 @@ def guard_device_indexing(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             m.register_forward_pre_hook(_check_embedding_input)
+
+
+def is_uninitialized(t: torch.Tensor) -> bool:
+    """Whether `t` is a lazy module's not yet materialized parameter or buffer."""
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def uninitialized_text(module: nn.Module, name: str) -> str:
+    """torch's own error text for using the uninitialized tensor `name` of `module`."""
+    owner_path, _, local = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    t = owner._parameters.get(local)
+    if t is None:
+        t = owner._buffers.get(local)
+    try:
+        t.detach()  # raises torch's ValueError for an uninitialized tensor
+    except ValueError as e:
+        return str(e)
+    return f"{name!r} is not materialized"

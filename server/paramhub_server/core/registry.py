@@ -223,12 +223,13 @@ class Registry:
                ) -> ServedModel:
         """Builds the module on `dev`: initialized (under `seed`), or only allocated when every
         value is about to be loaded (an upload, or recovery from a snapshot)."""
-        if allocate_only:
-            if skeleton is None:
-                with torch.device("meta"):
-                    skeleton = _spec.build_module(spec)
+        if allocate_only and skeleton is None:
+            with torch.device("meta"):
+                skeleton = _spec.build_module(spec)
+        if allocate_only and not any(isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+                                     for t in _tensors(skeleton)):
             module = skeleton.to_empty(device=dev)  # to_empty unties; apply_ties below reties
-        else:
+        else:  # (lazy modules' uninitialized tensors cannot be allocated empty: build them)
             with rng.seeded(seed):
                 module = _spec.build_module(spec)
             module = module.to(dev)
@@ -252,11 +253,16 @@ class Registry:
         return model
 
 
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
 def _unique_bytes(module: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
+    for t in _tensors(module):
+        # A lazy module's uninitialized tensors have no size until their first Forward.
+        if id(t) not in seen and not isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total

@@ -153,11 +153,19 @@ class Store:
         return ids
 
     def read_meta(self, model_id: str) -> tuple[pb.ModelSpec, str]:
-        """(spec, device string) of a stored model."""
-        meta = json.loads((self.models_dir / model_id / "model.json").read_text())
+        """(spec, device string) of a stored model. The spec is the newest snapshot's when it
+        records one (a model whose lazy modules materialized after creation has a new one)."""
+        d = self.models_dir / model_id
+        meta = json.loads((d / "model.json").read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"model {model_id}: unknown storage format {meta.get('format')}")
-        return json_format.ParseDict(meta["spec"], pb.ModelSpec()), meta["device"]
+        spec = meta["spec"]
+        gens = sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := _SNAPSHOT.fullmatch(p.name)))
+        if gens:
+            _, snap_meta, _ = st.read_header(d / _snapshot_name(gens[-1]))
+            spec = json.loads(snap_meta[_STATE_KEY]).get("spec", spec)
+        return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
 
     def create(self, model: ServedModel) -> None:
         """Persists a new model (spec + snapshot 1) and attaches its journal. Nothing is left
@@ -571,6 +579,8 @@ def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
         "model_version": model.version,
         "versions": {n: model.tensor_version(n) for n, _ in entries},
         "training": model.training_flags(),
+        # The spec the values fit: it changes when lazy modules materialize.
+        "spec": json_format.MessageToDict(model.spec),
         "recent": [[rid, _result_to_json(r)]
                    for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
     meta, tensors = training.training_state(model)
