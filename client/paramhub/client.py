@@ -379,7 +379,14 @@ class Client:
         """
         from paramhub import _spec
 
-        spec = _spec.spec_from_module(module)
+        try:
+            spec = _spec.spec_from_module(module)
+        except InvalidArgumentError as e:
+            if e.reason != "MODULE_NOT_ALLOWED":
+                raise
+            # User-defined classes: served as code, if the server allows it.
+            self.create_model_from_code(model_id, module, device=device, timeout=timeout)
+            return self.model(model_id)
         values: dict[str, torch.Tensor] = {}
         # A lazy module's uninitialized tensors have no values yet: the server materializes
         # them at the first Forward, as torch would.
@@ -391,6 +398,38 @@ class Client:
         self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
                                     timeout=timeout)
         return self.model(model_id)
+
+    def create_model_from_code(self, model_id: str, module: torch.nn.Module, *,
+                               device: str | None = None, timeout: float | None = None
+                               ) -> pb.ModelInfo:
+        """Serves a user-defined module (any nn.Module subclass, including classes defined in
+        __main__ or a notebook) as code: its structure pickled with cloudpickle, its values
+        streamed. `create_model` does this for modules outside the torch.nn allow-list.
+
+        The server runs the module's Python code (its forward), so it accepts this only when
+        started with --trust-remote-code (or, for classes of a package it lists with
+        --model-package, without), and only from admin callers.
+
+        Raises:
+            FailedPreconditionError: the server does not run client code (reason
+                REMOTE_CODE_DISABLED).
+            PermissionDeniedError: the caller is not an admin (ROLE_TOO_LOW).
+            InvalidArgumentError: the module cannot be pickled.
+        """
+        from paramhub import _code
+
+        data, values = _code.dumps(module)
+        _code.remember_classes(module)
+        header = pb.CreateModelHeader(model_id=model_id, module_pickle=data,
+                                      device=device or "")
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in values.items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        return self._call(self.stub.CreateModel, requests(), timeout).model
 
     def create_model_from_spec(self, model_id: str, spec: pb.ModelSpec, *,
                                seed: int | None = None, device: str | None = None,

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.nn.modules.module import _IncompatibleKeys
 
-from paramhub import _codec, _spec
+from paramhub import _code, _codec, _spec
 from paramhub.errors import InvalidArgumentError
 from paramhub.tensor import RemoteBuffer, RemoteParameter, _materialize, _Ref, is_remote_tensor
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -258,11 +258,11 @@ def _install_handles(root: nn.Module, client: Client, model_id: str,
         owner_path, _, local = info.name.rpartition(".")
         owner = root.get_submodule(owner_path)
         table = owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER else owner._buffers
-        if local not in table:
+        if local not in table and desc.spec.nodes:  # (a code model's tree starts empty)
             raise InvalidArgumentError(
                 f"the served model's {info.name!r} does not exist in the local rebuild; the "
                 "client's torch may differ from the server's", reason="BAD_SPEC")
-        current = table[local]
+        current = table.get(local)
         if is_remote_tensor(current) and handles.get(info.storage_group) is None:
             handles[info.storage_group] = current
         handle = handles.get(info.storage_group)
@@ -281,8 +281,11 @@ def _install_handles(root: nn.Module, client: Client, model_id: str,
 def attach(client: Client, model_id: str) -> nn.Module:
     """Builds the mirror of a served model (one DescribeModel call)."""
     desc = client.describe_model(model_id)
-    with torch.device("meta"):
-        root = _spec.build_module(desc.spec)
+    if desc.spec.nodes:
+        with torch.device("meta"):
+            root = _spec.build_module(desc.spec)
+    else:  # a user-defined module (served as code): rebuilt from the module list
+        root = _code.build_from_description(desc.modules)
     for m in root.modules():
         # A lazy module of the mirror must not materialize itself here when called (torch's
         # pre-forward hook would): the server does, and the mirror re-describes it.
@@ -342,8 +345,24 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
             NotFoundError: the model was deleted.
         """
         tensors, version = client.pull_model(model_id, include_buffers=True)
-        local = into if into is not None else _spec.build_module(mirror.desc.spec)
         storage_name = storage_names()
+        if into is None and not mirror.desc.spec.nodes:
+            local = _code.build_from_description(mirror.desc.modules)
+            made: dict[int, torch.Tensor] = {}
+            for info in mirror.desc.tensors:
+                owner_path, _, name = info.name.rpartition(".")
+                owner = local.get_submodule(owner_path)
+                t = made.get(info.storage_group)
+                if t is None:
+                    t = tensors[storage_name[info.name]]
+                    if info.kind == pb.TENSOR_KIND_PARAMETER:
+                        t = nn.Parameter(t, requires_grad=info.requires_grad)
+                    made[info.storage_group] = t
+                (owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER
+                 else owner._buffers)[name] = t
+            local.train(root.training)
+            return (local, version) if return_version else local
+        local = into if into is not None else _spec.build_module(mirror.desc.spec)
         state = {name: tensors[storage_name[name]] for name in local.state_dict().keys()}
         local.load_state_dict(state)
         local.train(root.training)

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 import torch
 
-from paramhub import _codec, _data
-from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
+from paramhub import _code, _codec, _data
+from paramhub.errors import (InvalidArgumentError, PermissionDeniedError,
+                             ResourceExhaustedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
@@ -78,7 +79,8 @@ def model_info(m: ServedModel) -> pb.ModelInfo:
     numel, nbytes = m.stats()
     return pb.ModelInfo(name=m.name, device=str(m.device), version=m.version,
                         num_parameters=numel, num_bytes=nbytes,
-                        root_class=type(m.module).__name__)
+                        root_class=type(m.module).__name__,
+                        source="code" if m.source else "spec")
 
 
 def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
@@ -238,9 +240,16 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
                 metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
                           "limit_value": str(self.registry.max_model_bytes)}) from None
-        model = self.registry.create(header.model_id, header.spec,
-                                     seed=header.seed if header.HasField("seed") else None,
-                                     device=header.device, values=values.items())
+        if header.module_pickle:
+            if current_role() not in (None, "admin"):  # None: no auth (a loopback server)
+                raise PermissionDeniedError("sending module code needs the admin role",
+                                            reason="ROLE_TOO_LOW", metadata={"needed": "admin"})
+            model = self.registry.create_code(header.model_id, header.module_pickle,
+                                              device=header.device, values=values.items())
+        else:
+            model = self.registry.create(header.model_id, header.spec,
+                                         seed=header.seed if header.HasField("seed") else None,
+                                         device=header.device, values=values.items())
         log.info("created model %s on %s", model.id, model.device)
         return pb.CreateModelResponse(model=model_info(model))
 
@@ -263,10 +272,8 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             groups: dict[int, int] = {}
             modules = []
             for path, mod in m.module.named_modules(remove_duplicate=False):
-                modules.append(pb.ModuleInfo(
-                    path=path, class_name=type(mod).__name__, extra_repr=mod.extra_repr(),
-                    children=list(mod._modules), training=mod.training,
-                    module_group=groups.setdefault(id(mod), len(groups))))
+                modules.append(_code.describe_module(
+                    path, mod, groups.setdefault(id(mod), len(groups))))
             return pb.DescribeModelResponse(model=model_info(m), spec=m.spec, modules=modules,
                                             tensors=[tensor_info(m, n) for n in m.names()])
 

@@ -86,20 +86,22 @@ WATCH_EVENT_KIND_WRITE: WatchEventKind
 WATCH_EVENT_KIND_RESYNC: WatchEventKind
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class")
+    __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROOT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     version: int
     num_parameters: int
     num_bytes: int
     root_class: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., num_bytes: _Optional[int] = ..., root_class: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., num_bytes: _Optional[int] = ..., root_class: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("nodes", "root", "ties")
@@ -147,16 +149,18 @@ class ParameterTie(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
-    __slots__ = ("model_id", "spec", "seed", "device")
+    __slots__ = ("model_id", "spec", "seed", "device", "module_pickle")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PICKLE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     spec: ModelSpec
     seed: int
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    module_pickle: bytes
+    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., module_pickle: _Optional[bytes] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -221,20 +225,33 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
-    __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
+    __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training", "class_module", "class_qualname", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
     PATH_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     EXTRA_REPR_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
     MODULE_GROUP_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    CLASS_MODULE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_QUALNAME_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     path: str
     class_name: str
     extra_repr: str
     children: _containers.RepeatedScalarFieldContainer[str]
     module_group: int
     training: bool
-    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
+    class_module: str
+    class_qualname: str
+    attributes: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ..., class_module: _Optional[str] = ..., class_qualname: _Optional[str] = ..., attributes: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
     __slots__ = ("model", "spec", "modules", "tensors")

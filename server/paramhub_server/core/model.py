@@ -170,6 +170,8 @@ class ServedModel:
         self.id = model_id
         self.module = module
         self.spec = spec
+        #: A user-defined module's pickle (paramhub._code); empty for a spec model.
+        self.source = b""
         self.device = device
         self.lock = RWLock()
         if device.type == "cuda":
@@ -909,10 +911,11 @@ class ServedModel:
         new = self._index()
         if not new:
             return False
-        try:
-            self.spec = _spec.spec_from_module(self.module)
-        except InvalidArgumentError:  # e.g. a module changed in a way a spec cannot say
-            log.exception("model %s: no spec describes the materialized tree", self.id)
+        if not self.source:  # (a user-defined module has no spec)
+            try:
+                self.spec = _spec.spec_from_module(self.module)
+            except InvalidArgumentError:  # e.g. a module changed in a way no spec can say
+                log.exception("model %s: no spec describes the materialized tree", self.id)
         names = list(dict.fromkeys(
             [self._first[self._refs[n].group] for n in new] + list(buffers)))
         changes = [Change(self._refs[n], (), self._refs[n].get().detach()) for n in names]

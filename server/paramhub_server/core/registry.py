@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from paramhub import _spec
+from paramhub import _code, _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -52,8 +52,13 @@ class Registry:
 
     def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
                  max_total_bytes: int | None = None, max_spec_nodes: int = _spec.MAX_SPEC_NODES,
-                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None) -> None:
+                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None,
+                 trust_remote_code: bool = False, model_packages: tuple[str, ...] = ()) -> None:
         self.default_device = default_device
+        #: Whether user-defined module classes sent by clients may be loaded (runs their code),
+        #: and the packages whose classes may be named without that (see paramhub._code).
+        self.trust_remote_code = trust_remote_code
+        self.model_packages = model_packages
         self.max_model_bytes = max_model_bytes
         #: Memory budget over all models (bytes of parameters and buffers); None = unlimited.
         self.max_total_bytes = max_total_bytes
@@ -86,13 +91,17 @@ class Registry:
             for model_id in self.store.model_ids():
                 try:
                     spec, device = self.store.read_meta(model_id)
+                    source = self.store.read_source(model_id)
                     try:
                         dev = parse_device(device, self.default_device)
                     except InvalidArgumentError:
                         log.warning("model %s was on %s, unavailable here; loading it on %s",
                                     model_id, device, self.default_device)
                         dev = self.default_device
-                    model = self._build(model_id, spec, None, dev, allocate_only=True)
+                    if source:  # user-defined classes: loaded only if still allowed
+                        model = self._build_code(model_id, source, dev)
+                    else:
+                        model = self._build(model_id, spec, None, dev, allocate_only=True)
                     self.store.open(model)
                 except Exception:  # noqa: BLE001 - one bad model must not keep the rest down
                     log.exception("could not recover model %s; its files are left as they are",
@@ -195,6 +204,68 @@ class Registry:
             with self._lock:
                 self._creating.discard(model_id)
                 self._reserved.pop(model_id, None)
+
+    def create_code(self, model_id: str, module_pickle: bytes, *, device: str,
+                    values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
+        """Builds and registers a user-defined module (see paramhub._code): unpickled under the
+        server's trust policy, allocated on the device, filled with the uploaded values (every
+        storage needs one: the server cannot re-run the client's constructor)."""
+        self._check_ready()
+        check_model_id(model_id)
+        dev = parse_device(device, self.default_device)
+        if not self.trust_remote_code and not self.model_packages:
+            raise _code.remote_code_refused()  # before anything is unpickled
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._creating.add(model_id)
+        try:
+            values = dict(values)
+            module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
+                                 packages=self.model_packages)
+            n = sum(1 for _ in module.modules())
+            if n > self.max_spec_nodes:
+                raise ResourceExhaustedError(
+                    f"the module has {n} submodules, more than the limit "
+                    f"max_spec_nodes={self.max_spec_nodes}", reason="SPEC_TOO_LARGE",
+                    metadata={"limit": "max_spec_nodes", "asked": str(n),
+                              "limit_value": str(self.max_spec_nodes)})
+            size = _unique_bytes(module)
+            if self.max_model_bytes is not None and size > self.max_model_bytes:
+                raise ResourceExhaustedError(
+                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
+                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
+            model = self._build_code(model_id, module_pickle, dev, module=module)
+            missing = [n for n in model.state_entries(every_name=False) if n[0] not in values]
+            if missing:
+                raise InvalidArgumentError(
+                    f"no value was uploaded for {missing[0][0]!r}; a user-defined module is "
+                    "served with its values", reason="MISSING_VALUES",
+                    metadata={"tensor": missing[0][0][:200]})
+            model.load_tensors(values)
+            if self.store is not None:
+                self.store.create(model)
+            with self._lock:
+                self._models[model_id] = model
+            return model
+        finally:
+            with self._lock:
+                self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    def _build_code(self, model_id: str, module_pickle: bytes, dev: torch.device, *,
+                    module: torch.nn.Module | None = None) -> ServedModel:
+        if module is None:
+            module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
+                                 packages=self.model_packages)
+        _code.allocate(module, dev)
+        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model.source = module_pickle
+        return model
 
     def total_bytes(self) -> int:
         """Bytes held by every model plus those reserved by creations in progress."""

@@ -35,6 +35,7 @@ Protocol:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -167,6 +168,11 @@ class Store:
             spec = json.loads(snap_meta[_STATE_KEY]).get("spec", spec)
         return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
 
+    def read_source(self, model_id: str) -> bytes:
+        """A user-defined module's pickle (empty for a spec model)."""
+        meta = json.loads((self.models_dir / model_id / "model.json").read_text())
+        return base64.b64decode(meta.get("module_pickle", ""))
+
     def create(self, model: ServedModel) -> None:
         """Persists a new model (spec + snapshot 1) and attaches its journal. Nothing is left
         behind if it fails."""
@@ -176,6 +182,8 @@ class Store:
         try:
             meta = {"format": FORMAT, "model_id": model.id, "device": str(model.device),
                     "spec": json_format.MessageToDict(model.spec)}
+            if model.source:  # a user-defined module: its pickle (paramhub._code)
+                meta["module_pickle"] = base64.b64encode(model.source).decode()
             _write_text(tmp / "model.json", json.dumps(meta, indent=1))
             size = _write_snapshot(tmp / _snapshot_name(1), model, self.fsync != "off")
             (tmp / "checkpoints").mkdir()
