@@ -215,20 +215,18 @@ class _Mirror:
         such module of the mirror becomes, in place, what the server's now is (its class, e.g.
         LazyLinear -> Linear, its attributes and new handles), as torch changes it locally."""
         desc = self.client.describe_model(self.model_id)
-        with torch.device("meta"):
-            fresh = _spec.build_module(desc.spec)
+        fresh = _skeleton(desc)
+        still = {n.rpartition(".")[0] for n in list(desc.uninitialized_parameters)
+                 + list(desc.uninitialized_buffers)}
         for path, m in self.root.named_modules(remove_duplicate=False):
             own = [t for t in list(m._parameters.values()) + list(m._buffers.values())
                    if isinstance(t, _LAZY)]
-            if not own:
+            if not own or path in still:  # nothing lazy, or not materialized yet
                 continue
             try:
                 now = fresh.get_submodule(path)
             except AttributeError:
                 continue
-            if any(isinstance(t, _LAZY) for t in list(now._parameters.values())
-                   + list(now._buffers.values())):
-                continue  # not materialized by this pass
             installed = {k: v for k, v in m.__dict__.items()
                          if k in _INSTALLED or k.startswith("_paramhub")}
             m.__class__ = type(now)
@@ -238,6 +236,23 @@ class _Mirror:
         _install_handles(self.root, self.client, self.model_id, desc)
         self.desc = desc
         self.lazy = any(isinstance(t, _LAZY) for t in _all_tensors(self.root))
+
+
+def _skeleton(desc: pb.DescribeModelResponse) -> nn.Module:
+    """The described tree on the meta device, lazy modules' tensors uninitialized: built from
+    the spec, or (a user-defined module served as code) from the module list."""
+    if desc.spec.nodes:
+        with torch.device("meta"):
+            return _spec.build_module(desc.spec)
+    root = _code.build_from_description(desc.modules)
+    for names, make in ((desc.uninitialized_parameters, nn.UninitializedParameter),
+                        (desc.uninitialized_buffers, nn.UninitializedBuffer)):
+        for name in names:
+            owner_path, _, local = name.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            (owner._parameters if make is nn.UninitializedParameter
+             else owner._buffers)[local] = make(device="meta")
+    return root
 
 
 #: Attributes `attach` sets on each module of a mirror (kept when a lazy module materializes).
@@ -281,11 +296,7 @@ def _install_handles(root: nn.Module, client: Client, model_id: str,
 def attach(client: Client, model_id: str) -> nn.Module:
     """Builds the mirror of a served model (one DescribeModel call)."""
     desc = client.describe_model(model_id)
-    if desc.spec.nodes:
-        with torch.device("meta"):
-            root = _spec.build_module(desc.spec)
-    else:  # a user-defined module (served as code): rebuilt from the module list
-        root = _code.build_from_description(desc.modules)
+    root = _skeleton(desc)
     for m in root.modules():
         # A lazy module of the mirror must not materialize itself here when called (torch's
         # pre-forward hook would): the server does, and the mirror re-describes it.

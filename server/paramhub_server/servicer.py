@@ -274,8 +274,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
             for path, mod in m.module.named_modules(remove_duplicate=False):
                 modules.append(_code.describe_module(
                     path, mod, groups.setdefault(id(mod), len(groups))))
-            return pb.DescribeModelResponse(model=model_info(m), spec=m.spec, modules=modules,
-                                            tensors=[tensor_info(m, n) for n in m.names()])
+            lazy = m.uninitialized
+            return pb.DescribeModelResponse(
+                model=model_info(m), spec=m.spec, modules=modules,
+                tensors=[tensor_info(m, n) for n in m.names()],
+                uninitialized_parameters=[n for n, k in lazy if k == PARAMETER],
+                uninitialized_buffers=[n for n, k in lazy if k == BUFFER])
 
     @rpc
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext

@@ -269,3 +269,36 @@ def test_mirror_in_a_process_without_the_class_is_a_faithful_tree(trusted, tmp_p
     assert out.splitlines() == [
         *repr(net).splitlines(), *repr(wrapped).splitlines(),
         f"MyLinear {__name__} ['weight', 'bias']"]
+
+
+class LazyStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.LazyLinear(6)
+        self.b = nn.LazyLinear(2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_lazy_layers_in_a_code_model_materialize_and_survive_a_restart(settings):
+    X = torch.rand(3, 4)
+    torch.manual_seed(0)
+    local = LazyStack()
+    y_local = local(X)
+    srv = build_server(_trusting(settings))
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            torch.manual_seed(0)
+            net = c.create_model("lazy", LazyStack())
+            assert repr(net.a) == "LazyLinear(in_features=0, out_features=6, bias=True)"
+            assert torch.equal(net(X), y_local)
+            assert repr(net) == repr(local)
+        srv.stop(grace=None)
+        srv = build_server(_trusting(settings))
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            net = c.model("lazy")
+            assert repr(net) == repr(local)
+            assert torch.equal(net(X), y_local)
+    finally:
+        srv.stop(grace=None)

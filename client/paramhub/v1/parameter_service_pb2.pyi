@@ -254,16 +254,20 @@ class ModuleInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ..., class_module: _Optional[str] = ..., class_qualname: _Optional[str] = ..., attributes: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("model", "spec", "modules", "tensors")
+    __slots__ = ("model", "spec", "modules", "tensors", "uninitialized_parameters", "uninitialized_buffers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    UNINITIALIZED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    UNINITIALIZED_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     spec: ModelSpec
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+    uninitialized_parameters: _containers.RepeatedScalarFieldContainer[str]
+    uninitialized_buffers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., uninitialized_parameters: _Optional[_Iterable[str]] = ..., uninitialized_buffers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListParametersRequest(_message.Message):
     __slots__ = ("model", "prefix", "glob", "include_buffers")

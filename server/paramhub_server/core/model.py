@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub import _codec, _spec
+from paramhub import _code, _codec, _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -239,9 +239,9 @@ class ServedModel:
         return f"models/{self.id}"
 
     @property
-    def uninitialized(self) -> list[str]:
-        """Names of lazy modules' parameters and buffers that no Forward has materialized."""
-        return list(self._uninitialized)
+    def uninitialized(self) -> list[tuple[str, str]]:
+        """(name, PARAMETER or BUFFER) of the lazy modules' tensors no Forward materialized."""
+        return list(self._uninitialized.items())
 
     def names(self, *, include_buffers: bool = True) -> list[str]:
         """Every state_dict name (tied duplicates included) in state_dict order."""
@@ -911,7 +911,9 @@ class ServedModel:
         new = self._index()
         if not new:
             return False
-        if not self.source:  # (a user-defined module has no spec)
+        if self.source:  # a user-defined module: pickled again, with its new classes/shapes
+            self.source = _code.dumps(self.module)[0]
+        else:
             try:
                 self.spec = _spec.spec_from_module(self.module)
             except InvalidArgumentError:  # e.g. a module changed in a way no spec can say

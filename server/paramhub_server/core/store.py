@@ -169,9 +169,16 @@ class Store:
         return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
 
     def read_source(self, model_id: str) -> bytes:
-        """A user-defined module's pickle (empty for a spec model)."""
-        meta = json.loads((self.models_dir / model_id / "model.json").read_text())
-        return base64.b64decode(meta.get("module_pickle", ""))
+        """A user-defined module's pickle (empty for a spec model): the newest snapshot's when
+        it records one (lazy modules materialized after creation), else the created one."""
+        d = self.models_dir / model_id
+        source = json.loads((d / "model.json").read_text()).get("module_pickle", "")
+        gens = sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := _SNAPSHOT.fullmatch(p.name)))
+        if gens and source:
+            _, snap_meta, _ = st.read_header(d / _snapshot_name(gens[-1]))
+            source = json.loads(snap_meta[_STATE_KEY]).get("module_pickle", source)
+        return base64.b64decode(source)
 
     def create(self, model: ServedModel) -> None:
         """Persists a new model (spec + snapshot 1) and attaches its journal. Nothing is left
@@ -589,6 +596,7 @@ def _write_snapshot(path: Path, model: ServedModel, fsync: bool) -> int:
         "training": model.training_flags(),
         # The spec the values fit: it changes when lazy modules materialize.
         "spec": json_format.MessageToDict(model.spec),
+        **({"module_pickle": base64.b64encode(model.source).decode()} if model.source else {}),
         "recent": [[rid, _result_to_json(r)]
                    for rid, r in list(model.recent.items())[-MAX_RECENT_REQUESTS:]]}
     meta, tensors = training.training_state(model)
