@@ -362,8 +362,9 @@ class Client:
     # ---------------------------------------------------------------------------- models
 
     def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
-                     device: str | None = None, *, timeout: float | None = None
-                     ) -> RemoteModule:
+                     device: str | None = None, *, example_inputs: Sequence[Any] | None = None,
+                     example_kwargs: Mapping[str, Any] | None = None,
+                     timeout: float | None = None) -> RemoteModule:
         """Serves a copy of a local module and returns its remote mirror.
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
@@ -373,11 +374,25 @@ class Client:
         out of that order locally (e.g. a shared layer created before the layers ahead of it)
         draws other numbers: serve a copy with values instead.
 
+        Three ways in: a tree of built-in torch.nn layers (lazy ones included) is sent as a
+        spec; with `example_inputs` the module is exported with torch.export and sent as a
+        program (any module torch.export can trace, no trust needed); any other module (a
+        user-defined class) is sent as code, which only a server started with
+        --trust-remote-code runs (see `create_model_from_code`).
+
         Raises:
             AlreadyExistsError: the id is taken.
-            InvalidArgumentError: the module uses a class outside the allow-list, or bad values.
+            InvalidArgumentError: bad values, or a module torch.export cannot export
+                (NOT_EXPORTABLE).
+            FailedPreconditionError: a user-defined module, and the server does not run client
+                code (REMOTE_CODE_DISABLED).
         """
         from paramhub import _spec
+
+        if example_inputs is not None:
+            self.create_model_from_program(model_id, module, example_inputs, example_kwargs,
+                                           device=device, timeout=timeout)
+            return self.model(model_id)
 
         try:
             spec = _spec.spec_from_module(module)
@@ -422,6 +437,33 @@ class Client:
         _code.remember_classes(module)
         header = pb.CreateModelHeader(model_id=model_id, module_pickle=data,
                                       device=device or "")
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in values.items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        return self._call(self.stub.CreateModel, requests(), timeout).model
+
+    def create_model_from_program(self, model_id: str, module: torch.nn.Module,
+                                  example_inputs: Sequence[Any],
+                                  example_kwargs: Mapping[str, Any] | None = None, *,
+                                  device: str | None = None, timeout: float | None = None
+                                  ) -> pb.ModelInfo:
+        """Serves `module` as a torch.export program traced on `example_inputs`: the graph as
+        JSON and the tensors through the codec, so the server unpickles nothing and runs no
+        client code. The program computes what the module computed when it was exported (its
+        training mode, and the branch its Python control flow took for those inputs).
+
+        Raises:
+            InvalidArgumentError: torch.export cannot export the module (NOT_EXPORTABLE).
+        """
+        from paramhub import _program
+
+        header, values = _program.export(module, example_inputs,
+                                         dict(example_kwargs) if example_kwargs else None)
+        header.model_id, header.device = model_id, device or ""
 
         def requests() -> Iterator[pb.CreateModelRequest]:
             yield pb.CreateModelRequest(header=header)

@@ -80,7 +80,8 @@ def model_info(m: ServedModel) -> pb.ModelInfo:
     return pb.ModelInfo(name=m.name, device=str(m.device), version=m.version,
                         num_parameters=numel, num_bytes=nbytes,
                         root_class=type(m.module).__name__,
-                        source="code" if m.source else "spec")
+                        source="program" if m.program is not None
+                        else "code" if m.source else "spec")
 
 
 def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
@@ -240,7 +241,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
                 metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
                           "limit_value": str(self.registry.max_model_bytes)}) from None
-        if header.module_pickle:
+        if header.exported_program:  # a torch.export program: nothing unpickled, no trust
+            model = self.registry.create_program(header.model_id, header, values=values)
+        elif header.module_pickle:
             if current_role() not in (None, "admin"):  # None: no auth (a loopback server)
                 raise PermissionDeniedError("sending module code needs the admin role",
                                             reason="ROLE_TOO_LOW", metadata={"needed": "admin"})
@@ -271,7 +274,15 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         with m.lock.read():
             groups: dict[int, int] = {}
             modules = []
-            for path, mod in m.module.named_modules(remove_duplicate=False):
+            if m.program is not None:  # the tree as exported, with the served modes
+                training = {p: mod.training
+                            for p, mod in m.module.named_modules(remove_duplicate=False)}
+                for info in m.program.tree:
+                    modules.append(pb.ModuleInfo())
+                    modules[-1].CopyFrom(info)
+                    modules[-1].training = training.get(info.path, info.training)
+            for path, mod in ([] if m.program is not None
+                              else m.module.named_modules(remove_duplicate=False)):
                 modules.append(_code.describe_module(
                     path, mod, groups.setdefault(id(mod), len(groups))))
             lazy = m.uninitialized

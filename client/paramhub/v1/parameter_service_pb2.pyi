@@ -149,18 +149,26 @@ class ParameterTie(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
-    __slots__ = ("model_id", "spec", "seed", "device", "module_pickle")
+    __slots__ = ("model_id", "spec", "seed", "device", "module_pickle", "exported_program", "module_tree", "program_ties", "program_constants")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODULE_PICKLE_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    MODULE_TREE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_TIES_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     spec: ModelSpec
     seed: int
     device: str
     module_pickle: bytes
-    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., module_pickle: _Optional[bytes] = ...) -> None: ...
+    exported_program: bytes
+    module_tree: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
+    program_ties: _containers.RepeatedCompositeFieldContainer[ParameterTie]
+    program_constants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., module_pickle: _Optional[bytes] = ..., exported_program: _Optional[bytes] = ..., module_tree: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., program_ties: _Optional[_Iterable[_Union[ParameterTie, _Mapping]]] = ..., program_constants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -103,6 +103,18 @@ class Change:
     value: torch.Tensor
 
 
+@dataclass
+class Program:
+    """What an exported program model was built from (kept to persist and rebuild it)."""
+
+    program: bytes  # torch._export.serde JSON
+    tree: list[pb.ModuleInfo]  # the module tree as the client described it
+    ties: list[tuple[str, str]]  # (state name, the earlier name it is the same tensor as)
+    constants: dict[str, torch.Tensor]
+    #: state name -> (dtype, shape) of each tensor the program was built with (untied names).
+    state: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class WriteResult:
     """What a committed write answered: the RPC kind it came from, [(first name of each
@@ -172,6 +184,8 @@ class ServedModel:
         self.spec = spec
         #: A user-defined module's pickle (paramhub._code); empty for a spec model.
         self.source = b""
+        #: An exported program's definition (paramhub._program); None for other models.
+        self.program: Program | None = None
         self.device = device
         self.lock = RWLock()
         if device.type == "cuda":

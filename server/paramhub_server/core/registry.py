@@ -14,8 +14,8 @@ from paramhub import _code, _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.core import rng
-from paramhub_server.core.model import ServedModel
+from paramhub_server.core import programs, rng
+from paramhub_server.core.model import Program, ServedModel
 from paramhub_server.core.store import NAME_PATTERN, Store
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ class Registry:
                         log.warning("model %s was on %s, unavailable here; loading it on %s",
                                     model_id, device, self.default_device)
                         dev = self.default_device
-                    if source:  # user-defined classes: loaded only if still allowed
+                    program = self.store.read_program(model_id)
+                    if program is not None:
+                        model = self._build_program(model_id, program[0], program[1], dev)
+                    elif source:  # user-defined classes: loaded only if still allowed
                         model = self._build_code(model_id, source, dev)
                     else:
                         model = self._build(model_id, spec, None, dev, allocate_only=True)
@@ -256,6 +259,63 @@ class Registry:
             with self._lock:
                 self._creating.discard(model_id)
                 self._reserved.pop(model_id, None)
+
+    def create_program(self, model_id: str, header: pb.CreateModelHeader, *,
+                       values: dict[str, torch.Tensor]) -> ServedModel:
+        """Builds and registers an exported program (see paramhub._program): deserialized with
+        the uploaded tensors, nothing unpickled, so no trust is needed."""
+        self._check_ready()
+        check_model_id(model_id)
+        dev = parse_device(header.device, self.default_device)
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._creating.add(model_id)
+        try:
+            size = sum(v.numel() * v.element_size() for v in values.values())
+            if self.max_model_bytes is not None and size > self.max_model_bytes:
+                raise ResourceExhaustedError(
+                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
+                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
+            program = Program(header.exported_program, list(header.module_tree),
+                              [(t.parameter, t.source) for t in header.program_ties],
+                              {n: values.pop(n) for n in header.program_constants
+                               if n in values},
+                              {n: (v.dtype, tuple(v.shape)) for n, v in values.items()})
+            model = self._build_program(model_id, program, values, dev)
+            if len(header.module_tree) > self.max_spec_nodes:
+                raise ResourceExhaustedError("the module tree has more modules than "
+                                             f"max_spec_nodes={self.max_spec_nodes}",
+                                             reason="SPEC_TOO_LARGE")
+            if self.store is not None:
+                self.store.create(model)
+            with self._lock:
+                self._models[model_id] = model
+            return model
+        finally:
+            with self._lock:
+                self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    @staticmethod
+    def _build_program(model_id: str, program: Program, state: dict[str, torch.Tensor],
+                       dev: torch.device) -> ServedModel:
+        state = dict(state)
+        for name, source in program.ties:
+            if source not in state:
+                raise InvalidArgumentError(f"tie {name!r} -> {source!r}: no such tensor",
+                                           reason="BAD_PROGRAM")
+            state[name] = state[source]
+        module = programs.load_program(program.program, state,
+                                       {k: v.clone() for k, v in program.constants.items()})
+        module = module.to(dev)
+        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model.program = program
+        return model
 
     def _build_code(self, model_id: str, module_pickle: bytes, dev: torch.device, *,
                     module: torch.nn.Module | None = None) -> ServedModel:

@@ -58,14 +58,16 @@ from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, Invali
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training
-from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, ServedModel,
-                                        WriteContext, WriteResult)
+from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,
+                                        ServedModel, WriteContext, WriteResult)
 from paramhub_server.core.wal import WalWriter, layout, read_records
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 _STATE_KEY = "paramhub.state"
+#: An exported program's tensor constants (model directory).
+_CONSTANTS = "constants.safetensors"
 _CHECKPOINT_KEY = "paramhub.checkpoint"
 _TRAINING_KEY = "paramhub.training"
 #: Snapshot keys of the optimizer state ("{prefix}{param}/{key}") and the staleness history.
@@ -168,6 +170,23 @@ class Store:
             spec = json.loads(snap_meta[_STATE_KEY]).get("spec", spec)
         return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
 
+    def read_program(self, model_id: str) -> tuple[Program, dict[str, torch.Tensor]] | None:
+        """An exported program model's definition and empty state tensors to build it with
+        (the snapshot fills them); None for other models."""
+        d = self.models_dir / model_id
+        meta = json.loads((d / "model.json").read_text())
+        if "exported_program" not in meta:
+            return None
+        constants, _ = st.read_file(d / _CONSTANTS)
+        state = {n: torch.empty(shape, dtype=_codec.dtype_from_proto(dt))
+                 for n, (dt, shape) in meta["program_state"].items()}
+        program = Program(base64.b64decode(meta["exported_program"]),
+                          [json_format.ParseDict(m, pb.ModuleInfo())
+                           for m in meta["module_tree"]],
+                          [tuple(t) for t in meta["program_ties"]], constants,
+                          {n: (t.dtype, tuple(t.shape)) for n, t in state.items()})
+        return program, state
+
     def read_source(self, model_id: str) -> bytes:
         """A user-defined module's pickle (empty for a spec model): the newest snapshot's when
         it records one (lazy modules materialized after creation), else the created one."""
@@ -191,6 +210,15 @@ class Store:
                     "spec": json_format.MessageToDict(model.spec)}
             if model.source:  # a user-defined module: its pickle (paramhub._code)
                 meta["module_pickle"] = base64.b64encode(model.source).decode()
+            if model.program is not None:  # an exported program (paramhub._program)
+                p = model.program
+                meta["exported_program"] = base64.b64encode(p.program).decode()
+                meta["module_tree"] = [json_format.MessageToDict(m) for m in p.tree]
+                meta["program_ties"] = [list(t) for t in p.ties]
+                meta["program_state"] = {n: [_codec.dtype_to_proto(d), list(shape)]
+                                         for n, (d, shape) in p.state.items()}
+                st.write_file(tmp / _CONSTANTS, list(p.constants.items()), {},
+                              fsync=self.fsync != "off")
             _write_text(tmp / "model.json", json.dumps(meta, indent=1))
             size = _write_snapshot(tmp / _snapshot_name(1), model, self.fsync != "off")
             (tmp / "checkpoints").mkdir()
