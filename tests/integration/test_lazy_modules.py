@@ -179,3 +179,18 @@ def test_bad_generator_state_is_rejected_and_changes_nothing(client):
         client._call(client.stub.Forward, request)
     assert e.value.reason == "BAD_GENERATOR_STATE"
     assert repr(client.model("lazy")[0]).startswith("LazyLinear")
+
+
+def test_checkpoint_taken_before_materialization_cannot_be_restored_after(client):
+    net = client.create_model("lazy", nn.Sequential(nn.Linear(7, 7), nn.LazyLinear(3)))
+    client.create_checkpoint(net, "early")
+    net(torch.rand(1, 7))
+    client.create_checkpoint(net, "late")
+    version = client.model_version(net)
+    with pytest.raises(InvalidArgumentError) as e:
+        client.restore_checkpoint(net, "early")
+    assert e.value.reason == "CHECKPOINT_MISMATCH"
+    assert client.model_version(net) == version
+    net[1].weight.data[0, 0] = 9.0
+    client.restore_checkpoint(net, "late")
+    assert net[1].weight.data[0, 0].item() != 9.0
