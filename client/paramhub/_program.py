@@ -25,10 +25,10 @@ __all__ = ["export"]
 
 
 def export(module: nn.Module, example_inputs: Sequence[Any],
-           example_kwargs: dict[str, Any] | None = None) -> pb.CreateModelHeader:
-    """A CreateModelHeader carrying `module` as an exported program, and its tensors.
-
-    Returns (header without model id and device, {chunk name: tensor}).
+           example_kwargs: dict[str, Any] | None = None
+           ) -> tuple[pb.CreateModelHeader, dict[str, torch.Tensor]]:
+    """`module` as an exported program: (a CreateModelHeader without model id and device,
+    {chunk name: tensor} of the values to stream after it, one per storage and constant).
 
     Raises:
         InvalidArgumentError: torch.export cannot export the module (e.g. Python control flow

@@ -150,3 +150,32 @@ def test_bad_programs_are_rejected_and_create_nothing(client):
             client._call(client.stub.CreateModel, requests())
         assert e.value.reason == "BAD_PROGRAM"
     assert client.list_models() == []
+
+
+def test_program_node_names_cannot_inject_code(client, tmp_path):
+    # torch.fx generates Python from the graph: names the client chose must not become code.
+    import json
+
+    from paramhub import _program
+
+    marker = tmp_path / "pwned"
+    header, values = _program.export(nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
+                                     (torch.rand(2, 3),))
+    text = header.exported_program.decode()
+    evil = f"x = __import__('pathlib').Path({str(marker)!r}).touch(); y"
+    for name in ("linear", "relu"):
+        text = text.replace(f'"{name}"', json.dumps(evil + name))
+    header.model_id, header.exported_program = "evil", text.encode()
+
+    def requests():
+        yield pb.CreateModelRequest(header=header)
+        for name, t in values.items():
+            for chunk in paramhub._codec.iter_tensor_chunks(t, name=name):
+                yield pb.CreateModelRequest(chunk=chunk)
+
+    try:
+        client._call(client.stub.CreateModel, requests())
+        client.forward("evil", torch.rand(2, 3))
+    except InvalidArgumentError as e:  # rejecting the program is fine too
+        assert e.reason in ("BAD_PROGRAM", "BAD_INPUT")
+    assert not marker.exists()

@@ -115,7 +115,7 @@ def test_read_role_cannot_materialize(settings, tmp_path):
             with pytest.raises(PermissionDeniedError) as e:
                 net(torch.rand(1, 7))
             assert e.value.reason == "ROLE_TOO_LOW"
-            assert repr(r.model("lazy")[0]) == "LazyLinear(in_features=0, out_features=16, bias=True)"
+            assert repr(r.model("lazy")[0]).startswith("LazyLinear(in_features=0,")
     finally:
         srv.stop(grace=None)
 

@@ -286,11 +286,13 @@ class Registry:
                               {n: values.pop(n) for n in header.program_constants
                                if n in values},
                               {n: (v.dtype, tuple(v.shape)) for n, v in values.items()})
-            model = self._build_program(model_id, program, values, dev)
             if len(header.module_tree) > self.max_spec_nodes:
-                raise ResourceExhaustedError("the module tree has more modules than "
-                                             f"max_spec_nodes={self.max_spec_nodes}",
-                                             reason="SPEC_TOO_LARGE")
+                raise ResourceExhaustedError(
+                    f"the module tree has {len(header.module_tree)} modules, more than the "
+                    f"limit max_spec_nodes={self.max_spec_nodes}", reason="SPEC_TOO_LARGE",
+                    metadata={"limit": "max_spec_nodes", "asked": str(len(header.module_tree)),
+                              "limit_value": str(self.max_spec_nodes)})
+            model = self._build_program(model_id, program, values, dev)
             if self.store is not None:
                 self.store.create(model)
             with self._lock:
