@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
 
 from paramhub import _code, _codec, _spec
@@ -207,8 +208,9 @@ class _Mirror:
     def __init__(self, client: Client, model_id: str, root: nn.Module,
                  desc: pb.DescribeModelResponse) -> None:
         self.client, self.model_id, self.root, self.desc = client, model_id, root, desc
-        #: Whether some parameter or buffer of the mirror is still uninitialized.
-        self.lazy = any(isinstance(t, _LAZY) for t in _all_tensors(root))
+        #: Whether some module of the mirror is still lazy (uninitialized tensors, or a lazy
+        #: class that its first Forward changes).
+        self.lazy = _has_lazy(root)
 
     def refresh(self) -> None:
         """Re-describes the model after a pass that may have materialized lazy modules: each
@@ -221,21 +223,23 @@ class _Mirror:
         for path, m in self.root.named_modules(remove_duplicate=False):
             own = [t for t in list(m._parameters.values()) + list(m._buffers.values())
                    if isinstance(t, _LAZY)]
-            if not own or path in still:  # nothing lazy, or not materialized yet
-                continue
             try:
                 now = fresh.get_submodule(path)
             except AttributeError:
                 continue
+            if not (own and path not in still) and not (
+                    isinstance(m, LazyModuleMixin) and type(now) is not type(m)):
+                continue  # nothing lazy here, or not materialized yet
             installed = {k: v for k, v in m.__dict__.items()
                          if k in _INSTALLED or k.startswith("_paramhub")}
+            _strip_lazy_hooks(now)
             m.__class__ = type(now)
             m.__dict__.update({k: v for k, v in now.__dict__.items()
                                if k not in ("_modules", "training")})
             m.__dict__.update(installed)
         _install_handles(self.root, self.client, self.model_id, desc)
         self.desc = desc
-        self.lazy = any(isinstance(t, _LAZY) for t in _all_tensors(self.root))
+        self.lazy = _has_lazy(self.root)
 
 
 def _skeleton(desc: pb.DescribeModelResponse) -> nn.Module:
@@ -257,6 +261,20 @@ def _skeleton(desc: pb.DescribeModelResponse) -> nn.Module:
 
 #: Attributes `attach` sets on each module of a mirror (kept when a lazy module materializes).
 _INSTALLED = {"forward", "train", "zero_grad", *_LOCAL_ONLY}
+
+
+def _has_lazy(root: nn.Module) -> bool:
+    return any(isinstance(t, _LAZY) for t in _all_tensors(root)) or any(
+        isinstance(m, LazyModuleMixin) for m in root.modules())
+
+
+def _strip_lazy_hooks(m: nn.Module) -> None:
+    """A lazy module of a mirror must not materialize itself when called (torch's pre-forward
+    hook would): the server does, and the mirror re-describes it."""
+    for hook in ("_initialize_hook", "_load_hook"):
+        if hasattr(m, hook):
+            getattr(m, hook).remove()
+            delattr(m, hook)
 
 
 def _all_tensors(root: nn.Module) -> list[torch.Tensor]:
@@ -298,11 +316,7 @@ def attach(client: Client, model_id: str) -> nn.Module:
     desc = client.describe_model(model_id)
     root = _skeleton(desc)
     for m in root.modules():
-        # A lazy module of the mirror must not materialize itself here when called (torch's
-        # pre-forward hook would): the server does, and the mirror re-describes it.
-        for hook in ("_initialize_hook", "_load_hook"):
-            if hasattr(m, hook):
-                getattr(m, hook).remove()
+        _strip_lazy_hooks(m)
     _install_handles(root, client, model_id, desc)
     # Leftover meta tensors would mean the local rebuild has names the server lacks
     # (uninitialized tensors of lazy modules are not described: they have no storage yet).
@@ -409,8 +423,11 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         if assign:
             raise NotImplementedError("assign=True would replace the served tensors with local "
                                       "ones; load values instead (assign=False)")
-        shapes = {n: tuple(t.shape) for n, t in root.named_parameters(remove_duplicate=False)}
-        shapes.update((n, tuple(t.shape)) for n, t in root.named_buffers(remove_duplicate=False))
+        # Lazy modules' uninitialized tensors (None) take the loaded shape, as in torch.
+        shapes = {n: None if isinstance(t, _LAZY) else tuple(t.shape)
+                  for n, t in root.named_parameters(remove_duplicate=False)}
+        shapes.update((n, None if isinstance(t, _LAZY) else tuple(t.shape))
+                      for n, t in root.named_buffers(remove_duplicate=False))
         own = list(shapes)
         known = set(own)
         missing = [n for n in own if n not in state_dict]
@@ -418,7 +435,8 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         parts = [f"size mismatch for {k}: copying a param with shape "
                  f"{torch.Size(tuple(v.shape))} from checkpoint, the shape in current model is "
                  f"{torch.Size(shapes[k])}." for k, v in state_dict.items()
-                 if k in known and tuple(getattr(v, "shape", ())) != shapes[k]]
+                 if k in known and shapes[k] is not None
+                 and tuple(getattr(v, "shape", ())) != shapes[k]]
         if parts:  # torch's own check, before anything is sent
             raise RuntimeError("Error(s) in loading state_dict for "
                                f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
@@ -440,6 +458,8 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
                                 kind="parameters" if k in params else "buffers")
         elif values:
             client.push_state(model_id, values)
+            if mirror.lazy:  # loading materialized lazy modules' tensors on the server
+                mirror.refresh()
         return _IncompatibleKeys(missing, unexpected)
 
     def named_remote_tensors() -> Iterator[tuple[str, Any]]:

@@ -194,3 +194,31 @@ def test_checkpoint_taken_before_materialization_cannot_be_restored_after(client
     net[1].weight.data[0, 0] = 9.0
     client.restore_checkpoint(net, "late")
     assert net[1].weight.data[0, 0].item() != 9.0
+
+
+def test_load_state_dict_materializes_lazy_modules_as_torch_does(settings):
+    X = torch.rand(2, 7)
+    torch.manual_seed(0)
+    trained = _lazy_mlp()
+    trained(X)
+    state = trained.state_dict()
+    local = _lazy_mlp()
+    local_keys = local.load_state_dict(state)
+    srv = build_server(settings)
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            clone = c.create_model("clone", _lazy_mlp())
+            assert repr(clone.load_state_dict(state)) == repr(local_keys)
+            # torch keeps the lazy class (in_features=0) until the first Forward.
+            assert repr(clone) == repr(local)
+            assert clone[0].weight.shape == (16, 7)
+            assert torch.equal(clone[0].weight.fetch(), state["0.weight"])
+        srv.stop(grace=None)
+        srv = build_server(settings)
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            clone = c.model("clone")
+            assert repr(clone) == repr(local)
+            assert torch.equal(clone(X), local(X))
+            assert repr(clone) == repr(local)  # now Linear(in_features=7, ...) in both
+    finally:
+        srv.stop(grace=None)

@@ -216,8 +216,8 @@ CELLS = [
         class IOMLP(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.hidden = nn.Linear(20, 256)
-                self.output = nn.Linear(256, 10)
+                self.hidden = nn.LazyLinear(256)
+                self.output = nn.LazyLinear(10)
 
             def forward(self, x):
                 return self.output(F.relu(self.hidden(x)))
@@ -228,8 +228,10 @@ CELLS = [
         torch.save(net.state_dict(), PATH)
         clone = MAKE("io-clone", IOMLP)
         print(clone.load_state_dict(torch.load(PATH)))
+        print(clone)
         clone.eval()
         Y_clone = clone(X)
+        print(clone)
         Y_clone == Y
     """),
 ]

@@ -243,7 +243,25 @@ class ServedModel:
         self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
         self._layouts = {}
         self._buffered = {}
+        #: Paths of modules that are still of a lazy class (their first Forward changes them).
+        self._lazy_paths = {p for p, m in module.named_modules()
+                            if isinstance(m, nn.modules.lazy.LazyModuleMixin)}
         return [n for n in self._order if n not in before]
+
+    def materialize_shapes(self, shapes: dict[str, Sequence[int]]) -> list[str]:
+        """Materializes lazy modules' uninitialized tensors with the given shapes, as torch's
+        load_state_dict does (values not set); returns the names newly indexed. Used by
+        PushState and by recovery from a snapshot. Caller holds the write lock (or the model
+        is not served yet)."""
+        for name, shape in shapes.items():
+            owner_path, _, local = name.rpartition(".")
+            owner = self.module.get_submodule(owner_path)
+            t = owner._parameters.get(local)
+            if t is None:
+                t = owner._buffers.get(local)
+            if t is not None and is_uninitialized(t):
+                t.materialize(tuple(shape))
+        return self._index()
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -433,10 +451,17 @@ class ServedModel:
                                            reason="DUPLICATE_TENSOR",
                                            metadata={"tensor": h.name[:200]})
             seen.add(h.name)
-            ref = self.ref(h.name)
-            t = ref.get()
             dtype = _codec.dtype_from_proto(h.dtype)
             shape = _codec.check_shape(h.shape)
+            if h.name in self._uninitialized:
+                # A lazy module's tensor takes the loaded shape, as in torch's load_state_dict
+                # (materialized under the write lock by load_state).
+                owner_path, _, local = h.name.rpartition(".")
+                refs.append(TensorRef(h.name, self._uninitialized[h.name],
+                                      self.module.get_submodule(owner_path), local, -1))
+                continue
+            ref = self.ref(h.name)
+            t = ref.get()
             if shape != tuple(t.shape):
                 raise InvalidArgumentError(
                     f"value for {h.name!r} has shape {list(shape)}, the model's is "
@@ -459,6 +484,10 @@ class ServedModel:
             result = self._recall(ctx, "push_state")
             if result is None:
                 self._check_model_expected(expected_model_version)
+                lazy = {r.name: tuple(v.shape) for r, v in zip(refs, values) if r.group < 0}
+                if lazy:  # lazy modules' tensors: materialized with the loaded shapes first
+                    self.materialize_shapes(lazy)
+                    refs = [self.ref(r.name) if r.group < 0 else r for r in refs]
                 # Cast (and move to the device) first, so nothing changes if any cast fails.
                 staged: dict[int, Change] = {}
                 for ref, v in zip(refs, values):
@@ -474,7 +503,12 @@ class ServedModel:
                     staged[ref.group] = Change(ref, (), cast)
                 if not staged:
                     return [], self.version
-                result = self._commit("push_state", "push_state", list(staged.values()), ctx)
+                if lazy:  # the structure changed: one snapshot instead of a log record
+                    result = self._commit_restructured("push_state", "push_state",
+                                                       list(staged.values()), ctx)
+                else:
+                    result = self._commit("push_state", "push_state", list(staged.values()),
+                                          ctx)
             return result.updated, result.model_version
 
     # ----------------------------------------------------------------------------- writes
@@ -867,7 +901,8 @@ class ServedModel:
             if buffered is None:
                 buffered = self._buffered[path] = _with_buffers(sub)
             prefix = f"{path}." if path else ""
-            lazy = any(n.startswith(prefix) for n in self._uninitialized)
+            lazy = any(n.startswith(prefix) for n in self._uninitialized) or any(
+                p == path or p.startswith(prefix) for p in self._lazy_paths)
             mutating = [m for m in buffered if m.training]
             if (mutating or lazy) and not may_write:
                 what = ("materializes lazy modules" if lazy else
@@ -920,29 +955,42 @@ class ServedModel:
 
     def _materialized(self, buffers: Sequence[str]) -> bool:
         """After a pass through lazy modules (write lock held): indexes what it materialized,
-        re-describes the spec and commits the new tensors (and the pass's buffer updates) as
-        one write, made durable by a snapshot. Returns whether anything was materialized."""
+        re-describes the model and commits the new tensors (and the pass's buffer updates) as
+        one write, made durable by a snapshot. Returns whether the structure changed."""
+        lazy_before = self._lazy_paths
         new = self._index()
-        if not new:
+        if not new and self._lazy_paths == lazy_before:
             return False
+        names = list(dict.fromkeys(
+            [self._first[self._refs[n].group] for n in new] + list(buffers)))
+        changes = [Change(self._refs[n], (), self._refs[n].get().detach()) for n in names]
+        self._commit_restructured("forward.materialize", "forward", changes, NO_CONTEXT,
+                                  applied=True)
+        return True
+
+    def _commit_restructured(self, op: str, rpc: str, changes: Sequence[Change],
+                             ctx: WriteContext, *, applied: bool = False) -> WriteResult:
+        """Commits a write that changed the model's structure (lazy modules materialized):
+        re-describes it (spec, or a user-defined module's pickle), and makes it durable with a
+        snapshot, since log records name tensors of a fixed shape. Write lock held."""
         if self.source:  # a user-defined module: pickled again, with its new classes/shapes
             self.source = _code.dumps(self.module)[0]
         else:
             try:
                 self.spec = _spec.spec_from_module(self.module)
-            except InvalidArgumentError:  # e.g. a module changed in a way no spec can say
-                log.exception("model %s: no spec describes the materialized tree", self.id)
-        names = list(dict.fromkeys(
-            [self._first[self._refs[n].group] for n in new] + list(buffers)))
-        changes = [Change(self._refs[n], (), self._refs[n].get().detach()) for n in names]
+            except InvalidArgumentError:
+                # A lazy module loaded but not yet run (torch keeps its lazy class): the old
+                # spec stays, and recovery materializes it from the snapshot's shapes.
+                log.debug("model %s keeps its spec: lazy modules are partly materialized",
+                          self.id)
         journal, self.journal = self.journal, None
         try:
-            self._commit("forward.materialize", "forward", changes, NO_CONTEXT, applied=True)
+            result = self._commit(op, rpc, changes, ctx, applied=applied)
         finally:
             self.journal = journal
         if journal is not None:
             journal.snapshot(self)
-        return True
+        return result
 
     # ----------------------------------------------------------------------------- gradients
 

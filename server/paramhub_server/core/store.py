@@ -241,6 +241,12 @@ class Store:
             raise ValueError(f"model {model.id}: no snapshot in {d}")
         gen = gens[-1]
         snap = d / _snapshot_name(gen)
+        # Lazy modules loaded with values (but not yet run) keep their lazy spec: their
+        # tensors take the snapshot's shapes, as load_state_dict gave them.
+        header, _, _ = st.read_header(snap)
+        lazy = {n: header[n]["shape"] for n, _ in model.uninitialized if n in header}
+        if lazy:
+            model.materialize_shapes(lazy)
         firsts = [n for n, _ in model.state_entries(every_name=False)]
         values, meta = st.read_file(snap, firsts)
         state = json.loads(meta[_STATE_KEY])
