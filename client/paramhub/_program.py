@@ -25,10 +25,13 @@ __all__ = ["export"]
 
 
 def export(module: nn.Module, example_inputs: Sequence[Any],
-           example_kwargs: dict[str, Any] | None = None
+           example_kwargs: dict[str, Any] | None = None, dynamic_shapes: Any = None
            ) -> tuple[pb.CreateModelHeader, dict[str, torch.Tensor]]:
     """`module` as an exported program: (a CreateModelHeader without model id and device,
     {chunk name: tensor} of the values to stream after it, one per storage and constant).
+
+    `dynamic_shapes` is torch.export's; by default the first dimension of every positional
+    tensor input is `Dim.AUTO` (the batch size is not baked in unless the code needs it).
 
     Raises:
         InvalidArgumentError: torch.export cannot export the module (e.g. Python control flow
@@ -37,8 +40,20 @@ def export(module: nn.Module, example_inputs: Sequence[Any],
     """
     from torch._export.serde import serialize as serde
 
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin)
+           for t in list(module.parameters()) + list(module.buffers())):
+        # Lazy modules cannot be exported before they know their shapes: run the example
+        # batch once, as torch's docs advise (this draws their initial values from the default
+        # generator, as the module's first call would).
+        with torch.no_grad():
+            module(*example_inputs, **(example_kwargs or {}))
+    if dynamic_shapes is None and not example_kwargs:
+        auto = torch.export.Dim.AUTO
+        dynamic_shapes = tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0
+                               else None for a in example_inputs)
     try:
-        ep = torch.export.export(module, tuple(example_inputs), kwargs=example_kwargs)
+        ep = torch.export.export(module, tuple(example_inputs), kwargs=example_kwargs,
+                                 dynamic_shapes=dynamic_shapes)
         artifact = serde.serialize(ep)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for untraceable code
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -449,12 +449,15 @@ class Client:
     def create_model_from_program(self, model_id: str, module: torch.nn.Module,
                                   example_inputs: Sequence[Any],
                                   example_kwargs: Mapping[str, Any] | None = None, *,
-                                  device: str | None = None, timeout: float | None = None
-                                  ) -> pb.ModelInfo:
+                                  dynamic_shapes: Any = None, device: str | None = None,
+                                  timeout: float | None = None) -> pb.ModelInfo:
         """Serves `module` as a torch.export program traced on `example_inputs`: the graph as
         JSON and the tensors through the codec, so the server unpickles nothing and runs no
         client code. The program computes what the module computed when it was exported (its
-        training mode, and the branch its Python control flow took for those inputs).
+        training mode, and the branch its Python control flow took for those inputs). The
+        first dimension of each tensor input stays dynamic (torch.export's `Dim.AUTO`) unless
+        `dynamic_shapes` (torch.export's argument) says otherwise. Lazy modules are
+        materialized first by one local call on the example inputs.
 
         Raises:
             InvalidArgumentError: torch.export cannot export the module (NOT_EXPORTABLE).
@@ -462,7 +465,8 @@ class Client:
         from paramhub import _program
 
         header, values = _program.export(module, example_inputs,
-                                         dict(example_kwargs) if example_kwargs else None)
+                                         dict(example_kwargs) if example_kwargs else None,
+                                         dynamic_shapes)
         header.model_id, header.device = model_id, device or ""
 
         def requests() -> Iterator[pb.CreateModelRequest]:

@@ -179,3 +179,44 @@ def test_program_node_names_cannot_inject_code(client, tmp_path):
     except InvalidArgumentError as e:  # rejecting the program is fine too
         assert e.reason in ("BAD_PROGRAM", "BAD_INPUT")
     assert not marker.exists()
+
+
+class LazyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.LazyLinear(16)
+        self.out = nn.LazyLinear(4)
+
+    def forward(self, X):
+        return self.out(torch.relu(self.hidden(X)))
+
+
+class MySequential(nn.Module):
+    def __init__(self, *args):
+        super().__init__()
+        for idx, module in enumerate(args):
+            self.add_module(str(idx), module)
+
+    def forward(self, X):
+        for module in self.children():
+            X = module(X)
+        return X
+
+
+@pytest.mark.parametrize("make", [
+    LazyMLP,
+    lambda: MySequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(2)),
+    lambda: nn.Sequential(MyLinear(6, 5), nn.Dropout(0.0), MyLinear(5, 2)),
+], ids=["LazyMLP", "MySequential", "MyLinear"])
+def test_textbook_models_export_to_a_default_server(client, make):
+    X = torch.rand(3, 6)
+    torch.manual_seed(0)
+    local = make()
+    y_local = local(X)
+    after = torch.default_generator.get_state()
+    torch.manual_seed(0)
+    net = client.create_model("m", make(), example_inputs=(X,))
+    assert torch.equal(torch.default_generator.get_state(), after)  # lazy layers drew here
+    assert repr(net) == repr(local)
+    assert torch.equal(net(X), y_local)
+    assert torch.equal(net(X[:2]), local(X[:2]))  # the batch size is not baked in
