@@ -69,15 +69,18 @@ class _RemoteForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         mirror: _Mirror = self.module._paramhub_mirror
-        if mirror.lazy:
+        if mirror.lazy and _has_lazy(self.module):
             # Lazy modules not yet materialized: the pass initializes them on the server from
             # this process's generator (as local torch would); the mirror then re-describes the
             # model (new shapes, LazyLinear -> Linear). This pass records no autograd graph.
             try:
-                out, _ = self.client.forward_materializing(
+                out, changed = self.client.forward_materializing(
                     self.model_id, _materialize(args), _materialize(kwargs),
                     module_path=self.path)
-            finally:
+            except BaseException:
+                mirror.refresh()  # a failed pass may have materialized some, as in torch
+                raise
+            if changed:
                 mirror.refresh()
             return out
         if torch.is_grad_enabled():

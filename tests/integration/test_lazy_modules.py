@@ -165,8 +165,8 @@ def test_forward_materializes_from_the_callers_generator_state(client):
     assert materialized and torch.equal(y, y_local)
     assert torch.equal(g.get_state(), after)
     assert _states_equal(client.model("lazy").pull(), local)
-    _, again = client.forward_materializing("lazy", [X], {}, generator=g)
-    assert not again and torch.equal(g.get_state(), after)  # nothing drawn
+    _, stale = client.forward_materializing("lazy", [X], {}, generator=g)
+    assert stale and torch.equal(g.get_state(), after)  # nothing drawn; nothing lazy left
 
 
 def test_bad_generator_state_is_rejected_and_changes_nothing(client):
@@ -222,3 +222,15 @@ def test_load_state_dict_materializes_lazy_modules_as_torch_does(settings):
             assert repr(clone) == repr(local)  # now Linear(in_features=7, ...) in both
     finally:
         srv.stop(grace=None)
+
+
+def test_mirror_of_a_partly_materialized_model_describes_only_when_needed(client):
+    net = client.create_model("lazy", _lazy_mlp())
+    h = net[0](torch.rand(2, 7))  # materializes the first layer only, as in torch
+    assert repr(net[0]).startswith("Linear(in_features=7") and h.shape == (2, 16)
+    assert repr(net[2]).startswith("LazyLinear(in_features=0")
+    before = client.rpc_counts.get("DescribeModel", 0)
+    net[0](torch.rand(2, 7))
+    assert client.rpc_counts.get("DescribeModel", 0) == before  # nothing lazy on that path
+    assert net(torch.rand(2, 7)).shape == (2, 3)
+    assert repr(net[2]) == "Linear(in_features=16, out_features=3, bias=True)"

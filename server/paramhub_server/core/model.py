@@ -877,7 +877,8 @@ class ServedModel:
                 may_write: bool = True, seed: int | None = None,
                 generator: rng.GeneratorState | None = None) -> tuple[Any, int, bool]:
         """Runs the (sub)module on inputs; returns (output moved to CPU, model version, whether
-        the pass materialized lazy modules).
+        the caller should re-describe the model: the pass materialized lazy modules, or the
+        caller sent a `generator` for lazy modules that are no longer there).
 
         A pass that would update buffers (training mode) is a write: with `may_write` False
         (a caller holding only the read role) it is refused with PermissionDeniedError.
@@ -951,7 +952,10 @@ class ServedModel:
                     changes = [Change(self._refs[n], (), self._refs[n].get().detach())
                                for n in names]
                     self._commit("forward.train", "forward", changes, NO_CONTEXT, applied=True)
-                return _to_device(out, torch.device("cpu")), self.version, False
+                # A caller that sent its generator expected lazy modules here: if there are
+                # none left (another client's pass materialized them), it must re-describe.
+                stale = generator is not None and not lazy
+                return _to_device(out, torch.device("cpu")), self.version, stale
 
     def _materialized(self, buffers: Sequence[str]) -> bool:
         """After a pass through lazy modules (write lock held): indexes what it materialized,
