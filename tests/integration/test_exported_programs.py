@@ -108,6 +108,8 @@ def test_program_model_survives_a_restart(settings):
     try:
         with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
             net = c.create_model("p", local, example_inputs=(IDS,))
+            original = local(IDS)
+            c.create_checkpoint(net, "before")
             net.emb.weight.data[1] = 0.5
             with torch.no_grad():
                 local.emb.weight[1] = 0.5
@@ -119,6 +121,8 @@ def test_program_model_survives_a_restart(settings):
             assert repr(net) == repr(local) and c.model_version(net) == version
             assert torch.equal(net(IDS), local(IDS))
             assert c.check_shared(net, "emb.weight", "head.weight")
+            c.restore_checkpoint(net, "before")
+            assert torch.equal(net(IDS), original)
     finally:
         srv.stop(grace=None)
 
