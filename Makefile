@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: this CPU wheel is what the project is tested with; a bare
 	# "torch" requirement could otherwise pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
 	touch $@
 
 setup: $(VENV)/.installed

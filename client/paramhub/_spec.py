@@ -28,8 +28,9 @@ __all__ = ["ALLOWED_MODULES", "CONTAINERS", "build_module", "spec_from_module",
 CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
 
 # Module families allowed wholesale, minus classes that cannot be described by plain values
-# (Lazy* infer shapes at first call; SyncBatchNorm needs a process group; TransformerEncoder/
-# Decoder take a module instance as a constructor argument; bases and parameter containers).
+# (SyncBatchNorm needs a process group; TransformerEncoder/Decoder take a module instance as a
+# constructor argument; bases and parameter containers). Lazy modules (LazyLinear, LazyConv2d,
+# LazyBatchNorm1d, ...) are served as in torch: their first Forward materializes them.
 _FAMILIES = (_m.activation, _m.pooling, _m.dropout, _m.conv, _m.batchnorm, _m.normalization,
              _m.linear, _m.sparse, _m.rnn, _m.flatten, _m.container, _m.transformer, _m.padding,
              _m.instancenorm, _m.pixelshuffle, _m.upsampling, _m.channelshuffle, _m.distance,
@@ -41,7 +42,7 @@ _EXCLUDED = {"SyncBatchNorm", "TransformerEncoder", "TransformerDecoder", "Conta
 ALLOWED_MODULES: dict[str, type[nn.Module]] = {
     name: getattr(nn, name)
     for fam in _FAMILIES for name in fam.__all__
-    if not name.startswith("Lazy") and name not in _EXCLUDED
+    if name not in _EXCLUDED
 }
 
 MAX_SPEC_NODES = 100_000
@@ -342,10 +343,17 @@ def _tensor_groups(root: nn.Module) -> dict[int, list[str]]:
     return groups
 
 
-def _signature(root: nn.Module) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
-    out = [("p", n, tuple(p.shape), p.dtype)
+def _shape(t: torch.Tensor) -> tuple[int, ...] | None:
+    """A tensor's shape; None for a lazy module's uninitialized tensor (which has none)."""
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return None
+    return tuple(t.shape)
+
+
+def _signature(root: nn.Module) -> list[tuple[str, str, tuple[int, ...] | None, torch.dtype]]:
+    out = [("p", n, _shape(p), p.dtype)
            for n, p in root.named_parameters(remove_duplicate=False)]
-    out += [("b", n, tuple(b.shape), b.dtype) for n, b in root.named_buffers(remove_duplicate=False)]
+    out += [("b", n, _shape(b), b.dtype) for n, b in root.named_buffers(remove_duplicate=False)]
     return out
 
 

@@ -362,8 +362,9 @@ class Client:
     # ---------------------------------------------------------------------------- models
 
     def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
-                     device: str | None = None, *, timeout: float | None = None
-                     ) -> RemoteModule:
+                     device: str | None = None, *, example_inputs: Sequence[Any] | None = None,
+                     example_kwargs: Mapping[str, Any] | None = None,
+                     timeout: float | None = None) -> RemoteModule:
         """Serves a copy of a local module and returns its remote mirror.
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
@@ -373,19 +374,108 @@ class Client:
         out of that order locally (e.g. a shared layer created before the layers ahead of it)
         draws other numbers: serve a copy with values instead.
 
+        Three ways in: a tree of built-in torch.nn layers (lazy ones included) is sent as a
+        spec; with `example_inputs` the module is exported with torch.export and sent as a
+        program (any module torch.export can trace, no trust needed); any other module (a
+        user-defined class) is sent as code, which only a server started with
+        --trust-remote-code runs (see `create_model_from_code`).
+
         Raises:
             AlreadyExistsError: the id is taken.
-            InvalidArgumentError: the module uses a class outside the allow-list, or bad values.
+            InvalidArgumentError: bad values, or a module torch.export cannot export
+                (NOT_EXPORTABLE).
+            FailedPreconditionError: a user-defined module, and the server does not run client
+                code (REMOTE_CODE_DISABLED).
         """
         from paramhub import _spec
 
-        spec = _spec.spec_from_module(module)
+        if example_inputs is not None:
+            self.create_model_from_program(model_id, module, example_inputs, example_kwargs,
+                                           device=device, timeout=timeout)
+            return self.model(model_id)
+
+        try:
+            spec = _spec.spec_from_module(module)
+        except InvalidArgumentError as e:
+            if e.reason != "MODULE_NOT_ALLOWED":
+                raise
+            # User-defined classes: served as code, if the server allows it.
+            self.create_model_from_code(model_id, module, device=device, timeout=timeout)
+            return self.model(model_id)
         values: dict[str, torch.Tensor] = {}
-        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-            values = {k: v for k, v in module.state_dict().items()}
+        # A lazy module's uninitialized tensors have no values yet: the server materializes
+        # them at the first Forward, as torch would.
+        lazy = torch.nn.parameter.UninitializedTensorMixin
+        tensors = [t for t in list(module.parameters()) + list(module.buffers())
+                   if not isinstance(t, lazy)]
+        if not any(t.is_meta for t in tensors):
+            values = {k: v for k, v in module.state_dict().items() if not isinstance(v, lazy)}
         self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
                                     timeout=timeout)
         return self.model(model_id)
+
+    def create_model_from_code(self, model_id: str, module: torch.nn.Module, *,
+                               device: str | None = None, timeout: float | None = None
+                               ) -> pb.ModelInfo:
+        """Serves a user-defined module (any nn.Module subclass, including classes defined in
+        __main__ or a notebook) as code: its structure pickled with cloudpickle, its values
+        streamed. `create_model` does this for modules outside the torch.nn allow-list.
+
+        The server runs the module's Python code (its forward), so it accepts this only when
+        started with --trust-remote-code (or, for classes of a package it lists with
+        --model-package, without), and only from admin callers.
+
+        Raises:
+            FailedPreconditionError: the server does not run client code (reason
+                REMOTE_CODE_DISABLED).
+            PermissionDeniedError: the caller is not an admin (ROLE_TOO_LOW).
+            InvalidArgumentError: the module cannot be pickled.
+        """
+        from paramhub import _code
+
+        data, values = _code.dumps(module)
+        _code.remember_classes(module)
+        header = pb.CreateModelHeader(model_id=model_id, module_pickle=data,
+                                      device=device or "")
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in values.items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        return self._call(self.stub.CreateModel, requests(), timeout).model
+
+    def create_model_from_program(self, model_id: str, module: torch.nn.Module,
+                                  example_inputs: Sequence[Any],
+                                  example_kwargs: Mapping[str, Any] | None = None, *,
+                                  dynamic_shapes: Any = None, device: str | None = None,
+                                  timeout: float | None = None) -> pb.ModelInfo:
+        """Serves `module` as a torch.export program traced on `example_inputs`: the graph as
+        JSON and the tensors through the codec, so the server unpickles nothing and runs no
+        client code. The program computes what the module computed when it was exported (its
+        training mode, and the branch its Python control flow took for those inputs). The
+        first dimension of each tensor input stays dynamic (torch.export's `Dim.AUTO`) unless
+        `dynamic_shapes` (torch.export's argument) says otherwise. Lazy modules are
+        materialized first by one local call on the example inputs.
+
+        Raises:
+            InvalidArgumentError: torch.export cannot export the module (NOT_EXPORTABLE).
+        """
+        from paramhub import _program
+
+        header, values = _program.export(module, example_inputs,
+                                         dict(example_kwargs) if example_kwargs else None,
+                                         dynamic_shapes)
+        header.model_id, header.device = model_id, device or ""
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in values.items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        return self._call(self.stub.CreateModel, requests(), timeout).model
 
     def create_model_from_spec(self, model_id: str, spec: pb.ModelSpec, *,
                                seed: int | None = None, device: str | None = None,
@@ -865,11 +955,17 @@ class Client:
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
                    expected_model_version: int | None = None, request_id: str | None = None,
+                   generator: torch.Generator | None = None,
                    timeout: float | None = None) -> pb.ApplyInitResponse | None:
         """Runs a torch.nn.init scheme (e.g. "normal_") on the server over `targets`.
 
         Returns the new versions (None inside `with client.batch(model_id):` on this thread,
         where the init joins the batch). Carries a request id like `set_slice`.
+
+        The draws come from: a generator seeded with `seed`; else, with `generator` (a CPU
+        torch.Generator, e.g. torch.default_generator), from that generator's state, which is
+        then advanced as the same local calls would advance it (the values equal local
+        torch's, bit for bit, whatever device the model is on); else from the server's own.
 
         Raises:
             ConflictError: `expected_model_version` is not the model's version.
@@ -877,6 +973,11 @@ class Client:
         """
         batch = self._active_batch(model_id)
         if batch is not None:
+            if generator is not None:
+                raise InvalidArgumentError(
+                    "an init drawing from a client generator cannot join a batch (its state "
+                    "comes back only after the batch); draw locally and set the values",
+                    reason="BAD_ARGUMENT")
             batch.apply_init(scheme, targets, args, seed=seed,
                              expected_model_version=expected_model_version)
             return None
@@ -888,7 +989,12 @@ class Client:
             request.seed = seed
         if expected_model_version is not None:
             request.expected_model_version = expected_model_version
-        return self._call(self.stub.ApplyInit, request, timeout)
+        if generator is not None and seed is None:
+            request.generator_state = generator_state(generator)
+        response = self._call(self.stub.ApplyInit, request, timeout)
+        if request.HasField("generator_state"):
+            set_generator_state(generator, response.generator_state)
+        return response
 
     def forward(self, model_id: str, *args: Any, module_path: str = "",
                 timeout: float | None = None, **kwargs: Any) -> Any:
@@ -910,6 +1016,25 @@ class Client:
                               "asked": str(size)})
         response = self._call(self.stub.Forward, request, timeout)
         return _codec.value_from_proto(response.output)
+
+    def forward_materializing(self, model_id: str, args: Sequence[Any],
+                              kwargs: Mapping[str, Any], *, module_path: str = "",
+                              generator: torch.Generator | None = None,
+                              timeout: float | None = None) -> tuple[Any, bool]:
+        """Forward of a model with lazy modules not yet materialized: returns (output, whether
+        the pass materialized some, so the model's structure changed). Their parameters are
+        initialized from `generator`'s state (default: torch.default_generator), which is
+        advanced as a local pass would advance it."""
+        gen = generator if generator is not None else torch.default_generator
+        request = pb.ForwardRequest(model=model_name(model_id), module_path=module_path,
+                                    args=[_codec.value_to_proto(a) for a in args],
+                                    generator_state=generator_state(gen))
+        for k, v in kwargs.items():
+            request.kwargs[k].CopyFrom(_codec.value_to_proto(v))
+        response = self._call(self.stub.Forward, request, timeout)
+        if response.generator_state:
+            set_generator_state(gen, response.generator_state)
+        return _codec.value_from_proto(response.output), response.materialized
 
     def forward_versioned(self, model_id: str, args: Sequence[Any], kwargs: Mapping[str, Any],
                           *, module_path: str = "", seed: int | None = None,
@@ -1277,6 +1402,19 @@ class Client:
             request.histogram_min, request.histogram_max = (float(hist_range[0]),
                                                             float(hist_range[1]))
         return self._call(self.stub.Probe, request, timeout)
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """A CPU generator's state as bytes (what ApplyInit and Forward carry)."""
+    if generator.device.type != "cpu":
+        raise InvalidArgumentError("only a CPU generator's state can be sent",
+                                   reason="BAD_ARGUMENT")
+    return _codec.tensor_bytes(generator.get_state())
+
+
+def set_generator_state(generator: torch.Generator, state: bytes) -> None:
+    """Sets a CPU generator to a state received from the server."""
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
 
-from paramhub import _codec, _spec
+from paramhub import _code, _codec, _spec
 from paramhub.errors import InvalidArgumentError
 from paramhub.tensor import RemoteBuffer, RemoteParameter, _materialize, _Ref, is_remote_tensor
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -61,11 +62,27 @@ class _RemoteForward:
 
     def __init__(self, client: Client, model_id: str, path: str, module: nn.Module) -> None:
         self.client, self.model_id, self.path = client, model_id, path
+        self.module = module
         # Whether the module has parameters that require grad: fixed for a mirror, since
         # requires_grad of a served parameter cannot be changed through its handle.
         self.params_require_grad = any(p.requires_grad for p in module.parameters())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        mirror: _Mirror = self.module._paramhub_mirror
+        if mirror.lazy and _has_lazy(self.module):
+            # Lazy modules not yet materialized: the pass initializes them on the server from
+            # this process's generator (as local torch would); the mirror then re-describes the
+            # model (new shapes, LazyLinear -> Linear). This pass records no autograd graph.
+            try:
+                out, changed = self.client.forward_materializing(
+                    self.model_id, _materialize(args), _materialize(kwargs),
+                    module_path=self.path)
+            except BaseException:
+                mirror.refresh()  # a failed pass may have materialized some, as in torch
+                raise
+            if changed:
+                mirror.refresh()
+            return out
         if torch.is_grad_enabled():
             flat_kwargs = tree_flatten(kwargs)[0]
             if any(_requires_grad(x) for x in flat_kwargs):
@@ -184,15 +201,106 @@ def model_id_of(module: nn.Module) -> str:
     return model_id
 
 
-def attach(client: Client, model_id: str) -> nn.Module:
-    """Builds the mirror of a served model (one DescribeModel call)."""
-    desc = client.describe_model(model_id)
-    with torch.device("meta"):
-        root = _spec.build_module(desc.spec)
+_LAZY = nn.parameter.UninitializedTensorMixin
+
+
+class _Mirror:
+    """What every module of one mirror shares: the latest description of the served model,
+    and whether it still has lazy modules to materialize."""
+
+    def __init__(self, client: Client, model_id: str, root: nn.Module,
+                 desc: pb.DescribeModelResponse) -> None:
+        self.client, self.model_id, self.root, self.desc = client, model_id, root, desc
+        #: Whether some module of the mirror is still lazy (uninitialized tensors, or a lazy
+        #: class that its first Forward changes).
+        self.lazy = _has_lazy(root)
+
+    def refresh(self) -> None:
+        """Re-describes the model after a pass that may have materialized lazy modules: each
+        such module of the mirror becomes, in place, what the server's now is (its class, e.g.
+        LazyLinear -> Linear, its attributes and new handles), as torch changes it locally."""
+        desc = self.client.describe_model(self.model_id)
+        fresh = _skeleton(desc)
+        still = {n.rpartition(".")[0] for n in list(desc.uninitialized_parameters)
+                 + list(desc.uninitialized_buffers)}
+        for path, m in self.root.named_modules(remove_duplicate=False):
+            own = [t for t in list(m._parameters.values()) + list(m._buffers.values())
+                   if isinstance(t, _LAZY)]
+            try:
+                now = fresh.get_submodule(path)
+            except AttributeError:
+                continue
+            if not (own and path not in still) and not (
+                    isinstance(m, LazyModuleMixin) and type(now) is not type(m)):
+                continue  # nothing lazy here, or not materialized yet
+            installed = {k: v for k, v in m.__dict__.items()
+                         if k in _INSTALLED or k.startswith("_paramhub")}
+            _strip_lazy_hooks(now)
+            m.__class__ = type(now)
+            m.__dict__.update({k: v for k, v in now.__dict__.items()
+                               if k not in ("_modules", "training")})
+            m.__dict__.update(installed)
+        _install_handles(self.root, self.client, self.model_id, desc)
+        self.desc = desc
+        self.lazy = _has_lazy(self.root)
+
+
+def _skeleton(desc: pb.DescribeModelResponse) -> nn.Module:
+    """The described tree on the meta device, lazy modules' tensors uninitialized: built from
+    the spec, or (a user-defined module served as code) from the module list."""
+    if desc.spec.nodes:
+        with torch.device("meta"):
+            return _spec.build_module(desc.spec)
+    root = _code.build_from_description(desc.modules)
+    for names, make in ((desc.uninitialized_parameters, nn.UninitializedParameter),
+                        (desc.uninitialized_buffers, nn.UninitializedBuffer)):
+        for name in names:
+            owner_path, _, local = name.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            (owner._parameters if make is nn.UninitializedParameter
+             else owner._buffers)[local] = make(device="meta")
+    return root
+
+
+#: Attributes `attach` sets on each module of a mirror (kept when a lazy module materializes).
+_INSTALLED = {"forward", "train", "zero_grad", *_LOCAL_ONLY}
+
+
+def _has_lazy(root: nn.Module) -> bool:
+    return any(isinstance(t, _LAZY) for t in _all_tensors(root)) or any(
+        isinstance(m, LazyModuleMixin) for m in root.modules())
+
+
+def _strip_lazy_hooks(m: nn.Module) -> None:
+    """A lazy module of a mirror must not materialize itself when called (torch's pre-forward
+    hook would): the server does, and the mirror re-describes it."""
+    for hook in ("_initialize_hook", "_load_hook"):
+        if hasattr(m, hook):
+            getattr(m, hook).remove()
+            delattr(m, hook)
+
+
+def _all_tensors(root: nn.Module) -> list[torch.Tensor]:
+    return [t for m in root.modules() for t in list(m._parameters.values())
+            + list(m._buffers.values()) if t is not None]
+
+
+def _install_handles(root: nn.Module, client: Client, model_id: str,
+                     desc: pb.DescribeModelResponse) -> None:
+    """Puts a remote handle where each described parameter and buffer is, one per storage;
+    handles already in place (a refresh) are kept."""
     handles: dict[int, Any] = {}  # storage group -> handle
     for info in desc.tensors:
         owner_path, _, local = info.name.rpartition(".")
         owner = root.get_submodule(owner_path)
+        table = owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER else owner._buffers
+        if local not in table and desc.spec.nodes:  # (a code model's tree starts empty)
+            raise InvalidArgumentError(
+                f"the served model's {info.name!r} does not exist in the local rebuild; the "
+                "client's torch may differ from the server's", reason="BAD_SPEC")
+        current = table.get(local)
+        if is_remote_tensor(current) and handles.get(info.storage_group) is None:
+            handles[info.storage_group] = current
         handle = handles.get(info.storage_group)
         if handle is None:
             dtype = _codec.dtype_from_proto(info.dtype)
@@ -203,21 +311,28 @@ def attach(client: Client, model_id: str) -> nn.Module:
             handle = (RemoteParameter._make(meta, ref, info.requires_grad)
                       if kind == "parameters" else RemoteBuffer._make(meta, ref))
             handles[info.storage_group] = handle
-        table = owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER else owner._buffers
-        if local not in table:
-            raise InvalidArgumentError(
-                f"the served model's {info.name!r} does not exist in the local rebuild; the "
-                "client's torch may differ from the server's", reason="BAD_SPEC")
         table[local] = handle
-    # Leftover meta tensors would mean the local rebuild has names the server lacks.
+
+
+def attach(client: Client, model_id: str) -> nn.Module:
+    """Builds the mirror of a served model (one DescribeModel call)."""
+    desc = client.describe_model(model_id)
+    root = _skeleton(desc)
+    for m in root.modules():
+        _strip_lazy_hooks(m)
+    _install_handles(root, client, model_id, desc)
+    # Leftover meta tensors would mean the local rebuild has names the server lacks
+    # (uninitialized tensors of lazy modules are not described: they have no storage yet).
     described = {t.name for t in desc.tensors}
-    extra = [n for n, _ in root.named_parameters(remove_duplicate=False) if n not in described]
+    extra = [n for n, p in root.named_parameters(remove_duplicate=False)
+             if n not in described and not isinstance(p, _LAZY)]
     if extra:
         raise InvalidArgumentError(f"the local rebuild has parameters the server lacks: {extra}",
                                    reason="BAD_SPEC")
     training = {m.path: m.training for m in desc.modules}
     for path, m in root.named_modules(remove_duplicate=False):
         m.training = training.get(path, m.training)
+    mirror = _Mirror(client, model_id, root, desc)
     seen: set[int] = set()
     for path, m in root.named_modules(remove_duplicate=False):
         if id(m) in seen:
@@ -231,15 +346,17 @@ def attach(client: Client, model_id: str) -> nn.Module:
         m._paramhub_model_id = model_id
         m._paramhub_path = path
         m._paramhub_client = client
-    _install_root_methods(root, client, model_id, desc)
+        m._paramhub_mirror = mirror
+    _install_root_methods(root, client, model_id, mirror)
     return root
 
 
 def _install_root_methods(root: nn.Module, client: Client, model_id: str,
-                          desc: pb.DescribeModelResponse) -> None:
-    # state_dict key -> the name its storage is sent under (the storage's first name).
-    first: dict[int, str] = {}
-    storage_name = {t.name: first.setdefault(t.storage_group, t.name) for t in desc.tensors}
+                          mirror: _Mirror) -> None:
+    def storage_names() -> dict[str, str]:
+        # state_dict key -> the name its storage is sent under (the storage's first name).
+        first: dict[int, str] = {}
+        return {t.name: first.setdefault(t.storage_group, t.name) for t in mirror.desc.tensors}
 
     def pull(into: nn.Module | None = None, *, return_version: bool = False) -> Any:
         """A local nn.Module copy of the served model with its current values.
@@ -256,7 +373,24 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
             NotFoundError: the model was deleted.
         """
         tensors, version = client.pull_model(model_id, include_buffers=True)
-        local = into if into is not None else _spec.build_module(desc.spec)
+        storage_name = storage_names()
+        if into is None and not mirror.desc.spec.nodes:
+            local = _code.build_from_description(mirror.desc.modules)
+            made: dict[int, torch.Tensor] = {}
+            for info in mirror.desc.tensors:
+                owner_path, _, name = info.name.rpartition(".")
+                owner = local.get_submodule(owner_path)
+                t = made.get(info.storage_group)
+                if t is None:
+                    t = tensors[storage_name[info.name]]
+                    if info.kind == pb.TENSOR_KIND_PARAMETER:
+                        t = nn.Parameter(t, requires_grad=info.requires_grad)
+                    made[info.storage_group] = t
+                (owner._parameters if info.kind == pb.TENSOR_KIND_PARAMETER
+                 else owner._buffers)[name] = t
+            local.train(root.training)
+            return (local, version) if return_version else local
+        local = into if into is not None else _spec.build_module(mirror.desc.spec)
         state = {name: tensors[storage_name[name]] for name in local.state_dict().keys()}
         local.load_state_dict(state)
         local.train(root.training)
@@ -292,8 +426,11 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         if assign:
             raise NotImplementedError("assign=True would replace the served tensors with local "
                                       "ones; load values instead (assign=False)")
-        shapes = {n: tuple(t.shape) for n, t in root.named_parameters(remove_duplicate=False)}
-        shapes.update((n, tuple(t.shape)) for n, t in root.named_buffers(remove_duplicate=False))
+        # Lazy modules' uninitialized tensors (None) take the loaded shape, as in torch.
+        shapes = {n: None if isinstance(t, _LAZY) else tuple(t.shape)
+                  for n, t in root.named_parameters(remove_duplicate=False)}
+        shapes.update((n, None if isinstance(t, _LAZY) else tuple(t.shape))
+                      for n, t in root.named_buffers(remove_duplicate=False))
         own = list(shapes)
         known = set(own)
         missing = [n for n in own if n not in state_dict]
@@ -301,7 +438,8 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
         parts = [f"size mismatch for {k}: copying a param with shape "
                  f"{torch.Size(tuple(v.shape))} from checkpoint, the shape in current model is "
                  f"{torch.Size(shapes[k])}." for k, v in state_dict.items()
-                 if k in known and tuple(getattr(v, "shape", ())) != shapes[k]]
+                 if k in known and shapes[k] is not None
+                 and tuple(getattr(v, "shape", ())) != shapes[k]]
         if parts:  # torch's own check, before anything is sent
             raise RuntimeError("Error(s) in loading state_dict for "
                                f"{type(root).__name__}:\n\t" + "\n\t".join(parts))
@@ -323,6 +461,8 @@ def _install_root_methods(root: nn.Module, client: Client, model_id: str,
                                 kind="parameters" if k in params else "buffers")
         elif values:
             client.push_state(model_id, values)
+            if mirror.lazy:  # loading materialized lazy modules' tensors on the server
+                mirror.refresh()
         return _IncompatibleKeys(missing, unexpected)
 
     def named_remote_tensors() -> Iterator[tuple[str, Any]]:

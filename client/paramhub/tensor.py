@@ -292,7 +292,6 @@ class _RemoteMixin:
             out._write("assign", local_kwargs["out"])
             return out
         if name in _INIT_FUNCS:
-            # torch dispatches nn.init functions with every argument as a keyword.
             target = kwargs.get("tensor", args[0] if args else None)
             if isinstance(target, _RemoteMixin):
                 return _init(target, func, name, args, kwargs)
@@ -472,39 +471,74 @@ def _zero(self: _RemoteMixin, func: Any, args: tuple[Any, ...], kwargs: dict[str
     return self
 
 
+#: Init schemes that draw random numbers (the others write constants).
+_RANDOM_SCHEMES = {"uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
+                   "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_"}
+
+
 def _random_(scheme: str, names: tuple[str, ...]) -> Callable[..., Any]:
+    """Tensor.uniform_ / normal_ (`p.data.normal_(0, 0.01)`): the scheme of the same name,
+    drawing from the caller's generator (see `_run_init`)."""
     def handler(self: _RemoteMixin, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                 ) -> Any:
-        if self._ph_chain or kwargs.get("generator") is not None:
-            # A region, or a caller-chosen generator: draw locally, write once.
-            return self._read_modify_write(func, args, kwargs)
+        kwargs = dict(kwargs)
+        generator = kwargs.pop("generator", None)
         init_args = dict(zip(names, args))
-        init_args.update({k: v for k, v in kwargs.items() if k != "generator"})
-        _apply_init(self, scheme, init_args)
-        return self
+        # Tensor.uniform_ calls its bounds from/to; the init scheme calls them a/b.
+        init_args.update({{"from": "a", "to": "b"}.get(k, k): v for k, v in kwargs.items()})
+        return _run_init(self, scheme, getattr(nn.init, scheme), init_args, generator)
     return handler
-
-
-def _apply_init(self: _RemoteMixin, scheme: str, init_args: dict[str, Any]) -> None:
-    from paramhub.v1 import parameter_service_pb2 as pb
-
-    ref = self._ph_ref
-    resp = ref.client.apply_init(ref.model_id, scheme, [pb.InitTarget(parameter=ref.name)],
-                                 init_args)
-    for u in resp.updated if resp is not None else ():  # None: joined an open batch
-        if u.name == ref.name:
-            ref.seen(u.version)
 
 
 def _init(self: _RemoteMixin, func: Any, name: str, args: tuple[Any, ...],
           kwargs: dict[str, Any]) -> Any:
-    """torch.nn.init.X_(handle, ...) -> one ApplyInit on the server."""
-    bound = inspect.signature(func).bind(*args, **kwargs)
-    init_args = {k: v for k, v in bound.arguments.items() if k not in ("tensor", "generator")}
-    if self._ph_chain or bound.arguments.get("generator") is not None:
-        # A region, or a caller-chosen generator: run the init locally, write once.
-        return self._read_modify_write(func, args[1:], kwargs)
-    _apply_init(self, name.rsplit(".", 1)[1], init_args)
+    """torch.nn.init.X_(handle, ...): see `_run_init`."""
+    # torch dispatches with the tensor both positionally and as a keyword (tensor=...), and the
+    # caller's other arguments positionally or by keyword: merge them by the signature.
+    params = list(inspect.signature(func).parameters)
+    merged = dict(zip(params, args))
+    merged.update(kwargs)
+    merged.pop("tensor", None)
+    generator = merged.pop("generator", None)
+    return _run_init(self, name.rsplit(".", 1)[1], func, merged, generator)
+
+
+def _run_init(self: _RemoteMixin, scheme: str, func: Any, init_args: dict[str, Any],
+              generator: torch.Generator | None) -> Any:
+    """Runs an init scheme on a served tensor so that it draws exactly what local torch draws
+    from the caller's generator (the default one, or `generator=`), and advances it as torch
+    would.
+
+    The whole tensor, outside a batch: one ApplyInit carrying the generator's state; the server
+    draws from it on the CPU and returns the advanced state, which is set back. A region
+    (`p.data[0]`), a write inside `with net.batch():`, a generator that is not a CPU generator,
+    or sparse_ with an explicit generator (torch draws its permutation from the default
+    generator even then): the scheme runs here on a CPU tensor of the region's shape, and the
+    values are written in one write.
+    """
+    ref = self._ph_ref
+    gen = generator if generator is not None else torch.default_generator
+    random = scheme in _RANDOM_SCHEMES
+    local = (bool(self._ph_chain) or ref.client._active_batch(ref.model_id) is not None
+             or gen.device.type != "cpu" or (scheme == "sparse_" and generator is not None))
+    if local:
+        meta = _meta_of(self)
+        work = torch.empty(meta.shape, dtype=meta.dtype)
+        with torch.no_grad():
+            if random:
+                func(work, **init_args, generator=generator)
+            else:
+                func(work, **init_args)
+        self._write("assign", work)
+        return self
+    from paramhub.v1 import parameter_service_pb2 as pb
+
+    resp = ref.client.apply_init(ref.model_id, scheme, [pb.InitTarget(parameter=ref.name)],
+                                 {k: v for k, v in init_args.items() if v is not None},
+                                 generator=gen if random else None)
+    for u in resp.updated if resp is not None else ():
+        if u.name == ref.name:
+            ref.seen(u.version)
     return self
 
 

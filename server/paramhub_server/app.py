@@ -71,6 +71,11 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(
             f"refusing to serve {settings.host} without authentication: give --auth-file "
             "(or mTLS with --tls-client-ca), or --insecure to accept any caller")
+    if settings.trust_remote_code and settings.auth_file is None and not is_loopback(
+            settings.host):
+        # Without roles every caller would count as admin and could run code here.
+        raise ConfigError("--trust-remote-code on a non-loopback address needs --auth-file "
+                          "(only admin tokens may send code)")
 
 
 class Server:
@@ -164,7 +169,9 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     registry = Registry(device, max_model_bytes=settings.max_model_bytes,
                         max_total_bytes=settings.max_total_bytes,
                         max_spec_nodes=settings.max_spec_nodes,
-                        max_spec_depth=settings.max_spec_depth, store=store)
+                        max_spec_depth=settings.max_spec_depth, store=store,
+                        trust_remote_code=settings.trust_remote_code,
+                        model_packages=settings.model_packages)
     methods = list(pb.DESCRIPTOR.services_by_name["ParameterService"].methods_by_name)
     admission = Admission(Limits(watchers=settings.max_watchers,
                                  transfers=settings.max_transfers,

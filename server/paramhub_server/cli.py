@@ -123,6 +123,12 @@ def serve(
              "hosts, on --host (0 picks a free one; never offered with TLS)")] = 0,
     no_data_port: Annotated[bool, typer.Option(
         "--no-data-port", help="no data channel: big tensors stream over gRPC")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="serve user-defined nn.Module classes that clients send "
+        "(this RUNS THEIR PYTHON CODE in the server; admin callers only)")] = False,
+    model_package: Annotated[Optional[list[str]], typer.Option(metavar="PKG",
+        help="a package whose nn.Module classes clients may name (repeatable); only its "
+             "classes and torch.nn's are loaded, without --trust-remote-code")] = None,
 ) -> None:
     """Run the paramhub gRPC server until SIGTERM or SIGINT, then drain."""
     from paramhub_server import logs
@@ -145,7 +151,8 @@ def serve(
                         max_tensor_elements=max_tensor_elements, max_spec_nodes=max_spec_nodes,
                         max_spec_depth=max_spec_depth, metrics_port=metrics_port,
                         log_format=log_format, shm=shm, data_channel=not no_data_port,
-                        data_port=data_port)
+                        data_port=data_port, trust_remote_code=trust_remote_code,
+                        model_packages=tuple(model_package or ()))
     # Handlers first: a SIGTERM right after the address line (or during recovery) drains.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,12 +14,13 @@ import grpc
 import torch
 from torch.utils._pytree import tree_flatten
 
-from paramhub import _codec, _data
-from paramhub.errors import InvalidArgumentError, ResourceExhaustedError
+from paramhub import _code, _codec, _data
+from paramhub.errors import (InvalidArgumentError, PermissionDeniedError,
+                             ResourceExhaustedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import probe, store, training, watch
+from paramhub_server.core import probe, rng, store, training, watch
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
                                         WriteContext)
 from paramhub_server.core.registry import Registry
@@ -84,7 +85,9 @@ def model_info(m: ServedModel) -> pb.ModelInfo:
     numel, nbytes = m.stats()
     return pb.ModelInfo(name=m.name, device=str(m.device), version=m.version,
                         num_parameters=numel, num_bytes=nbytes,
-                        root_class=type(m.module).__name__)
+                        root_class=type(m.module).__name__,
+                        source="program" if m.program is not None
+                        else "code" if m.source else "spec")
 
 
 def tensor_info(m: ServedModel, name: str) -> pb.TensorInfo:
@@ -253,9 +256,18 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                 f"{self.registry.max_model_bytes}", reason="MODEL_TOO_LARGE",
                 metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
                           "limit_value": str(self.registry.max_model_bytes)}) from None
-        model = self.registry.create(header.model_id, header.spec,
-                                     seed=header.seed if header.HasField("seed") else None,
-                                     device=header.device, values=values.items())
+        if header.exported_program:  # a torch.export program: nothing unpickled, no trust
+            model = self.registry.create_program(header.model_id, header, values=values)
+        elif header.module_pickle:
+            if current_role() not in (None, "admin"):  # None: no auth (a loopback server)
+                raise PermissionDeniedError("sending module code needs the admin role",
+                                            reason="ROLE_TOO_LOW", metadata={"needed": "admin"})
+            model = self.registry.create_code(header.model_id, header.module_pickle,
+                                              device=header.device, values=values.items())
+        else:
+            model = self.registry.create(header.model_id, header.spec,
+                                         seed=header.seed if header.HasField("seed") else None,
+                                         device=header.device, values=values.items())
         log.info("created model %s on %s", model.id, model.device)
         return pb.CreateModelResponse(model=model_info(model))
 
@@ -277,13 +289,23 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         with m.lock.read():
             groups: dict[int, int] = {}
             modules = []
-            for path, mod in m.module.named_modules(remove_duplicate=False):
-                modules.append(pb.ModuleInfo(
-                    path=path, class_name=type(mod).__name__, extra_repr=mod.extra_repr(),
-                    children=list(mod._modules), training=mod.training,
-                    module_group=groups.setdefault(id(mod), len(groups))))
-            return pb.DescribeModelResponse(model=model_info(m), spec=m.spec, modules=modules,
-                                            tensors=[tensor_info(m, n) for n in m.names()])
+            if m.program is not None:  # the tree as exported, with the served modes
+                training = {p: mod.training
+                            for p, mod in m.module.named_modules(remove_duplicate=False)}
+                for info in m.program.tree:
+                    modules.append(pb.ModuleInfo())
+                    modules[-1].CopyFrom(info)
+                    modules[-1].training = training.get(info.path, info.training)
+            for path, mod in ([] if m.program is not None
+                              else m.module.named_modules(remove_duplicate=False)):
+                modules.append(_code.describe_module(
+                    path, mod, groups.setdefault(id(mod), len(groups))))
+            lazy = m.uninitialized
+            return pb.DescribeModelResponse(
+                model=model_info(m), spec=m.spec, modules=modules,
+                tensors=[tensor_info(m, n) for n in m.names()],
+                uninitialized_parameters=[n for n, k in lazy if k == PARAMETER],
+                uninitialized_buffers=[n for n, k in lazy if k == BUFFER])
 
     @rpc
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext
@@ -569,11 +591,14 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                   ) -> pb.ApplyInitResponse:
         m = self._model(request.model)
         w = init_write(request, self.max_tensor_elements)
+        generator = (rng.GeneratorState(request.generator_state)
+                     if request.HasField("generator_state") and w.seed is None else None)
         updated, model_version = m.apply_init(
             w.targets, w.scheme, w.args, seed=w.seed,
             expected_model_version=w.expected_model_version,
-            ctx=write_context(request.request_id, context))
-        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version)
+            ctx=write_context(request.request_id, context), generator=generator)
+        return pb.ApplyInitResponse(updated=_versions(updated), model_version=model_version,
+                                    generator_state=generator.state if generator else b"")
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
@@ -584,9 +609,12 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         kwargs = {k: _codec.value_from_proto(v, max_elements=self.max_tensor_elements)
                   for k, v in request.kwargs.items()}
         # Without auth every caller may write; with auth a read token may not update buffers.
-        out, version = m.forward(request.module_path, args, kwargs,
-                                 may_write=current_role() in (None, "write", "admin"),
-                                 seed=request.seed if request.HasField("seed") else None)
+        generator = (rng.GeneratorState(request.generator_state)
+                     if request.HasField("generator_state") else None)
+        out, version, materialized = m.forward(
+            request.module_path, args, kwargs,
+            may_write=current_role() in (None, "write", "admin"),
+            seed=request.seed if request.HasField("seed") else None, generator=generator)
         limit = self.transport.max_message_bytes
         # Bounded from the output's tensors before anything is encoded (an encoding of more
         # than 2 GiB is not even possible).
@@ -604,7 +632,9 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
-        response = pb.ForwardResponse(output=encoded, model_version=version)
+        response = pb.ForwardResponse(output=encoded, model_version=version,
+                                      materialized=materialized,
+                                      generator_state=generator.state if generator else b"")
         if response.ByteSize() > limit:
             raise ResourceExhaustedError(
                 f"the forward output needs {response.ByteSize()} bytes, more than the server's "

@@ -79,3 +79,7 @@ class Settings:
     data_channel: bool = True
     #: TCP port of the data channel on `host` (0 picks a free one).
     data_port: int = 0
+    #: Serve user-defined nn.Module classes sent by admin clients (runs their code).
+    trust_remote_code: bool = False
+    #: Packages whose nn.Module classes clients may name without --trust-remote-code.
+    model_packages: tuple[str, ...] = ()

@@ -11,6 +11,7 @@ from torch import nn
 
 import paramhub
 from paramhub import ConflictError, InvalidArgumentError, NotFoundError, OutOfRangeError
+from paramhub.errors import FailedPreconditionError
 
 
 def mlp() -> nn.Sequential:
@@ -247,15 +248,17 @@ def test_mirror_attach_unknown_model(client):
     assert err.value.reason == "MODEL_NOT_FOUND"
 
 
-def test_mirror_rejects_custom_module_class(client):
+def test_mirror_custom_module_class_needs_a_trusting_server(client):
+    # A user-defined class is sent as code, which a default server refuses
+    # (test_trusted_code.py covers a --trust-remote-code server).
     class Custom(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(2, 2)
 
-    with pytest.raises(InvalidArgumentError) as err:
+    with pytest.raises(FailedPreconditionError) as err:
         client.create_model("c", Custom())
-    assert err.value.reason == "MODULE_NOT_ALLOWED"
+    assert err.value.reason == "REMOTE_CODE_DISABLED"
     assert client.list_models() == []
 
 

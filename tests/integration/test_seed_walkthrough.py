@@ -2,10 +2,10 @@
 local torch modules and on served ones, where only the lines that create `net`/`rgnet` differ.
 
 Each cell's printed output and displayed value (the repr of a final expression, as a notebook
-shows it) must be equal. The in-process server draws random numbers from this process's global
-generator (under its RNG lock), so seeding it identically before a cell in both runs makes even
-the random cells (normal_, xavier_uniform_, uniform_) equal bit for bit; distribution checks are
-made as well, so the cells would be judged even with a server drawing independently.
+shows it) must be equal. nn.init on a served parameter draws from the client's generator (its
+state travels with ApplyInit, see test_client_seeded_inits.py), so seeding it identically before
+a cell in both runs makes even the random cells (normal_, xavier_uniform_, uniform_) equal bit
+for bit; distribution checks are made as well.
 """
 
 from __future__ import annotations

@@ -65,6 +65,9 @@ CTOR_ARGS: dict[str, dict] = {
     "Unflatten": {"dim": 1, "unflattened_size": (2, 3)},
     "Upsample": {"scale_factor": 2.0},
     "PReLU": {"num_parameters": 3},
+    "LazyLinear": {"out_features": 3},
+    **{f"Lazy{kind}{d}d": {"out_channels": 2, "kernel_size": 3}
+       for kind in ("Conv", "ConvTranspose") for d in (1, 2, 3)},
 }
 
 
@@ -86,7 +89,8 @@ def spec_of(*nodes: pb.ModuleNode, root: int = 0, ties=()) -> pb.ModelSpec:
 
 def state_bits(m: nn.Module) -> dict[str, bytes]:
     """state_dict as raw bytes per key (exact comparison, NaN-safe)."""
-    return {k: _codec.tensor_to_proto(v).data for k, v in m.state_dict().items()}
+    return {k: _codec.tensor_to_proto(v).data for k, v in m.state_dict().items()
+            if not isinstance(v, nn.parameter.UninitializedTensorMixin)}
 
 
 def rejects(spec: pb.ModelSpec, reason: str = "BAD_SPEC") -> InvalidArgumentError:
@@ -127,7 +131,25 @@ def test_allow_list_holds_only_torch_nn_module_classes():
     for name, cls in _spec.ALLOWED_MODULES.items():
         assert getattr(nn, name) is cls
         assert issubclass(cls, nn.Module) and cls is not nn.Module
-        assert not name.startswith("Lazy")
+
+
+LAZY = ["LazyLinear", "LazyConv1d", "LazyConv2d", "LazyConv3d", "LazyConvTranspose1d",
+        "LazyConvTranspose2d", "LazyConvTranspose3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
+        "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d"]
+
+
+def test_allow_list_has_every_lazy_module():
+    assert [n for n in LAZY if _spec.ALLOWED_MODULES.get(n) is not getattr(nn, n)] == []
+
+
+@pytest.mark.parametrize("name", LAZY)
+def test_lazy_module_spec_round_trip(name):
+    local = _spec.ALLOWED_MODULES[name](**CTOR_ARGS.get(name, {}))
+    spec = _spec.spec_from_module(local)
+    with torch.device("meta"):
+        built = _spec.build_module(spec)
+    assert type(built) is type(local) and repr(built) == repr(local)
+    assert all(isinstance(p, nn.parameter.UninitializedParameter) for p in built.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(_spec.ALLOWED_MODULES))
@@ -156,7 +178,7 @@ def test_dtype_argument():
 
 @pytest.mark.parametrize("name", ["os.system", "builtins.eval", "eval", "exec", "__import__",
                                   "torch.nn.Linear", "nn.Linear", "Module", "linear", "",
-                                  "LazyLinear", "SyncBatchNorm", "TransformerEncoder",
+                                  "SyncBatchNorm", "TransformerEncoder",
                                   "ParameterList", "RNNBase", "Linear ", "subprocess.Popen"])
 def test_unknown_class_is_rejected_by_name(name):
     err = rejects(spec_of(node("Sequential", children=[("0", 1)]), node(name)),

@@ -86,20 +86,22 @@ WATCH_EVENT_KIND_WRITE: WatchEventKind
 WATCH_EVENT_KIND_RESYNC: WatchEventKind
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class")
+    __slots__ = ("name", "device", "version", "num_parameters", "num_bytes", "root_class", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROOT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     version: int
     num_parameters: int
     num_bytes: int
     root_class: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., num_bytes: _Optional[int] = ..., root_class: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., num_bytes: _Optional[int] = ..., root_class: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("nodes", "root", "ties")
@@ -147,16 +149,26 @@ class ParameterTie(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class CreateModelHeader(_message.Message):
-    __slots__ = ("model_id", "spec", "seed", "device")
+    __slots__ = ("model_id", "spec", "seed", "device", "module_pickle", "exported_program", "module_tree", "program_ties", "program_constants")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_PICKLE_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    MODULE_TREE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_TIES_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     spec: ModelSpec
     seed: int
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    module_pickle: bytes
+    exported_program: bytes
+    module_tree: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
+    program_ties: _containers.RepeatedCompositeFieldContainer[ParameterTie]
+    program_constants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., module_pickle: _Optional[bytes] = ..., exported_program: _Optional[bytes] = ..., module_tree: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., program_ties: _Optional[_Iterable[_Union[ParameterTie, _Mapping]]] = ..., program_constants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -221,32 +233,49 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[_tensor_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., storage_group: _Optional[int] = ..., version: _Optional[int] = ..., has_grad: _Optional[bool] = ...) -> None: ...
 
 class ModuleInfo(_message.Message):
-    __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training")
+    __slots__ = ("path", "class_name", "extra_repr", "children", "module_group", "training", "class_module", "class_qualname", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ...) -> None: ...
     PATH_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     EXTRA_REPR_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
     MODULE_GROUP_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    CLASS_MODULE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_QUALNAME_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     path: str
     class_name: str
     extra_repr: str
     children: _containers.RepeatedScalarFieldContainer[str]
     module_group: int
     training: bool
-    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
+    class_module: str
+    class_qualname: str
+    attributes: _containers.MessageMap[str, _tensor_pb2.Value]
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., extra_repr: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., module_group: _Optional[int] = ..., training: _Optional[bool] = ..., class_module: _Optional[str] = ..., class_qualname: _Optional[str] = ..., attributes: _Optional[_Mapping[str, _tensor_pb2.Value]] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("model", "spec", "modules", "tensors")
+    __slots__ = ("model", "spec", "modules", "tensors", "uninitialized_parameters", "uninitialized_buffers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    UNINITIALIZED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    UNINITIALIZED_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     spec: ModelSpec
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+    uninitialized_parameters: _containers.RepeatedScalarFieldContainer[str]
+    uninitialized_buffers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., uninitialized_parameters: _Optional[_Iterable[str]] = ..., uninitialized_buffers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListParametersRequest(_message.Message):
     __slots__ = ("model", "prefix", "glob", "include_buffers")
@@ -341,7 +370,7 @@ class InitTarget(_message.Message):
     def __init__(self, parameter: _Optional[str] = ..., glob: _Optional[str] = ..., module: _Optional[_Union[ModuleSelector, _Mapping]] = ...) -> None: ...
 
 class ApplyInitRequest(_message.Message):
-    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id")
+    __slots__ = ("model", "targets", "scheme", "args", "seed", "expected_model_version", "request_id", "generator_state")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +385,7 @@ class ApplyInitRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     targets: _containers.RepeatedCompositeFieldContainer[InitTarget]
     scheme: str
@@ -363,7 +393,8 @@ class ApplyInitRequest(_message.Message):
     seed: int
     expected_model_version: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[InitTarget, _Mapping]]] = ..., scheme: _Optional[str] = ..., args: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., expected_model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class TensorVersion(_message.Message):
     __slots__ = ("name", "version")
@@ -374,15 +405,17 @@ class TensorVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ApplyInitResponse(_message.Message):
-    __slots__ = ("updated", "model_version")
+    __slots__ = ("updated", "model_version", "generator_state")
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     updated: _containers.RepeatedCompositeFieldContainer[TensorVersion]
     model_version: int
-    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, updated: _Optional[_Iterable[_Union[TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "module_path", "args", "kwargs", "seed")
+    __slots__ = ("model", "module_path", "args", "kwargs", "seed", "generator_state")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -395,20 +428,26 @@ class ForwardRequest(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     module_path: str
     args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Value]
     kwargs: _containers.MessageMap[str, _tensor_pb2.Value]
     seed: int
-    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ...) -> None: ...
+    generator_state: bytes
+    def __init__(self, model: _Optional[str] = ..., module_path: _Optional[str] = ..., args: _Optional[_Iterable[_Union[_tensor_pb2.Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, _tensor_pb2.Value]] = ..., seed: _Optional[int] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "model_version")
+    __slots__ = ("output", "model_version", "materialized", "generator_state")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     output: _tensor_pb2.Value
     model_version: int
-    def __init__(self, output: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    materialized: bool
+    generator_state: bytes
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., model_version: _Optional[int] = ..., materialized: _Optional[bool] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
 
 class CheckSharedRequest(_message.Message):
     __slots__ = ("model", "names")

@@ -20,6 +20,7 @@ takes the lock like any other read or write.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import time
 import weakref
@@ -33,13 +34,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub import _codec, _spec
+from paramhub import _code, _codec, _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as pb_tensor
 from paramhub_server.core import inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
+
+log = logging.getLogger(__name__)
 
 PARAMETER = "parameter"
 BUFFER = "buffer"
@@ -89,6 +92,8 @@ class InitWrite:
     args: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     expected_model_version: int | None = None
+    #: The client's generator to draw from (when no seed is given); advanced by the draws.
+    generator: rng.GeneratorState | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,18 @@ class Change:
     ref: TensorRef
     index: tuple[Any, ...]
     value: torch.Tensor
+
+
+@dataclass
+class Program:
+    """What an exported program model was built from (kept to persist and rebuild it)."""
+
+    program: bytes  # torch._export.serde JSON
+    tree: list[pb.ModuleInfo]  # the module tree as the client described it
+    ties: list[tuple[str, str]]  # (state name, the earlier name it is the same tensor as)
+    constants: dict[str, torch.Tensor]
+    #: state name -> (dtype, shape) of each tensor the program was built with (untied names).
+    state: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -185,47 +202,90 @@ class ServedModel:
         self.id = model_id
         self.module = module
         self.spec = spec
+        #: A user-defined module's pickle (paramhub._code); empty for a spec model.
+        self.source = b""
+        #: An exported program's definition (paramhub._program); None for other models.
+        self.program: Program | None = None
         self.device = device
         self.lock = RWLock()
         if device.type == "cuda":
             guard_device_indexing(module)
         self.version = 0
         self._refs: dict[str, TensorRef] = {}
-        groups: dict[int, int] = {}  # id(tensor) -> group number
-        for kind, items in ((PARAMETER, module.named_parameters(remove_duplicate=False)),
-                            (BUFFER, module.named_buffers(remove_duplicate=False))):
-            for name, t in items:
-                owner_path, _, local = name.rpartition(".")
-                group = groups.setdefault(id(t), len(groups))
-                self._refs[name] = TensorRef(name, kind, module.get_submodule(owner_path), local,
-                                             group)
-        # state_dict order: torch lists each module's parameters then buffers, module by module.
-        order = list(module.state_dict(keep_vars=True).keys())
-        self._order = [n for n in order if n in self._refs] + [
-            n for n in self._refs if n not in set(order)]
-        self.versions = [0] * len(groups)
-        # First name (state_dict order) of every storage, and each storage's rank in that order.
-        self._first: dict[int, str] = {}
-        for n in self._order:
-            self._first.setdefault(self._refs[n].group, n)
-        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self._group_of: dict[int, int] = {}  # id(tensor) -> storage group, kept for life
+        self.versions: list[int] = []
+        #: Names of the parameters and buffers of lazy modules not yet materialized (by their
+        #: first Forward): they have no shape and no storage, so they are left out of every
+        #: table until then, and `ref` answers torch's own error for them.
+        self._uninitialized: dict[str, str] = {}
+        self._layouts: dict[tuple[str, ...], Any] = {}
+        #: Modules holding buffers, per Forward path (the tree changes only when lazy modules
+        #: materialize, which clears this; only the modes are read per pass).
+        self._buffered: dict[str, list[nn.Module]] = {}
+        self._index()
         self.recent: OrderedDict[str, WriteResult] = OrderedDict()
         self.watchers = watch.WatchHub()
         self.journal: Journal | None = None
-        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
         #: The model version of the latest committed write to any parameter (Backward refuses
         #: to backpropagate through a Forward that ran before it).
         self.params_written_at = 0
         #: Server-side optimizer and parameter-server state (core/training.py); created lazily.
         self.train_state: Any = None
-        self._layouts: dict[tuple[str, ...], Any] = {}
-        #: Modules holding buffers, per Forward path (the module tree never changes once built,
-        #: so each path is walked once; only the modes are read per pass).
-        self._buffered: dict[str, list[nn.Module]] = {}
         #: Whole-tensor read copies still held by a reader, by storage group: readers of the
         #: same unchanged tensor share one (N slow readers of 256 MiB hold 256 MiB, not N
         #: copies). Weakly held: the copy is freed with its last reader.
         self._shared_reads: dict[int, tuple[Any, int, int, weakref.ref[torch.Tensor]]] = {}
+
+    def _index(self) -> list[str]:
+        """(Re)builds the name tables from the module tree; returns the names that were not
+        indexed before (those of newly materialized lazy modules). Storage groups and their
+        versions are kept: a group number is given once per tensor object."""
+        module = self.module
+        before = set(self._refs)
+        self._refs = {}
+        self._uninitialized = {}
+        for kind, items in ((PARAMETER, module.named_parameters(remove_duplicate=False)),
+                            (BUFFER, module.named_buffers(remove_duplicate=False))):
+            for name, t in items:
+                if is_uninitialized(t):
+                    self._uninitialized[name] = kind
+                    continue
+                owner_path, _, local = name.rpartition(".")
+                group = self._group_of.setdefault(id(t), len(self._group_of))
+                self._refs[name] = TensorRef(name, kind, module.get_submodule(owner_path), local,
+                                             group)
+        self.versions += [0] * (len(self._group_of) - len(self.versions))
+        # state_dict order: torch lists each module's parameters then buffers, module by module.
+        order = list(module.state_dict(keep_vars=True).keys())
+        self._order = [n for n in order if n in self._refs] + [
+            n for n in self._refs if n not in set(order)]
+        # First name (state_dict order) of every storage, and each storage's rank in that order.
+        self._first: dict[int, str] = {}
+        for n in self._order:
+            self._first.setdefault(self._refs[n].group, n)
+        self._group_rank = {g: i for i, g in enumerate(self._first)}
+        self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
+        self._layouts = {}
+        self._buffered = {}
+        #: Paths of modules that are still of a lazy class (their first Forward changes them).
+        self._lazy_paths = {p for p, m in module.named_modules()
+                            if isinstance(m, nn.modules.lazy.LazyModuleMixin)}
+        return [n for n in self._order if n not in before]
+
+    def materialize_shapes(self, shapes: dict[str, Sequence[int]]) -> list[str]:
+        """Materializes lazy modules' uninitialized tensors with the given shapes, as torch's
+        load_state_dict does (values not set); returns the names newly indexed. Used by
+        PushState and by recovery from a snapshot. Caller holds the write lock (or the model
+        is not served yet)."""
+        for name, shape in shapes.items():
+            owner_path, _, local = name.rpartition(".")
+            owner = self.module.get_submodule(owner_path)
+            t = owner._parameters.get(local)
+            if t is None:
+                t = owner._buffers.get(local)
+            if t is not None and is_uninitialized(t):
+                t.materialize(tuple(shape))
+        return self._index()
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -234,6 +294,11 @@ class ServedModel:
         """Resource name "models/{id}"."""
         return f"models/{self.id}"
 
+    @property
+    def uninitialized(self) -> list[tuple[str, str]]:
+        """(name, PARAMETER or BUFFER) of the lazy modules' tensors no Forward materialized."""
+        return list(self._uninitialized.items())
+
     def names(self, *, include_buffers: bool = True) -> list[str]:
         """Every state_dict name (tied duplicates included) in state_dict order."""
         return [n for n in self._order if include_buffers or self._refs[n].kind == PARAMETER]
@@ -241,6 +306,10 @@ class ServedModel:
     def ref(self, name: str, kind: str | None = None) -> TensorRef:
         """The TensorRef of a name; NotFoundError (TENSOR_NOT_FOUND) if there is none."""
         r = self._refs.get(name)
+        if r is None and name in self._uninitialized and kind in (None, self._uninitialized[name]):
+            raise InvalidArgumentError(uninitialized_text(self.module, name),
+                                       reason="UNINITIALIZED_TENSOR",
+                                       metadata={"model": self.id, "tensor": name[:200]})
         if r is None or (kind is not None and r.kind != kind):
             what = kind or "parameter or buffer"
             raise NotFoundError(f"model {self.id!r} has no {what} {name[:200]!r}",
@@ -438,10 +507,17 @@ class ServedModel:
                                            reason="DUPLICATE_TENSOR",
                                            metadata={"tensor": h.name[:200]})
             seen.add(h.name)
-            ref = self.ref(h.name)
-            t = ref.get()
             dtype = _codec.dtype_from_proto(h.dtype)
             shape = _codec.check_shape(h.shape)
+            if h.name in self._uninitialized:
+                # A lazy module's tensor takes the loaded shape, as in torch's load_state_dict
+                # (materialized under the write lock by load_state).
+                owner_path, _, local = h.name.rpartition(".")
+                refs.append(TensorRef(h.name, self._uninitialized[h.name],
+                                      self.module.get_submodule(owner_path), local, -1))
+                continue
+            ref = self.ref(h.name)
+            t = ref.get()
             if shape != tuple(t.shape):
                 raise InvalidArgumentError(
                     f"value for {h.name!r} has shape {list(shape)}, the model's is "
@@ -464,6 +540,10 @@ class ServedModel:
             result = self._recall(ctx, "push_state")
             if result is None:
                 self._check_model_expected(expected_model_version)
+                lazy = {r.name: tuple(v.shape) for r, v in zip(refs, values) if r.group < 0}
+                if lazy:  # lazy modules' tensors: materialized with the loaded shapes first
+                    self.materialize_shapes(lazy)
+                    refs = [self.ref(r.name) if r.group < 0 else r for r in refs]
                 # Cast (and move to the device) first, so nothing changes if any cast fails.
                 staged: dict[int, Change] = {}
                 for ref, v in zip(refs, values):
@@ -479,7 +559,12 @@ class ServedModel:
                     staged[ref.group] = Change(ref, (), cast)
                 if not staged:
                     return [], self.version
-                result = self._commit("push_state", "push_state", list(staged.values()), ctx)
+                if lazy:  # the structure changed: one snapshot instead of a log record
+                    result = self._commit_restructured("push_state", "push_state",
+                                                       list(staged.values()), ctx)
+                else:
+                    result = self._commit("push_state", "push_state", list(staged.values()),
+                                          ctx)
             return result.updated, result.model_version
 
     # ----------------------------------------------------------------------------- writes
@@ -574,7 +659,8 @@ class ServedModel:
             else:
                 self._check_model_expected(w.expected_model_version)
                 scheme = inits.get_scheme(w.scheme)
-                with rng.seeded(w.seed):
+                with (rng.drawing_from(w.generator) if w.generator is not None
+                      else rng.seeded(w.seed)):
                     values = [scheme.run(r.get(), w.args) for r in refs]
                 for r, v in zip(refs, values):
                     if touches[r.group] > 1:
@@ -725,7 +811,7 @@ class ServedModel:
                     for local, p in m._parameters.items():
                         if p is None or (param and local != param):
                             continue
-                        add(self._refs[mprefix + local])
+                        add(self.ref(mprefix + local))
             else:
                 raise InvalidArgumentError("an init target has no selector set",
                                            reason="BAD_ARGUMENT")
@@ -736,9 +822,11 @@ class ServedModel:
     def apply_init(self, targets: Sequence[tuple[str, Any]], scheme_name: str,
                    args: dict[str, Any], seed: int | None,
                    expected_model_version: int | None = None, *,
-                   ctx: WriteContext = NO_CONTEXT) -> tuple[list[tuple[str, int]], int]:
+                   ctx: WriteContext = NO_CONTEXT, generator: rng.GeneratorState | None = None
+                   ) -> tuple[list[tuple[str, int]], int]:
         """Runs an init scheme over the targets, all or nothing. Returns ([(name, version)],
-        model version)."""
+        model version). With `generator` (and no seed) the draws come from the client's
+        generator state, which then holds the advanced state."""
         scheme = inits.get_scheme(scheme_name)
         args = scheme.check_args(args)
         self.select(targets)
@@ -746,7 +834,8 @@ class ServedModel:
             result = self._recall(ctx, "apply_init")
             if result is None:
                 self._check_model_expected(expected_model_version)
-                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed)])
+                changes = self._plan([InitWrite(list(targets), scheme_name, args, seed,
+                                                generator=generator)])
                 result = self._commit(f"apply_init.{scheme_name}", "apply_init", changes, ctx)
             return list(result.updated), result.model_version
 
@@ -858,52 +947,81 @@ class ServedModel:
     # ----------------------------------------------------------------------------- forward
 
     def forward(self, path: str, args: list[Any], kwargs: dict[str, Any], *,
-                may_write: bool = True, seed: int | None = None) -> tuple[Any, int]:
-        """Runs the (sub)module on inputs; returns (output moved to CPU, model version).
+                may_write: bool = True, seed: int | None = None,
+                generator: rng.GeneratorState | None = None) -> tuple[Any, int, bool]:
+        """Runs the (sub)module on inputs; returns (output moved to CPU, model version, whether
+        the caller should re-describe the model: the pass materialized lazy modules, or the
+        caller sent a `generator` for lazy modules that are no longer there).
 
         A pass that would update buffers (training mode) is a write: with `may_write` False
         (a caller holding only the read role) it is refused with PermissionDeniedError.
         With `seed`, random modules (dropout) draw from a generator seeded with it, so that
         `backward` with the same seed replays the same pass.
+
+        A pass through lazy modules not yet materialized is a write as well: torch infers their
+        shapes from the inputs and initializes them (drawing from `generator`, the client's
+        state, when given); the model's structure then changes (`spec` is re-described, the new
+        tensors get versions) and the journal writes a snapshot, since its records name tensors
+        of a fixed shape. As in torch, lazy modules stay materialized even if a later layer of
+        the pass fails.
         """
         sub = _spec.get_submodule(self.module, path)
-        buffered = self._buffered.get(path)
-        if buffered is None:
-            buffered = self._buffered[path] = _with_buffers(sub)
         args = _to_device(args, self.device)
         kwargs = _to_device(kwargs, self.device) if kwargs else kwargs
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
+            buffered = self._buffered.get(path)
+            if buffered is None:
+                buffered = self._buffered[path] = _with_buffers(sub)
+            prefix = f"{path}." if path else ""
+            lazy = any(n.startswith(prefix) for n in self._uninitialized) or any(
+                p == path or p.startswith(prefix) for p in self._lazy_paths)
             mutating = [m for m in buffered if m.training]
-            if mutating and not may_write:
+            if (mutating or lazy) and not may_write:
+                what = ("materializes lazy modules" if lazy else
+                        "in training mode updates buffers (e.g. BatchNorm running stats)")
                 raise PermissionDeniedError(
-                    f"Forward of {path or 'the model'} in training mode updates buffers (e.g. "
-                    "BatchNorm running stats), which needs the write role; call eval() first",
+                    f"Forward of {path or 'the model'} {what}, which needs the write role"
+                    + ("" if lazy else "; call eval() first"),
                     reason="ROLE_TOO_LOW", metadata={"needed": "write"})
-            lock = self.lock.write() if mutating else self.lock.read()
-            replay = rng.seeded_on(seed, self.device) \
-                if seed is not None and _draws_random(sub) else nullcontext()
-            with lock, torch.no_grad(), replay:
-                if not mutating and any(m.training for m in buffered):
+            lock = self.lock.write() if mutating or lazy else self.lock.read()
+            if lazy:
+                replay: Any = rng.drawing_from(generator)
+            elif seed is not None and _draws_random(sub):
+                replay = rng.seeded_on(seed, self.device)
+            else:
+                replay = nullcontext()
+            with lock:
+                if not (mutating or lazy) and any(m.training for m in buffered):
                     continue  # switched to training mode meanwhile: retry under the write lock
                 # A failed pass must change nothing: keep copies of the buffers it may update.
-                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)]
+                saved = [(b, b.clone()) for m in mutating for b in m.buffers(recurse=False)
+                         if not is_uninitialized(b)]
                 try:
-                    out = sub(*args, **kwargs)
+                    with torch.no_grad(), replay:
+                        out = sub(*args, **kwargs)
                 except Exception as e:
-                    for b, copy in saved:
-                        b.copy_(copy)
+                    with torch.no_grad():
+                        for b, copy in saved:
+                            b.copy_(copy)
+                    if lazy:
+                        self._materialized([])
                     if not isinstance(e, (RuntimeError, TypeError, ValueError, IndexError,
                                           AssertionError)):
                         raise
                     text = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise InvalidArgumentError(f"forward of {path or 'the model'} failed: {text}",
                                                reason="BAD_INPUT") from None
+                names = []
                 if mutating:
                     names = sorted({self._first[self._refs[n].group] for n, _ in
-                                    sub.named_buffers(prefix=path, remove_duplicate=False)},
+                                    sub.named_buffers(prefix=path, remove_duplicate=False)
+                                    if n in self._refs},
                                    key=self._order.index)
+                if lazy and self._materialized(names):
+                    return _to_device(out, torch.device("cpu")), self.version, True
+                if mutating:
                     changes = [Change(self._refs[n], (), self._refs[n].get().detach())
                                for n in names]
                     try:
@@ -913,7 +1031,49 @@ class ServedModel:
                         for b, copy in saved:
                             b.copy_(copy)
                         raise
-                return _to_device(out, torch.device("cpu")), self.version
+                # A caller that sent its generator expected lazy modules here: if there are
+                # none left (another client's pass materialized them), it must re-describe.
+                stale = generator is not None and not lazy
+                return _to_device(out, torch.device("cpu")), self.version, stale
+
+    def _materialized(self, buffers: Sequence[str]) -> bool:
+        """After a pass through lazy modules (write lock held): indexes what it materialized,
+        re-describes the model and commits the new tensors (and the pass's buffer updates) as
+        one write, made durable by a snapshot. Returns whether the structure changed."""
+        lazy_before = self._lazy_paths
+        new = self._index()
+        if not new and self._lazy_paths == lazy_before:
+            return False
+        names = list(dict.fromkeys(
+            [self._first[self._refs[n].group] for n in new] + list(buffers)))
+        changes = [Change(self._refs[n], (), self._refs[n].get().detach()) for n in names]
+        self._commit_restructured("forward.materialize", "forward", changes, NO_CONTEXT,
+                                  applied=True)
+        return True
+
+    def _commit_restructured(self, op: str, rpc: str, changes: Sequence[Change],
+                             ctx: WriteContext, *, applied: bool = False) -> WriteResult:
+        """Commits a write that changed the model's structure (lazy modules materialized):
+        re-describes it (spec, or a user-defined module's pickle), and makes it durable with a
+        snapshot, since log records name tensors of a fixed shape. Write lock held."""
+        if self.source:  # a user-defined module: pickled again, with its new classes/shapes
+            self.source = _code.dumps(self.module)[0]
+        else:
+            try:
+                self.spec = _spec.spec_from_module(self.module)
+            except InvalidArgumentError:
+                # A lazy module loaded but not yet run (torch keeps its lazy class): the old
+                # spec stays, and recovery materializes it from the snapshot's shapes.
+                log.debug("model %s keeps its spec: lazy modules are partly materialized",
+                          self.id)
+        journal, self.journal = self.journal, None
+        try:
+            result = self._commit(op, rpc, changes, ctx, applied=applied)
+        finally:
+            self.journal = journal
+        if journal is not None:
+            journal.snapshot(self)
+        return result
 
     # ----------------------------------------------------------------------------- gradients
 
@@ -924,7 +1084,10 @@ class ServedModel:
         seen: set[int] = set()
         prefix = f"{path}." if path else ""
         for local, p in sub.named_parameters(remove_duplicate=False):
-            g = self._refs[prefix + local].group
+            ref = self._refs.get(prefix + local)
+            if ref is None:  # a lazy module's parameter the pass did not materialize
+                continue
+            g = ref.group
             if g not in seen and p.requires_grad:
                 seen.add(g)
                 out.append((g, p))
@@ -1226,3 +1389,22 @@ def guard_device_indexing(module: nn.Module) -> None:
             m.register_forward_pre_hook(_check_embedding_input, with_kwargs=True)
         elif type(m) in (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d):
             m.register_forward_pre_hook(_check_unpool_indices, with_kwargs=True)
+
+
+def is_uninitialized(t: torch.Tensor) -> bool:
+    """Whether `t` is a lazy module's not yet materialized parameter or buffer."""
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def uninitialized_text(module: nn.Module, name: str) -> str:
+    """torch's own error text for using the uninitialized tensor `name` of `module`."""
+    owner_path, _, local = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    t = owner._parameters.get(local)
+    if t is None:
+        t = owner._buffers.get(local)
+    try:
+        t.detach()  # raises torch's ValueError for an uninitialized tensor
+    except ValueError as e:
+        return str(e)
+    return f"{name!r} is not materialized"

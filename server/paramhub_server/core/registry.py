@@ -10,12 +10,12 @@ from collections.abc import Iterable
 
 import torch
 
-from paramhub import _spec
+from paramhub import _code, _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.core import rng
-from paramhub_server.core.model import ServedModel
+from paramhub_server.core import programs, rng
+from paramhub_server.core.model import Program, ServedModel
 from paramhub_server.core.store import NAME_PATTERN, Store
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,13 @@ class Registry:
 
     def __init__(self, default_device: torch.device, *, max_model_bytes: int | None = None,
                  max_total_bytes: int | None = None, max_spec_nodes: int = _spec.MAX_SPEC_NODES,
-                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None) -> None:
+                 max_spec_depth: int = _spec.MAX_SPEC_DEPTH, store: Store | None = None,
+                 trust_remote_code: bool = False, model_packages: tuple[str, ...] = ()) -> None:
         self.default_device = default_device
+        #: Whether user-defined module classes sent by clients may be loaded (runs their code),
+        #: and the packages whose classes may be named without that (see paramhub._code).
+        self.trust_remote_code = trust_remote_code
+        self.model_packages = model_packages
         self.max_model_bytes = max_model_bytes
         #: Memory budget over all models (bytes of parameters and buffers); None = unlimited.
         self.max_total_bytes = max_total_bytes
@@ -88,13 +93,20 @@ class Registry:
             for model_id in self.store.model_ids():
                 try:
                     spec, device = self.store.read_meta(model_id)
+                    source = self.store.read_source(model_id)
                     try:
                         dev = parse_device(device, self.default_device)
                     except InvalidArgumentError:
                         log.warning("model %s was on %s, unavailable here; loading it on %s",
                                     model_id, device, self.default_device)
                         dev = self.default_device
-                    model = self._build(model_id, spec, None, dev, allocate_only=True)
+                    program = self.store.read_program(model_id)
+                    if program is not None:
+                        model = self._build_program(model_id, program[0], program[1], dev)
+                    elif source:  # user-defined classes: loaded only if still allowed
+                        model = self._build_code(model_id, source, dev)
+                    else:
+                        model = self._build(model_id, spec, None, dev, allocate_only=True)
                     self.store.open(model)
                 except Exception:  # noqa: BLE001 - one bad model must not keep the rest down
                     log.exception("could not recover model %s; its files are left as they are",
@@ -206,6 +218,127 @@ class Registry:
                 self._creating.discard(model_id)
                 self._reserved.pop(model_id, None)
 
+    def create_code(self, model_id: str, module_pickle: bytes, *, device: str,
+                    values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
+        """Builds and registers a user-defined module (see paramhub._code): unpickled under the
+        server's trust policy, allocated on the device, filled with the uploaded values (every
+        storage needs one: the server cannot re-run the client's constructor)."""
+        self._check_ready()
+        check_model_id(model_id)
+        dev = parse_device(device, self.default_device)
+        if not self.trust_remote_code and not self.model_packages:
+            raise _code.remote_code_refused()  # before anything is unpickled
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._creating.add(model_id)
+        try:
+            values = dict(values)
+            module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
+                                 packages=self.model_packages)
+            n = sum(1 for _ in module.modules())
+            if n > self.max_spec_nodes:
+                raise ResourceExhaustedError(
+                    f"the module has {n} submodules, more than the limit "
+                    f"max_spec_nodes={self.max_spec_nodes}", reason="SPEC_TOO_LARGE",
+                    metadata={"limit": "max_spec_nodes", "asked": str(n),
+                              "limit_value": str(self.max_spec_nodes)})
+            size = _unique_bytes(module)
+            if self.max_model_bytes is not None and size > self.max_model_bytes:
+                raise ResourceExhaustedError(
+                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
+                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
+            model = self._build_code(model_id, module_pickle, dev, module=module)
+            missing = [n for n in model.state_entries(every_name=False) if n[0] not in values]
+            if missing:
+                raise InvalidArgumentError(
+                    f"no value was uploaded for {missing[0][0]!r}; a user-defined module is "
+                    "served with its values", reason="MISSING_VALUES",
+                    metadata={"tensor": missing[0][0][:200]})
+            model.load_tensors(values)
+            if self.store is not None:
+                self.store.create(model)
+            with self._lock:
+                self._models[model_id] = model
+            return model
+        finally:
+            with self._lock:
+                self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    def create_program(self, model_id: str, header: pb.CreateModelHeader, *,
+                       values: dict[str, torch.Tensor]) -> ServedModel:
+        """Builds and registers an exported program (see paramhub._program): deserialized with
+        the uploaded tensors, nothing unpickled, so no trust is needed."""
+        self._check_ready()
+        check_model_id(model_id)
+        dev = parse_device(header.device, self.default_device)
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._creating.add(model_id)
+        try:
+            size = sum(v.numel() * v.element_size() for v in values.values())
+            if self.max_model_bytes is not None and size > self.max_model_bytes:
+                raise ResourceExhaustedError(
+                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
+                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                    metadata={"limit": "max_model_bytes", "asked": str(size),
+                              "limit_value": str(self.max_model_bytes)})
+            self._reserve(model_id, size)
+            program = Program(header.exported_program, list(header.module_tree),
+                              [(t.parameter, t.source) for t in header.program_ties],
+                              {n: values.pop(n) for n in header.program_constants
+                               if n in values},
+                              {n: (v.dtype, tuple(v.shape)) for n, v in values.items()})
+            if len(header.module_tree) > self.max_spec_nodes:
+                raise ResourceExhaustedError(
+                    f"the module tree has {len(header.module_tree)} modules, more than the "
+                    f"limit max_spec_nodes={self.max_spec_nodes}", reason="SPEC_TOO_LARGE",
+                    metadata={"limit": "max_spec_nodes", "asked": str(len(header.module_tree)),
+                              "limit_value": str(self.max_spec_nodes)})
+            model = self._build_program(model_id, program, values, dev)
+            if self.store is not None:
+                self.store.create(model)
+            with self._lock:
+                self._models[model_id] = model
+            return model
+        finally:
+            with self._lock:
+                self._creating.discard(model_id)
+                self._reserved.pop(model_id, None)
+
+    @staticmethod
+    def _build_program(model_id: str, program: Program, state: dict[str, torch.Tensor],
+                       dev: torch.device) -> ServedModel:
+        state = dict(state)
+        for name, source in program.ties:
+            if source not in state:
+                raise InvalidArgumentError(f"tie {name!r} -> {source!r}: no such tensor",
+                                           reason="BAD_PROGRAM")
+            state[name] = state[source]
+        module = programs.load_program(program.program, state,
+                                       {k: v.clone() for k, v in program.constants.items()})
+        module = module.to(dev)
+        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model.program = program
+        return model
+
+    def _build_code(self, model_id: str, module_pickle: bytes, dev: torch.device, *,
+                    module: torch.nn.Module | None = None) -> ServedModel:
+        if module is None:
+            module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
+                                 packages=self.model_packages)
+        _code.allocate(module, dev)
+        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model.source = module_pickle
+        return model
+
     def total_bytes(self) -> int:
         """Bytes held by every model plus those reserved by creations in progress."""
         with self._lock:
@@ -233,12 +366,13 @@ class Registry:
                ) -> ServedModel:
         """Builds the module on `dev`: initialized (under `seed`), or only allocated when every
         value is about to be loaded (an upload, or recovery from a snapshot)."""
-        if allocate_only:
-            if skeleton is None:
-                with torch.device("meta"):
-                    skeleton = _spec.build_module(spec)
+        if allocate_only and skeleton is None:
+            with torch.device("meta"):
+                skeleton = _spec.build_module(spec)
+        if allocate_only and not any(isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+                                     for t in _tensors(skeleton)):
             module = skeleton.to_empty(device=dev)  # to_empty unties; apply_ties below reties
-        else:
+        else:  # (lazy modules' uninitialized tensors cannot be allocated empty: build them)
             with rng.seeded(seed):
                 module = _spec.build_module(spec)
             module = module.to(dev)
@@ -262,11 +396,16 @@ class Registry:
         return model
 
 
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
 def _unique_bytes(module: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
+    for t in _tensors(module):
+        # A lazy module's uninitialized tensors have no size until their first Forward.
+        if id(t) not in seen and not isinstance(t, torch.nn.parameter.UninitializedTensorMixin):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 
 import torch
 
+from paramhub import _codec
+from paramhub.errors import InvalidArgumentError
+
 _LOCK = threading.Lock()
 
 
@@ -45,3 +48,41 @@ def seeded_on(seed: int, device: torch.device) -> Iterator[None]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
             yield
+
+
+
+#: Bytes of torch's CPU generator state (torch.default_generator.get_state()).
+STATE_BYTES = torch.default_generator.get_state().numel()
+
+
+class GeneratorState:
+    """A client's CPU generator state: a block under `drawing_from(state)` draws from it, and
+    `state.state` is then the advanced state to send back, so the client's generator moves on
+    exactly as it would have locally."""
+
+    def __init__(self, state: bytes) -> None:
+        if len(state) != STATE_BYTES:
+            raise InvalidArgumentError(
+                f"a generator state has {STATE_BYTES} bytes (torch.Generator.get_state() of a "
+                f"CPU generator), not {len(state)}", reason="BAD_GENERATOR_STATE")
+        self.state = bytes(state)
+        self._tensor = torch.frombuffer(bytearray(state), dtype=torch.uint8)
+        try:  # torch checks the state's fields: check before anything is drawn or changed
+            torch.Generator().set_state(self._tensor)
+        except RuntimeError as e:
+            raise InvalidArgumentError(f"bad generator state: {str(e).splitlines()[0]}",
+                                       reason="BAD_GENERATOR_STATE") from None
+
+
+@contextmanager
+def drawing_from(gen: GeneratorState | None) -> Iterator[None]:
+    """Runs the block holding the global CPU generator, set to `gen`'s state when one is given
+    (the server's own state is restored afterwards, and `gen.state` advanced)."""
+    if gen is None:
+        with _LOCK:
+            yield
+        return
+    with _LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.set_state(gen._tensor)
+        yield
+        gen.state = _codec.tensor_bytes(torch.default_generator.get_state())

@@ -35,6 +35,7 @@ Protocol:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -58,9 +59,8 @@ from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, Invali
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training
-from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, ServedModel,
-                                        SnapshotState,
-                                        WriteContext, WriteResult)
+from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,
+                                        ServedModel, SnapshotState, WriteContext, WriteResult)
 from paramhub_server.core.wal import (WalCorruptError, WalWriter, disk_full, layout,
                                       read_records)
 
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 _STATE_KEY = "paramhub.state"
+#: An exported program's tensor constants (model directory).
+_CONSTANTS = "constants.safetensors"
 _CHECKPOINT_KEY = "paramhub.checkpoint"
 _TRAINING_KEY = "paramhub.training"
 #: Snapshot keys of the optimizer state ("{prefix}{param}/{key}") and the staleness history.
@@ -156,11 +158,48 @@ class Store:
         return ids
 
     def read_meta(self, model_id: str) -> tuple[pb.ModelSpec, str]:
-        """(spec, device string) of a stored model."""
-        meta = json.loads((self.models_dir / model_id / "model.json").read_text())
+        """(spec, device string) of a stored model. The spec is the newest snapshot's when it
+        records one (a model whose lazy modules materialized after creation has a new one)."""
+        d = self.models_dir / model_id
+        meta = json.loads((d / "model.json").read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"model {model_id}: unknown storage format {meta.get('format')}")
-        return json_format.ParseDict(meta["spec"], pb.ModelSpec()), meta["device"]
+        spec = meta["spec"]
+        gens = sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := _SNAPSHOT.fullmatch(p.name)))
+        if gens:
+            _, snap_meta, _ = st.read_header(d / _snapshot_name(gens[-1]))
+            spec = json.loads(snap_meta[_STATE_KEY]).get("spec", spec)
+        return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
+
+    def read_program(self, model_id: str) -> tuple[Program, dict[str, torch.Tensor]] | None:
+        """An exported program model's definition and empty state tensors to build it with
+        (the snapshot fills them); None for other models."""
+        d = self.models_dir / model_id
+        meta = json.loads((d / "model.json").read_text())
+        if "exported_program" not in meta:
+            return None
+        constants, _ = st.read_file(d / _CONSTANTS)
+        state = {n: torch.empty(shape, dtype=_codec.dtype_from_proto(dt))
+                 for n, (dt, shape) in meta["program_state"].items()}
+        program = Program(base64.b64decode(meta["exported_program"]),
+                          [json_format.ParseDict(m, pb.ModuleInfo())
+                           for m in meta["module_tree"]],
+                          [tuple(t) for t in meta["program_ties"]], constants,
+                          {n: (t.dtype, tuple(t.shape)) for n, t in state.items()})
+        return program, state
+
+    def read_source(self, model_id: str) -> bytes:
+        """A user-defined module's pickle (empty for a spec model): the newest snapshot's when
+        it records one (lazy modules materialized after creation), else the created one."""
+        d = self.models_dir / model_id
+        source = json.loads((d / "model.json").read_text()).get("module_pickle", "")
+        gens = sorted(int(m.group(1)) for p in d.iterdir()
+                      if (m := _SNAPSHOT.fullmatch(p.name)))
+        if gens and source:
+            _, snap_meta, _ = st.read_header(d / _snapshot_name(gens[-1]))
+            source = json.loads(snap_meta[_STATE_KEY]).get("module_pickle", source)
+        return base64.b64decode(source)
 
     def create(self, model: ServedModel) -> None:
         """Persists a new model (spec + snapshot 1) and attaches its journal. Nothing is left
@@ -171,6 +210,17 @@ class Store:
         try:
             meta = {"format": FORMAT, "model_id": model.id, "device": str(model.device),
                     "spec": json_format.MessageToDict(model.spec)}
+            if model.source:  # a user-defined module: its pickle (paramhub._code)
+                meta["module_pickle"] = base64.b64encode(model.source).decode()
+            if model.program is not None:  # an exported program (paramhub._program)
+                p = model.program
+                meta["exported_program"] = base64.b64encode(p.program).decode()
+                meta["module_tree"] = [json_format.MessageToDict(m) for m in p.tree]
+                meta["program_ties"] = [list(t) for t in p.ties]
+                meta["program_state"] = {n: [_codec.dtype_to_proto(d), list(shape)]
+                                         for n, (d, shape) in p.state.items()}
+                st.write_file(tmp / _CONSTANTS, list(p.constants.items()), {},
+                              fsync=self.fsync != "off")
             _write_text(tmp / "model.json", json.dumps(meta, indent=1))
             snap = tmp / _snapshot_name(1)
             os.replace(_write_snapshot(snap, model, self.fsync != "off"), snap)
@@ -198,6 +248,12 @@ class Store:
             raise ValueError(f"model {model.id}: no snapshot in {d}")
         gen = gens[-1]
         snap = d / _snapshot_name(gen)
+        # Lazy modules loaded with values (but not yet run) keep their lazy spec: their
+        # tensors take the snapshot's shapes, as load_state_dict gave them.
+        header, _, _ = st.read_header(snap)
+        lazy = {n: header[n]["shape"] for n, _ in model.uninitialized if n in header}
+        if lazy:
+            model.materialize_shapes(lazy)
         firsts = [n for n, _ in model.state_entries(every_name=False)]
         values, meta = st.read_file(snap, firsts)
         state = json.loads(meta[_STATE_KEY])
@@ -653,6 +709,9 @@ def _write_snapshot(path: Path, model: ServedModel, fsync: bool,
         "model_version": model_version,
         "versions": versions,
         "training": model.training_flags(),
+        # The spec the values fit: it changes when lazy modules materialize.
+        "spec": json_format.MessageToDict(model.spec),
+        **({"module_pickle": base64.b64encode(model.source).decode()} if model.source else {}),
         "recent": [[rid, _result_to_json(r)] for rid, r in recent[-MAX_RECENT_REQUESTS:]]}
     meta, tensors = training.training_state(model)
     if meta is not None:
