@@ -171,6 +171,39 @@ class Registry:
             if self.store is not None:
                 self.store.delete(model)
 
+    def _claim(self, model_id: str) -> None:
+        """Marks `model_id` as being created (ALREADY_EXISTS if taken or in creation); every
+        claim is followed by _release, whether the creation succeeded or not."""
+        with self._lock:
+            if model_id in self._models or model_id in self._creating:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            self._creating.add(model_id)
+
+    def _release(self, model_id: str) -> None:
+        with self._lock:
+            self._creating.discard(model_id)
+            self._reserved.pop(model_id, None)
+
+    def _reserve_model(self, model_id: str, size: int) -> None:
+        """Checks a new model's bytes against --max-model-bytes, then reserves them in the
+        total budget (RESOURCE_EXHAUSTED if either is exceeded)."""
+        if self.max_model_bytes is not None and size > self.max_model_bytes:
+            raise ResourceExhaustedError(
+                f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
+                f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": str(size),
+                          "limit_value": str(self.max_model_bytes)})
+        self._reserve(model_id, size)
+
+    def _register(self, model: ServedModel) -> ServedModel:
+        """Makes a built model durable, then visible: it is acknowledged only after both."""
+        if self.store is not None:
+            self.store.create(model)
+        with self._lock:
+            self._models[model.id] = model
+        return model
+
     def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None, device: str,
                values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
         """Builds and registers a model; nothing is registered unless every step succeeds.
@@ -182,24 +215,14 @@ class Registry:
         self._check_ready()
         check_model_id(model_id)
         dev = parse_device(device, self.default_device)
-        with self._lock:
-            if model_id in self._models or model_id in self._creating:
-                raise AlreadyExistsError(f"model {model_id!r} already exists",
-                                         reason="MODEL_EXISTS", metadata={"model": model_id})
-            self._creating.add(model_id)
+        self._claim(model_id)
         try:
             _spec.check_spec_limits(spec, max_nodes=self.max_spec_nodes,
                                     max_depth=self.max_spec_depth)
             with torch.device("meta"):
                 skeleton = _spec.build_module(spec)
             size = _unique_bytes(skeleton)
-            if self.max_model_bytes is not None and size > self.max_model_bytes:
-                raise ResourceExhaustedError(
-                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
-                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
-                    metadata={"limit": "max_model_bytes", "asked": str(size),
-                              "limit_value": str(self.max_model_bytes)})
-            self._reserve(model_id, size)
+            self._reserve_model(model_id, size)
             values = dict(values)
             names = set(skeleton.state_dict(keep_vars=True))
             # Every value uploaded: allocate without initializing (no wasted init, no random
@@ -208,15 +231,9 @@ class Registry:
                                 allocate_only=seed is None and bool(names)
                                 and names <= set(values))
             model.load_tensors(values)
-            if self.store is not None:
-                self.store.create(model)  # durable before it is registered and acknowledged
-            with self._lock:
-                self._models[model_id] = model
-            return model
+            return self._register(model)
         finally:
-            with self._lock:
-                self._creating.discard(model_id)
-                self._reserved.pop(model_id, None)
+            self._release(model_id)
 
     def create_code(self, model_id: str, module_pickle: bytes, *, device: str,
                     values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
@@ -228,11 +245,7 @@ class Registry:
         dev = parse_device(device, self.default_device)
         if not self.trust_remote_code and not self.model_packages:
             raise _code.remote_code_refused()  # before anything is unpickled
-        with self._lock:
-            if model_id in self._models or model_id in self._creating:
-                raise AlreadyExistsError(f"model {model_id!r} already exists",
-                                         reason="MODEL_EXISTS", metadata={"model": model_id})
-            self._creating.add(model_id)
+        self._claim(model_id)
         try:
             values = dict(values)
             module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
@@ -245,13 +258,7 @@ class Registry:
                     metadata={"limit": "max_spec_nodes", "asked": str(n),
                               "limit_value": str(self.max_spec_nodes)})
             size = _unique_bytes(module)
-            if self.max_model_bytes is not None and size > self.max_model_bytes:
-                raise ResourceExhaustedError(
-                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
-                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
-                    metadata={"limit": "max_model_bytes", "asked": str(size),
-                              "limit_value": str(self.max_model_bytes)})
-            self._reserve(model_id, size)
+            self._reserve_model(model_id, size)
             model = self._build_code(model_id, module_pickle, dev, module=module)
             missing = [n for n in model.state_entries(every_name=False) if n[0] not in values]
             if missing:
@@ -260,15 +267,9 @@ class Registry:
                     "served with its values", reason="MISSING_VALUES",
                     metadata={"tensor": missing[0][0][:200]})
             model.load_tensors(values)
-            if self.store is not None:
-                self.store.create(model)
-            with self._lock:
-                self._models[model_id] = model
-            return model
+            return self._register(model)
         finally:
-            with self._lock:
-                self._creating.discard(model_id)
-                self._reserved.pop(model_id, None)
+            self._release(model_id)
 
     def create_program(self, model_id: str, header: pb.CreateModelHeader, *,
                        values: dict[str, torch.Tensor]) -> ServedModel:
@@ -277,20 +278,10 @@ class Registry:
         self._check_ready()
         check_model_id(model_id)
         dev = parse_device(header.device, self.default_device)
-        with self._lock:
-            if model_id in self._models or model_id in self._creating:
-                raise AlreadyExistsError(f"model {model_id!r} already exists",
-                                         reason="MODEL_EXISTS", metadata={"model": model_id})
-            self._creating.add(model_id)
+        self._claim(model_id)
         try:
             size = sum(v.numel() * v.element_size() for v in values.values())
-            if self.max_model_bytes is not None and size > self.max_model_bytes:
-                raise ResourceExhaustedError(
-                    f"model {model_id!r} needs {size} bytes, more than --max-model-bytes "
-                    f"{self.max_model_bytes}", reason="MODEL_TOO_LARGE",
-                    metadata={"limit": "max_model_bytes", "asked": str(size),
-                              "limit_value": str(self.max_model_bytes)})
-            self._reserve(model_id, size)
+            self._reserve_model(model_id, size)
             program = Program(header.exported_program, list(header.module_tree),
                               [(t.parameter, t.source) for t in header.program_ties],
                               {n: values.pop(n) for n in header.program_constants
@@ -303,15 +294,9 @@ class Registry:
                     metadata={"limit": "max_spec_nodes", "asked": str(len(header.module_tree)),
                               "limit_value": str(self.max_spec_nodes)})
             model = self._build_program(model_id, program, values, dev)
-            if self.store is not None:
-                self.store.create(model)
-            with self._lock:
-                self._models[model_id] = model
-            return model
+            return self._register(model)
         finally:
-            with self._lock:
-                self._creating.discard(model_id)
-                self._reserved.pop(model_id, None)
+            self._release(model_id)
 
     @staticmethod
     def _build_program(model_id: str, program: Program, state: dict[str, torch.Tensor],
