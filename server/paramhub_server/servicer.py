@@ -53,10 +53,6 @@ _EVENT_KINDS = {watch.STARTED: pb.WATCH_EVENT_KIND_STARTED, watch.WRITE: pb.WATC
 #: Only a safety net: the call's termination callback closes the watcher at once. Polling each
 #: second cost 1,000 parked watchers 1,000 thread wake-ups a second (each taking the GIL).
 _WATCH_POLL = 30.0
-#: Watch events being sent at once, server-wide, and how long a watcher waits for its turn
-#: before it sends anyway (seconds).
-_FANOUT = threading.BoundedSemaphore(4)
-_FANOUT_WAIT = 1.0
 #: Reads of fewer bytes come inline even when the client offers shared memory: below this, a
 #: memfd, a mapping and a descriptor pass cost more than they save.
 SHM_MIN_BYTES = 1 << 20
@@ -893,15 +889,7 @@ class ParameterService(pb_grpc.ParameterServiceServicer):
                     continue
                 if ev.kind == watch.CLOSED:
                     return
-                # One write wakes every watcher of its model at once; taking turns (a few
-                # sends at a time, each turn held until grpc asks for the next message) keeps
-                # them from crowding out every other call. A stalled reader's turn lapses.
-                turn = _FANOUT.acquire(timeout=_FANOUT_WAIT)
-                try:
-                    yield event_bytes(ev)
-                finally:
-                    if turn:
-                        _FANOUT.release()
+                yield event_bytes(ev)
         finally:
             watcher.close()
 
