@@ -53,6 +53,17 @@ def _refused(answer: Any, code: str, reason: str) -> ParamhubError:
     return answer
 
 
+def _all_refused_without_growth(s: Any, calls: Any, code: str, reason: str,
+                                before: str) -> None:
+    """Every answer of `calls()` is refused with (code, reason), the server's RSS barely grew
+    meanwhile, and model "m" still has the checksum `before`."""
+    answers, growth = s.growth(calls)
+    for a in answers:
+        _refused(a, code, reason)
+    assert growth < SMALL_GROWTH, f"server RSS grew {growth / MiB:.0f} MiB"
+    assert s.client.probe("m").stats.checksum_sha256 == before
+
+
 def _tensor_name(model: str, param: str) -> str:
     return f"models/{model}/parameters/{param}"
 
@@ -466,11 +477,7 @@ def test_broadcast_index_over_max_tensor_elements_is_refused(served):
                     value=_codec.tensor_to_proto(torch.tensor(1.0)))]),
                 _raw(s.channel, "Probe", [pb.ProbeRequest(name=name, index=index)])]
 
-    answers, growth = s.growth(calls)
-    for a in answers:
-        _refused(a, "RESOURCE_EXHAUSTED", "TENSOR_TOO_LARGE")
-    assert growth < SMALL_GROWTH, f"server RSS grew {growth / MiB:.0f} MiB"
-    assert s.client.probe("m").stats.checksum_sha256 == before
+    _all_refused_without_growth(s, calls, "RESOURCE_EXHAUSTED", "TENSOR_TOO_LARGE", before)
 
 
 def test_announced_upload_larger_than_its_target_is_refused_before_allocating(served):
@@ -500,11 +507,7 @@ def test_announced_upload_larger_than_its_target_is_refused_before_allocating(se
                 pb.ApplyBatchRequest(data=b"\0" * 64)], stream=True),
         ]
 
-    answers, growth = s.growth(calls)
-    for a in answers:
-        _refused(a, "INVALID_ARGUMENT", "BAD_SHAPE")
-    assert growth < SMALL_GROWTH, f"server RSS grew {growth / MiB:.0f} MiB"
-    assert s.client.probe("m").stats.checksum_sha256 == before
+    _all_refused_without_growth(s, calls, "INVALID_ARGUMENT", "BAD_SHAPE", before)
 
 
 def test_apply_batch_bytes_are_bounded_as_they_arrive(served):
