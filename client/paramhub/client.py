@@ -157,6 +157,8 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ())
         self._metadata = self._read_metadata + (("x-paramhub-writer", self.writer_id),)
         self.stub = pb_grpc.ParameterServiceStub(channel)
+        #: Cluster state (paramhub._cluster), made on first use.
+        self._cluster_state: Any = None
         # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
         self._get_tensor_raw = channel.unary_stream(
             _SERVICE + "GetTensor", request_serializer=pb.GetTensorRequest.SerializeToString,
@@ -199,6 +201,8 @@ class Client:
         if self._data_link is not None:
             self._data_link.close()
         self._pool.close()
+        if self._cluster_state is not None:
+            self._cluster_state.close()
         self.channel.close()
 
     # ---------------------------------------------------------------------------- transport
@@ -364,7 +368,7 @@ class Client:
     def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
                      device: str | None = None, *, example_inputs: Sequence[Any] | None = None,
                      example_kwargs: Mapping[str, Any] | None = None,
-                     timeout: float | None = None) -> RemoteModule:
+                     timeout: float | None = None, shard: str | None = None) -> RemoteModule:
         """Serves a copy of a local module and returns its remote mirror.
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
@@ -380,6 +384,10 @@ class Client:
         user-defined class) is sent as code, which only a server started with
         --trust-remote-code runs (see `create_model_from_code`).
 
+        With `shard="fsdp"` (a cluster started by torchrun, see README "Past one machine"),
+        every parameter and buffer is a DTensor sharded on dim 0 over all ranks (replicated
+        when it has fewer rows than ranks); only spec modules can be sharded.
+
         Raises:
             AlreadyExistsError: the id is taken.
             InvalidArgumentError: bad values, or a module torch.export cannot export
@@ -389,6 +397,8 @@ class Client:
         """
         from paramhub import _spec
 
+        if shard is not None:
+            return self._create_sharded(model_id, module, shard, seed, timeout)
         if example_inputs is not None:
             self.create_model_from_program(model_id, module, example_inputs, example_kwargs,
                                            device=device, timeout=timeout)
@@ -413,6 +423,45 @@ class Client:
         self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
                                     timeout=timeout)
         return self.model(model_id)
+
+    def _create_sharded(self, model_id: str, module: torch.nn.Module, shard: str,
+                        seed: int | None, timeout: float | None) -> RemoteModule:
+        from paramhub import _spec
+
+        spec = _spec.spec_from_module(module)
+        values = {}
+        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            values = dict(module.state_dict())
+        self._cluster().create(model_id, spec, shard, seed=seed, values=values,
+                               timeout=timeout)
+        return self.model(model_id)
+
+    def _cluster(self) -> Any:
+        from paramhub import _cluster
+
+        if self._cluster_state is None:
+            self._cluster_state = _cluster.Cluster(self)
+        return self._cluster_state
+
+    def cluster_info(self) -> list[Any]:
+        """The ranks of the server's cluster, rank 0 (the front door) first: each one's
+        address, device and held bytes (`paramhub._cluster.RankInfo`). A plain `paramhub
+        serve` is a cluster of one rank.
+
+        Raises:
+            UnavailableError: a rank is down (reason RANK_DOWN, metadata "rank").
+        """
+        return self._cluster().info()
+
+    def describe_placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """How each tensor of a model is placed: {name: (placement, row bounds)}, where
+        placement is "shard(0)" (row bounds: the first row of each rank, then the row count),
+        "replicate", or "local" (a model that is not sharded).
+
+        Raises:
+            NotFoundError: no such model.
+        """
+        return self._cluster().placement(model_id)
 
     def create_model_from_code(self, model_id: str, module: torch.nn.Module, *,
                                device: str | None = None, timeout: float | None = None

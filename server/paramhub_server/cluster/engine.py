@@ -1,0 +1,671 @@
+"""Sharded models over a torch.distributed process group (torch only: no grpc, no protobuf).
+
+Every rank runs one thread, the command loop, which alone uses the process group. Rank 0 (the
+front door) receives every RPC; an RPC on a sharded model becomes one command that rank 0
+broadcasts, and then every rank executes it in the same order (SPMD). So creates, reads,
+writes and deletes are totally ordered cluster-wide by rank 0, and a reader never runs between
+the prepare and the commit of a write.
+
+A sharded tensor is a DTensor over a 1-D CPU DeviceMesh of all ranks: `Shard(0)` (torch's chunk
+layout: ceil(n / world) rows per rank, the last ranks possibly fewer or none) when its first
+dimension has at least `world` rows, else `Replicate()`. Each rank allocates only its local part.
+
+A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
+computes which of the region's elements fall in its shard (an element-id map of the logical
+tensor, indexed as torch would) and changes only those. Two phases: each rank *prepares* the
+new values of its part without touching the live tensor and votes (all_gather); only when every
+rank voted yes does every rank commit, persist its part, and confirm (a second all_gather)
+before rank 0 acknowledges. One version per tensor and one per model, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from paramhub import _codec, _spec
+from paramhub.errors import (AlreadyExistsError, ConflictError, InternalError,
+                             InvalidArgumentError,
+                             NotFoundError, ParamhubError, UnavailableError)
+from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub_server.core import rng
+from paramhub_server.core.model import _combine
+
+log = logging.getLogger(__name__)
+
+#: Seconds between the no-op commands rank 0 sends while idle: they keep the other ranks'
+#: blocking receives inside the process group's timeout and find a dead rank without a call.
+HEARTBEAT_S = 2.0
+#: The only sharding plan built so far (FSDP-style: every tensor on dim 0).
+FSDP = "fsdp"
+PARAMETER, BUFFER = "parameter", "buffer"
+
+
+def rank_down(rank: int | None, why: str) -> UnavailableError:
+    """The error of a call that needs a rank which is gone (UNAVAILABLE, reason RANK_DOWN)."""
+    who = f"rank {rank}" if rank is not None else "a rank"
+    return UnavailableError(f"{who} of the cluster is down: {why}", reason="RANK_DOWN",
+                            metadata={"rank": "" if rank is None else str(rank)})
+
+
+def placement_of(shape: Sequence[int], world: int) -> Shard | Replicate:
+    """Shard(0) when dim 0 has a row for every rank, else Replicate (scalars, tiny tensors)."""
+    return Shard(0) if len(shape) >= 1 and shape[0] >= world and world > 1 else Replicate()
+
+
+def placement_text(p: Shard | Replicate) -> str:
+    """"shard(0)" or "replicate"."""
+    return f"shard({p.dim})" if isinstance(p, Shard) else "replicate"
+
+
+def local_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the rows of a dim of `n` rows that rank holds under Shard (torch.chunk
+    layout, which DTensor uses)."""
+    per = -(-n // world) if n else 0
+    start = min(n, per * rank)
+    return start, min(n, start + per)
+
+
+@dataclass
+class Entry:
+    """One storage (tied names share one) of a sharded model."""
+
+    group: int
+    names: list[str]
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    placement: Shard | Replicate
+    version: int = 1
+    #: This rank's part (the DTensor's local tensor) -- None until created.
+    dt: DTensor | None = None
+
+    @property
+    def local(self) -> torch.Tensor:
+        assert self.dt is not None
+        return self.dt.to_local()
+
+
+@dataclass
+class ShardedModel:
+    """A model whose tensors are DTensors over every rank; the same metadata on every rank."""
+
+    id: str
+    spec: pb.ModelSpec
+    entries: list[Entry]
+    #: state_dict name -> entry.
+    by_name: dict[str, Entry] = field(default_factory=dict)
+    version: int = 1
+    #: The module tree on the meta device (rank 0 uses it to describe and to run Forward).
+    skeleton: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.by_name = {n: e for e in self.entries for n in e.names}
+
+    def entry(self, name: str, kind: str | None = None) -> Entry:
+        e = self.by_name.get(name)
+        if e is None or (kind is not None and e.kind != kind):
+            raise NotFoundError(f"model {self.id!r} has no {kind or 'tensor'} {name[:200]!r}",
+                                reason="TENSOR_NOT_FOUND",
+                                metadata={"model": self.id, "tensor": name[:200]})
+        return e
+
+    def local_bytes(self) -> int:
+        return sum(e.local.numel() * e.local.element_size() for e in self.entries
+                   if e.dt is not None)
+
+    def logical_bytes(self) -> int:
+        return sum(_numel(e.shape) * e.dtype.itemsize for e in self.entries)
+
+
+@dataclass
+class Write:
+    """One slice write of a command: `tensor[index] op= value`."""
+
+    name: str
+    kind: str | None
+    index: tuple[Any, ...]
+    op: str
+    value: torch.Tensor
+    expected_version: int | None = None
+
+
+def skeleton_of(spec: pb.ModelSpec) -> nn.Module:
+    """The module tree of a spec on the meta device, ties applied."""
+    with torch.device("meta"):
+        module = _spec.build_module(spec)
+    _spec.apply_ties(module, spec)
+    return module
+
+
+def entries_of(skeleton: nn.Module, world: int) -> list[Entry]:
+    """One entry per storage of the skeleton's state_dict (tied names grouped), in order."""
+    params = {id(p) for _, p in skeleton.named_parameters(remove_duplicate=False)}
+    groups: dict[int, Entry] = {}
+    for name, t in skeleton.state_dict(keep_vars=True).items():
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise InvalidArgumentError(
+                f"{name!r} is not initialized (a lazy module); a sharded model needs every "
+                "shape at creation", reason="NOT_SHARDABLE", metadata={"tensor": name[:200]})
+        e = groups.get(id(t))
+        if e is None:
+            groups[id(t)] = e = Entry(len(groups), [], PARAMETER if id(t) in params else BUFFER,
+                                      t.dtype, tuple(t.shape), placement_of(t.shape, world))
+        e.names.append(name)
+    return list(groups.values())
+
+
+class Cluster:
+    """This process's rank of the cluster: the process group, the command loop and the
+    sharded models it holds.
+
+    `run(op, **args)` (rank 0 only) executes a command on every rank and returns rank 0's
+    result; other ranks only execute what rank 0 sends, from `serve_forever`'s thread.
+    """
+
+    def __init__(self, rank: int, world: int, addresses: Sequence[str], *, device: str,
+                 data_dir: Path | None, mesh: DeviceMesh | None = None,
+                 call_timeout_s: float = 60.0,
+                 probe: Callable[[str], bool] | None = None) -> None:
+        self.rank, self.world = rank, world
+        self.addresses = list(addresses)
+        self.device = device
+        self.mesh = mesh if mesh is not None else init_device_mesh("cpu", (world,))
+        self.root = data_dir / "sharded" if data_dir is not None else None
+        self.models: dict[str, ShardedModel] = {}
+        self.call_timeout_s = call_timeout_s
+        #: probe(address) -> whether that rank still answers (used to name a dead rank).
+        self.probe = probe
+        self._queue: queue.Queue[tuple[str, dict[str, Any], Future[Any]] | None] = queue.Queue()
+        self._broken: UnavailableError | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # models dict (the loop writes, handlers read)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recovers this rank's shards from disk, checks every rank agrees, starts the loop."""
+        self._recover()
+        versions = {m.id: (m.version, [e.version for e in m.entries])
+                    for m in self.models.values()}
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, versions)
+        for r, theirs in enumerate(every):
+            for mid in set(theirs) | set(versions):
+                if theirs.get(mid) != versions.get(mid):
+                    # A crash between two ranks' commits (in doubt): the ranks disagree. Not
+                    # resolved yet -- the model is left out, loudly, rather than served torn.
+                    log.error("model %s differs between rank %d and rank %d (%s vs %s); "
+                              "not served", mid, self.rank, r, versions.get(mid),
+                              theirs.get(mid))
+                    self.models.pop(mid, None)
+        self._thread = threading.Thread(target=self._serve, name="paramhub-cluster",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Rank 0 tells every rank to stop; the others just end their loop."""
+        if self.rank == 0 and self._thread is not None and self._broken is None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+        self._stop.set()
+
+    @property
+    def broken(self) -> UnavailableError | None:
+        return self._broken
+
+    # -- the command loop ----------------------------------------------------------------------
+
+    def run(self, op: str, **args: Any) -> Any:
+        """Executes one command on every rank (rank 0 only); raises its domain error, or
+        UNAVAILABLE/RANK_DOWN when a rank is gone."""
+        if self._broken is not None:
+            raise self._broken
+        fut: Future[Any] = Future()
+        self._queue.put((op, args, fut))
+        try:
+            return fut.result(timeout=self.call_timeout_s)
+        except TimeoutError:
+            raise rank_down(self._dead_rank(), "the cluster did not answer in time") from None
+
+    def _serve(self) -> None:
+        try:
+            if self.rank == 0:
+                self._lead()
+            else:
+                self._follow()
+        except Exception as e:  # noqa: BLE001 - the process group failed: a rank is gone
+            self._fail(e)
+
+    def _lead(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                item = ("ping", {}, Future())
+            if item is None:
+                dist.broadcast_object_list([("stop", {})], src=0)
+                return
+            op, args, fut = item
+            try:
+                dist.broadcast_object_list([(op, args)], src=0)
+                result = self._execute(op, args)
+            except ParamhubError as e:
+                fut.set_exception(e)
+                continue
+            except BaseException as e:
+                fut.set_exception(self._fail(e))
+                raise
+            fut.set_result(result)
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            op, args = box[0]
+            if op == "stop":
+                return
+            try:
+                self._execute(op, args)
+            except ParamhubError:
+                pass  # rank 0 answers the caller; every rank raised the same error
+
+    def _fail(self, e: BaseException) -> UnavailableError:
+        if self._broken is None:
+            log.error("the cluster's process group failed: %s", str(e).splitlines()[0][:300])
+            self._broken = rank_down(self._dead_rank(), "the process group failed")
+        # Calls queued behind the failure answer at once.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[2].set_exception(self._broken)
+        return self._broken
+
+    def _dead_rank(self) -> int | None:
+        if self.probe is None:
+            return None
+        for r, addr in enumerate(self.addresses):
+            if r != self.rank and not self.probe(addr):
+                return r
+        return None
+
+    def _execute(self, op: str, args: dict[str, Any]) -> Any:
+        args = {k: v.value if isinstance(v, _Local) else v for k, v in args.items()}
+        try:
+            return getattr(self, f"_do_{op}")(**args)
+        except (ParamhubError, dist.DistError):
+            raise
+        except (RuntimeError, OSError) as e:
+            if _is_comm_error(e):
+                raise
+            # A bug (the same on every rank, which all run the same code on the same input):
+            # the caller gets INTERNAL; the loop goes on.
+            log.exception("cluster command %s failed on rank %d", op, self.rank)
+            raise InternalError(f"cluster command {op} failed", reason="INTERNAL") from None
+
+    # -- commands (every rank runs each, in rank 0's order) ------------------------------------
+
+    def _do_ping(self) -> None:
+        return None
+
+    def _do_info(self) -> list[dict[str, Any]]:
+        with self._lock:
+            held = sum(m.local_bytes() for m in self.models.values())
+        mine = {"rank": self.rank, "address": self.addresses[self.rank],
+                "device": self.device, "held_bytes": held}
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return every
+
+    def _do_create(self, model_id: str, spec: bytes, seed: int | None,
+                   values: dict[str, torch.Tensor] | None) -> ShardedModel:
+        # `values` travels only to rank 0's own call (run() keeps it local, see create()).
+        spec_pb = pb.ModelSpec.FromString(spec)
+        vote: list[Any] = [None] * self.world
+        error: ParamhubError | None = None
+        skeleton = None
+        entries: list[Entry] = []
+        full = None
+        try:
+            if model_id in self.models:
+                raise AlreadyExistsError(f"model {model_id!r} already exists",
+                                         reason="MODEL_EXISTS", metadata={"model": model_id})
+            skeleton = skeleton_of(spec_pb)
+            entries = entries_of(skeleton, self.world)
+            if self.rank == 0:  # every value checked before any rank enters the scatter
+                full = self._full_values(spec_pb, entries, seed, values)
+        except ParamhubError as e:
+            error = e
+        dist.all_gather_object(vote, error is None)
+        if not all(vote):
+            raise error or InvalidArgumentError("another rank refused the model",
+                                                reason="NOT_SHARDABLE")
+        for e in entries:
+            src = full[e.group] if full is not None else torch.empty(e.shape, dtype=e.dtype)
+            e.dt = distribute_tensor(src, self.mesh, [e.placement], src_data_rank=0)
+        del full
+        m = ShardedModel(model_id, spec_pb, entries, skeleton=skeleton)
+        self._persist(m, [e.group for e in entries], fresh=True)
+        self._confirm()
+        with self._lock:
+            self.models[model_id] = m
+        return m
+
+    def _full_values(self, spec: pb.ModelSpec, entries: list[Entry], seed: int | None,
+                     values: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+        """Rank 0: the full value of every storage, from the upload or built under `seed`.
+        (Transient: rank 0 holds one full model during a create, then only its shards.)"""
+        values = values or {}
+        out: list[torch.Tensor] = []
+        built: dict[str, torch.Tensor] | None = None
+        for e in entries:
+            v = next((values[n] for n in e.names if n in values), None)
+            if v is None:
+                if built is None:
+                    with rng.seeded(seed):
+                        built = dict(_spec.build_module(spec).state_dict())
+                v = built[e.names[0]]
+            if tuple(v.shape) != e.shape:
+                raise InvalidArgumentError(
+                    f"{e.names[0]!r} has shape {list(e.shape)}; the uploaded value has "
+                    f"{list(v.shape)}", reason="BAD_SHAPE", metadata={"tensor": e.names[0]})
+            out.append(v.detach().to(e.dtype).contiguous())
+        return out
+
+    def _do_delete(self, model_id: str) -> None:
+        with self._lock:
+            m = self.models.pop(model_id, None)
+        if m is None:
+            raise NotFoundError(f"model {model_id!r} not found", reason="MODEL_NOT_FOUND",
+                                metadata={"model": model_id})
+        if self.root is not None:
+            shutil.rmtree(self.root / model_id, ignore_errors=True)
+
+    def _do_read(self, model_id: str, group: int) -> torch.Tensor:
+        e = self._model(model_id).entries[group]
+        assert e.dt is not None
+        # All ranks take part in the all-gather; only rank 0's copy is used.
+        return e.dt.full_tensor() if isinstance(e.placement, Shard) else e.local.clone()
+
+    def _do_read_all(self, model_id: str) -> tuple[dict[str, torch.Tensor], int]:
+        m = self._model(model_id)
+        out: dict[str, torch.Tensor] = {}
+        for e in m.entries:
+            full = self._do_read(model_id, e.group)
+            for n in e.names:
+                out[n] = full
+        return out, m.version
+
+    def _do_write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
+        """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
+        m = self._model(model_id)
+        staged: dict[int, torch.Tensor] = {}
+        error: ParamhubError | None = None
+        try:
+            for w in writes:
+                e = m.entry(w.name, w.kind)
+                if w.expected_version is not None and w.expected_version != e.version:
+                    raise ConflictError(
+                        f"{w.name!r} is at version {e.version}, not {w.expected_version}",
+                        reason="VERSION_MISMATCH",
+                        metadata={"tensor": w.name[:200], "version": str(e.version)})
+                base = staged.get(e.group, e.local)
+                staged[e.group] = self._prepare(m, e, base, w)
+        except ParamhubError as exc:
+            error = exc
+        votes: list[Any] = [None] * self.world
+        dist.all_gather_object(votes, error is None)
+        if error is not None:
+            raise error
+        if not all(votes):  # every rank computes the same answer from the same write
+            raise InvalidArgumentError("the write was refused", reason="BAD_WRITE")
+        with self._lock:  # routed readers (ReadShard) copy under the same lock
+            for g, new in staged.items():
+                m.entries[g].local.copy_(new)
+                m.entries[g].version += 1
+            m.version += 1
+        self._persist(m, list(staged))
+        self._confirm()
+        return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
+
+    def _prepare(self, m: ShardedModel, e: Entry, base: torch.Tensor, w: Write) -> torch.Tensor:
+        """This rank's part after `w`, computed beside the live tensor (the prepare)."""
+        numel = _numel(e.shape)
+        ids = torch.arange(numel, dtype=torch.int64).view(e.shape)
+        sel = _codec.apply_index(ids, w.index)  # IndexError/shape errors as torch reports them
+        try:
+            value = w.value.expand(sel.shape)
+        except RuntimeError:
+            raise InvalidArgumentError(
+                f"a value of shape {list(w.value.shape)} cannot be written to a region of "
+                f"shape {list(sel.shape)} of {w.name!r}", reason="BAD_SHAPE",
+                metadata={"tensor": w.name[:200]}) from None
+        if isinstance(e.placement, Shard):
+            rows = e.shape[0]
+            start, stop = local_rows(rows, self.world, self.rank)
+            per_row = numel // rows if rows else 0
+            lo, hi = start * per_row, stop * per_row
+        else:
+            lo, hi = 0, numel
+        mask = (sel >= lo) & (sel < hi)
+        local_ids = sel[mask] - lo
+        flat = base.reshape(-1)
+        old = flat[local_ids]
+        new = _combine(old, w.op, value[mask], w.name)
+        out = base.clone()
+        out.view(-1)[local_ids] = new.to(out.dtype)
+        return out
+
+    # -- durability (this rank's part) ---------------------------------------------------------
+
+    def _persist(self, m: ShardedModel, groups: Sequence[int], fresh: bool = False) -> None:
+        """Writes the changed parts, then the metadata naming their versions; each file is
+        fsynced and renamed into place, so a crash leaves the old or the new file."""
+        if self.root is None:
+            return
+        from safetensors.torch import save_file
+
+        d = self.root / m.id
+        d.mkdir(parents=True, exist_ok=True)
+        for g in groups:
+            e = m.entries[g]
+            tmp = d / f".{g}.tmp"
+            save_file({"t": e.local.contiguous()}, str(tmp))
+            _fsync(tmp)
+            os.replace(tmp, d / f"{g}-{e.version}.safetensors")
+        meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(),
+                "version": m.version, "versions": [e.version for e in m.entries]}
+        tmp = d / ".meta.tmp"
+        tmp.write_text(json.dumps(meta))
+        _fsync(tmp)
+        os.replace(tmp, d / "meta.json")
+        _fsync(d)
+        # Older generations are garbage once the metadata names the new ones.
+        keep = {f"{e.group}-{e.version}.safetensors" for e in m.entries}
+        for p in d.glob("*.safetensors"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+    def _recover(self) -> None:
+        if self.root is None or not self.root.exists():
+            return
+        from safetensors.torch import load_file
+
+        for d in sorted(self.root.iterdir()):
+            meta_path = d / "meta.json"
+            if not meta_path.exists():
+                continue
+            meta = json.loads(meta_path.read_text())
+            spec = pb.ModelSpec.FromString(base64.b64decode(meta["spec"]))
+            skeleton = skeleton_of(spec)
+            entries = entries_of(skeleton, self.world)
+            for e, v in zip(entries, meta["versions"]):
+                e.version = v
+                local = load_file(str(d / f"{e.group}-{v}.safetensors"))["t"]
+                e.dt = DTensor.from_local(local, self.mesh, [e.placement], run_check=False,
+                                          shape=torch.Size(e.shape),
+                                          stride=_contiguous_strides(e.shape))
+            m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton)
+            self.models[m.id] = m
+        log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
+
+    def _confirm(self) -> None:
+        """Every rank has persisted: only then may rank 0 acknowledge."""
+        done: list[Any] = [None] * self.world
+        dist.all_gather_object(done, True)
+
+    # -- rank 0's API (called from RPC handler threads) ----------------------------------------
+
+    def _model(self, model_id: str) -> ShardedModel:
+        with self._lock:
+            m = self.models.get(model_id)
+        if m is None:
+            raise NotFoundError(f"model {model_id!r} not found", reason="MODEL_NOT_FOUND",
+                                metadata={"model": model_id})
+        return m
+
+    def local_part(self, model_id: str, name: str, kind: str | None
+                   ) -> tuple[Entry, torch.Tensor, int, int, int]:
+        """(entry, a copy of this rank's part, first row, row stop, version), consistent
+        with respect to commits (any rank; no collective)."""
+        m = self._model(model_id)
+        e = m.entry(name, kind)
+        with self._lock:
+            part = e.local.clone()
+            version = e.version
+        if isinstance(e.placement, Shard):
+            start, stop = local_rows(e.shape[0], self.world, self.rank)
+        else:
+            start, stop = 0, e.shape[0] if e.shape else 0
+        return e, part, start, stop, version
+
+    def get(self, model_id: str) -> ShardedModel | None:
+        with self._lock:
+            return self.models.get(model_id)
+
+    def list(self) -> list[ShardedModel]:
+        with self._lock:
+            return list(self.models.values())
+
+    def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None,
+               values: dict[str, torch.Tensor]) -> ShardedModel:
+        # The other ranks receive the command without the values; rank 0 scatters them.
+        return self._run_local_extra("create", {"model_id": model_id,
+                                                "spec": spec.SerializeToString(),
+                                                "seed": seed}, {"values": values})
+
+    def _run_local_extra(self, op: str, shared: dict[str, Any], local: dict[str, Any]) -> Any:
+        """Like run(), but `local` arguments stay on rank 0 (the others get None for them)."""
+        if self._broken is not None:
+            raise self._broken
+        fut: Future[Any] = Future()
+        self._queue.put((op, {**shared, **{k: _Local(v) for k, v in local.items()}}, fut))
+        try:
+            return fut.result(timeout=self.call_timeout_s)
+        except TimeoutError:
+            raise rank_down(self._dead_rank(), "the cluster did not answer in time") from None
+
+    def read(self, model_id: str, name: str, kind: str | None, index: tuple[Any, ...]
+             ) -> tuple[torch.Tensor, int]:
+        """`tensor[index]` (a CPU copy) and its version."""
+        m = self._model(model_id)
+        e = m.entry(name, kind)
+        # Refused before any rank works: torch's own error, from a meta stand-in.
+        _codec.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
+        full = self.run("read", model_id=model_id, group=e.group)
+        return _codec.apply_index(full, index).clone(), e.version
+
+    def write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
+        return self.run("write", model_id=model_id, writes=writes)
+
+    def forward(self, model_id: str, path: str, args: list[Any], kwargs: dict[str, Any]
+                ) -> tuple[Any, int]:
+        """Runs module `path` of the model on rank 0 with its full tensors, gathered for this
+        call only (and dropped after): (output, the model version it saw)."""
+        m = self._model(model_id)
+        assert m.skeleton is not None
+        try:
+            sub = m.skeleton.get_submodule(path) if path else m.skeleton
+        except AttributeError:
+            raise NotFoundError(f"model {model_id!r} has no module {path[:200]!r}",
+                                reason="MODULE_NOT_FOUND",
+                                metadata={"model": model_id, "module": path[:200]}) from None
+        full, version = self.run("read_all", model_id=model_id)
+        prefix = f"{path}." if path else ""
+        tensors = {n[len(prefix):]: t for n, t in full.items() if n.startswith(prefix)}
+        try:
+            with torch.inference_mode():
+                out = torch.func.functional_call(sub, tensors, tuple(args), kwargs,
+                                                 tie_weights=False, strict=False)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise InvalidArgumentError(f"forward of {path or 'the model'!r} failed: "
+                                       f"{str(e).splitlines()[0][:300]}",
+                                       reason="BAD_INPUT") from None
+        return out, version
+
+    def delete(self, model_id: str) -> None:
+        self.run("delete", model_id=model_id)
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.run("info")
+
+
+class _Local:
+    """A command argument that only rank 0 receives (pickled as None for the others)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> Any:
+        return (_Local, (None,))
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """Whether an error came from the process group (a peer gone) rather than from torch."""
+    text = str(e).lower()
+    return isinstance(e, (dist.DistError, ConnectionError)) or any(
+        w in text for w in ("gloo", "connection", "timed out", "timeout", "socket", "peer"))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
