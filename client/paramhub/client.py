@@ -429,9 +429,12 @@ class Client:
         from paramhub import _spec
 
         spec = _spec.spec_from_module(module)
+        lazy = torch.nn.parameter.UninitializedTensorMixin
+        tensors = [t for t in list(module.parameters()) + list(module.buffers())
+                   if not isinstance(t, lazy)]
         values = {}
-        if not any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
-            values = dict(module.state_dict())
+        if not any(t.is_meta for t in tensors):  # (the server refuses lazy modules)
+            values = {k: v for k, v in module.state_dict().items() if not isinstance(v, lazy)}
         self._cluster().create(model_id, spec, shard, seed=seed, values=values,
                                timeout=timeout)
         return self.model(model_id)

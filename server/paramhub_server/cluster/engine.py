@@ -45,7 +45,7 @@ from paramhub.errors import (AlreadyExistsError, ConflictError, InternalError,
                              InvalidArgumentError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.core import rng
+from paramhub_server.core import inits, rng
 from paramhub_server.core.model import _combine
 
 log = logging.getLogger(__name__)
@@ -417,12 +417,17 @@ class Cluster:
                 out[n] = full
         return out, m.version
 
-    def _do_write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
+    def _do_write(self, model_id: str, writes: list[Write],
+                  expected_model_version: int | None = None) -> tuple[list[int], int]:
         """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
         m = self._model(model_id)
         staged: dict[int, torch.Tensor] = {}
         error: ParamhubError | None = None
         try:
+            if expected_model_version is not None and expected_model_version != m.version:
+                raise ConflictError(f"model {model_id!r} is at version {m.version}, not "
+                                    f"{expected_model_version}", reason="VERSION_MISMATCH",
+                                    metadata={"model": model_id, "version": str(m.version)})
             for w in writes:
                 e = m.entry(w.name, w.kind)
                 if w.expected_version is not None and w.expected_version != e.version:
@@ -599,6 +604,25 @@ class Cluster:
     def write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
         return self.run("write", model_id=model_id, writes=writes)
 
+    def apply_init(self, model_id: str, targets: Sequence[tuple[str, Any]], scheme_name: str,
+                   args: dict[str, Any], *, seed: int | None,
+                   generator: rng.GeneratorState | None,
+                   expected_model_version: int | None) -> tuple[list[tuple[str, int]], int]:
+        """An init scheme over the targets, as one all-or-nothing write of whole tensors.
+        The values are drawn on rank 0 (from the client's generator state, or `seed`),
+        exactly as for a local model, then written to the owners."""
+        m = self._model(model_id)
+        scheme = inits.get_scheme(scheme_name)
+        args = scheme.check_args(args)
+        chosen = select(m, targets)
+        with rng.drawing_from(generator) if generator is not None else rng.seeded(seed):
+            values = [scheme.run(torch.empty(e.shape, dtype=e.dtype, device="meta"), args)
+                      for e in chosen]
+        writes = [Write(e.names[0], e.kind, (), "assign", v) for e, v in zip(chosen, values)]
+        versions, model_version = self.run("write", model_id=model_id, writes=writes,
+                                           expected_model_version=expected_model_version)
+        return [(e.names[0], v) for e, v in zip(chosen, versions)], model_version
+
     def forward(self, model_id: str, path: str, args: list[Any], kwargs: dict[str, Any]
                 ) -> tuple[Any, int]:
         """Runs module `path` of the model on rank 0 with its full tensors, gathered for this
@@ -629,6 +653,48 @@ class Cluster:
 
     def info(self) -> list[dict[str, Any]]:
         return self.run("info")
+
+
+def select(m: ShardedModel, targets: Sequence[tuple[str, Any]]) -> list[Entry]:
+    """Init targets -> entries, one per storage, in order of first selection (the same
+    selectors as a local model: ("parameter", name), ("glob", pattern) or ("module", (path,
+    class name, parameter name)))."""
+    import fnmatch
+
+    out: list[Entry] = []
+
+    def add(e: Entry) -> None:
+        if e not in out:
+            out.append(e)
+
+    for kind, what in targets:
+        if kind == "parameter":
+            add(m.entry(what, PARAMETER))
+        elif kind == "glob":
+            matched = [e for n, e in m.by_name.items()
+                       if e.kind == PARAMETER and fnmatch.fnmatchcase(n, what)]
+            if not matched:
+                raise NotFoundError(f"no parameter of {m.id!r} matches {what[:200]!r}",
+                                    reason="TENSOR_NOT_FOUND")
+            for e in matched:
+                add(e)
+        elif kind == "module":
+            path, cls, param = what
+            assert m.skeleton is not None
+            sub = _spec.get_submodule(m.skeleton, path)
+            for mpath, mod in sub.named_modules(prefix=path, remove_duplicate=False):
+                if cls and type(mod).__name__ != cls:
+                    continue
+                prefix = f"{mpath}." if mpath else ""
+                for local, p in mod._parameters.items():
+                    if p is not None and (not param or local == param):
+                        add(m.entry(prefix + local, PARAMETER))
+        else:
+            raise InvalidArgumentError("an init target has no selector set",
+                                       reason="BAD_ARGUMENT")
+    if not out:
+        raise NotFoundError("the init targets select no parameter", reason="TENSOR_NOT_FOUND")
+    return out
 
 
 class _Local:

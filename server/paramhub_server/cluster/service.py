@@ -23,6 +23,7 @@ from torch.distributed.tensor import Shard
 
 from paramhub_server.cluster.engine import (BUFFER, FSDP, PARAMETER, Cluster, ShardedModel,
                                             Write, local_rows, placement_text)
+from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
 from paramhub_server.servicer import ParameterService
@@ -110,6 +111,14 @@ class ClusterParameterService(ParameterService):
     def _tensor(self, name: str) -> Any:
         self._unsupported(_sv.tensor_name_of(name)[0])
         return super()._tensor(name)
+
+    def _no_grad(self, name: str) -> None:
+        """Sharded models hold no gradients (training is not built for them): a gradient
+        read answers as for a local parameter whose .grad is None."""
+        model_id, _, tname = _sv.tensor_name_of(name)
+        if self._sharded(model_id) is not None:
+            raise NotFoundError(f"{tname[:200]!r} has no gradient", reason="GRAD_NOT_SET",
+                                metadata={"model": model_id, "tensor": tname[:200]})
 
     @property
     def _device(self) -> str:
@@ -208,7 +217,7 @@ class ClusterParameterService(ParameterService):
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
         if request.field == pb.TENSOR_FIELD_GRAD:
-            self._unsupported(_sv.tensor_name_of(request.name)[0])
+            self._no_grad(request.name)
         got = self._sharded_read(request.name, request.index)
         if got is None:
             yield from _unwrapped(ParameterService.GetTensor)(self, request, context)
@@ -224,7 +233,7 @@ class ClusterParameterService(ParameterService):
     def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
                         ) -> bytes:
         if request.field == pb.TENSOR_FIELD_GRAD:
-            self._unsupported(_sv.tensor_name_of(request.name)[0])
+            self._no_grad(request.name)
         got = self._sharded_read(request.name, request.index)
         if got is None:
             return _unwrapped(ParameterService.GetTensorInline)(self, request, context)
@@ -256,6 +265,22 @@ class ClusterParameterService(ParameterService):
         versions, model_version = self.cluster.write(model_id, [Write(
             w.name, w.kind, w.index, w.op, w.value, w.expected_version)])
         return pb.SetSliceResponse(version=versions[0], model_version=model_version)
+
+    @rpc
+    def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
+                  ) -> pb.ApplyInitResponse:
+        m = self._sharded(_sv.model_id_of(request.model))
+        if m is None:
+            return _unwrapped(ParameterService.ApplyInit)(self, request, context)
+        assert self.cluster is not None
+        w = _sv.init_write(request, self.max_tensor_elements)
+        generator = (rng.GeneratorState(request.generator_state)
+                     if request.HasField("generator_state") and w.seed is None else None)
+        updated, model_version = self.cluster.apply_init(
+            m.id, w.targets, w.scheme, w.args, seed=w.seed, generator=generator,
+            expected_model_version=w.expected_model_version)
+        return pb.ApplyInitResponse(updated=_sv._versions(updated), model_version=model_version,
+                                    generator_state=generator.state if generator else b"")
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
