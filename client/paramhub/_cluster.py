@@ -14,7 +14,8 @@ import grpc
 import torch
 
 from paramhub import _codec
-from paramhub.errors import ConflictError, from_rpc_error
+from paramhub.errors import (ConflictError, FailedPreconditionError, NotFoundError,
+                             UnavailableError, UnimplementedError, from_rpc_error)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 #: Call metadata asking CreateModel for a sharded model.
 SHARD_METADATA = "x-paramhub-shard"
-#: Whole-tensor reads of at least this many bytes of a sharded tensor are routed to the ranks.
-ROUTED_MIN_BYTES = 1 << 20
 #: Attempts of a routed read whose parts came from different versions (a write landed between
 #: the parts' copies) before it falls back to one read through the front door.
 ROUTED_ATTEMPTS = 3
@@ -102,14 +101,29 @@ class Cluster:
 
     # -- routed reads --------------------------------------------------------------------------
 
-    def routable(self, model_id: str, name: str) -> tuple[int, ...] | None:
-        """The row bounds of a Shard(0) tensor (None if not sharded or not known yet)."""
+    def read_if_sharded(self, model_id: str, name: str, tensor_name: str,
+                        timeout: float | None) -> tuple[torch.Tensor, int] | None:
+        """A routed read of a whole tensor when it is sharded on dim 0 (the model's placement
+        is asked once and cached); None to read through the front door instead."""
         with self._lock:
             known = self._placements.get(model_id)
         if known is None:
+            try:
+                known = self.placement(model_id)
+            except NotFoundError:
+                return None  # the front door reports it
+            except UnimplementedError:  # a server without ClusterService: never sharded
+                with self._lock:
+                    self._placements[model_id] = known = {}
+        placement, _ = known.get(name, ("", ()))
+        if not placement.startswith("shard"):
             return None
-        placement, bounds = known.get(name, ("", ()))
-        return bounds if placement.startswith("shard") else None
+        try:
+            return self.read_routed(tensor_name, timeout=timeout)
+        except (NotFoundError, FailedPreconditionError, ConflictError):
+            with self._lock:  # the model changed (deleted, recreated): ask again next time
+                self._placements.pop(model_id, None)
+            return None
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -176,6 +190,10 @@ class Cluster:
                 pos += n
             return int(first.version)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise UnavailableError(f"rank {rank.rank} at {rank.address} cannot be "
+                                       "reached", reason="RANK_DOWN",
+                                       metadata={"rank": str(rank.rank)}) from None
             raise from_rpc_error(e) from None
 
     def close(self) -> None:

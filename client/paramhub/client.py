@@ -73,6 +73,9 @@ DATA_CONNECT_TIMEOUT = 5.0
 DATA_IO_TIMEOUT = 60.0
 
 log = logging.getLogger(__name__)
+#: Whole-tensor reads of at least this many bytes ask whether the model is sharded (once per
+#: model) and, if so, are fetched from the ranks in parallel (paramhub._cluster).
+_ROUTED_MIN_BYTES = 1 << 20
 _SERVICE = "/paramhub.v1.ParameterService/"
 
 
@@ -605,6 +608,12 @@ class Client:
         items = _codec.index_to_proto(index) if index is not None else []
         field = pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE
         known = self._sizes.get((full_name, "grad" if grad else "value", ""))
+        if (not items and not grad and out is None and known is not None
+                and known >= _ROUTED_MIN_BYTES):
+            # A big whole-tensor read of a sharded model comes straight from the ranks.
+            routed = self._cluster().read_if_sharded(model_id, name, full_name, timeout)
+            if routed is not None:
+                return routed
         # Basic indexing (ints, slices, ..., None) never reads more bytes than the whole tensor.
         basic = all(it.WhichOneof("item") != "tensor" for it in items)
         if (self._inline_ok and known is not None and known <= INLINE_READ_BYTES and basic
