@@ -316,7 +316,7 @@ class Cluster:
             return getattr(self, f"_do_{op}")(**args)
         except (ParamhubError, dist.DistError):
             raise
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, IndexError, TypeError, ValueError, KeyError) as e:
             if _is_comm_error(e):
                 raise
             # A bug (the same on every rank, which all run the same code on the same input):
