@@ -224,7 +224,8 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, "paramhub.v1.ClusterService", health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, "paramhub.v1.ClusterService",
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{address}:{settings.port}"

@@ -40,12 +40,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from paramhub import _codec, _spec
-from paramhub.errors import (AlreadyExistsError, ConflictError, InternalError,
+from paramhub import _spec
+from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalError,
                              InvalidArgumentError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub_server.core import inits, rng
+from paramhub_server.core import indexing, inits, rng
 from paramhub_server.core.model import _combine
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,7 @@ class Cluster:
         """This rank's part after `w`, computed beside the live tensor (the prepare)."""
         numel = _numel(e.shape)
         ids = torch.arange(numel, dtype=torch.int64).view(e.shape)
-        sel = _codec.apply_index(ids, w.index)  # IndexError/shape errors as torch reports them
+        sel = indexing.apply_index(ids, w.index)  # IndexError/shape errors as torch reports them
         try:
             value = w.value.expand(sel.shape)
         except RuntimeError:
@@ -597,9 +597,9 @@ class Cluster:
         m = self._model(model_id)
         e = m.entry(name, kind)
         # Refused before any rank works: torch's own error, from a meta stand-in.
-        _codec.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
+        indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
         full = self.run("read", model_id=model_id, group=e.group)
-        return _codec.apply_index(full, index).clone(), e.version
+        return indexing.apply_index(full, index).clone(), e.version
 
     def write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
         return self.run("write", model_id=model_id, writes=writes)

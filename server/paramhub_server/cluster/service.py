@@ -12,13 +12,15 @@ import grpc
 import torch
 
 from paramhub import _code, _codec
-from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
+from paramhub.common.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
                              NotFoundError, ResourceExhaustedError)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server import servicer as _sv
+from paramhub.common.dtypes import numel
+from paramhub_server.api import framing, serde
+from paramhub_server.api.tensors import INLINE_MAX_BYTES
 from torch.distributed.tensor import Shard
 
 from paramhub_server.cluster.engine import (BUFFER, FSDP, PARAMETER, Cluster, ShardedModel,
@@ -26,7 +28,7 @@ from paramhub_server.cluster.engine import (BUFFER, FSDP, PARAMETER, Cluster, Sh
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
-from paramhub_server.servicer import ParameterService
+from paramhub_server.api.service import ParameterService
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ def _unwrapped(method: Any) -> Any:
 
 def model_info(m: ShardedModel, device: str) -> pb.ModelInfo:
     """ModelInfo of a sharded model (bytes: the logical model, over every rank)."""
-    numel = sum(_sv._numel(e.shape) for e in m.entries)
-    return pb.ModelInfo(name=m.id, device=device, version=m.version, num_parameters=numel,
+    count = sum(numel(e.shape) for e in m.entries)
+    return pb.ModelInfo(name=m.id, device=device, version=m.version, num_parameters=count,
                         num_bytes=m.logical_bytes(),
                         root_class=type(m.skeleton).__name__, source="spec")
 
@@ -105,17 +107,17 @@ class ClusterParameterService(ParameterService):
 
     # The plain handlers look models up through these two: a sharded id is refused there.
     def _model(self, name: str) -> Any:
-        self._unsupported(_sv.model_id_of(name))
+        self._unsupported(serde.model_id_of(name))
         return super()._model(name)
 
     def _tensor(self, name: str) -> Any:
-        self._unsupported(_sv.tensor_name_of(name)[0])
+        self._unsupported(serde.tensor_name_of(name)[0])
         return super()._tensor(name)
 
     def _no_grad(self, name: str) -> None:
         """Sharded models hold no gradients (training is not built for them): a gradient
         read answers as for a local parameter whose .grad is None."""
-        model_id, _, tname = _sv.tensor_name_of(name)
+        model_id, _, tname = serde.tensor_name_of(name)
         if self._sharded(model_id) is not None:
             raise NotFoundError(f"{tname[:200]!r} has no gradient", reason="GRAD_NOT_SET",
                                 metadata={"model": model_id, "tensor": tname[:200]})
@@ -144,7 +146,7 @@ class ClusterParameterService(ParameterService):
             raise FailedPreconditionError(
                 "sharded models need a cluster (torchrun ... -m paramhub_server serve), "
                 "created through rank 0", reason="NOT_A_CLUSTER")
-        header, chunks = _sv._header_then_chunks(stream, "CreateModel")
+        header, chunks = framing.header_then_chunks(stream, "CreateModel")
         if header.exported_program or header.module_pickle:
             raise InvalidArgumentError("only models sent as a spec (torch.nn layers) can be "
                                        "sharded", reason="NOT_SHARDABLE")
@@ -153,7 +155,7 @@ class ClusterParameterService(ParameterService):
             raise AlreadyExistsError(f"model {header.model_id!r} already exists",
                                      reason="MODEL_EXISTS", metadata={"model": header.model_id})
         values = {a.name: a.finish() for a in _codec.assemble_tensors(
-            chunks, check=_sv._once(), max_elements=self.max_tensor_elements)}
+            chunks, check=framing.once(), max_elements=self.max_tensor_elements)}
         m = self.cluster.create(header.model_id, header.spec,
                                 seed=header.seed if header.HasField("seed") else None,
                                 values=values)
@@ -163,7 +165,7 @@ class ClusterParameterService(ParameterService):
     @rpc
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext
                     ) -> pb.DeleteModelResponse:
-        model_id = _sv.model_id_of(request.name)
+        model_id = serde.model_id_of(request.name)
         if self._sharded(model_id) is None:
             return _unwrapped(ParameterService.DeleteModel)(self, request, context)
         assert self.cluster is not None
@@ -181,7 +183,7 @@ class ClusterParameterService(ParameterService):
     @rpc
     def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
                       ) -> pb.DescribeModelResponse:
-        m = self._sharded(_sv.model_id_of(request.name))
+        m = self._sharded(serde.model_id_of(request.name))
         if m is None:
             return _unwrapped(ParameterService.DescribeModel)(self, request, context)
         groups: dict[int, int] = {}
@@ -193,7 +195,7 @@ class ClusterParameterService(ParameterService):
     @rpc
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext
                        ) -> pb.ListParametersResponse:
-        m = self._sharded(_sv.model_id_of(request.model))
+        m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _unwrapped(ParameterService.ListParameters)(self, request, context)
         import fnmatch
@@ -205,7 +207,7 @@ class ClusterParameterService(ParameterService):
         return pb.ListParametersResponse(tensors=tensor_infos(m, self._device, names))
 
     def _sharded_read(self, name: str, index_msg: Any) -> tuple[str, torch.Tensor, int] | None:
-        model_id, kind, tname = _sv.tensor_name_of(name)
+        model_id, kind, tname = serde.tensor_name_of(name)
         if self._sharded(model_id) is None:
             return None
         assert self.cluster is not None
@@ -226,7 +228,7 @@ class ClusterParameterService(ParameterService):
         # unused, as for a small local read); the SDK routes big ones to the ranks instead.
         name, t, version = got
         yield from _codec.iter_chunk_frames(t, name=name, version=version,
-                                            chunk_bytes=_sv._chunk_size(request.chunk_bytes),
+                                            chunk_bytes=framing.chunk_size(request.chunk_bytes),
                                             wrap=True)
 
     @rpc
@@ -238,7 +240,7 @@ class ClusterParameterService(ParameterService):
         if got is None:
             return _unwrapped(ParameterService.GetTensorInline)(self, request, context)
         name, t, version = got
-        limit = min(_sv.INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
+        limit = min(INLINE_MAX_BYTES, self.transport.max_message_bytes - 4096)
         nbytes = t.numel() * t.element_size()
         if nbytes > limit:
             raise ResourceExhaustedError(
@@ -253,7 +255,7 @@ class ClusterParameterService(ParameterService):
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
                  ) -> pb.SetSliceResponse:
-        model_id = _sv.tensor_name_of(request.name)[0]
+        model_id = serde.tensor_name_of(request.name)[0]
         if self._sharded(model_id) is None:
             return _unwrapped(ParameterService.SetSlice)(self, request, context)
         assert self.cluster is not None
@@ -261,7 +263,7 @@ class ClusterParameterService(ParameterService):
             raise FailedPreconditionError("a sharded model's values travel over gRPC",
                                           reason="SHARDED_UNSUPPORTED")
         value = _codec.tensor_from_proto(request.value, max_elements=self.max_tensor_elements)
-        _, w = _sv.slice_write(request, value, self.max_tensor_elements)
+        _, w = serde.slice_write(request, value, self.max_tensor_elements)
         versions, model_version = self.cluster.write(model_id, [Write(
             w.name, w.kind, w.index, w.op, w.value, w.expected_version)])
         return pb.SetSliceResponse(version=versions[0], model_version=model_version)
@@ -269,23 +271,23 @@ class ClusterParameterService(ParameterService):
     @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
                   ) -> pb.ApplyInitResponse:
-        m = self._sharded(_sv.model_id_of(request.model))
+        m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _unwrapped(ParameterService.ApplyInit)(self, request, context)
         assert self.cluster is not None
-        w = _sv.init_write(request, self.max_tensor_elements)
+        w = serde.init_write(request, self.max_tensor_elements)
         generator = (rng.GeneratorState(request.generator_state)
                      if request.HasField("generator_state") and w.seed is None else None)
         updated, model_version = self.cluster.apply_init(
             m.id, w.targets, w.scheme, w.args, seed=w.seed, generator=generator,
             expected_model_version=w.expected_model_version)
-        return pb.ApplyInitResponse(updated=_sv._versions(updated), model_version=model_version,
+        return pb.ApplyInitResponse(updated=serde.versions(updated), model_version=model_version,
                                     generator_state=generator.state if generator else b"")
 
     @rpc
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
                 ) -> pb.ForwardResponse:
-        m = self._sharded(_sv.model_id_of(request.model))
+        m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _unwrapped(ParameterService.Forward)(self, request, context)
         assert self.cluster is not None
@@ -302,7 +304,7 @@ class ClusterParameterService(ParameterService):
     @rpc
     def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
                     ) -> pb.CheckSharedResponse:
-        m = self._sharded(_sv.model_id_of(request.model))
+        m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _unwrapped(ParameterService.CheckShared)(self, request, context)
         groups: dict[int, list[str]] = {}
@@ -340,7 +342,7 @@ class ClusterServicer(cpb_grpc.ClusterServiceServicer):
     @rpc
     def ReadShard(self, request: cpb.ReadShardRequest, context: grpc.ServicerContext
                   ) -> Iterator[cpb.ReadShardResponse]:
-        model_id, kind, name = _sv.tensor_name_of(request.name)
+        model_id, kind, name = serde.tensor_name_of(request.name)
         if self.cluster is None:
             raise FailedPreconditionError("not a cluster", reason="NOT_A_CLUSTER")
         if self.cluster.broken is not None:
@@ -359,7 +361,7 @@ class ClusterServicer(cpb_grpc.ClusterServiceServicer):
     @rpc
     def DescribePlacement(self, request: cpb.DescribePlacementRequest,
                           context: grpc.ServicerContext) -> cpb.DescribePlacementResponse:
-        model_id = _sv.model_id_of(request.name)
+        model_id = serde.model_id_of(request.name)
         m = self.cluster.get(model_id) if self.cluster is not None else None
         if m is None:  # a model of rank 0 only (NOT_FOUND when there is none)
             local = self.registry.get(model_id)
