@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from paramhub import _spec
 from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalError,
-                             InvalidArgumentError,
+                             InvalidArgumentError, ResourceExhaustedError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import indexing, inits, rng
@@ -183,7 +183,8 @@ class Cluster:
     def __init__(self, rank: int, world: int, addresses: Sequence[str], *, device: str,
                  data_dir: Path | None, mesh: DeviceMesh | None = None,
                  call_timeout_s: float = 60.0,
-                 probe: Callable[[str], bool] | None = None) -> None:
+                 probe: Callable[[str], bool] | None = None,
+                 max_model_bytes: int | None = None) -> None:
         self.rank, self.world = rank, world
         self.addresses = list(addresses)
         self.device = device
@@ -191,6 +192,8 @@ class Cluster:
         self.root = data_dir / "sharded" if data_dir is not None else None
         self.models: dict[str, ShardedModel] = {}
         self.call_timeout_s = call_timeout_s
+        #: --max-model-bytes applies to each rank's part of a sharded model.
+        self.max_model_bytes = max_model_bytes
         #: probe(address) -> whether that rank still answers (used to name a dead rank).
         self.probe = probe
         self._queue: queue.Queue[tuple[str, dict[str, Any], Future[Any]] | None] = queue.Queue()
@@ -353,6 +356,7 @@ class Cluster:
                                          reason="MODEL_EXISTS", metadata={"model": model_id})
             skeleton = skeleton_of(spec_pb)
             entries = entries_of(skeleton, self.world)
+            self._check_size(entries)
             if self.rank == 0:  # every value checked before any rank enters the scatter
                 full = self._full_values(spec_pb, entries, seed, values)
         except ParamhubError as e:
@@ -371,6 +375,28 @@ class Cluster:
         with self._lock:
             self.models[model_id] = m
         return m
+
+    def _check_size(self, entries: list[Entry]) -> None:
+        """Refuses a model whose part on this rank is over --max-model-bytes (the whole model
+        may be larger than one rank's limit: that is what sharding is for)."""
+        if self.max_model_bytes is None:
+            return
+        mine = 0
+        for e in entries:
+            rows = e.shape[0] if e.shape else 1
+            if isinstance(e.placement, Shard):
+                start, stop = local_rows(rows, self.world, self.rank)
+                rows_here = stop - start
+            else:
+                rows_here = rows
+            mine += _numel(e.shape[1:]) * rows_here * e.dtype.itemsize if e.shape else \
+                e.dtype.itemsize
+        if mine > self.max_model_bytes:
+            raise ResourceExhaustedError(
+                f"rank {self.rank}'s part of the model has {mine} bytes, more than "
+                f"--max-model-bytes {self.max_model_bytes}", reason="MODEL_TOO_LARGE",
+                metadata={"limit": "max_model_bytes", "asked": str(mine),
+                          "limit_value": str(self.max_model_bytes), "rank": str(self.rank)})
 
     def _full_values(self, spec: pb.ModelSpec, entries: list[Entry], seed: int | None,
                      values: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:

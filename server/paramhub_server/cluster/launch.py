@@ -74,7 +74,8 @@ def _hostname() -> str:
     return socket.getfqdn()
 
 
-def join(env: RankEnv, address: str, *, device: str, data_dir: Any) -> Any:
+def join(env: RankEnv, address: str, *, device: str, data_dir: Any,
+         max_model_bytes: int | None = None) -> Any:
     """Joins the gloo process group, exchanges addresses and starts the command loop.
     Returns the running `engine.Cluster`."""
     import torch.distributed as dist
@@ -87,7 +88,7 @@ def join(env: RankEnv, address: str, *, device: str, data_dir: Any) -> Any:
     dist.all_gather_object(addresses, address)
     log.info("rank %d of %d at %s; ranks at %s", env.rank, env.world_size, address, addresses)
     cluster = engine.Cluster(env.rank, env.world_size, addresses, device=device,
-                             data_dir=data_dir, probe=_probe)
+                             data_dir=data_dir, probe=_probe, max_model_bytes=max_model_bytes)
     cluster.start()
     return cluster
 
@@ -128,7 +129,8 @@ class Launch:
         srv = self._server
         address = advertised(self.settings.host, srv.port)
         self.cluster = join(self.env, address, device=str(registry.default_device),
-                            data_dir=self.settings.data_dir)
+                            data_dir=self.settings.data_dir,
+                            max_model_bytes=self.settings.max_model_bytes)
         srv.parameter_service.cluster = self.cluster
         srv.cluster_service.cluster = self.cluster
 
