@@ -250,6 +250,12 @@ def test_sharded_model_survives_kill_9(tmp_path) -> None:
             net[2].bias.data[0] = 11.0
             expected = {k: v.fetch() for k, v in net.state_dict().items()}
             versions = {t.name: t.version for t in c.describe_model("mlp").tensors}
+            # A whole write of a 2 MiB weight outgrows each rank's log (folded into a new
+            # snapshot); the write after it lives in the log again.
+            big = c.create_model("big", nn.Linear(512, 1024), shard="fsdp")
+            big.weight.data[:] = 2.0
+            big.weight.data[1020:, :4] = 3.0
+            big_expected = big.weight.fetch()
     finally:
         procs.stop(signal.SIGKILL)
     procs.start()
@@ -260,6 +266,8 @@ def test_sharded_model_survives_kill_9(tmp_path) -> None:
                 assert torch.equal(v.fetch(), expected[k]), k
             assert {t.name: t.version for t in c.describe_model("mlp").tensors} == versions
             assert c.describe_placement("mlp")["0.weight"] == ("shard(0)", (0, 5, 10))
+            assert torch.equal(c.model("big").weight.fetch(), big_expected)
+            assert c.describe_model("big").tensors[0].version == 3
             net[0].weight.data[0, 0] = 1.5  # and it takes writes again
             assert net[0].weight.fetch()[0, 0].item() == 1.5
     finally:

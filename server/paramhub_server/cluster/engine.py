@@ -56,6 +56,8 @@ HEARTBEAT_S = 2.0
 #: The only sharding plan built so far (FSDP-style: every tensor on dim 0).
 FSDP = "fsdp"
 PARAMETER, BUFFER = "parameter", "buffer"
+#: Each rank's log of committed writes to one sharded model (beside its snapshot files).
+LOG_NAME = "log.bin"
 
 
 def rank_down(rank: int | None, why: str) -> UnavailableError:
@@ -434,6 +436,11 @@ class Cluster:
         # All ranks take part in the all-gather; only rank 0's copy is used.
         return e.dt.full_tensor() if isinstance(e.placement, Shard) else e.local.clone()
 
+    def _do_read_versioned(self, model_id: str, group: int, index: tuple[Any, ...]
+                           ) -> tuple[torch.Tensor | None, int]:
+        out = self._do_read_region(model_id, group, index)
+        return out, self._model(model_id).entries[group].version
+
     def _do_read_all(self, model_id: str) -> tuple[dict[str, torch.Tensor], int]:
         m = self._model(model_id)
         out: dict[str, torch.Tensor] = {}
@@ -447,7 +454,8 @@ class Cluster:
                   expected_model_version: int | None = None) -> tuple[list[int], int]:
         """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
         m = self._model(model_id)
-        staged: dict[int, torch.Tensor] = {}
+        # group -> [(flat ids into this rank's part, their new values)], in write order.
+        staged: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         error: ParamhubError | None = None
         try:
             if expected_model_version is not None and expected_model_version != m.version:
@@ -461,8 +469,12 @@ class Cluster:
                         f"{w.name!r} is at version {e.version}, not {w.expected_version}",
                         reason="VERSION_MISMATCH",
                         metadata={"tensor": w.name[:200], "version": str(e.version)})
-                base = staged.get(e.group, e.local)
-                staged[e.group] = self._prepare(m, e, base, w)
+                base = e.local
+                if e.group in staged:  # a second write of one storage sees the first
+                    base = base.clone()
+                    for ids, vals in staged[e.group]:
+                        base.view(-1)[ids] = vals
+                staged.setdefault(e.group, []).append(self._prepare(e, base, w))
         except ParamhubError as exc:
             error = exc
         votes: list[Any] = [None] * self.world
@@ -472,19 +484,29 @@ class Cluster:
         if not all(votes):  # every rank computes the same answer from the same write
             raise InvalidArgumentError("the write was refused", reason="BAD_WRITE")
         with self._lock:  # routed readers (ReadShard) copy under the same lock
-            for g, new in staged.items():
-                m.entries[g].local.copy_(new)
+            for g, changes in staged.items():
+                flat = m.entries[g].local.view(-1)
+                for ids, vals in changes:
+                    flat[ids] = vals
                 m.entries[g].version += 1
             m.version += 1
-        self._persist(m, list(staged))
+        self._log(m, staged)
         self._confirm()
         return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
 
-    def _prepare(self, m: ShardedModel, e: Entry, base: torch.Tensor, w: Write) -> torch.Tensor:
-        """This rank's part after `w`, computed beside the live tensor (the prepare)."""
-        numel = _numel(e.shape)
-        ids = torch.arange(numel, dtype=torch.int64).view(e.shape)
-        sel = indexing.apply_index(ids, w.index)  # IndexError/shape errors as torch reports them
+    def _flat_range(self, e: Entry, rank: int | None = None) -> tuple[int, int]:
+        """[lo, hi) of the logical tensor's flat (row-major) ids held by `rank`."""
+        if not isinstance(e.placement, Shard):
+            return 0, _numel(e.shape)
+        start, stop = local_rows(e.shape[0], self.world, self.rank if rank is None else rank)
+        per_row = _numel(e.shape[1:])
+        return start * per_row, stop * per_row
+
+    def _prepare(self, e: Entry, base: torch.Tensor, w: Write
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat ids into this rank's part, their new values) after `w`: the prepare, computed
+        beside the live tensor, in memory proportional to the region written."""
+        sel = region_ids(e.shape, w.index)  # IndexError/shape errors as torch reports them
         try:
             value = w.value.expand(sel.shape)
         except RuntimeError:
@@ -492,20 +514,33 @@ class Cluster:
                 f"a value of shape {list(w.value.shape)} cannot be written to a region of "
                 f"shape {list(sel.shape)} of {w.name!r}", reason="BAD_SHAPE",
                 metadata={"tensor": w.name[:200]}) from None
-        if isinstance(e.placement, Shard):
-            rows = e.shape[0]
-            start, stop = local_rows(rows, self.world, self.rank)
-            per_row = numel // rows if rows else 0
-            lo, hi = start * per_row, stop * per_row
-        else:
-            lo, hi = 0, numel
+        lo, hi = self._flat_range(e)
         mask = (sel >= lo) & (sel < hi)
         local_ids = sel[mask] - lo
-        flat = base.reshape(-1)
-        old = flat[local_ids]
+        old = base.reshape(-1)[local_ids]
         new = _combine(old, w.op, value[mask], w.name)
-        out = base.clone()
-        out.view(-1)[local_ids] = new.to(out.dtype)
+        return local_ids, new.to(base.dtype)
+
+    def _do_read_region(self, model_id: str, group: int, index: tuple[Any, ...]
+                        ) -> torch.Tensor | None:
+        """`tensor[index]` assembled on rank 0 from each rank's elements of the region (only
+        the region's bytes move); a replicated tensor is read from rank 0's own copy."""
+        e = self._model(model_id).entries[group]
+        if not isinstance(e.placement, Shard):
+            if self.rank != 0:
+                return None
+            return indexing.apply_index(e.local, index).clone()
+        sel = region_ids(e.shape, index)
+        lo, hi = self._flat_range(e)
+        mine = e.local.reshape(-1)[sel[(sel >= lo) & (sel < hi)] - lo]
+        parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if parts is None:
+            return None
+        out = torch.empty(sel.shape, dtype=e.dtype)
+        for r, part in enumerate(parts):
+            lo_r, hi_r = self._flat_range(e, r)
+            out[(sel >= lo_r) & (sel < hi_r)] = part
         return out
 
     # -- durability (this rank's part) ---------------------------------------------------------
@@ -532,11 +567,70 @@ class Cluster:
         _fsync(tmp)
         os.replace(tmp, d / "meta.json")
         _fsync(d)
-        # Older generations are garbage once the metadata names the new ones.
+        # The log's records are in the snapshot now, and older generations are garbage once
+        # the metadata names the new ones.
+        (d / LOG_NAME).unlink(missing_ok=True)
         keep = {f"{e.group}-{e.version}.safetensors" for e in m.entries}
         for p in d.glob("*.safetensors"):
             if p.name not in keep:
                 p.unlink(missing_ok=True)
+
+    def _log(self, m: ShardedModel, staged: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+             ) -> None:
+        """Appends one committed write (this rank's changed elements and the new versions)
+        to the model's log on this rank, fsynced before the rank confirms; once the log
+        outgrows the rank's part, it is folded into a new snapshot."""
+        if self.root is None:
+            return
+        from safetensors.torch import save
+
+        tensors: dict[str, torch.Tensor] = {}
+        for g, changes in staged.items():
+            for i, (ids, vals) in enumerate(changes):
+                tensors[f"{g}.{i}.ids"] = ids.contiguous()
+                tensors[f"{g}.{i}.vals"] = vals.contiguous()
+        meta = {"model_version": str(m.version),
+                "versions": json.dumps({str(g): m.entries[g].version for g in staged})}
+        record = save(tensors, metadata=meta)
+        path = self.root / m.id / LOG_NAME
+        with open(path, "ab") as f:
+            f.write(len(record).to_bytes(8, "little") + record)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        if size > max(m.local_bytes(), 1 << 20):
+            self._persist(m, [e.group for e in m.entries])
+
+    def _replay(self, d: Path, m: ShardedModel) -> int:
+        """Applies the log's records newer than the snapshot; a torn last record (a crash
+        while it was written: never confirmed, never acknowledged) ends the replay."""
+        from safetensors.torch import load
+
+        path = d / LOG_NAME
+        if not path.exists():
+            return 0
+        data = path.read_bytes()
+        pos = n = 0
+        while pos + 8 <= len(data):
+            size = int.from_bytes(data[pos:pos + 8], "little")
+            if pos + 8 + size > len(data):
+                break
+            raw = data[pos + 8:pos + 8 + size]
+            pos += 8 + size
+            meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__",
+                                                                                 {})
+            if int(meta["model_version"]) <= m.version:
+                continue
+            tensors = load(raw)
+            for key in sorted((k for k in tensors if k.endswith(".ids")),
+                              key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
+                g = int(key.split(".")[0])
+                m.entries[g].local.view(-1)[tensors[key]] = tensors[key[:-4] + ".vals"]
+            for g, v in json.loads(meta["versions"]).items():
+                m.entries[int(g)].version = v
+            m.version = int(meta["model_version"])
+            n += 1
+        return n
 
     def _recover(self) -> None:
         if self.root is None or not self.root.exists():
@@ -558,6 +652,7 @@ class Cluster:
                                           shape=torch.Size(e.shape),
                                           stride=_contiguous_strides(e.shape))
             m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton)
+            self._replay(d, m)
             self.models[m.id] = m
         log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
 
@@ -624,8 +719,9 @@ class Cluster:
         e = m.entry(name, kind)
         # Refused before any rank works: torch's own error, from a meta stand-in.
         indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
-        full = self.run("read", model_id=model_id, group=e.group)
-        return indexing.apply_index(full, index).clone(), e.version
+        out, version = self.run("read_versioned", model_id=model_id, group=e.group,
+                                index=index)
+        return out, version
 
     def write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
         return self.run("write", model_id=model_id, writes=writes)
@@ -679,6 +775,22 @@ class Cluster:
 
     def info(self) -> list[dict[str, Any]]:
         return self.run("info")
+
+
+def region_ids(shape: Sequence[int], index: tuple[Any, ...]) -> torch.Tensor:
+    """The flat (row-major) ids into a tensor of `shape` of the elements `tensor[index]`
+    selects, region-shaped: built by indexing two zero-stride maps (row id, offset in the row)
+    exactly as the tensor would be indexed, so the memory is the region's, not the tensor's."""
+    shape = tuple(shape)
+    if not shape:
+        return indexing.apply_index(torch.zeros((), dtype=torch.int64), index)
+    per_row = _numel(shape[1:])
+    ones = [1] * (len(shape) - 1)
+    rows = torch.arange(shape[0], dtype=torch.int64).view(shape[0], *ones).expand(shape)
+    cols = torch.arange(per_row, dtype=torch.int64).view(1, *shape[1:]).expand(shape)
+    r = indexing.apply_index(rows, index)
+    c = indexing.apply_index(cols, index)
+    return r * per_row + c
 
 
 def select(m: ShardedModel, targets: Sequence[tuple[str, Any]]) -> list[Entry]:
