@@ -1,4 +1,5 @@
-"""Sharded models over a torch.distributed process group (torch only: no grpc, no protobuf).
+"""Sharded models over a torch.distributed process group: the command loop and the commands
+(no grpc; a model's spec is a ModelSpec message, as in core/registry.py).
 
 Every rank runs one thread, the command loop, which alone uses the process group. Rank 0 (the
 front door) receives every RPC; an RPC on a sharded model becomes one command that rank 0
@@ -11,40 +12,37 @@ layout: ceil(n / world) rows per rank, the last ranks possibly fewer or none) wh
 dimension has at least `world` rows, else `Replicate()`. Each rank allocates only its local part.
 
 A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
-computes which of the region's elements fall in its shard (an element-id map of the logical
-tensor, indexed as torch would) and changes only those. Two phases: each rank *prepares* the
+computes which of the region's elements fall in its shard (sharding.region_ids: element ids
+indexed as torch would index the tensor) and changes only those. Two phases: each rank *prepares* the
 new values of its part without touching the live tensor and votes (all_gather); only when every
-rank voted yes does every rank commit, persist its part, and confirm (a second all_gather)
-before rank 0 acknowledges. One version per tensor and one per model, the same on every rank.
+rank voted yes does every rank commit, log its part (storage.py), and confirm (a second
+all_gather) before rank 0 acknowledges. One version per tensor and one per model, the same on every rank.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import queue
 import shutil
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from paramhub import _spec
 from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalError,
                              InvalidArgumentError, ResourceExhaustedError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub_server.cluster import storage
+from paramhub_server.cluster.sharding import (Entry, ShardedModel, Write, entries_of, local_rows,
+                                              numel, region_ids, select, skeleton_of)
 from paramhub_server.core import indexing, inits, rng
 from paramhub_server.core.model import _combine
 
@@ -53,11 +51,6 @@ log = logging.getLogger(__name__)
 #: Seconds between the no-op commands rank 0 sends while idle: they keep the other ranks'
 #: blocking receives inside the process group's timeout and find a dead rank without a call.
 HEARTBEAT_S = 2.0
-#: The only sharding plan built so far (FSDP-style: every tensor on dim 0).
-FSDP = "fsdp"
-PARAMETER, BUFFER = "parameter", "buffer"
-#: Each rank's log of committed writes to one sharded model (beside its snapshot files).
-LOG_NAME = "log.bin"
 
 
 def rank_down(rank: int | None, why: str) -> UnavailableError:
@@ -65,113 +58,6 @@ def rank_down(rank: int | None, why: str) -> UnavailableError:
     who = f"rank {rank}" if rank is not None else "a rank"
     return UnavailableError(f"{who} of the cluster is down: {why}", reason="RANK_DOWN",
                             metadata={"rank": "" if rank is None else str(rank)})
-
-
-def placement_of(shape: Sequence[int], world: int) -> Shard | Replicate:
-    """Shard(0) when dim 0 has a row for every rank, else Replicate (scalars, tiny tensors)."""
-    return Shard(0) if len(shape) >= 1 and shape[0] >= world and world > 1 else Replicate()
-
-
-def placement_text(p: Shard | Replicate) -> str:
-    """"shard(0)" or "replicate"."""
-    return f"shard({p.dim})" if isinstance(p, Shard) else "replicate"
-
-
-def local_rows(n: int, world: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of the rows of a dim of `n` rows that rank holds under Shard (torch.chunk
-    layout, which DTensor uses)."""
-    per = -(-n // world) if n else 0
-    start = min(n, per * rank)
-    return start, min(n, start + per)
-
-
-@dataclass
-class Entry:
-    """One storage (tied names share one) of a sharded model."""
-
-    group: int
-    names: list[str]
-    kind: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    placement: Shard | Replicate
-    version: int = 1
-    #: This rank's part (the DTensor's local tensor) -- None until created.
-    dt: DTensor | None = None
-
-    @property
-    def local(self) -> torch.Tensor:
-        assert self.dt is not None
-        return self.dt.to_local()
-
-
-@dataclass
-class ShardedModel:
-    """A model whose tensors are DTensors over every rank; the same metadata on every rank."""
-
-    id: str
-    spec: pb.ModelSpec
-    entries: list[Entry]
-    #: state_dict name -> entry.
-    by_name: dict[str, Entry] = field(default_factory=dict)
-    version: int = 1
-    #: The module tree on the meta device (rank 0 uses it to describe and to run Forward).
-    skeleton: nn.Module | None = None
-
-    def __post_init__(self) -> None:
-        self.by_name = {n: e for e in self.entries for n in e.names}
-
-    def entry(self, name: str, kind: str | None = None) -> Entry:
-        e = self.by_name.get(name)
-        if e is None or (kind is not None and e.kind != kind):
-            raise NotFoundError(f"model {self.id!r} has no {kind or 'tensor'} {name[:200]!r}",
-                                reason="TENSOR_NOT_FOUND",
-                                metadata={"model": self.id, "tensor": name[:200]})
-        return e
-
-    def local_bytes(self) -> int:
-        return sum(e.local.numel() * e.local.element_size() for e in self.entries
-                   if e.dt is not None)
-
-    def logical_bytes(self) -> int:
-        return sum(_numel(e.shape) * e.dtype.itemsize for e in self.entries)
-
-
-@dataclass
-class Write:
-    """One slice write of a command: `tensor[index] op= value`."""
-
-    name: str
-    kind: str | None
-    index: tuple[Any, ...]
-    op: str
-    value: torch.Tensor
-    expected_version: int | None = None
-
-
-def skeleton_of(spec: pb.ModelSpec) -> nn.Module:
-    """The module tree of a spec on the meta device, ties applied."""
-    with torch.device("meta"):
-        module = _spec.build_module(spec)
-    _spec.apply_ties(module, spec)
-    return module
-
-
-def entries_of(skeleton: nn.Module, world: int) -> list[Entry]:
-    """One entry per storage of the skeleton's state_dict (tied names grouped), in order."""
-    params = {id(p) for _, p in skeleton.named_parameters(remove_duplicate=False)}
-    groups: dict[int, Entry] = {}
-    for name, t in skeleton.state_dict(keep_vars=True).items():
-        if isinstance(t, nn.parameter.UninitializedTensorMixin):
-            raise InvalidArgumentError(
-                f"{name!r} is not initialized (a lazy module); a sharded model needs every "
-                "shape at creation", reason="NOT_SHARDABLE", metadata={"tensor": name[:200]})
-        e = groups.get(id(t))
-        if e is None:
-            groups[id(t)] = e = Entry(len(groups), [], PARAMETER if id(t) in params else BUFFER,
-                                      t.dtype, tuple(t.shape), placement_of(t.shape, world))
-        e.names.append(name)
-    return list(groups.values())
 
 
 class Cluster:
@@ -208,7 +94,9 @@ class Cluster:
 
     def start(self) -> None:
         """Recovers this rank's shards from disk, checks every rank agrees, starts the loop."""
-        self._recover()
+        if self.root is not None:
+            self.models = storage.recover(self.root, self.world, self.mesh)
+            log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
         versions = {m.id: (m.version, [e.version for e in m.entries])
                     for m in self.models.values()}
         every: list[Any] = [None] * self.world
@@ -372,7 +260,8 @@ class Cluster:
             e.dt = distribute_tensor(src, self.mesh, [e.placement], src_data_rank=0)
         del full
         m = ShardedModel(model_id, spec_pb, entries, skeleton=skeleton)
-        self._persist(m, [e.group for e in entries], fresh=True)
+        if self.root is not None:
+            storage.snapshot(self.root, m, [e.group for e in entries])
         self._confirm()
         with self._lock:
             self.models[model_id] = m
@@ -391,7 +280,7 @@ class Cluster:
                 rows_here = stop - start
             else:
                 rows_here = rows
-            mine += _numel(e.shape[1:]) * rows_here * e.dtype.itemsize if e.shape else \
+            mine += numel(e.shape[1:]) * rows_here * e.dtype.itemsize if e.shape else \
                 e.dtype.itemsize
         if mine > self.max_model_bytes:
             raise ResourceExhaustedError(
@@ -490,16 +379,17 @@ class Cluster:
                     flat[ids] = vals
                 m.entries[g].version += 1
             m.version += 1
-        self._log(m, staged)
+        if self.root is not None:
+            storage.append(self.root, m, staged)
         self._confirm()
         return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
 
     def _flat_range(self, e: Entry, rank: int | None = None) -> tuple[int, int]:
         """[lo, hi) of the logical tensor's flat (row-major) ids held by `rank`."""
         if not isinstance(e.placement, Shard):
-            return 0, _numel(e.shape)
+            return 0, numel(e.shape)
         start, stop = local_rows(e.shape[0], self.world, self.rank if rank is None else rank)
-        per_row = _numel(e.shape[1:])
+        per_row = numel(e.shape[1:])
         return start * per_row, stop * per_row
 
     def _prepare(self, e: Entry, base: torch.Tensor, w: Write
@@ -546,119 +436,6 @@ class Cluster:
             lo_r, hi_r = self._flat_range(e, r)
             out[(sel >= lo_r) & (sel < hi_r)] = part
         return out
-
-    # -- durability (this rank's part) ---------------------------------------------------------
-
-    def _persist(self, m: ShardedModel, groups: Sequence[int], fresh: bool = False) -> None:
-        """Writes the changed parts, then the metadata naming their versions; each file is
-        fsynced and renamed into place, so a crash leaves the old or the new file."""
-        if self.root is None:
-            return
-        from safetensors.torch import save_file
-
-        d = self.root / m.id
-        d.mkdir(parents=True, exist_ok=True)
-        for g in groups:
-            e = m.entries[g]
-            tmp = d / f".{g}.tmp"
-            save_file({"t": e.local.contiguous()}, str(tmp))
-            _fsync(tmp)
-            os.replace(tmp, d / f"{g}-{e.version}.safetensors")
-        meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(),
-                "version": m.version, "versions": [e.version for e in m.entries]}
-        tmp = d / ".meta.tmp"
-        tmp.write_text(json.dumps(meta))
-        _fsync(tmp)
-        os.replace(tmp, d / "meta.json")
-        _fsync(d)
-        # The log's records are in the snapshot now, and older generations are garbage once
-        # the metadata names the new ones.
-        (d / LOG_NAME).unlink(missing_ok=True)
-        keep = {f"{e.group}-{e.version}.safetensors" for e in m.entries}
-        for p in d.glob("*.safetensors"):
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
-
-    def _log(self, m: ShardedModel, staged: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
-             ) -> None:
-        """Appends one committed write (this rank's changed elements and the new versions)
-        to the model's log on this rank, fsynced before the rank confirms; once the log
-        outgrows the rank's part, it is folded into a new snapshot."""
-        if self.root is None:
-            return
-        from safetensors.torch import save
-
-        tensors: dict[str, torch.Tensor] = {}
-        for g, changes in staged.items():
-            for i, (ids, vals) in enumerate(changes):
-                tensors[f"{g}.{i}.ids"] = ids.contiguous()
-                tensors[f"{g}.{i}.vals"] = vals.contiguous()
-        meta = {"model_version": str(m.version),
-                "versions": json.dumps({str(g): m.entries[g].version for g in staged})}
-        record = save(tensors, metadata=meta)
-        path = self.root / m.id / LOG_NAME
-        with open(path, "ab") as f:
-            f.write(len(record).to_bytes(8, "little") + record)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        if size > max(m.local_bytes(), 1 << 20):
-            self._persist(m, [e.group for e in m.entries])
-
-    def _replay(self, d: Path, m: ShardedModel) -> int:
-        """Applies the log's records newer than the snapshot; a torn last record (a crash
-        while it was written: never confirmed, never acknowledged) ends the replay."""
-        from safetensors.torch import load
-
-        path = d / LOG_NAME
-        if not path.exists():
-            return 0
-        data = path.read_bytes()
-        pos = n = 0
-        while pos + 8 <= len(data):
-            size = int.from_bytes(data[pos:pos + 8], "little")
-            if pos + 8 + size > len(data):
-                break
-            raw = data[pos + 8:pos + 8 + size]
-            pos += 8 + size
-            meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__",
-                                                                                 {})
-            if int(meta["model_version"]) <= m.version:
-                continue
-            tensors = load(raw)
-            for key in sorted((k for k in tensors if k.endswith(".ids")),
-                              key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
-                g = int(key.split(".")[0])
-                m.entries[g].local.view(-1)[tensors[key]] = tensors[key[:-4] + ".vals"]
-            for g, v in json.loads(meta["versions"]).items():
-                m.entries[int(g)].version = v
-            m.version = int(meta["model_version"])
-            n += 1
-        return n
-
-    def _recover(self) -> None:
-        if self.root is None or not self.root.exists():
-            return
-        from safetensors.torch import load_file
-
-        for d in sorted(self.root.iterdir()):
-            meta_path = d / "meta.json"
-            if not meta_path.exists():
-                continue
-            meta = json.loads(meta_path.read_text())
-            spec = pb.ModelSpec.FromString(base64.b64decode(meta["spec"]))
-            skeleton = skeleton_of(spec)
-            entries = entries_of(skeleton, self.world)
-            for e, v in zip(entries, meta["versions"]):
-                e.version = v
-                local = load_file(str(d / f"{e.group}-{v}.safetensors"))["t"]
-                e.dt = DTensor.from_local(local, self.mesh, [e.placement], run_check=False,
-                                          shape=torch.Size(e.shape),
-                                          stride=_contiguous_strides(e.shape))
-            m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton)
-            self._replay(d, m)
-            self.models[m.id] = m
-        log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
 
     def _confirm(self) -> None:
         """Every rank has persisted: only then may rank 0 acknowledge."""
@@ -781,64 +558,6 @@ class Cluster:
         return self.run("info")
 
 
-def region_ids(shape: Sequence[int], index: tuple[Any, ...]) -> torch.Tensor:
-    """The flat (row-major) ids into a tensor of `shape` of the elements `tensor[index]`
-    selects, region-shaped: built by indexing two zero-stride maps (row id, offset in the row)
-    exactly as the tensor would be indexed, so the memory is the region's, not the tensor's."""
-    shape = tuple(shape)
-    if not shape:
-        return indexing.apply_index(torch.zeros((), dtype=torch.int64), index)
-    per_row = _numel(shape[1:])
-    ones = [1] * (len(shape) - 1)
-    rows = torch.arange(shape[0], dtype=torch.int64).view(shape[0], *ones).expand(shape)
-    cols = torch.arange(per_row, dtype=torch.int64).view(1, *shape[1:]).expand(shape)
-    r = indexing.apply_index(rows, index)
-    c = indexing.apply_index(cols, index)
-    return r * per_row + c
-
-
-def select(m: ShardedModel, targets: Sequence[tuple[str, Any]]) -> list[Entry]:
-    """Init targets -> entries, one per storage, in order of first selection (the same
-    selectors as a local model: ("parameter", name), ("glob", pattern) or ("module", (path,
-    class name, parameter name)))."""
-    import fnmatch
-
-    out: list[Entry] = []
-
-    def add(e: Entry) -> None:
-        if e not in out:
-            out.append(e)
-
-    for kind, what in targets:
-        if kind == "parameter":
-            add(m.entry(what, PARAMETER))
-        elif kind == "glob":
-            matched = [e for n, e in m.by_name.items()
-                       if e.kind == PARAMETER and fnmatch.fnmatchcase(n, what)]
-            if not matched:
-                raise NotFoundError(f"no parameter of {m.id!r} matches {what[:200]!r}",
-                                    reason="TENSOR_NOT_FOUND")
-            for e in matched:
-                add(e)
-        elif kind == "module":
-            path, cls, param = what
-            assert m.skeleton is not None
-            sub = _spec.get_submodule(m.skeleton, path)
-            for mpath, mod in sub.named_modules(prefix=path, remove_duplicate=False):
-                if cls and type(mod).__name__ != cls:
-                    continue
-                prefix = f"{mpath}." if mpath else ""
-                for local, p in mod._parameters.items():
-                    if p is not None and (not param or local == param):
-                        add(m.entry(prefix + local, PARAMETER))
-        else:
-            raise InvalidArgumentError("an init target has no selector set",
-                                       reason="BAD_ARGUMENT")
-    if not out:
-        raise NotFoundError("the init targets select no parameter", reason="TENSOR_NOT_FOUND")
-    return out
-
-
 class _Local:
     """A command argument that only rank 0 receives (pickled as None for the others)."""
 
@@ -856,24 +575,3 @@ def _is_comm_error(e: BaseException) -> bool:
         w in text for w in ("gloo", "connection", "timed out", "timeout", "socket", "peer"))
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

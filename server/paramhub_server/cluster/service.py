@@ -23,8 +23,9 @@ from paramhub_server.api import framing, serde
 from paramhub_server.api.tensors import INLINE_MAX_BYTES
 from torch.distributed.tensor import Shard
 
-from paramhub_server.cluster.engine import (BUFFER, FSDP, PARAMETER, Cluster, ShardedModel,
-                                            Write, local_rows, placement_text)
+from paramhub_server.cluster.engine import Cluster
+from paramhub_server.cluster.sharding import (BUFFER, FSDP, PARAMETER, ShardedModel, Write,
+                                              local_rows, placement_text)
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
