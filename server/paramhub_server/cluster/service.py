@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -21,17 +21,20 @@ from paramhub.v1 import tensor_pb2 as tpb
 from paramhub.common.dtypes import numel
 from paramhub_server.api import framing, serde
 from paramhub_server.api.tensors import INLINE_MAX_BYTES
-from torch.distributed.tensor import Shard
-
-from paramhub_server.cluster.engine import Cluster
-from paramhub_server.cluster.sharding import (BUFFER, FSDP, PARAMETER, ShardedModel, Write,
-                                              local_rows, placement_text)
+from paramhub_server.core.model import BUFFER, PARAMETER
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
 from paramhub_server.api.service import ParameterService
 
+if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor costs ~1 s
+    from paramhub_server.cluster.engine import Cluster
+    from paramhub_server.cluster.sharding import ShardedModel
+
 log = logging.getLogger(__name__)
+
+#: The sharding plan built (cluster/sharding.py FSDP).
+FSDP = "fsdp"
 
 #: Call metadata that asks CreateModel for a sharded model ("fsdp").
 SHARD_METADATA = "x-paramhub-shard"
@@ -265,6 +268,8 @@ class ClusterParameterService(ParameterService):
                                           reason="SHARDED_UNSUPPORTED")
         value = _codec.tensor_from_proto(request.value, max_elements=self.max_tensor_elements)
         _, w = serde.slice_write(request, value, self.max_tensor_elements)
+        from paramhub_server.cluster.sharding import Write
+
         versions, model_version = self.cluster.write(model_id, [Write(
             w.name, w.kind, w.index, w.op, w.value, w.expected_version)])
         return pb.SetSliceResponse(version=versions[0], model_version=model_version)
@@ -348,6 +353,8 @@ class ClusterServicer(cpb_grpc.ClusterServiceServicer):
             raise FailedPreconditionError("not a cluster", reason="NOT_A_CLUSTER")
         if self.cluster.broken is not None:
             raise self.cluster.broken
+        from paramhub_server.cluster.sharding import placement_text
+
         e, part, start, stop, version = self.cluster.local_part(model_id, name, kind)
         data = _codec.byte_view(part.contiguous()).numpy().tobytes() if part.numel() else b""
         first = cpb.ReadShardResponse(shape=list(e.shape),
@@ -369,6 +376,10 @@ class ClusterServicer(cpb_grpc.ClusterServiceServicer):
             return cpb.DescribePlacementResponse(shard="", tensors=[
                 cpb.TensorPlacement(name=n, placement="local") for n in local.names()])
         assert self.cluster is not None
+        from torch.distributed.tensor import Shard
+
+        from paramhub_server.cluster.sharding import local_rows, placement_text
+
         out = cpb.DescribePlacementResponse(shard=FSDP)
         for name, e in m.by_name.items():
             bounds: list[int] = []
