@@ -329,3 +329,26 @@ def test_sharded_part_over_max_model_bytes_is_refused(cc: paramhub.Client) -> No
     assert e.value.reason == "MODEL_TOO_LARGE"
     assert cc.list_models() == []
     assert [r.held_bytes for r in cc.cluster_info()] == [0, 0]
+
+
+def test_cluster_service_needs_a_token_on_an_auth_server(settings, tmp_path) -> None:
+    """ClusterService goes through the same pipeline as ParameterService: with --auth-file
+    no token is UNAUTHENTICATED, a read token is enough."""
+    import dataclasses
+
+    from paramhub_server.app import build_server
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read read-token-0123456789abcdef\n")
+    tokens.chmod(0o600)
+    srv = build_server(dataclasses.replace(settings, auth_file=tokens))
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with paramhub.connect(target, timeout=30) as c:
+            with pytest.raises(paramhub.errors.AuthError) as e:
+                c.cluster_info()
+            assert e.value.code == "UNAUTHENTICATED"
+        with paramhub.connect(target, timeout=30, token="read-token-0123456789abcdef") as c:
+            assert [r.rank for r in c.cluster_info()] == [0]
+    finally:
+        srv.stop(grace=None)
