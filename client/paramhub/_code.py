@@ -30,6 +30,7 @@ from torch import nn
 from paramhub import _codec
 from paramhub.errors import FailedPreconditionError, InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import tensor_pb2 as tpb
 
 __all__ = ["dumps", "loads", "describe_module", "build_from_description", "remote_code_refused"]
 
@@ -203,7 +204,7 @@ def _plain(v: Any) -> bool:
     return False
 
 
-def attributes(m: nn.Module) -> dict[str, pb.Value]:
+def attributes(m: nn.Module) -> dict[str, tpb.Value]:
     """A module's plain attributes as Values (what a mirror built with the class needs):
     numbers, strings, dtypes, tuples of them and small constant tensors."""
     out = {k: _codec.value_to_proto(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
