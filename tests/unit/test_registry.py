@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from paramhub import _spec
+from paramhub.common import spec as _spec
 from paramhub.errors import (AlreadyExistsError, ConflictError, InvalidArgumentError,
                              NotFoundError, OutOfRangeError, ResourceExhaustedError)
 from paramhub_server.core.registry import Registry, check_model_id, parse_device
