@@ -17,7 +17,7 @@ from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.api.framing import chunk_size
-from paramhub_server.api.serde import slice_write, write_context
+from paramhub_server.api.serde import slice_write, state_manifest, write_context
 from paramhub_server.core.model import ServedModel, SliceWrite
 from paramhub_server.transport import ShmSegment, create_segment
 from paramhub_server.api.base import Handlers
@@ -298,7 +298,8 @@ class TensorHandlers(Handlers):
                 segments.append(create_segment(nbytes))
                 return segments[0].tensor[:nbytes]
 
-            manifest, buf = m.snapshot_state(names, alloc=alloc)
+            state, buf = m.snapshot_state(names, alloc=alloc)
+            manifest = state_manifest(state)
             if segments:
                 del buf
                 try:
@@ -311,7 +312,8 @@ class TensorHandlers(Handlers):
                 yield manifest.SerializeToString()
                 return
         else:
-            manifest, buf = m.snapshot_state(names)
+            state, buf = m.snapshot_state(names)
+            manifest = state_manifest(state)
         yield manifest.SerializeToString()
         yield from _codec.iter_data_frames(buf, 0x1A, chunk_size(request.chunk_bytes))
 
