@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from paramhub import _spec
+from paramhub.common import spec as spec_lib
 from paramhub.common.errors import InvalidArgumentError, NotFoundError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import indexing
@@ -169,7 +170,7 @@ def select(m: ShardedModel, targets: Sequence[tuple[str, Any]]) -> list[Entry]:
         elif kind == "module":
             path, cls, param = what
             assert m.skeleton is not None
-            sub = _spec.get_submodule(m.skeleton, path)
+            sub = spec_lib.get_submodule(m.skeleton, path)
             for mpath, mod in sub.named_modules(prefix=path, remove_duplicate=False):
                 if cls and type(mod).__name__ != cls:
                     continue
