@@ -52,14 +52,17 @@ class Cluster:
         self._lock = threading.Lock()
         self._ranks: list[RankInfo] | None = None
         self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, cpb_grpc.ClusterServiceStub] = {}
+        self._routing_off = False
         self._pool: ThreadPoolExecutor | None = None
         #: model id -> {name: row bounds or ()}, learnt from DescribePlacement.
         self._placements: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
     def _call(self, fn: Any, request: Any, timeout: float | None = None) -> Any:
+        metadata = self.client._count(fn)  # counted in client.rpc_counts like every call
         try:
             return fn(request, timeout=timeout if timeout is not None else self.client.timeout,
-                      metadata=self.client._read_metadata)
+                      metadata=metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -118,20 +121,30 @@ class Cluster:
         placement, _ = known.get(name, ("", ()))
         if not placement.startswith("shard"):
             return None
+        if self._routing_off:
+            return None
         try:
             return self.read_routed(tensor_name, timeout=timeout)
         except (NotFoundError, FailedPreconditionError, ConflictError):
             with self._lock:  # the model changed (deleted, recreated): ask again next time
                 self._placements.pop(model_id, None)
             return None
+        except UnavailableError:
+            # A rank this client cannot reach (a dead rank, an address not routable from
+            # here, or a TLS cluster: routed reads are plaintext): from now on this client
+            # reads through the front door, which answers RANK_DOWN if a rank is really down.
+            self._routing_off = True
+            return None
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _stub(self, address: str) -> cpb_grpc.ClusterServiceStub:
+        """One channel and stub per rank, made on first use and kept."""
         with self._lock:
-            ch = self._channels.get(address)
-            if ch is None:
+            stub = self._stubs.get(address)
+            if stub is None:
                 ch = self._channels[address] = grpc.insecure_channel(address, options=[
                     ("grpc.max_receive_message_length", 64 << 20)])
-            return ch
+                stub = self._stubs[address] = cpb_grpc.ClusterServiceStub(ch)
+            return stub
 
     def read_routed(self, tensor_name: str, *, timeout: float | None = None
                     ) -> tuple[torch.Tensor, int]:
@@ -166,12 +179,12 @@ class Cluster:
 
     def _read_part(self, rank: RankInfo, tensor_name: str, out: list[torch.Tensor | None],
                    lock: threading.Lock, timeout: float | None) -> int:
-        stub = cpb_grpc.ClusterServiceStub(self._channel(rank.address))
+        stub = self._stub(rank.address)
         try:
             stream = stub.ReadShard(cpb.ReadShardRequest(name=tensor_name),
                                     timeout=timeout if timeout is not None
                                     else self.client.timeout,
-                                    metadata=self.client._read_metadata)
+                                    metadata=self.client._count(stub.ReadShard))
             first = next(stream)
             dtype = getattr(torch, first.dtype)
             shape = tuple(first.shape)
@@ -199,6 +212,7 @@ class Cluster:
     def close(self) -> None:
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
+            self._stubs = {}
             pool, self._pool = self._pool, None
         for ch in channels:
             ch.close()

@@ -307,6 +307,7 @@ def test_routed_read_fetches_parts_from_the_ranks(cc: paramhub.Client) -> None:
     assert torch.equal(w, local.weight.detach())
     assert cc.rpc_counts.get("GetTensor", 0) == before.get("GetTensor", 0)
     assert cc.rpc_counts.get("GetTensorInline", 0) == before.get("GetTensorInline", 0)
+    assert cc.rpc_counts["ReadShard"] - before.get("ReadShard", 0) == 2  # one per rank
     net.weight.data[1000:1024, :3] = 9.0  # rank 1's rows
     net.weight.data[0] = 1.0  # rank 0's
     expected = local.weight.detach().clone()
