@@ -19,12 +19,12 @@ from paramhub.errors import (ConflictError, FailedPreconditionError, InvalidArgu
                              OutOfRangeError, UnavailableError)
 
 pytestmark = pytest.mark.timeout(600)
-MAX_MODEL_BYTES = 1_500_000
+MAX_MODEL_BYTES = 3_000_000
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[ClusterProcs]:
-    # Each rank may hold 1.5 MB of a model: the 2.1 MB model of the routed-read test fits only
+    # Each rank may hold 3 MB of a model: the 4.2 MB model of the routed-read test fits only
     # because it is sharded.
     procs = ClusterProcs(tmp_path_factory.mktemp("cluster") / "data", 2,
                          extra=("--max-model-bytes", str(MAX_MODEL_BYTES))).start()
@@ -299,7 +299,7 @@ def test_routed_read_fetches_parts_from_the_ranks(cc: paramhub.Client) -> None:
     """A big whole-tensor read of a sharded model is assembled from the ranks' parts (no
     GetTensor through the front door) and equals what the front door answers."""
     torch.manual_seed(5)
-    local = nn.Linear(512, 1024)  # a 2 MiB weight: routed; its 4 KiB bias is not
+    local = nn.Linear(1024, 1024)  # a 4 MiB weight: routed; its 4 KiB bias is not
     assert sum(p.numel() * 4 for p in local.parameters()) > MAX_MODEL_BYTES
     net = cc.create_model("big", local, shard="fsdp")  # over one rank's limit, not a part's
     before = dict(cc.rpc_counts)
@@ -319,12 +319,18 @@ def test_routed_read_fetches_parts_from_the_ranks(cc: paramhub.Client) -> None:
     # The same bytes through the front door (an index is never routed).
     front, _ = cc.get_tensor("big", "weight", (slice(None),))
     assert torch.equal(front, expected)
+    # A value over one message (8 MiB of float64) is streamed, and written to both ranks.
+    value = torch.randn(1024, 1024, dtype=torch.float64)
+    before = dict(cc.rpc_counts)
+    net.weight.data[:] = value
+    assert cc.rpc_counts["StreamSetSlice"] == before.get("StreamSetSlice", 0) + 1
+    assert torch.equal(net.weight.fetch(), value.float())
 
 
 def test_sharded_part_over_max_model_bytes_is_refused(cc: paramhub.Client) -> None:
     """--max-model-bytes bounds each rank's part: a model whose part on a rank is larger is
     refused (RESOURCE_EXHAUSTED, MODEL_TOO_LARGE), and nothing is created on any rank."""
-    too_big = nn.Linear(1024, 800)  # 3.3 MB: 1.6 MB per rank
+    too_big = nn.Linear(2048, 1600)  # 13 MB: 6.5 MB per rank
     with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
         cc.create_model("huge", too_big, shard="fsdp")
     assert e.value.reason == "MODEL_TOO_LARGE"

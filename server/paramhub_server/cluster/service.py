@@ -275,6 +275,38 @@ class ClusterParameterService(ParameterService):
         return pb.SetSliceResponse(version=versions[0], model_version=model_version)
 
     @rpc
+    def StreamSetSlice(self, request_iterator: Iterator[Any],
+                       context: grpc.ServicerContext) -> pb.StreamSetSliceResponse:
+        first = next(request_iterator, None)
+        rest = itertools.chain([] if first is None else [first], request_iterator)
+        if (first is None or isinstance(first, memoryview)
+                or first.WhichOneof("part") != "request"
+                or self._sharded(serde.tensor_name_of(first.request.name)[0]) is None):
+            return _unwrapped(ParameterService.StreamSetSlice)(self, rest, context)
+        assert self.cluster is not None
+        req = first.request
+        if req.value.data:
+            raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
+                                       reason="BAD_STREAM")
+        model_id, w = serde.slice_write(req, None, self.max_tensor_elements)
+        asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
+                                                      shape=req.value.shape),
+                                     max_elements=self.max_tensor_elements)
+        for msg in request_iterator:
+            if isinstance(msg, memoryview):
+                asm.add(msg)
+            elif msg.WhichOneof("part") == "data":
+                asm.add(msg.data)
+            else:
+                raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
+                                           "request", reason="BAD_STREAM")
+        from paramhub_server.cluster.sharding import Write
+
+        versions, model_version = self.cluster.write(model_id, [Write(
+            w.name, w.kind, w.index, w.op, asm.finish(), w.expected_version)])
+        return pb.StreamSetSliceResponse(version=versions[0], model_version=model_version)
+
+    @rpc
     def ApplyInit(self, request: pb.ApplyInitRequest, context: grpc.ServicerContext
                   ) -> pb.ApplyInitResponse:
         m = self._sharded(serde.model_id_of(request.model))
