@@ -1011,6 +1011,34 @@ class Client:
         response = self._call(self._push_state_raw, frames, timeout)
         return {u.name: u.version for u in response.updated}
 
+    # ---------------------------------------------------------------------------- DTensors
+
+    def get_dtensor(self, model: Any, name: str, device_mesh: Any, placements: Any, *,
+                    timeout: float | None = None) -> Any:
+        """Collective over `device_mesh`: a DTensor of the tensor under `placements` (Shard,
+        Replicate), each rank reading only its own region (see paramhub._dtensor)."""
+        from paramhub import _dtensor
+        return _dtensor.get_dtensor(self, _model_id(model), name, device_mesh, placements,
+                                    timeout=timeout)
+
+    def pull_dtensors(self, model: Any, device_mesh: Any, plan: Any, *,
+                      names: Sequence[str] | None = None, timeout: float | None = None
+                      ) -> tuple[dict[str, Any], int]:
+        """Collective: ({name: DTensor}, model version), every region from that one version.
+        `plan` is {name: placements} or one placements list for every tensor."""
+        from paramhub import _dtensor
+        return _dtensor.pull_dtensors(self, _model_id(model), device_mesh, plan, names=names,
+                                      timeout=timeout)
+
+    def push_dtensors(self, model: Any, state_dict: Mapping[str, Any], *,
+                      expected_model_version: int | None = None,
+                      timeout: float | None = None) -> dict[str, int]:
+        """Collective: writes the DTensors as one model version, all or nothing."""
+        from paramhub import _dtensor
+        return _dtensor.push_dtensors(self, _model_id(model), state_dict,
+                                      expected_model_version=expected_model_version,
+                                      timeout=timeout)
+
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
                    expected_model_version: int | None = None, request_id: str | None = None,
