@@ -15,9 +15,11 @@ leak in /dev/shm when either side dies, and each one holds only the bytes of its
 (never other tensors' or models' memory). Received memfds are sealed against shrinking before
 they are mapped, so a client cannot crash the server with SIGBUS.
 
-Data channel (any host, plaintext servers only): the same greeting over a TCP port on the gRPC
-host; a GetTensor or SetSlice naming the token moves the raw bytes over that connection instead
-of the gRPC stream (see paramhub._data for the protocol and its checks).
+Data channel (any host): the same greeting over a TCP port on the gRPC host; a GetTensor or
+SetSlice naming the token moves the raw bytes over that connection instead of the gRPC stream
+(see paramhub._data for the protocol and its checks). A TLS server wraps each data connection in
+TLS with its own certificate (and, under mTLS, requires a client certificate from its CA) before
+greeting it; the handshake runs off the accept thread, so a silent client cannot stall it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -66,7 +69,7 @@ TOKEN_CHARS = 32
 HTTP2_OPTIONS = [("grpc.http2.max_frame_size", (1 << 24) - 1)]
 
 __all__ = ["HTTP2_OPTIONS", "add_servicer", "ShmChannel", "DataChannel", "Transport",
-           "create_segment", "ShmSegment"]
+           "create_segment", "ShmSegment", "server_tls_context"]
 
 
 
@@ -160,21 +163,25 @@ class _GreetingChannel:
                 if self._stop.is_set():
                     return
                 continue
-            peer = self._peer(conn)
-            token = secrets.token_hex(TOKEN_CHARS // 2)
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Greets a new connection and registers its token."""
+        peer = self._peer(conn)
+        token = secrets.token_hex(TOKEN_CHARS // 2)
+        with self._lock:
+            evict = self._make_room(peer)
+            # Registered before the client can know it: it may name it at once.
+            self._pending[token] = (conn, time.monotonic(), peer)
+        for old in evict:
+            old.close()
+        try:
+            conn.settimeout(RECV_TIMEOUT)
+            conn.sendall(token.encode("ascii"))
+        except OSError:
             with self._lock:
-                evict = self._make_room(peer)
-                # Registered before the client can know it: it may name it at once.
-                self._pending[token] = (conn, time.monotonic(), peer)
-            for old in evict:
-                old.close()
-            try:
-                conn.settimeout(RECV_TIMEOUT)
-                conn.sendall(token.encode("ascii"))
-            except OSError:
-                with self._lock:
-                    self._pending.pop(token, None)
-                conn.close()
+                self._pending.pop(token, None)
+            conn.close()
 
     def _peer(self, conn: socket.socket) -> Any:
         """Who is connecting: the peer's address (TCP), or its process id (unix socket)."""
@@ -221,7 +228,8 @@ class _GreetingChannel:
                 continue
             try:
                 # A client sends nothing but its memfd (one byte with it): EOF means it is gone.
-                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                # (The socket's own recv: a TLS socket's refuses flags; EOF is EOF under TLS.)
+                if socket.socket.recv(conn, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
                     dead.append(token)
             except BlockingIOError:
                 pass
@@ -332,8 +340,15 @@ class DataChannel(_GreetingChannel):
     _thread_name = "paramhub-data"
     _unavailable = "DATA_CHANNEL_UNAVAILABLE"
     _what = "data-channel"
+    #: TLS handshakes in progress at once; a connection past it is closed (the client falls
+    #: back to gRPC). Each one ends within HANDSHAKE_TIMEOUT seconds.
+    MAX_HANDSHAKES = 32
+    HANDSHAKE_TIMEOUT = 10.0
 
-    def __init__(self, host: str, port: int = 0) -> None:
+    def __init__(self, host: str, port: int = 0, *, tls: ssl.SSLContext | None = None) -> None:
+        #: The server-side TLS context (None: plaintext).
+        self.tls = tls
+        self._handshakes = threading.BoundedSemaphore(self.MAX_HANDSHAKES)
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
@@ -347,6 +362,33 @@ class DataChannel(_GreetingChannel):
             raise
         self.port: int = listener.getsockname()[1]
         super().__init__(listener)
+
+    def _admit(self, conn: socket.socket) -> None:
+        if self.tls is None:
+            super()._admit(conn)
+            return
+        if not self._handshakes.acquire(blocking=False):
+            conn.close()
+            return
+        threading.Thread(target=self._handshake, args=(conn,), name="paramhub-data-tls",
+                         daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        try:
+            assert self.tls is not None
+            conn.settimeout(self.HANDSHAKE_TIMEOUT)
+            try:
+                wrapped = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                log.debug("data-channel TLS handshake failed: %s", e)
+                conn.close()
+                return
+            if self._stop.is_set():
+                wrapped.close()
+                return
+            super()._admit(wrapped)
+        finally:
+            self._handshakes.release()
 
     def send_tensor(self, conn: socket.socket, tensor: torch.Tensor) -> None:
         """Sends a read's length and bytes from `tensor`'s memory; closes the connection."""
@@ -395,7 +437,8 @@ class Transport:
     optional data channel (a TCP port on `data_host`; None = off)."""
 
     def __init__(self, *, max_message_bytes: int, shm: bool = True,
-                 data_host: str | None = None, data_port: int = 0) -> None:
+                 data_host: str | None = None, data_port: int = 0,
+                 data_tls: ssl.SSLContext | None = None) -> None:
         self.max_message_bytes = max_message_bytes
         self.shm: ShmChannel | None = None
         self.data: DataChannel | None = None
@@ -406,8 +449,9 @@ class Transport:
                 log.warning("shared-memory transport disabled: %s", e)
         if data_host is not None:
             try:
-                self.data = DataChannel(data_host, data_port)
-                log.info("data channel on port %d", self.data.port)
+                self.data = DataChannel(data_host, data_port, tls=data_tls)
+                log.info("data channel on port %d%s", self.data.port,
+                         " (TLS)" if data_tls is not None else "")
             except OSError as e:
                 log.warning("data channel disabled: %s", e)
 
@@ -431,3 +475,15 @@ class Transport:
             raise InvalidArgumentError("shared memory is disabled on this server",
                                        reason="SHM_UNAVAILABLE")
         return self.shm
+
+
+def server_tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """The data channel's TLS context: the gRPC server's certificate and key, and under mTLS
+    its client CA (a client certificate is then required, as on the gRPC port)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    return ctx
