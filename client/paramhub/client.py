@@ -26,7 +26,7 @@ import torch
 from paramhub import _batch, _codec, _data, _transfer
 from paramhub._transfer import data as _transfer_data
 from paramhub._transfer import policy as _policy
-from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
+from paramhub.errors import (InvalidArgumentError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import torch
 
 from paramhub import _codec, _data, _shm
 from paramhub._progress import progress_for
 from paramhub._transfer.base import GetJob, PullJob, PushJob, SetJob, Transport
-from paramhub.errors import InvalidArgumentError
+from paramhub.errors import InvalidArgumentError, from_rpc_error
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as tpb
 
@@ -36,6 +37,36 @@ def _asm_bytes(header: tpb.TensorHeader) -> int:
     return _codec.TensorAssembler(header, allocate=False).nbytes
 
 
+def _fit(buffer: torch.Tensor, header: tpb.TensorHeader) -> torch.Tensor | None:
+    """The preallocated flat byte buffer viewed as the announced result, or None when the
+    result is not what was expected (then a buffer is allocated for it as usual)."""
+    if header.shm:
+        return None
+    asm = _codec.TensorAssembler(header, allocate=False)
+    if asm.nbytes != buffer.numel():
+        return None
+    return buffer.view(asm.dtype).view(asm.shape)
+
+
+def started(client: Any, fn: Any, request: Any, timeout: float | None) -> Iterator[Any]:
+    """A server-streaming call started now (not on first iteration), so that the caller can
+    prepare while the server works; errors surface as SDK exceptions while iterating."""
+    metadata = client._count(fn)
+    try:
+        call = fn(request, timeout=timeout if timeout is not None else client.timeout,
+                  metadata=metadata)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+
+    def messages() -> Iterator[Any]:
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    return messages()
+
+
 def read_tensor_stream(client: Any, job: GetJob, *, shm: Any = None, data: Any = None,
                        keep_shm: Any = None, keep_data: Any = None
                        ) -> tuple[torch.Tensor, int, str]:
@@ -43,11 +74,18 @@ def read_tensor_stream(client: Any, job: GetJob, *, shm: Any = None, data: Any =
     stream, or from the greeted shm / data connection the server chose to use. A connection the
     server did not use is handed to `keep_shm` / `keep_data` for the next call."""
     request, out = job.request, job.out
-    chunks = client._stream(client._get_tensor_raw, request, job.timeout)
+    chunks = started(client, client._get_tensor_raw, request, job.timeout)
+    if out is None and shm is None and job.exact is not None and (
+            job.exact >= _codec.BIG_BUFFER_BYTES):
+        # The call is on its way: fault in the destination while the server copies the
+        # region, instead of after its header arrives (a fresh process's first big read).
+        out = _codec.empty((job.exact,), torch.uint8)
     first = next(chunks, None)
     if first is None or first.header is None:
         raise InvalidArgumentError("the server sent no tensor header", reason="BAD_STREAM")
     header = first.header
+    if out is not None and job.out is None:
+        out = _fit(out, header)
     if header.data_channel:
         if data is None:
             raise InvalidArgumentError("the server used the data channel unasked",
