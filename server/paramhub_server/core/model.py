@@ -34,12 +34,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub import _code, _codec, _spec
-from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+from paramhub import _code, _spec
+from paramhub.common import buffers, dtypes
+from paramhub.common import state as packing
+from paramhub.common.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as pb_tensor
-from paramhub_server.core import inits, rng, watch
+from paramhub_server.core import indexing, inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -380,7 +382,7 @@ class ServedModel:
                 out.copy_(region)
             elif region.device.type == "cpu":
                 if _shares_memory(region, t) or not region.is_contiguous():
-                    out = _codec.empty(region.shape, region.dtype)
+                    out = buffers.empty(region.shape, region.dtype)
                     out.copy_(region)
                 else:
                     out = region  # advanced indexing already made a private copy
@@ -421,7 +423,7 @@ class ServedModel:
             shape = tuple(region.shape)
             if check is not None:
                 check(region.dtype, shape)
-            return _codec.tensor_bytes(region), region.dtype, shape, self.versions[ref.group]
+            return buffers.tensor_bytes(region), region.dtype, shape, self.versions[ref.group]
 
     def _region(self, ref: TensorRef, index: tuple[Any, ...], grad: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,13 +435,13 @@ class ServedModel:
                                     metadata={"model": self.id, "tensor": ref.name[:200]})
             t = t.grad
         t = t.detach()
-        return t, _codec.apply_index(t, index)
+        return t, indexing.apply_index(t, index)
 
     def region_shape(self, name: str, index: tuple[Any, ...], *, kind: str | None = None
                      ) -> tuple[int, ...] | None:
         """The shape `tensor[index]` would have, computed without building it (shapes never
         change after creation, so no lock is needed); None if the index is invalid."""
-        return _codec.index_result_shape(tuple(self.ref(name, kind).get().shape), index)
+        return indexing.index_result_shape(tuple(self.ref(name, kind).get().shape), index)
 
     def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
                      parameters_only: bool = False) -> list[str]:
@@ -457,7 +459,7 @@ class ServedModel:
     def snapshot_state(self, names: Sequence[str],
                        alloc: Callable[[int], torch.Tensor] | None = None
                        ) -> tuple[pb.PullStateResponse, torch.Tensor]:
-        """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
+        """Copies many tensors into one buffer laid out by paramhub.common.state.state_layout, under one read
         lock (a consistent snapshot). Returns (the manifest: a PullStateResponse with a header
         and version per tensor and the model version; the buffer).
 
@@ -476,10 +478,10 @@ class ServedModel:
                 if len(self._layouts) > 64:
                     self._layouts.clear()
                 template = pb.PullStateResponse(headers=[
-                    pb_tensor.TensorHeader(name=r.name, dtype=_codec.dtype_to_proto(t.dtype),
+                    pb_tensor.TensorHeader(name=r.name, dtype=dtypes.dtype_to_proto(t.dtype),
                                            shape=list(t.shape))
                     for r, t in zip(refs, tensors)])
-                cached = self._layouts[key] = (template, _codec.state_layout(template.headers))
+                cached = self._layouts[key] = (template, packing.state_layout(template.headers))
             template, layout = cached
             manifest = pb.PullStateResponse()
             manifest.CopyFrom(template)
@@ -492,9 +494,9 @@ class ServedModel:
             elif self.device.type == "cuda":
                 buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
             else:
-                buf = _codec.empty((total,), torch.uint8)
+                buf = buffers.empty((total,), torch.uint8)
             with torch.no_grad():
-                _codec.pack_state(tensors, out=buf, layout=layout)
+                packing.pack_state(tensors, out=buf, layout=layout)
             return manifest, buf
 
     def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
@@ -507,8 +509,8 @@ class ServedModel:
                                            reason="DUPLICATE_TENSOR",
                                            metadata={"tensor": h.name[:200]})
             seen.add(h.name)
-            dtype = _codec.dtype_from_proto(h.dtype)
-            shape = _codec.check_shape(h.shape)
+            dtype = dtypes.dtype_from_proto(h.dtype)
+            shape = dtypes.check_shape(h.shape)
             if h.name in self._uninitialized:
                 # A lazy module's tensor takes the loaded shape, as in torch's load_state_dict
                 # (materialized under the write lock by load_state).
@@ -624,7 +626,7 @@ class ServedModel:
             ref = self.ref(w.name, w.kind)
             self._check_expected(ref, w.expected_version)
             live = ref.get().detach()
-            region = _codec.apply_index(live, w.index)
+            region = indexing.apply_index(live, w.index)
             return [Change(ref, w.index, _combine(region, w.op, w.value.to(live.device),
                                                   ref.name))]
         resolved: list[tuple[SliceWrite | InitWrite, list[TensorRef]]] = []
@@ -650,7 +652,7 @@ class ServedModel:
                 live = ref.get().detach()
                 multi = touches[ref.group] > 1
                 base = (staged.setdefault(ref.group, (ref, live.clone()))[1] if multi else live)
-                region = _codec.apply_index(base, w.index)
+                region = indexing.apply_index(base, w.index)
                 new = _combine(region, w.op, w.value.to(base.device), ref.name)
                 if multi:
                     _put(base, w.index, new)

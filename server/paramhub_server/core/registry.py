@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from paramhub import _code, _spec
-from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
+from paramhub.common.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import programs, rng
