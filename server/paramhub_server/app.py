@@ -208,10 +208,10 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
                                    str(settings.tls_client_ca) if settings.tls_client_ca else None)
                 if settings.tls_cert is not None and data_host is not None else None)
     transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
-                          data_host=data_host, data_port=settings.data_port, data_tls=data_tls)
+                          data_host=data_host, data_port=settings.data_port, data_tls=data_tls,
+                          max_data_writes=max(1, settings.max_workers // 2))
     add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
-                                  transport=transport,
-                                  max_data_writes=max(1, settings.max_workers // 2)), server)
+                                  transport=transport), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

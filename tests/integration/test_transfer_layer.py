@@ -170,3 +170,39 @@ def test_scalar_setitem_bad_inputs_change_nothing(client, seed_mlp, server, inde
     assert torch.equal(server.registry.get("mlp").module[0].weight, before)
     assert server.registry.get("mlp").version == version
     assert client.transfers["set:inline"] == 0
+
+
+def test_transport_info_advertises_the_policy(client):
+    info = client.transport_info()
+    assert (info.inline_bytes, info.inline_read_bytes, info.shm_min_bytes,
+            info.data_min_bytes) == (DEFAULT.inline_bytes, DEFAULT.inline_read_bytes,
+                                     DEFAULT.shm_min_bytes, DEFAULT.data_min_bytes)
+    assert client._transfers.policy == DEFAULT
+
+
+@pytest.mark.skipif(not _shm.shm_supported(), reason="needs Linux memfd")
+def test_refused_write_releases_the_named_shm_connection(server, target):
+    import paramhub.v1.parameter_service_pb2 as pb
+    server.registry.adopt("m", Holder(big=torch.zeros(MIB // 2)))
+    channel = server.transport.shm
+    link = _shm.ShmLink(channel.address)
+    with paramhub.connect(target, timeout=60, shm=False) as c:
+        for name, error in (("models/nope/buffers/big", NotFoundError),
+                            ("models/m/buffers/nope", NotFoundError)):
+            greeted = link.connect()
+            assert channel.pending == 1
+            request = pb.SetSliceRequest(name=name, op=pb.SLICE_OP_ASSIGN, request_id="r",
+                                         shm_token=greeted.token)
+            request.value.dtype = _codec.dtype_to_proto(torch.float32)
+            request.value.shape.append(MIB // 2)
+            with pytest.raises(error):
+                c._call(c.stub.SetSlice, request)
+            # Released at once (not left to expire), and nothing was received or written.
+            assert channel.pending == 0 and channel.received == 0
+            greeted.close()
+        request = pb.SetSliceRequest(name="models/m/buffers/big", op=pb.SLICE_OP_ASSIGN,
+                                     request_id="r", shm_token="0" * 32)
+        with pytest.raises(InvalidArgumentError) as e:
+            c._call(c.stub.SetSlice, request)
+        assert e.value.reason == "SHM_UNAVAILABLE"
+    assert not _buf(server, "big").any() and server.registry.get("m").version == 0
