@@ -38,8 +38,8 @@ from paramhub.errors import InvalidArgumentError
 __all__ = ["DATA_MIN_BYTES", "PIECE", "DataLink", "TlsConfig", "send_view", "recv_into", "recv_exact",
            "send_length", "recv_length", "write_digest", "reset", "PREAMBLE"]
 
-#: Values of at least this many bytes use the data channel (when shm is not available); the
-#: transfer policy's threshold (paramhub._transfer.policy), repeated here for the server.
+#: Values of at least this many bytes use the data channel (when shm is not available): the
+#: default of the transfer policy's threshold (paramhub._transfer.policy).
 DATA_MIN_BYTES = 16 << 20
 #: Bytes per send/recv system call (each bounded by the socket timeout).
 PIECE = 8 << 20

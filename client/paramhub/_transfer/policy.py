@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from paramhub import _data
+
 __all__ = ["Policy", "DEFAULT", "INLINE_BYTES", "INLINE_READ_BYTES", "SHM_MIN_BYTES",
            "DATA_MIN_BYTES"]
 
@@ -20,8 +22,9 @@ INLINE_BYTES = 4 << 20
 INLINE_READ_BYTES = 1 << 20
 #: Transfers of at least this many bytes use shared memory when the server is on this host.
 SHM_MIN_BYTES = 1 << 20
-#: Transfers of at least this many bytes use the data channel when shared memory does not apply.
-DATA_MIN_BYTES = 16 << 20
+#: Transfers of at least this many bytes use the data channel when shared memory does not apply
+#: (defined with the data channel's protocol).
+DATA_MIN_BYTES = _data.DATA_MIN_BYTES
 
 
 @dataclass(frozen=True)
