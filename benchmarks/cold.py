@@ -46,6 +46,8 @@ def _child(mode: str, target: str, nbytes: int, ca: str) -> None:
     import torch  # noqa: F401  (both kinds of child pay for torch)
     if mode.startswith("paramhub"):
         import paramhub
+        import paramhub.client  # noqa: F401  (paramhub/__init__ is lazy: imports count as such)
+        import paramhub.module  # noqa: F401
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
     if mode.startswith("paramhub"):
