@@ -26,6 +26,7 @@ import torch
 from paramhub import _batch, _codec, _data, _transfer
 from paramhub._transfer import data as _transfer_data
 from paramhub._transfer import policy as _policy
+from paramhub.common import rpcs
 from paramhub.errors import (InvalidArgumentError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -45,13 +46,11 @@ T = TypeVar("T")
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
 
-# Retries on UNAVAILABLE for the RPCs that are safe to repeat: reads, and writes that carry a
-# request id (the SDK always sends one; the server applies an id once and answers a retry with
-# the original result). Forward is not retried: in training mode it updates buffers.
-_IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
-               "Probe", "GetOptimizerState", "PullModel",
-               "SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch", "RestoreCheckpoint",
-               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode")
+# Retries on UNAVAILABLE for the RPCs that are safe to repeat (`idempotent` in their proto
+# option): reads, and writes that carry a request id (the SDK always sends one; the server
+# applies an id once and answers a retry with the original result). Forward is not retried: in
+# training mode it updates buffers.
+_IDEMPOTENT = rpcs.names(idempotent=True)
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -71,10 +70,9 @@ log = logging.getLogger(__name__)
 _SERVICE = "/paramhub.v1.ParameterService/"
 
 
-#: RPCs whose writes record their writer (the server's `write_context`): only these carry the
-#: x-paramhub-writer header.
-_WRITER_METHODS = frozenset({"SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch",
-                             "RestoreCheckpoint", "PushState"})
+#: RPCs whose writes record their writer (the server's `write_context`; `writes` in their proto
+#: option): only these carry the x-paramhub-writer header.
+_WRITER_METHODS = frozenset(rpcs.names(writes=True))
 
 
 def _passthrough(message: Any) -> bytes:

@@ -7,10 +7,16 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
+
+if TYPE_CHECKING:  # the generated enum type, for type checkers only (no protobuf at run time)
+    from paramhub.v1.tensor_pb2 import Dtype
+else:
+    Dtype = int
 
 __all__ = ["DTYPES", "dtype_to_proto", "dtype_from_proto", "check_shape", "numel", "nbytes",
            "MAX_RANK"]
@@ -48,10 +54,10 @@ MAX_RANK = 64
 _MAX_NUMEL = 1 << 59
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> Dtype:
     """The DType enum value of a torch dtype; InvalidArgumentError for unsupported ones."""
     try:
-        return _DTYPES[dtype]
+        return cast(Dtype, _DTYPES[dtype])
     except KeyError:
         raise InvalidArgumentError(f"dtype {dtype} is not supported on the wire",
                                    reason="UNSUPPORTED_DTYPE") from None

@@ -12,7 +12,9 @@ from paramhub import _code, _codec
 from paramhub.common.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.api.framing import header_then_chunks, once
-from paramhub_server.api.serde import (event_bytes, model_id_of, model_info, stats_to_proto,
+from paramhub_server.api.serde import (WireSpec, event_bytes, model_id_of, model_info,
+                                       module_infos, program_request, spec_message,
+                                       stats_to_proto,
                                        tensor_info)
 from paramhub_server.core import probe, watch
 from paramhub_server.core.model import BUFFER, PARAMETER
@@ -50,7 +52,8 @@ class ModelHandlers(Handlers):
                 metadata={"limit": "max_model_bytes", "asked": e.metadata["asked"],
                           "limit_value": str(self.registry.max_model_bytes)}) from None
         if header.exported_program:  # a torch.export program: nothing unpickled, no trust
-            model = self.registry.create_program(header.model_id, header, values=values)
+            model = self.registry.create_program(header.model_id, program_request(header),
+                                                 values=values)
         elif header.module_pickle:
             if current_role() not in (None, "admin"):  # None: no auth (a loopback server)
                 raise PermissionDeniedError("sending module code needs the admin role",
@@ -58,7 +61,8 @@ class ModelHandlers(Handlers):
             model = self.registry.create_code(header.model_id, header.module_pickle,
                                               device=header.device, values=values.items())
         else:
-            model = self.registry.create(header.model_id, header.spec,
+            model = self.registry.create(header.model_id,
+                                         WireSpec(header.spec),
                                          seed=header.seed if header.HasField("seed") else None,
                                          device=header.device, values=values.items())
         log.info("created model %s on %s", model.id, model.device)
@@ -85,7 +89,7 @@ class ModelHandlers(Handlers):
             if m.program is not None:  # the tree as exported, with the served modes
                 training = {p: mod.training
                             for p, mod in m.module.named_modules(remove_duplicate=False)}
-                for info in m.program.tree:
+                for info in module_infos(m.program.tree):
                     modules.append(pb.ModuleInfo())
                     modules[-1].CopyFrom(info)
                     modules[-1].training = training.get(info.path, info.training)
@@ -95,7 +99,7 @@ class ModelHandlers(Handlers):
                     path, mod, groups.setdefault(id(mod), len(groups))))
             lazy = m.uninitialized
             return pb.DescribeModelResponse(
-                model=model_info(m), spec=m.spec, modules=modules,
+                model=model_info(m), spec=spec_message(m.spec), modules=modules,
                 tensors=[tensor_info(m, n) for n in m.names()],
                 uninitialized_parameters=[n for n, k in lazy if k == PARAMETER],
                 uninitialized_buffers=[n for n, k in lazy if k == BUFFER])

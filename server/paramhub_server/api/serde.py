@@ -8,13 +8,16 @@ import functools
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
-from paramhub import _codec
+from paramhub import _codec, _spec
 from paramhub.common.errors import InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.core import probe, training, watch
+from paramhub_server.core.registry import ProgramRequest
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
-                                        WriteContext)
+                                        StateManifest, WriteContext)
 
 _OPS = {pb.SLICE_OP_ASSIGN: "assign", pb.SLICE_OP_ADD: "add", pb.SLICE_OP_SUB: "sub",
         pb.SLICE_OP_MUL: "mul", pb.SLICE_OP_DIV: "div"}
@@ -171,3 +174,73 @@ def stats_to_proto(s: probe.Stats) -> pb.TensorStats:
         min=s.min, max=s.max, mean=s.mean, std=s.std, norm=s.norm,
         histogram_counts=s.histogram_counts, histogram_min=s.histogram_min,
         histogram_max=s.histogram_max, checksum_sha256=s.checksum_sha256, version=s.version)
+
+
+#: id(StateManifest.headers) -> (those headers, a PullStateResponse holding them): the core keeps
+#: one headers object per selection, so each pull copies a template (one C call) and fills in
+#: the versions (~6x cheaper than building 1,000 new headers).
+_MANIFESTS: dict[int, tuple[Any, pb.PullStateResponse]] = {}
+
+
+def state_manifest(state: StateManifest) -> pb.PullStateResponse:
+    """The PullState manifest of a core state snapshot."""
+    cached = _MANIFESTS.get(id(state.headers))
+    if cached is None or cached[0] is not state.headers:
+        if len(_MANIFESTS) > 256:
+            _MANIFESTS.clear()
+        template = pb.PullStateResponse(headers=[
+            tpb.TensorHeader(name=h.name, dtype=h.dtype, shape=h.shape)  # type: ignore[arg-type]
+            for h in state.headers])
+        cached = _MANIFESTS[id(state.headers)] = (state.headers, template)
+    manifest = pb.PullStateResponse()
+    manifest.CopyFrom(cached[1])
+    for h, v in zip(manifest.headers, state.versions):
+        h.version = v
+    manifest.model_version = state.model_version
+    return manifest
+
+
+class WireSpec:
+    """A ModelSpec message as the core's registry takes it (core.registry.SpecRequest): limits
+    checked on the message as it came, then the graph and classes, then values decoded; the
+    order the checks always ran in."""
+
+    def __init__(self, msg: pb.ModelSpec) -> None:
+        self.msg = msg
+
+    def check_limits(self, *, max_nodes: int, max_depth: int) -> None:
+        """See core.registry.SpecRequest."""
+        _spec.check_spec_limits(self.msg, max_nodes=max_nodes, max_depth=max_depth)
+
+    def decode(self) -> _spec.ModelSpec:
+        """See core.registry.SpecRequest."""
+        _spec.validate_spec(self.msg)  # reads the message like the dataclass
+        return _spec.spec_from_proto(self.msg)
+
+
+def program_request(header: pb.CreateModelHeader) -> ProgramRequest:
+    """The exported-program part of a CreateModel header."""
+    return ProgramRequest(
+        exported_program=header.exported_program,
+        module_tree=[json_format.MessageToDict(m) for m in header.module_tree],
+        program_ties=[(t.parameter, t.source) for t in header.program_ties],
+        program_constants=list(header.program_constants), device=header.device)
+
+
+def module_infos(tree: list[dict[str, Any]]) -> list[pb.ModuleInfo]:
+    """ModuleInfo messages of a program's stored tree (their JSON form)."""
+    return [json_format.ParseDict(m, pb.ModuleInfo()) for m in tree]
+
+
+#: id(spec) -> (spec, its message): DescribeModel builds a model's spec message once.
+_SPEC_MESSAGES: dict[int, tuple[Any, pb.ModelSpec]] = {}
+
+
+def spec_message(spec: _spec.ModelSpec) -> pb.ModelSpec:
+    """The ModelSpec message of a served model's spec (cached while the spec object lives)."""
+    cached = _SPEC_MESSAGES.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        if len(_SPEC_MESSAGES) > 256:
+            _SPEC_MESSAGES.clear()
+        cached = _SPEC_MESSAGES[id(spec)] = (spec, _spec.spec_to_proto(spec))
+    return cached[1]

@@ -15,7 +15,7 @@ from paramhub.common.dtypes import numel
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.api.serde import slice_write, write_context
+from paramhub_server.api.serde import slice_write, state_manifest, write_context
 from paramhub_server.core.model import ServedModel, SliceWrite
 from paramhub_server.transport import POLICY, Admit, TensorRead
 from paramhub_server.api.base import Handlers
@@ -153,7 +153,12 @@ class TensorHandlers(Handlers):
         m = self._model(request.model)
         names = m.select_names(list(request.names), prefix=request.prefix, glob=request.glob,
                                parameters_only=request.parameters_only)
-        yield from self.transport.link_for(request).send_state(m, names, request)
+
+        def snapshot(alloc: Any = None) -> tuple[Any, Any]:
+            state, buf = m.snapshot_state(names, alloc=alloc)
+            return state_manifest(state), buf
+
+        yield from self.transport.link_for(request).send_state(snapshot, request)
 
     @rpc
     def PushState(self, request_iterator: Iterator[Any], context: grpc.ServicerContext

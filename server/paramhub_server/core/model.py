@@ -28,19 +28,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub import _code, _spec
+from paramhub.common import modcode as _code
+from paramhub.common import spec as _spec
 from paramhub.common import buffers, dtypes
 from paramhub.common import state as packing
 from paramhub.common.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
-from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub.v1 import tensor_pb2 as pb_tensor
 from paramhub_server.core import indexing, inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
@@ -112,7 +111,9 @@ class Program:
     """What an exported program model was built from (kept to persist and rebuild it)."""
 
     program: bytes  # torch._export.serde JSON
-    tree: list[pb.ModuleInfo]  # the module tree as the client described it
+    #: the module tree as the client described it: ModuleInfo messages in their JSON form
+    #: (json_format.MessageToDict; the API layer converts)
+    tree: list[dict[str, Any]]
     ties: list[tuple[str, str]]  # (state name, the earlier name it is the same tensor as)
     constants: dict[str, torch.Tensor]
     #: state name -> (dtype, shape) of each tensor the program was built with (untied names).
@@ -170,6 +171,24 @@ class SnapshotState:
     request_id: str
 
 
+class StateHeader(NamedTuple):
+    """One tensor of a state snapshot: its name, wire dtype (DType value) and shape."""
+
+    name: str
+    dtype: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StateManifest:
+    """What a state snapshot holds: headers (one object per selection while cached), each
+    tensor's version, and the model version; the API layer builds the PullState manifest."""
+
+    headers: tuple[StateHeader, ...]
+    versions: list[int]
+    model_version: int
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One state_dict name of a model. Tied names share `group` (one storage)."""
@@ -199,7 +218,7 @@ class ReadResult:
 class ServedModel:
     """A model held by the server."""
 
-    def __init__(self, model_id: str, module: nn.Module, spec: pb.ModelSpec, device: torch.device
+    def __init__(self, model_id: str, module: nn.Module, spec: _spec.ModelSpec, device: torch.device
                  ) -> None:
         self.id = model_id
         self.module = module
@@ -458,10 +477,10 @@ class ServedModel:
 
     def snapshot_state(self, names: Sequence[str],
                        alloc: Callable[[int], torch.Tensor] | None = None
-                       ) -> tuple[pb.PullStateResponse, torch.Tensor]:
-        """Copies many tensors into one buffer laid out by paramhub.common.state.state_layout, under one read
-        lock (a consistent snapshot). Returns (the manifest: a PullStateResponse with a header
-        and version per tensor and the model version; the buffer).
+                       ) -> tuple[StateManifest, torch.Tensor]:
+        """Copies many tensors into one buffer laid out by paramhub.common.state.state_layout,
+        under one read lock (a consistent snapshot). Returns (the manifest: a header and version
+        per tensor and the model version; the buffer).
 
         `alloc(nbytes)` may supply the uint8 destination (e.g. shared memory).
         """
@@ -469,25 +488,19 @@ class ServedModel:
         with self.lock.read():
             tensors = [r.get() for r in refs]
             versions = self.versions
-            # Shapes and dtypes never change after creation: the layout and the manifest's
-            # headers are built once per selection; each pull copies that template (one C
-            # call) and fills in the versions (~6x cheaper than 1,000 new headers).
+            # Shapes and dtypes never change after creation: the layout and the headers are
+            # built once per selection (the same `headers` object while cached, so the API
+            # layer can keep the messages it builds from them).
             key = tuple(names)
             cached = self._layouts.get(key)
             if cached is None:
                 if len(self._layouts) > 64:
                     self._layouts.clear()
-                template = pb.PullStateResponse(headers=[
-                    pb_tensor.TensorHeader(name=r.name, dtype=dtypes.dtype_to_proto(t.dtype),
-                                           shape=list(t.shape))
-                    for r, t in zip(refs, tensors)])
-                cached = self._layouts[key] = (template, packing.state_layout(template.headers))
-            template, layout = cached
-            manifest = pb.PullStateResponse()
-            manifest.CopyFrom(template)
-            for h, r in zip(manifest.headers, refs):
-                h.version = versions[r.group]
-            manifest.model_version = self.version
+                headers = tuple(StateHeader(r.name, dtypes.dtype_to_proto(t.dtype),
+                                            tuple(t.shape)) for r, t in zip(refs, tensors))
+                cached = self._layouts[key] = (headers, packing.state_layout(headers))
+            headers, layout = cached
+            manifest = StateManifest(headers, [versions[r.group] for r in refs], self.version)
             total = layout[2]
             if alloc is not None:
                 buf = alloc(total)
@@ -499,7 +512,7 @@ class ServedModel:
                 packing.pack_state(tensors, out=buf, layout=layout)
             return manifest, buf
 
-    def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
+    def check_state(self, headers: Sequence[Any]) -> list[TensorRef]:
         """Validates a bulk write's manifest against the model before any byte is received."""
         seen: set[str] = set()
         refs = []

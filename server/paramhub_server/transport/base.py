@@ -63,8 +63,10 @@ class Link:
         """The value of a SetSlice, received by this link after `admit` accepted it."""
         raise NotImplementedError
 
-    def send_state(self, model: Any, names: list[str], request: Any) -> Iterator[bytes]:
-        """PullStateResponse wire messages."""
+    def send_state(self, snapshot: Callable[..., tuple[Any, torch.Tensor]], request: Any
+                   ) -> Iterator[bytes]:
+        """PullStateResponse wire messages of `snapshot(alloc=None)`: (the manifest message,
+        the flat bytes, copied into `alloc(nbytes)` when given)."""
         raise NotImplementedError
 
     def receive_state(self, header: Any, first: Any, rest: Iterator[Any], total: int,

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import message_factory
 
 from paramhub import _codec
+from paramhub.common import rpcs
 from paramhub.v1 import parameter_service_pb2 as pb
 
 __all__ = ["HTTP2_OPTIONS", "SERVICE", "add_servicer"]
@@ -50,12 +51,11 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
         resp = message_factory.GetMessageClass(method.output_type)
         deserializer: Callable[[bytes], Any] = req.FromString
         serializer: Callable[[Any], bytes] = resp.SerializeToString
-        if method.name in ("GetTensor", "PullState", "GetTensorInline", "WatchModel"):
+        facts = rpcs.FACTS[method.name]  # raw framing, as declared in the proto
+        if facts.raw_response:
             serializer = _passthrough
-        elif method.name == "StreamSetSlice":
-            deserializer = _data_or(req, 0x12)  # StreamSetSliceRequest.data = 2
-        elif method.name == "PushState":
-            deserializer = _data_or(req, 0x12)  # PushStateRequest.data = 2
+        if facts.raw_request_field:  # a bytes field: tag = (field number << 3) | 2
+            deserializer = _data_or(req, facts.raw_request_field << 3 | 2)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

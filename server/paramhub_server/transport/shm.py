@@ -165,7 +165,7 @@ class ShmLink(Link):
         segment = self.channel.receive(conn, nbytes)
         return _kept(segment, admit, _codec.typed_view(segment.tensor, nbytes, dtype, shape))
 
-    def send_state(self, model: Any, names: list[str], request: Any) -> Iterator[bytes]:
+    def send_state(self, snapshot: Any, request: Any) -> Iterator[bytes]:
         segments: list[ShmSegment] = []
 
         def alloc(nbytes: int) -> Any:
@@ -174,7 +174,7 @@ class ShmLink(Link):
             segments.append(create_segment(nbytes))
             return segments[0].tensor[:nbytes]
 
-        manifest, buf = model.snapshot_state(names, alloc=alloc)
+        manifest, buf = snapshot(alloc)
         if not segments:
             yield manifest.SerializeToString()
             yield from _codec.iter_data_frames(buf, 0x1A, chunk_size(request.chunk_bytes))

@@ -50,8 +50,8 @@ class StreamLink(Link):
         admit.inline(value)
         return value
 
-    def send_state(self, model: Any, names: list[str], request: Any) -> Iterator[bytes]:
-        manifest, buf = model.snapshot_state(names)
+    def send_state(self, snapshot: Any, request: Any) -> Iterator[bytes]:
+        manifest, buf = snapshot()
         yield manifest.SerializeToString()
         yield from _codec.iter_data_frames(buf, 0x1A, chunk_size(request.chunk_bytes))
 
