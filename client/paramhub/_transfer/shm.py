@@ -151,7 +151,7 @@ class ShmTransport(Transport):
                 out = _codec.empty(asm.shape, asm.dtype)
             else:
                 check_out(out, asm)
-            out.copy_(_codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape))
+            out.copy_(_codec.typed_view(segment.flat, asm.nbytes, asm.dtype, asm.shape))
             if not request.index:
                 self.client._note_size(request.name, request.field, asm.nbytes)
             return out, first.header.version, self.name
@@ -180,7 +180,7 @@ class ShmTransport(Transport):
             nbytes = value.numel() * value.element_size()
             segment = self.pool.acquire(nbytes)
             try:
-                _codec.typed_view(segment.tensor, nbytes, value.dtype, value.shape).copy_(
+                _codec.typed_view(segment.flat, nbytes, value.dtype, value.shape).copy_(
                     value.detach())
                 _shm.pass_segment(greeted.conn, segment)
                 request = pb.SetSliceRequest()
@@ -212,7 +212,7 @@ class ShmTransport(Transport):
             return FELL_BACK
         segment = self.pool.acquire(job.total)
         try:
-            _codec.pack_state(job.tensors, out=segment.tensor, headers=job.headers)
+            _codec.pack_state(job.tensors, out=segment.flat, headers=job.headers)
             _shm.pass_segment(greeted.conn, segment)
             header = pb.PushStateHeader()
             header.CopyFrom(job.header)

@@ -117,7 +117,7 @@ def read_tensor_stream(client: Any, job: GetJob, *, shm: Any = None, data: Any =
         shm.close()
         for _ in chunks:
             pass
-        value = _codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape)
+        value = _codec.typed_view(segment.flat, asm.nbytes, asm.dtype, asm.shape)
         if out is not None:
             check_out(out, asm)
             out.copy_(value)
@@ -161,7 +161,7 @@ def read_state_stream(client: Any, job: PullJob, *, shm: Any = None, keep_shm: A
         shm.close()
         for _ in messages:
             pass
-        flat = segment.tensor[:total]
+        flat = segment.flat[:total]
         moved = "shm"
     else:
         if shm is not None:

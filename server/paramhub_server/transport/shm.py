@@ -102,7 +102,7 @@ class ShmLink(Link):
             if nbytes < POLICY.shm_min_bytes:  # small: inline, the token stays unused
                 return torch.empty(shape, dtype=dtype)
             segments.append(create_segment(nbytes))
-            return _codec.typed_view(segments[0].tensor, nbytes, dtype, shape)
+            return _codec.typed_view(segments[0].flat, nbytes, dtype, shape)
 
         result = read.run(alloc=alloc)
         if not segments:
@@ -138,7 +138,7 @@ class ShmLink(Link):
                         reason="SHM_BUFFER_TOO_SMALL", metadata={"asked": str(nbytes)})
                 client_segment = ShmSegment(fd, max(nbytes, 1), populate=False)
                 fd = -1
-                return _codec.typed_view(client_segment.tensor, nbytes, dtype, shape)
+                return _codec.typed_view(client_segment.flat, nbytes, dtype, shape)
 
             result = read.run(alloc=into_client)
             header = tpb.TensorHeader(
@@ -163,7 +163,7 @@ class ShmLink(Link):
             raise
         nbytes = dtype.itemsize * numel(shape)
         segment = self.channel.receive(conn, nbytes)
-        return _kept(segment, admit, _codec.typed_view(segment.tensor, nbytes, dtype, shape))
+        return _kept(segment, admit, _codec.typed_view(segment.flat, nbytes, dtype, shape))
 
     def send_state(self, snapshot: Any, request: Any) -> Iterator[bytes]:
         segments: list[ShmSegment] = []
@@ -172,7 +172,7 @@ class ShmLink(Link):
             if nbytes < POLICY.shm_min_bytes:  # small: inline, the token stays unused
                 return torch.empty(nbytes, dtype=torch.uint8)
             segments.append(create_segment(nbytes))
-            return segments[0].tensor[:nbytes]
+            return segments[0].flat[:nbytes]
 
         manifest, buf = snapshot(alloc)
         if not segments:
@@ -197,7 +197,7 @@ class ShmLink(Link):
             raise InvalidArgumentError("a shared-memory PushState carries no data messages",
                                        reason="BAD_STREAM")
         segment = self.channel.receive(conn, total)
-        return _kept(segment, admit, segment.tensor[:total])
+        return _kept(segment, admit, segment.flat[:total])
 
 
 def _kept(segment: ShmSegment, admit: Admit, view: torch.Tensor) -> torch.Tensor:
