@@ -8,8 +8,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from concurrent import futures
+from typing import Any
 
 import grpc
 import torch
@@ -26,7 +26,8 @@ from paramhub_server.core.store import Store
 from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
 from paramhub_server.settings import Settings
-from paramhub_server.transport import HTTP2_OPTIONS, Transport, add_servicer
+from paramhub_server.transport import (HTTP2_OPTIONS, Transport, add_servicer,
+                                        server_tls_context)
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,20 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
                                                     thread_name_prefix="paramhub-rpc"),
                          interceptors=[pipeline], options=options,
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    # The data channel is plaintext TCP: offered only when gRPC is plaintext too (under TLS it
-    # would expose what TLS protects), on the same host as gRPC.
-    data_host = settings.host if settings.data_channel and settings.tls_cert is None else None
+    # The data channel, on the same host as gRPC: in TLS with the server's certificates when
+    # gRPC is (plaintext would expose what TLS protects).
+    data_host = settings.host if settings.data_channel else None
+    data_tls = (server_tls_context(str(settings.tls_cert), str(settings.tls_key),
+                                   str(settings.tls_client_ca) if settings.tls_client_ca else None)
+                if settings.tls_cert is not None and data_host is not None else None)
     transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
-                          data_host=data_host, data_port=settings.data_port)
+                          data_host=data_host, data_port=settings.data_port, data_tls=data_tls,
+                          max_data_writes=max(1, settings.max_workers // 2))
     # The cluster's handlers (server/paramhub_server/cluster) serve sharded models once a
     # torchrun launch joins them to a cluster; until then (and on a plain server) they are the
     # plain handlers, and ClusterService answers as a cluster of one rank.
     parameter_service = ClusterParameterService(
-        registry, max_tensor_elements=settings.max_tensor_elements, transport=transport,
-        max_data_writes=max(1, settings.max_workers // 2))
+        registry, max_tensor_elements=settings.max_tensor_elements, transport=transport)
     add_servicer(parameter_service, server)
     cluster_service = ClusterServicer(None, f"{settings.host}:{settings.port}", str(device),
                                       registry)
