@@ -114,3 +114,15 @@ def test_dtensors_out_of_a_sharded_model_on_a_cluster(cluster: ClusterProcs) -> 
             check_pull(c, cluster.target, "net")
         finally:
             c.delete_model("net")
+
+
+def test_weight_sync_example_checks_every_version(client: paramhub.Client, target: str) -> None:
+    example = Path(__file__).parents[2] / "examples" / "weight_sync.py"
+    done = subprocess.run([sys.executable, str(example), "--target", target, "--steps", "3",
+                           "--hidden", "16"], capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [ln for ln in done.stdout.splitlines() if ln.startswith("step")] == [
+        f"step {k}: model version {k}, 4 tensors ok" for k in (1, 2, 3)]
+    # One model version per published step: create is version 0 here.
+    assert client.model_version("weight-sync") == 3
