@@ -3,6 +3,11 @@
 `Client` is what `paramhub.connect()` returns. Its methods speak torch tensors and Python values;
 `Client.create_model` and `Client.model` return a `RemoteModule` (see module.py) that mirrors
 torch.nn.Module.
+
+Why one file of ~1,500 lines: `Client` is the SDK's API, one method per RPC; its transfer
+methods (get_tensor, set_slice, pull_state, push_state) are being moved behind the transfer
+layer (paramhub/_transfer), after which the rest splits by concept (models, training,
+checkpoints) behind the same class.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from paramhub_server.cluster import storage
 from paramhub_server.cluster.sharding import (Entry, ShardedModel, Write, entries_of, local_rows,
                                               numel, region_ids, select, skeleton_of)
 from paramhub_server.core import indexing, inits, rng
-from paramhub_server.core.model import _combine
+from paramhub_server.core.writes import _combine
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from paramhub.v1 import tensor_pb2 as tpb
 from paramhub.common.dtypes import numel
 from paramhub_server.api import framing, serde
 from paramhub_server.api.tensors import INLINE_MAX_BYTES
-from paramhub_server.core.model import BUFFER, PARAMETER
+from paramhub_server.core.types import BUFFER, PARAMETER
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc

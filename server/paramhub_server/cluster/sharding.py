@@ -17,7 +17,7 @@ from paramhub.common import spec as spec_lib
 from paramhub.common.errors import InvalidArgumentError, NotFoundError
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import indexing
-from paramhub_server.core.model import BUFFER, PARAMETER  # noqa: F401 - re-exported
+from paramhub_server.core.types import BUFFER, PARAMETER  # noqa: F401 - re-exported
 
 #: The only sharding plan built so far (FSDP-style: every tensor on dim 0).
 FSDP = "fsdp"
