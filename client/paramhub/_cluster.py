@@ -192,6 +192,7 @@ class Cluster:
                 if out[0] is None:
                     out[0] = torch.empty(shape, dtype=dtype)
                 full = out[0]
+            assert full is not None
             rows = full[first.row_start:first.row_stop] if shape else full
             dest = _codec.byte_view(rows).view(-1) if rows.numel() else None
             pos = 0

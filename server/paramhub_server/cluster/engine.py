@@ -21,6 +21,8 @@ all_gather) before rank 0 acknowledges. One version per tensor and one per model
 
 from __future__ import annotations
 
+import builtins
+
 import logging
 import queue
 import shutil
@@ -255,9 +257,9 @@ class Cluster:
         if not all(vote):
             raise error or InvalidArgumentError("another rank refused the model",
                                                 reason="NOT_SHARDABLE")
-        for e in entries:
-            src = full[e.group] if full is not None else torch.empty(e.shape, dtype=e.dtype)
-            e.dt = distribute_tensor(src, self.mesh, [e.placement], src_data_rank=0)
+        for ent in entries:
+            src = full[ent.group] if full is not None else torch.empty(ent.shape, dtype=ent.dtype)
+            ent.dt = distribute_tensor(src, self.mesh, [ent.placement], src_data_rank=0)
         del full
         m = ShardedModel(model_id, spec_pb, entries, skeleton=skeleton)
         if self.root is not None:
@@ -504,13 +506,13 @@ class Cluster:
                                 index=index)
         return out, version
 
-    def write(self, model_id: str, writes: list[Write]) -> tuple[list[int], int]:
+    def write(self, model_id: str, writes: builtins.list[Write]) -> tuple[builtins.list[int], int]:
         return self.run("write", model_id=model_id, writes=writes)
 
     def apply_init(self, model_id: str, targets: Sequence[tuple[str, Any]], scheme_name: str,
                    args: dict[str, Any], *, seed: int | None,
                    generator: rng.GeneratorState | None,
-                   expected_model_version: int | None) -> tuple[list[tuple[str, int]], int]:
+                   expected_model_version: int | None) -> tuple[builtins.list[tuple[str, int]], int]:
         """An init scheme over the targets, as one all-or-nothing write of whole tensors.
         The values are drawn on rank 0 (from the client's generator state, or `seed`),
         exactly as for a local model, then written to the owners."""
@@ -526,7 +528,7 @@ class Cluster:
                                            expected_model_version=expected_model_version)
         return [(e.names[0], v) for e, v in zip(chosen, versions)], model_version
 
-    def forward(self, model_id: str, path: str, args: list[Any], kwargs: dict[str, Any]
+    def forward(self, model_id: str, path: str, args: builtins.list[Any], kwargs: dict[str, Any]
                 ) -> tuple[Any, int]:
         """Runs module `path` of the model on rank 0 with its full tensors, gathered for this
         call only (and dropped after): (output, the model version it saw)."""
@@ -554,7 +556,7 @@ class Cluster:
     def delete(self, model_id: str) -> None:
         self.run("delete", model_id=model_id)
 
-    def info(self) -> list[dict[str, Any]]:
+    def info(self) -> builtins.list[dict[str, Any]]:
         return self.run("info")
 
 

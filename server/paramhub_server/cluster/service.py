@@ -191,6 +191,7 @@ class ClusterParameterService(ParameterService):
         if m is None:
             return _unwrapped(ParameterService.DescribeModel)(self, request, context)
         groups: dict[int, int] = {}
+        assert m.skeleton is not None  # kept by every ShardedModel the engine serves
         modules = [_code.describe_module(path, mod, groups.setdefault(id(mod), len(groups)))
                    for path, mod in m.skeleton.named_modules(remove_duplicate=False)]
         return pb.DescribeModelResponse(model=model_info(m, self._device), spec=m.spec,

@@ -118,7 +118,7 @@ def entries_of(skeleton: nn.Module, world: int) -> list[Entry]:
     params = {id(p) for _, p in skeleton.named_parameters(remove_duplicate=False)}
     groups: dict[int, Entry] = {}
     for name, t in skeleton.state_dict(keep_vars=True).items():
-        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        if nn.parameter.is_lazy(t):
             raise InvalidArgumentError(
                 f"{name!r} is not initialized (a lazy module); a sharded model needs every "
                 "shape at creation", reason="NOT_SHARDABLE", metadata={"tensor": name[:200]})
