@@ -82,7 +82,8 @@ class Batch:
 
         `expected_version` is compared with the tensor's version before the batch.
         """
-        from paramhub.client import _OPS, tensor_name
+        from paramhub._names import tensor_name
+        from paramhub._values import OPS as _OPS
 
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
@@ -111,7 +112,7 @@ class Batch:
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
                    expected_model_version: int | None = None) -> None:
         """Adds a torch.nn.init scheme over targets (see Client.apply_init)."""
-        from paramhub.client import model_name
+        from paramhub._names import model_name
 
         req = pb.ApplyInitRequest(model=model_name(self.model_id), scheme=scheme,
                                   targets=targets)
@@ -126,7 +127,7 @@ class Batch:
     # ------------------------------------------------------------------ sending
 
     def _requests(self) -> Iterator[pb.ApplyBatchRequest]:
-        from paramhub.client import model_name
+        from paramhub._names import model_name
 
         header = pb.ApplyBatchHeader(model=model_name(self.model_id),
                                      request_id=self.request_id)

@@ -77,7 +77,7 @@ class Watch:
     def __init__(self, client: Client, model_id: str, *, max_queue: int = 0,
                  timeout: float | None = None,
                  callback: Callable[[WatchEvent], Any] | None = None) -> None:
-        from paramhub.client import model_name
+        from paramhub._names import model_name
 
         self.model_id = model_id
         self._call: Any = client.stub.WatchModel(

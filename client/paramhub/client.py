@@ -1,41 +1,48 @@
-"""The channel, deadlines, retries, and one method per RPC in torch terms.
+"""`connect()` and `Client`: one method per RPC, in torch terms.
 
 `Client` is what `paramhub.connect()` returns. Its methods speak torch tensors and Python values;
 `Client.create_model` and `Client.model` return a `RemoteModule` (see module.py) that mirrors
-torch.nn.Module.
+torch.nn.Module. The machinery lives beside it: the channel, deadlines, retries, metadata and raw
+call handles in _channel.py (`Client` extends its `Calls`), how bytes travel in _transfer/,
+resource names in _names.py, training enums and `PushResult` in _training.py, generator states,
+slice ops and checksums in _values.py.
 
-Why one file of ~1,500 lines: `Client` is the SDK's API, one method per RPC; its transfer
-methods (get_tensor, set_slice, pull_state, push_state) are being moved behind the transfer
-layer (paramhub/_transfer), after which the rest splits by concept (models, training,
-checkpoints) behind the same class.
+Why more than ~500 lines: this file is the SDK's API and nothing else, one documented method per
+RPC (about 40 of them, with their Args/Raises); splitting it further would scatter one class over
+mixins by area without separating any concept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
 
 from paramhub import _batch, _codec, _data, _transfer
+from paramhub._channel import DEFAULT_TARGET, Calls, open_channel
+from paramhub._channel import target_host as _target_host
+from paramhub._names import model_id as _model_id
+from paramhub._names import model_name, tensor_name
+from paramhub._training import MODES as _MODES
+from paramhub._training import OUTCOMES as _OUTCOMES
+from paramhub._training import POLICIES as _POLICIES
+from paramhub._training import PushResult
 from paramhub._transfer import data as _transfer_data
 from paramhub._transfer import policy as _policy
-from paramhub.common import rpcs
+from paramhub._values import OPS as _OPS
+from paramhub._values import generator_state, set_generator_state, tensor_checksum
 from paramhub.errors import (InvalidArgumentError, ResourceExhaustedError,
-                             UnimplementedError, from_rpc_error)
+                             UnimplementedError)
 from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:
@@ -44,25 +51,6 @@ if TYPE_CHECKING:
     from paramhub.module import RemoteModule
 
 __all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum"]
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-T = TypeVar("T")
-
-_OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
-        "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
-
-# Retries on UNAVAILABLE for the RPCs that are safe to repeat (`idempotent` in their proto
-# option): reads, and writes that carry a request id (the SDK always sends one; the server
-# applies an id once and answers a retry with the original result). Forward is not retried: in
-# training mode it updates buffers.
-_IDEMPOTENT = rpcs.names(idempotent=True)
-_SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]
-})
 
 # The thresholds live in the transfer layer's policy (defined once; the server advertises its own).
 INLINE_BYTES = _policy.INLINE_BYTES
@@ -75,68 +63,9 @@ log = logging.getLogger(__name__)
 #: Whole-tensor reads of at least this many bytes ask whether the model is sharded (once per
 #: model) and, if so, are fetched from the ranks in parallel (paramhub._cluster).
 _ROUTED_MIN_BYTES = 1 << 20
-_SERVICE = "/paramhub.v1.ParameterService/"
 
 
-#: RPCs whose writes record their writer (the server's `write_context`; `writes` in their proto
-#: option): only these carry the x-paramhub-writer header.
-_WRITER_METHODS = frozenset(rpcs.names(writes=True))
-
-
-def _passthrough(message: Any) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-def _parse_pull(buf: bytes) -> Any:
-    # PullStateResponse: data messages (field 3) as memoryviews, the manifest as a message.
-    view = _codec.parse_data_frame(buf, 0x1A)
-    return view if view is not None else pb.PullStateResponse.FromString(buf)
-
-
-_MODES = {"async": pb.TRAINING_MODE_ASYNC, "sync": pb.TRAINING_MODE_SYNC,
-          "bounded_staleness": pb.TRAINING_MODE_BOUNDED_STALENESS}
-_POLICIES = {"reject": pb.STALE_POLICY_REJECT, "scale": pb.STALE_POLICY_SCALE}
-_OUTCOMES = {pb.PUSH_OUTCOME_APPLIED: "applied", pb.PUSH_OUTCOME_SCALED: "scaled",
-             pb.PUSH_OUTCOME_REJECTED: "rejected", pb.PUSH_OUTCOME_QUEUED: "queued"}
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """What the server did with pushed gradients.
-
-    Attributes:
-        outcome: "applied", "scaled" (bounded staleness, multiplied by `scale`), "rejected"
-            (too stale, or computed before the last sync step: pull and recompute) or "queued"
-            (sync: counted, but the round had not stepped when the call's deadline came).
-        staleness: optimizer steps taken since the version the gradients were computed at.
-        scale: the factor applied to the gradients (1.0 unless scaled).
-        model_version: the model's version after the push; pull again to train on it.
-        steps: optimizer steps taken so far.
-    """
-
-    outcome: str
-    staleness: int
-    scale: float
-    model_version: int
-    steps: int
-
-    @property
-    def applied(self) -> bool:
-        """Whether the gradients went into a step (applied or scaled)."""
-        return self.outcome in ("applied", "scaled")
-
-
-def model_name(model_id: str) -> str:
-    """"mlp" -> "models/mlp"."""
-    return f"models/{model_id}"
-
-
-def tensor_name(model_id: str, name: str, kind: str = "parameters") -> str:
-    """("mlp", "0.weight") -> "models/mlp/parameters/0.weight"."""
-    return f"models/{model_id}/{kind}/{name}"
-
-
-class Client:
+class Client(Calls):
     """A connection to a paramhub server. Use `paramhub.connect()` to make one.
 
     Every call has a deadline (`timeout` seconds, per client, overridable per call) and raises
@@ -147,50 +76,20 @@ class Client:
                  token: str | None = None, target: str = "", shm: bool = True,
                  progress: bool | None = None, data_channel: bool = True,
                  tls: _data.TlsConfig | None = None) -> None:
-        self.channel = channel
-        self.target = target
-        self.timeout = timeout
+        super().__init__(channel, timeout=timeout, token=token, target=target)
         self.progress = progress
-        #: Shown as the writer of this client's writes in watch events.
-        self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-        #: Every call carries the token; writes also name their writer (one more header per
-        #: call costs ~20 us of a ~450 us round trip on a 2-core VM, so reads go without it).
-        self._read_metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
-        self._metadata = self._read_metadata + (("x-paramhub-writer", self.writer_id),)
-        self.stub = pb_grpc.ParameterServiceStub(channel)
         #: Cluster state (paramhub._cluster), made on first use.
         self._cluster_state: Any = None
-        # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
-        self._get_tensor_raw = channel.unary_stream(
-            _SERVICE + "GetTensor", request_serializer=pb.GetTensorRequest.SerializeToString,
-            response_deserializer=_codec.parse_wrapped_chunk)
-        self._stream_set_slice_raw = channel.stream_unary(
-            _SERVICE + "StreamSetSlice", request_serializer=_passthrough,
-            response_deserializer=pb.StreamSetSliceResponse.FromString)
-        self._pull_state_raw = channel.unary_stream(
-            _SERVICE + "PullState", request_serializer=pb.PullStateRequest.SerializeToString,
-            response_deserializer=_parse_pull)
-        self._get_inline_raw = channel.unary_unary(
-            _SERVICE + "GetTensorInline",
-            request_serializer=pb.GetTensorInlineRequest.SerializeToString,
-            response_deserializer=_codec.parse_inline)
         # Whole-tensor sizes in bytes, learnt from reads and descriptions: the transfer policy
         # picks a transport from them (small tensors: one unary call instead of a stream).
         self._sizes: dict[tuple[str, str, str], int] = {}
-        self._push_state_raw = channel.stream_unary(
-            _SERVICE + "PushState", request_serializer=_passthrough,
-            response_deserializer=pb.PushStateResponse.FromString)
-        # How bytes travel (inline, streams, shared memory, data channel): the transfer layer.
+        # How bytes travel (inline, streams, shm, data channel): the transfer layer.
         # The data channel needs a TCP host; under TLS it is wrapped in TLS (`tls`).
         self._transfers = _transfer.Transfers(self, shm=shm,
                                               data_host=(_target_host(target) if data_channel
                                                          else None), tls=tls)
         self._transport_info: pb.GetTransportInfoResponse | None = None
         self._transport_lock = threading.Lock()
-        #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
-        self.rpc_counts: Counter[str] = Counter()
-        self._method_names: dict[Any, str] = {}
 
     # ---------------------------------------------------------------------------- plumbing
 
@@ -254,33 +153,6 @@ class Client:
     def __repr__(self) -> str:
         return f"paramhub.Client({self.target!r})"
 
-    def _count(self, fn: Any) -> tuple[tuple[str, str], ...]:
-        """Counts a call of `fn`; returns the metadata it carries."""
-        name = self._method_names.get(fn)
-        if name is None:
-            method = getattr(fn, "_method", b"")
-            if isinstance(method, bytes):
-                method = method.decode()
-            name = self._method_names[fn] = str(method).rsplit("/", 1)[-1]
-        self.rpc_counts[name] += 1
-        return self._metadata if name in _WRITER_METHODS else self._read_metadata
-
-    def _call(self, fn: Callable[..., T], request: Any, timeout: float | None = None) -> T:
-        metadata = self._count(fn)
-        try:
-            return fn(request, timeout=timeout if timeout is not None else self.timeout,
-                      metadata=metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-
-    def _stream(self, fn: Callable[..., Iterator[T]], request: Any,
-                timeout: float | None = None) -> Iterator[T]:
-        metadata = self._count(fn)
-        try:
-            yield from fn(request, timeout=timeout if timeout is not None else self.timeout,
-                          metadata=metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
 
     # ---------------------------------------------------------------------------- models
 
@@ -1096,58 +968,6 @@ class Client:
         return self._call(self.stub.Probe, request, timeout)
 
 
-def generator_state(generator: torch.Generator) -> bytes:
-    """A CPU generator's state as bytes (what ApplyInit and Forward carry)."""
-    if generator.device.type != "cpu":
-        raise InvalidArgumentError("only a CPU generator's state can be sent",
-                                   reason="BAD_ARGUMENT")
-    return _codec.tensor_bytes(generator.get_state())
-
-
-def set_generator_state(generator: torch.Generator, state: bytes) -> None:
-    """Sets a CPU generator to a state received from the server."""
-    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    """Lowercase hex SHA-256 of a tensor's raw little-endian row-major bytes: what Probe's
-    `checksum_sha256` reports for the same values on the server."""
-    import ctypes
-    import hashlib
-
-    flat = _codec._byte_view(t)
-    h = hashlib.sha256()
-    if flat.numel():
-        h.update((ctypes.c_char * flat.numel()).from_address(flat.data_ptr()))
-    return h.hexdigest()
-
-
-def _model_id(model: Any) -> str:
-    if isinstance(model, str):
-        return model
-    model_id = getattr(model, "_paramhub_model_id", None)
-    if model_id is None:
-        raise InvalidArgumentError(f"{type(model).__name__} is not a served model",
-                                   reason="BAD_ARGUMENT")
-    return model_id
-
-
-def _target_host(target: str) -> str | None:
-    """The host of a "host:port" target ("[v6]:port" and "dns:///host:port" too); None for
-    unix sockets and anything else the data channel cannot reach."""
-    t = target
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if t.startswith(scheme):
-            t = t[len(scheme):]
-            break
-    if not t or t.startswith("unix") or "/" in t or "," in t:
-        return None
-    if t.startswith("["):
-        host, sep, rest = t[1:].partition("]")
-        return host if sep and rest.startswith(":") and host else None
-    host, sep, port = t.rpartition(":")
-    return host if sep and host and port.isdigit() else None
-
 
 def connect(target: str | None = None, token: str | None = None, timeout: float | None = 30.0,
             *, tls: bool = False, root_certificates: bytes | None = None,
@@ -1173,25 +993,8 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
     """
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
-    opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-            # Largest HTTP/2 frames: see paramhub_server.transport.HTTP2_OPTIONS.
-            ("grpc.http2.max_frame_size", (1 << 24) - 1),
-            # Each Client its own connection (grpc otherwise shares one among a process's
-            # channels to a target): the server tells clients apart by connection when it has
-            # no credentials to go by, and shares its stream limits out per client.
-            ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1), *options]
-    if tls or root_certificates or client_cert:
-        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
-                                             private_key=client_key,
-                                             certificate_chain=client_cert)
-        channel = grpc.secure_channel(target, creds, options=opts)
-        override = dict(opts).get("grpc.ssl_target_name_override")
-        tls_config: _data.TlsConfig | None = _data.TlsConfig(
-            root_certificates, client_cert, client_key,
-            str(override) if override is not None else None)
-    else:
-        channel = grpc.insecure_channel(target, options=opts)
-        tls_config = None
+    channel, tls_config = open_channel(target, tls=tls, root_certificates=root_certificates,
+                                       client_cert=client_cert, client_key=client_key,
+                                       options=options)
     return Client(channel, timeout=timeout, token=token, target=target, shm=shm,
                   progress=progress, data_channel=data_channel, tls=tls_config)

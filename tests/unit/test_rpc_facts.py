@@ -3,7 +3,7 @@ that used to list RPC names by hand is derived from them."""
 
 from __future__ import annotations
 
-from paramhub import client
+from paramhub import _channel
 from paramhub.common import rpcs
 from paramhub_server import admission, auth
 
@@ -38,10 +38,10 @@ def test_auth_roles_derive_from_the_proto():
 
 
 def test_retry_policy_and_writer_header_derive_from_the_proto():
-    assert set(client._IDEMPOTENT) == _IDEMPOTENT_BEFORE
-    assert client._WRITER_METHODS == _WRITERS_BEFORE
+    assert set(_channel._IDEMPOTENT) == _IDEMPOTENT_BEFORE
+    assert _channel._WRITER_METHODS == _WRITERS_BEFORE
     # Forward updates buffers in training mode: never retried.
-    assert "Forward" not in client._IDEMPOTENT
+    assert "Forward" not in _channel._IDEMPOTENT
 
 
 def test_raw_framing_and_admission_derive_from_the_proto():
