@@ -142,7 +142,7 @@ def mixed(target: str, proc: int, start: Start, think: float, out: Any) -> None:
 def watchers(target: str, n: int, start: Start, out: Any) -> None:
     """n WatchModel streams over 8 connections (grpc.aio: a parked stream costs no thread
     here either), each counting its events."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
     from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 
     async def main() -> dict[str, Any]:
@@ -188,7 +188,7 @@ def watchers(target: str, n: int, start: Start, out: Any) -> None:
 
 def slow_readers(target: str, n: int, start: Start, out: Any) -> None:
     """n readers of the big weight, each taking a 1 MiB chunk every 0.5 s."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     clients = [_connect(target, shm=False, data_channel=False,
                         options=[("grpc.http2.bdp_probe", 0)]) for _ in range(n)]

@@ -33,7 +33,7 @@ from torch import nn
 
 import paramhub
 from paramhub import _codec, _spec
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 MIB = 1 << 20
 PY = sys.executable

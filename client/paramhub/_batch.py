@@ -24,7 +24,7 @@ import torch
 from paramhub import _codec
 from paramhub._transfer import policy as _policy
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client

@@ -22,7 +22,7 @@ import grpc
 from paramhub import _codec, _data
 from paramhub.common import rpcs
 from paramhub.errors import from_rpc_error
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 
 __all__ = ["Calls", "DEFAULT_TARGET", "open_channel", "target_host"]

@@ -18,7 +18,7 @@ from paramhub.errors import (ConflictError, FailedPreconditionError, NotFoundErr
                              UnavailableError, UnimplementedError, from_rpc_error)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client

@@ -22,7 +22,7 @@ from paramhub import _codec
 from paramhub.common.modcode import (_INTERNAL, _NONE, allocate, dumps, loads,
                                      remote_code_refused)
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 __all__ = ["dumps", "loads", "allocate", "describe_module", "build_from_description",

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement
 
 from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError, ParamhubError
 from paramhub.common.errors import error_class_for_code
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client

@@ -19,7 +19,7 @@ from torch import nn
 
 from paramhub import _code
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["export"]
 

@@ -17,7 +17,7 @@ from paramhub.common.spec import (ALLOWED_MODULES, CONTAINERS, MAX_SPEC_DEPTH, M
                                   ModelSpec, ModuleChild, ModuleNode, ParameterTie,
                                   check_spec_limits, get_submodule, validate_spec)
 from paramhub.common.tensors import value_from_proto, value_to_proto
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["ALLOWED_MODULES", "CONTAINERS", "build_module", "spec_from_module", "spec_to_proto",
            "spec_from_proto", "validate_spec", "check_spec_limits", "get_submodule",

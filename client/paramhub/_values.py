@@ -7,7 +7,7 @@ import torch
 
 from paramhub import _codec
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["OPS", "generator_state", "set_generator_state", "tensor_checksum"]
 

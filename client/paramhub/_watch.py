@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from paramhub.errors import from_rpc_error
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client

@@ -42,7 +42,7 @@ from paramhub._values import OPS as _OPS
 from paramhub._values import generator_state, set_generator_state, tensor_checksum
 from paramhub.errors import (InvalidArgumentError, ResourceExhaustedError,
                              UnimplementedError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from paramhub import _code, _codec, _spec
 from paramhub.errors import InvalidArgumentError
 from paramhub.tensor import RemoteBuffer, RemoteParameter, _materialize, _Ref, is_remote_tensor
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client, PushResult

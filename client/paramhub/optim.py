@@ -26,7 +26,7 @@ from torch import nn
 from paramhub import _codec
 from paramhub.errors import InvalidArgumentError
 from paramhub.tensor import RemoteParameter
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "get"]
 

@@ -540,7 +540,7 @@ def _run_init(self: _RemoteMixin, scheme: str, func: Any, init_args: dict[str, A
                 func(work, **init_args)
         self._write("assign", work)
         return self
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     resp = ref.client.apply_init(ref.model_id, scheme, [pb.InitTarget(parameter=ref.name)],
                                  {k: v for k, v in init_args.items() if v is not None},

@@ -16,7 +16,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.admission import Admission, Limits
 from paramhub_server.auth import Authenticator
 from paramhub_server.cluster.service import (ClusterParameterService, ClusterServicer,

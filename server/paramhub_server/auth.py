@@ -19,7 +19,7 @@ from pathlib import Path
 
 from paramhub.common import rpcs
 from paramhub.errors import AuthError, PermissionDeniedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from paramhub_server.cli import app
 
 if TYPE_CHECKING:
     import paramhub
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
 Target = Annotated[Optional[str], typer.Option(
     envvar="PARAMHUB_TARGET", help="host:port (default 127.0.0.1:50051)")]
@@ -144,7 +144,7 @@ def build_tree(desc: pb.DescribeModelResponse) -> Tree:
     """A rich Tree of a described model: one node per module path (a shared module is expanded
     at its first path and marked at the others), parameters and buffers as leaves with dtype,
     shape and element count, tied names marked with the name they share storage with."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     modules = {m.path: m for m in desc.modules}
     by_owner: dict[str, list[pb.TensorInfo]] = {}

@@ -14,7 +14,7 @@ from torch import nn
 import paramhub
 from paramhub import _codec, _spec
 from paramhub.errors import ParamhubError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 
 def create(client: paramhub.Client, model_id: str, module: nn.Module, *, seed: int | None = None,

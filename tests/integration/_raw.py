@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterService"]
 METHODS = {m.name: m for m in SERVICE.methods}

@@ -13,7 +13,7 @@ import grpc
 
 import paramhub
 from paramhub.errors import from_rpc_error
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 SERVICE = "/paramhub.v1.ParameterService/"
 MiB = 1 << 20

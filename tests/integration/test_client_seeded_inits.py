@@ -159,7 +159,7 @@ def test_init_inside_a_batch_draws_locally_and_equals_local_torch(client):
 
 
 def test_apply_init_with_a_bad_generator_state_changes_nothing(client):
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     net = client.create_model("m", _make())
     before = net[0].weight.fetch()

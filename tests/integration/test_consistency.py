@@ -18,7 +18,7 @@ import paramhub
 from paramhub import _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              OutOfRangeError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 

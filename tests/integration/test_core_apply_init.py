@@ -9,7 +9,7 @@ from torch import nn
 
 from _core_helpers import bits, create, raises, read_all, unchanged
 from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 
 def P(name: str) -> pb.InitTarget:

@@ -13,7 +13,7 @@ from _core_helpers import bits, create, model_ids, raises, read_all
 from paramhub import _codec, _spec
 from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 

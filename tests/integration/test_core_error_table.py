@@ -15,7 +15,7 @@ from torch import nn
 import paramhub
 from _core_helpers import create, model_ids, unchanged
 from paramhub import errors
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub_server.app import build_server
 

@@ -9,7 +9,7 @@ from torch import nn
 from _core_helpers import bits, create, raises, read_all, snapshot, unchanged
 from paramhub import _codec
 from paramhub.errors import InvalidArgumentError, NotFoundError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 

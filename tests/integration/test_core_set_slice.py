@@ -12,7 +12,7 @@ from paramhub import _codec
 from paramhub.client import INLINE_BYTES
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              OutOfRangeError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 W = "0.weight"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import paramhub
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 pytestmark = pytest.mark.cuda
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import paramhub
-import paramhub.v1.parameter_service_pb2 as pb
+import paramhub.common.pb as pb
 from paramhub import _codec, _data
 from paramhub._transfer.base import GetJob
 from paramhub._transfer.stream import read_tensor_stream

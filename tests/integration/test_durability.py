@@ -20,7 +20,7 @@ from paramhub import _spec
 from paramhub.common import spec as plain_spec
 from paramhub.errors import (AlreadyExistsError, ConflictError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, UnavailableError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 

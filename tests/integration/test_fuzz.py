@@ -227,7 +227,7 @@ def _tensor(data: st.DataObject) -> tpb.Tensor:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_malformed_tensors_and_indices(harness, data):
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     name = data.draw(st.sampled_from(NAMES[:5]))
     index = []
@@ -278,7 +278,7 @@ def test_fuzz_malformed_tensors_and_indices(harness, data):
 @given(data=st.data())
 def test_fuzz_specs(harness, data):
     """Deep, cyclic, huge or non-allow-listed specs, pickles in arguments."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     n = data.draw(st.sampled_from([0, 1, 3, 70, 1001]))
     spec = pb.ModelSpec(root=data.draw(st.integers(-1, 3)))
@@ -337,7 +337,7 @@ def served(tmp_path_factory, request):
 def _amplifying(data: st.DataObject) -> tuple[str, list, bool]:
     """(method, messages, client streaming) of a small request that announces or selects far
     more than its target holds."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     weight = "models/fz/parameters/0.weight"  # 64 x 16
     # Announced elements: within --max-tensor-elements (2**26, 256 MiB of float32: only the
@@ -396,7 +396,7 @@ def _shm_read(s, size: int) -> object:
     import socket
 
     from paramhub import _shm
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
     from _served import raw
 
     link = _shm.ShmLink(s.client.transport_info().shm_address)

@@ -33,7 +33,7 @@ from torch import nn
 import paramhub
 from paramhub import _codec, _shm, _spec
 from paramhub.errors import ParamhubError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server import cli

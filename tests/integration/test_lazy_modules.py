@@ -170,7 +170,7 @@ def test_forward_materializes_from_the_callers_generator_state(client):
 
 
 def test_bad_generator_state_is_rejected_and_changes_nothing(client):
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     client.create_model("lazy", _lazy_mlp())
     request = pb.ForwardRequest(model="models/lazy", generator_state=b"\x00" * 10,

@@ -14,7 +14,7 @@ from torch import nn
 import paramhub
 from paramhub import _spec
 from paramhub.errors import ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 import paramhub
 from paramhub.errors import ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 #: Deadline for the calls that must not starve: generous for a loaded 2-core machine, far
@@ -337,7 +337,7 @@ def test_a_client_that_dies_releases_its_slots(server, target, lin):
     lin.create_model("big", nn.Linear(1024, 1024))
     script = f"""
 import paramhub
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 c = paramhub.connect({target!r}, timeout=None, shm=False, data_channel=False,
                      options=[("grpc.http2.bdp_probe", 0)])
 held = []

@@ -107,7 +107,7 @@ def test_request_id_from_metadata_reaches_logs_and_response(server, target, capl
         with grpc.insecure_channel(target) as ch:
             stub = __import__("paramhub.v1.parameter_service_pb2_grpc",
                               fromlist=["x"]).ParameterServiceStub(ch)
-            from paramhub.v1 import parameter_service_pb2 as pb
+            from paramhub.common import pb
             with pytest.raises(grpc.RpcError) as e:
                 stub.DescribeModel(pb.DescribeModelRequest(name="models/none"),
                                    metadata=[("x-request-id", "req-abc-123")], timeout=10)

@@ -128,7 +128,7 @@ def test_compute_other_dtypes(dtype):
 @pytest.mark.parametrize("hist_min,hist_max", [(5.0, None), (None, -5.0), (-1.7e308, 1.7e308)])
 def test_probe_rejects_empty_or_overflowing_histogram_range(client, hist_min, hist_max):
     """Found by the fuzz suite: a one-sided range past the data used to reach torch.histc."""
-    from paramhub.v1 import parameter_service_pb2 as pb
+    from paramhub.common import pb
 
     _serve(client, nn.Linear(3, 2))
     req = pb.ProbeRequest(name="models/m/parameters/weight", histogram_bins=4)

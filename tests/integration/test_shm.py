@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import paramhub
-import paramhub.v1.parameter_service_pb2 as pb
+import paramhub.common.pb as pb
 from paramhub import _shm
 from paramhub.errors import InvalidArgumentError, UnavailableError
 from paramhub_server.app import build_server

@@ -182,7 +182,7 @@ def test_transport_info_advertises_the_policy(client):
 
 @pytest.mark.skipif(not _shm.shm_supported(), reason="needs Linux memfd")
 def test_refused_write_releases_the_named_shm_connection(server, target):
-    import paramhub.v1.parameter_service_pb2 as pb
+    import paramhub.common.pb as pb
     server.registry.adopt("m", Holder(big=torch.zeros(MIB // 2)))
     channel = server.transport.shm
     link = _shm.ShmLink(channel.address)

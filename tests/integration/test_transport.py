@@ -12,7 +12,7 @@ import paramhub
 from paramhub import _codec, _spec
 from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 from _tensors import random_tensor

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 import paramhub
 from paramhub.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.app import build_server
 
 

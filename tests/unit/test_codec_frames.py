@@ -8,7 +8,7 @@ import torch
 from paramhub import _codec
 from paramhub._progress import PROGRESS_MIN_BYTES, progress_for
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as spb
+from paramhub.common import pb as spb
 from paramhub.v1 import tensor_pb2 as pb
 
 from _tensors import random_tensor

@@ -13,7 +13,7 @@ from torch.nn import modules as _m
 from paramhub import _codec, _spec
 from paramhub.common import spec as plain_spec
 from paramhub.errors import InvalidArgumentError, NotFoundError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 # Constructor keyword arguments for every allow-listed class that needs some; classes absent
 # here are built with no arguments. test_every_allowed_class_builds fails if a class is added

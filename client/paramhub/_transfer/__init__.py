@@ -30,7 +30,7 @@ from paramhub._transfer.inline import InlineTransport
 from paramhub._transfer.policy import DEFAULT, Policy
 from paramhub._transfer.shm import ShmTransport
 from paramhub._transfer.stream import StreamTransport
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["Transfers", "Policy", "Transport", "FELL_BACK"]
 

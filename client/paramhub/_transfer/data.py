@@ -15,7 +15,7 @@ from paramhub._progress import progress_for
 from paramhub._transfer.base import FELL_BACK, GetJob, SetJob, Transport
 from paramhub._transfer.stream import read_tensor_stream
 from paramhub.errors import ParamhubError, from_rpc_error
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["DataTransport", "CONNECT_TIMEOUT", "IO_TIMEOUT"]
 

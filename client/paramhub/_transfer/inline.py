@@ -8,7 +8,7 @@ from typing import Any
 from paramhub import _codec
 from paramhub._transfer.base import FELL_BACK, GetJob, SetJob, Transport
 from paramhub.errors import InvalidArgumentError, ResourceExhaustedError, UnimplementedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["InlineTransport"]
 

@@ -18,7 +18,7 @@ from paramhub import _codec, _shm
 from paramhub._transfer.base import FELL_BACK, GetJob, PullJob, PushJob, SetJob, Transport
 from paramhub._transfer.stream import check_out, read_state_stream, read_tensor_stream
 from paramhub.errors import InvalidArgumentError, ParamhubError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["ShmTransport"]
 

@@ -19,7 +19,7 @@ from paramhub import _codec, _data, _shm
 from paramhub._progress import progress_for
 from paramhub._transfer.base import GetJob, PullJob, PushJob, SetJob, Transport
 from paramhub.errors import InvalidArgumentError, from_rpc_error
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 __all__ = ["StreamTransport", "read_tensor_stream", "read_state_stream", "check_out"]

@@ -112,7 +112,7 @@ def parse_wrapped_chunk(buf: bytes) -> RawChunk:
         if pos + length == len(buf):
             return parse_chunk(memoryview(buf)[pos:])
     # Anything else (e.g. unknown extra fields): the protobuf parser.
-    from paramhub.v1 import parameter_service_pb2 as spb
+    from paramhub.common import pb as spb
 
     chunk = spb.GetTensorResponse.FromString(bytes(buf)).chunk
     return RawChunk(chunk.header if chunk.HasField("header") else None, chunk.data)

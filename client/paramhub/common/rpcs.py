@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paramhub.v1 import options_pb2
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["RpcFacts", "FACTS", "SERVICE", "ROLES", "names"]
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.api.serde import versions, write_context
 from paramhub_server.core import store
 from paramhub_server.api.base import Handlers

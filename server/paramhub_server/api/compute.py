@@ -8,7 +8,7 @@ from torch.utils._pytree import tree_flatten
 
 from paramhub import _codec
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.core import rng
 from paramhub_server.logs import current_role
 from paramhub_server.api.base import Handlers

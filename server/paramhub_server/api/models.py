@@ -10,7 +10,7 @@ import grpc
 
 from paramhub import _code, _codec
 from paramhub.common.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.api.framing import header_then_chunks, once
 from paramhub_server.api.serde import (WireSpec, event_bytes, model_id_of, model_info,
                                        module_infos, program_request, spec_message,

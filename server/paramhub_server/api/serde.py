@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from paramhub import _codec, _spec
 from paramhub.common.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.core import probe, training, watch
 from paramhub_server.core.registry import ProgramRequest

@@ -13,7 +13,7 @@ import torch
 from paramhub import _codec
 from paramhub.common.dtypes import numel
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.api.serde import slice_write, state_manifest, write_context
 from paramhub_server.core.model import ServedModel, SliceWrite

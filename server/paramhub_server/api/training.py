@@ -9,7 +9,7 @@ import grpc
 
 from paramhub import _codec
 from paramhub.common.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.api.framing import header_then_chunks
 from paramhub_server.api.serde import _MODES, _OUTCOMES, _POLICIES, optimizer_info, training_config

@@ -11,7 +11,7 @@ import torch
 
 from paramhub import _codec
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub_server.api.framing import first_header
 from paramhub_server.api.serde import (init_write, model_id_of, slice_write, versions,

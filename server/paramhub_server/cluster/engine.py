@@ -41,7 +41,7 @@ from paramhub import _spec
 from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalError,
                              InvalidArgumentError, ResourceExhaustedError,
                              NotFoundError, ParamhubError, UnavailableError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.cluster import storage
 from paramhub_server.cluster.sharding import (Entry, ShardedModel, Write, entries_of, local_rows,
                                               numel, region_ids, select, skeleton_of)

@@ -16,7 +16,7 @@ from paramhub.common.errors import (AlreadyExistsError, FailedPreconditionError,
                              NotFoundError, ResourceExhaustedError)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 from paramhub.common.dtypes import numel
 from paramhub_server.api import framing, serde

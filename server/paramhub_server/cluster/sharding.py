@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from paramhub import _spec
 from paramhub.common import spec as spec_lib
 from paramhub.common.errors import InvalidArgumentError, NotFoundError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.core import indexing
 from paramhub_server.core.types import BUFFER, PARAMETER  # noqa: F401 - re-exported
 

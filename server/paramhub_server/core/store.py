@@ -56,7 +56,7 @@ from paramhub import _codec
 from paramhub.common import spec as _spec
 from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
                              NotFoundError)
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training
 from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,

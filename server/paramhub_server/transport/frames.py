@@ -16,7 +16,7 @@ from google.protobuf import message_factory
 
 from paramhub import _codec
 from paramhub.common import rpcs
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 
 __all__ = ["HTTP2_OPTIONS", "SERVICE", "add_servicer"]
 

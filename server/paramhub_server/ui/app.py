@@ -44,7 +44,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from paramhub.errors import InvalidArgumentError, ParamhubError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub_server.ui import views
 from paramhub_server.ui.feeds import END, Feeds
 

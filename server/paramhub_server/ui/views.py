@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from paramhub.errors import InvalidArgumentError
-from paramhub.v1 import parameter_service_pb2 as pb
+from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
 
 #: Most elements a values request may read (the heat map and the table draw all of them).
