@@ -58,12 +58,13 @@ from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, Invali
                              NotFoundError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
-from paramhub_server.core import training
+from paramhub_server.core import training, wal_format
 from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,
                                         ServedModel, SnapshotState, WriteContext, WriteResult)
-from paramhub_server.core import wal_format
-from paramhub_server.core.wal import (ValueFileError, WalCorruptError, WalWriter, disk_full,
-                                      read_records, read_value_file, write_value_file)
+from paramhub_server.core.wal import (Scan, ValueFileError, WalCorruptError, WalWriter,
+                                      disk_full, read_records, read_value_file, write_value_file)
+from paramhub_server.core.wal import cut as wal_cut
+from paramhub_server.core.wal import scan as wal_scan
 
 log = logging.getLogger(__name__)
 
@@ -1054,3 +1055,104 @@ def _replay(model: ServedModel, header: dict[str, Any], payload: bytearray, valu
         training.replay_step(model, aux, _tensors_from(aux["tensors"], payload),
                              result.model_version)
     model.remember(header.get("rid", ""), result)
+
+# ----------------------------------------------------------------------------- offline check
+
+
+@dataclass
+class LogCheck:
+    """One log of a model directory: what `wal.scan` found, and the first record that
+    references a missing or damaged value file (its offset and the file), if any."""
+
+    path: Path
+    scan: Scan
+    bad_file_at: int | None = None
+    bad_file: str = ""
+
+    @property
+    def state(self) -> str:
+        """"ok", "torn tail" or "corrupt" (a damaged record or a missing value file)."""
+        return "corrupt" if self.bad_file_at is not None else self.scan.state
+
+    @property
+    def cut_at(self) -> int:
+        """Where `repair` cuts this log: before the first damaged record."""
+        at = [a for a in (self.scan.corrupt_at, self.bad_file_at) if a is not None]
+        return min(at) if at else self.scan.valid
+
+
+@dataclass
+class DirCheck:
+    """What recovery will make of one model directory (server stopped)."""
+
+    model_id: str
+    logs: list[LogCheck]
+    snapshot_missing: list[str]  # value files the snapshot names that are missing or damaged
+    orphans: list[str]  # value files nothing references (recovery removes them)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.snapshot_missing) or any(c.state == "corrupt" for c in self.logs)
+
+
+def _file_ok(values_dir: Path, fname: str, size: int) -> bool:
+    try:
+        return (values_dir / fname).stat().st_size == size
+    except OSError:
+        return False
+
+
+def check_model_dir(d: Path) -> DirCheck:
+    """Reads a model directory as recovery would: its newest snapshot's value files, every
+    log from that generation on (records, and the value files they reference) and the value
+    files nothing references."""
+    values_dir = d / _VALUES
+    gens = sorted(int(m.group(1)) for p in d.iterdir() if (m := _SNAPSHOT.fullmatch(p.name)))
+    gen = gens[-1] if gens else 0
+    manifest: dict[str, dict[str, Any]] = {}
+    if gens:
+        _, meta, _ = st.read_header(d / _snapshot_name(gen))
+        manifest = json.loads(meta.get(_STATE_KEY, "{}")).get("files", {})
+    live = {e["file"] for e in manifest.values()}
+    missing = sorted(e["file"] for e in manifest.values()
+                     if not _file_ok(values_dir, e["file"], _entry_bytes(e)))
+    logs = []
+    for _, path in sorted((int(m.group(1)), p) for p in d.iterdir()
+                          if (m := _WAL.fullmatch(p.name)) and int(m.group(1)) >= gen):
+        check = LogCheck(path, wal_scan(path))
+        pos = 0
+        try:
+            for rec in read_records(path):
+                for fname, size in wal_format.record_files(rec.header):
+                    live.add(fname)
+                    if check.bad_file_at is None and not _file_ok(values_dir, fname, size):
+                        check.bad_file_at, check.bad_file = pos, fname
+                pos = rec.end
+        except WalCorruptError:
+            pass
+        logs.append(check)
+    orphans = sorted(p.name for p in values_dir.iterdir()
+                     if p.name not in live) if values_dir.is_dir() else []
+    return DirCheck(d.name, logs, missing, orphans)
+
+
+def repair_model_dir(d: Path) -> list[str]:
+    """Cuts a damaged model directory's logs before their first bad record (a corrupt frame
+    or a reference to a missing value file; the later logs are cut whole, since their writes
+    came after), keeping the cut bytes in .corrupt files, and removes orphan value files.
+    Returns what it did, one line each."""
+    check = check_model_dir(d)
+    done = []
+    cutting = False
+    for c in check.logs:
+        if cutting or c.state == "corrupt":
+            at = 0 if cutting else c.cut_at
+            kept = wal_cut(c.path, at)
+            done.append(f"{c.path.name}: cut at byte {at} ({c.scan.size - at} bytes moved to "
+                        f"{kept.name if kept else '-'})")
+            cutting = True
+    for fname in check.orphans:
+        (d / _VALUES / fname).unlink(missing_ok=True)
+    if check.orphans:
+        done.append(f"removed {len(check.orphans)} unreferenced value files")
+    return done
