@@ -492,7 +492,8 @@ class ModelStore:
         self.wal.append({"t": "train", "path": path, "training": training})
 
     def _lag_bytes(self) -> int:
-        return self.wal.size + sum(self.log_files.values())
+        # list() copies the values in one step (a metrics thread reads this while writers add).
+        return self.wal.size + sum(list(self.log_files.values()))
 
     def after_commit(self, model: ServedModel) -> None:
         """Schedules a compaction once the log and the value files written since the last one

@@ -208,10 +208,8 @@ class WalWriter:
             while self._synced < end:
                 if self._failed is not None:
                     raise self._failed_error()
-                if self._closed:
-                    return  # close() synced everything
-                if self._syncing:
-                    self._cv.wait()
+                if self._syncing or self._closed:
+                    self._cv.wait()  # close() syncs everything and notifies
                     continue
                 self._syncing = True
                 target = self.size  # everything written by now, this record included
@@ -307,14 +305,22 @@ class WalWriter:
             self._cv.notify_all()
         if self._flusher is not None:
             self._flusher.join()
+        err: OSError | None = None
         try:
             if self.policy != "off" and self._failed is None:
                 os.fdatasync(self.fd)
+        except OSError as e:
+            err = e
         finally:
             with self._cv:
-                self._synced = self.size
+                if err is not None:
+                    self._failed = err
+                elif self._failed is None:
+                    self._synced = self.size
                 self._cv.notify_all()
             os.close(self.fd)
+        if err is not None:
+            raise err
 
 
 def layout(sizes: Sequence[int]) -> list[list[int]]:
