@@ -8,7 +8,7 @@ PORT ?= 50051
 DEVICE ?=
 PROTOS := $(wildcard protos/paramhub/v1/*.proto)
 
-.PHONY: setup serve test fuzz bench load protos clean
+.PHONY: setup serve test check fuzz bench load protos clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ setup: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/paramhub serve --host $(HOST) --port $(PORT) $(if $(DEVICE),--device $(DEVICE))
 
-test: setup
+# The import contracts and the type check first (seconds), then the suite.
+test: setup check
 	$(PY) -m pytest -q
+
+check: setup
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 # A longer, randomized run of the fuzz suite (make test runs a bounded, derandomized one).
 FUZZ_EXAMPLES ?= 400

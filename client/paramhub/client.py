@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from paramhub import _batch, _codec, _data, _shm
+from paramhub.common import rpcs
 from paramhub._progress import progress_for
 from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
@@ -46,13 +47,11 @@ _FELL_BACK = object()
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
 
-# Retries on UNAVAILABLE for the RPCs that are safe to repeat: reads, and writes that carry a
-# request id (the SDK always sends one; the server applies an id once and answers a retry with
-# the original result). Forward is not retried: in training mode it updates buffers.
-_IDEMPOTENT = ("ListModels", "DescribeModel", "ListParameters", "GetTensor", "CheckShared",
-               "Probe", "GetOptimizerState", "PullModel",
-               "SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch", "RestoreCheckpoint",
-               "ListCheckpoints", "ExportCheckpoint", "SetTrainingMode")
+# Retries on UNAVAILABLE for the RPCs that are safe to repeat (`idempotent` in their proto
+# option): reads, and writes that carry a request id (the SDK always sends one; the server
+# applies an id once and answers a retry with the original result). Forward is not retried: in
+# training mode it updates buffers.
+_IDEMPOTENT = rpcs.names(idempotent=True)
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "paramhub.v1.ParameterService", "method": m} for m in _IDEMPOTENT],
@@ -76,10 +75,9 @@ log = logging.getLogger(__name__)
 _SERVICE = "/paramhub.v1.ParameterService/"
 
 
-#: RPCs whose writes record their writer (the server's `write_context`): only these carry the
-#: x-paramhub-writer header.
-_WRITER_METHODS = frozenset({"SetSlice", "StreamSetSlice", "ApplyInit", "ApplyBatch",
-                             "RestoreCheckpoint", "PushState"})
+#: RPCs whose writes record their writer (the server's `write_context`; `writes` in their proto
+#: option): only these carry the x-paramhub-writer header.
+_WRITER_METHODS = frozenset(rpcs.names(writes=True))
 
 
 def _passthrough(message: Any) -> bytes:

@@ -37,13 +37,15 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 
+from paramhub.common import rpcs
 from paramhub.errors import ResourceExhaustedError
 
 CALL, WATCH, TRANSFER, ROUND = "call", "watch", "transfer", "round"
 
 #: Methods that wait by design, by class; every other streaming method is a TRANSFER and every
 #: unary one a CALL (method_class).
-_WAITING = {"WatchModel": WATCH, "PushGrads": ROUND}
+_WAITING = {name: {"watch": WATCH, "round": ROUND}[f.wait]
+            for name, f in rpcs.FACTS.items() if f.wait}  # `wait` in the proto's options
 
 #: Threads beyond a class's limit, for the calls that are being refused (each is quick).
 SLACK = 8

@@ -22,7 +22,7 @@ from paramhub_server.core.registry import Registry, parse_device
 from paramhub_server.core.store import Store
 from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
-from paramhub_server.servicer import ParameterService
+from paramhub_server.api.service import ParameterService
 from paramhub_server.settings import Settings
 from paramhub_server.transport import HTTP2_OPTIONS, Transport, add_servicer
 

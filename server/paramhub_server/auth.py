@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from paramhub.common import rpcs
 from paramhub.errors import AuthError, PermissionDeniedError
 from paramhub.v1 import parameter_service_pb2 as pb
 
@@ -29,48 +30,12 @@ _LEVEL = {r: i for i, r in enumerate(ROLES)}
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterService"].full_name
 
-#: The role each ParameterService RPC needs. Reads (including Forward, which computes on a
-#: snapshot, and probes) need read (a Forward that would update buffers in training mode is
-#: refused to a read token by the core, see ServedModel.forward); anything that changes tensor
-#: values or module state needs write; creating and deleting models and checkpoints, restoring
-#: one, and compaction need admin.
-METHOD_ROLES: dict[str, str] = {
-    "CreateModel": ADMIN,
-    "DeleteModel": ADMIN,
-    "ListModels": READ,
-    "DescribeModel": READ,
-    "ListParameters": READ,
-    "GetTensor": READ,
-    "SetSlice": WRITE,
-    "StreamSetSlice": WRITE,
-    "ApplyInit": WRITE,
-    "Forward": READ,
-    "CheckShared": READ,
-    "SetTrainingMode": WRITE,
-    "Probe": READ,
-    # Training: gradients, optimizer state and steps change what later reads and steps see.
-    "Backward": WRITE,
-    "ZeroGrad": WRITE,
-    "CreateOptimizer": WRITE,
-    "OptimizerStep": WRITE,
-    "GetOptimizerState": READ,
-    "ConfigureTraining": WRITE,
-    "PullModel": READ,
-    "PushGrads": WRITE,
-    "ApplyBatch": WRITE,
-    "WatchModel": READ,
-    "CreateCheckpoint": ADMIN,
-    "ListCheckpoints": READ,
-    # A rollback replaces every value of the model: as destructive as deleting it.
-    "RestoreCheckpoint": ADMIN,
-    "DeleteCheckpoint": ADMIN,
-    "ExportCheckpoint": READ,
-    "CompactModel": ADMIN,
-    "GetTransportInfo": READ,
-    "PullState": READ,
-    "PushState": WRITE,
-    "GetTensorInline": READ,
-}
+#: The role each ParameterService RPC needs, from its `(paramhub.v1.rpc)` option in the proto.
+#: Reads (including Forward, which computes on a snapshot, and probes) need read (a Forward that
+#: would update buffers in training mode is refused to a read token by the core, see
+#: ServedModel.forward); anything that changes tensor values or module state needs write;
+#: creating and deleting models and checkpoints, restoring one, and compaction need admin.
+METHOD_ROLES: dict[str, str] = {name: f.role for name, f in rpcs.FACTS.items()}
 
 #: Tokens shorter than this are rejected when the file is read (guessable).
 MIN_TOKEN_LENGTH = 16

@@ -43,6 +43,7 @@ from google.protobuf import message_factory
 from paramhub import _codec, _data
 from paramhub._shm import (ShmSegment, create_segment, receive_fd, receive_segment,
                            seal_received, send_segment, shm_supported)
+from paramhub.common import rpcs
 from paramhub.errors import InvalidArgumentError, UnavailableError
 from paramhub.v1 import parameter_service_pb2 as pb
 
@@ -93,12 +94,11 @@ def add_servicer(servicer: Any, server: grpc.Server) -> None:
         resp = message_factory.GetMessageClass(method.output_type)
         deserializer: Callable[[bytes], Any] = req.FromString
         serializer: Callable[[Any], bytes] = resp.SerializeToString
-        if method.name in ("GetTensor", "PullState", "GetTensorInline", "WatchModel"):
+        facts = rpcs.FACTS[method.name]  # raw framing, as declared in the proto
+        if facts.raw_response:
             serializer = _passthrough
-        elif method.name == "StreamSetSlice":
-            deserializer = _data_or(req, 0x12)  # StreamSetSliceRequest.data = 2
-        elif method.name == "PushState":
-            deserializer = _data_or(req, 0x12)  # PushStateRequest.data = 2
+        if facts.raw_request_field:  # a bytes field: tag = (field number << 3) | 2
+            deserializer = _data_or(req, facts.raw_request_field << 3 | 2)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

@@ -17,6 +17,7 @@ from torch import nn
 
 import paramhub
 from paramhub import _spec
+from paramhub.common import spec as plain_spec
 from paramhub.errors import (AlreadyExistsError, ConflictError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, UnavailableError)
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -138,7 +139,7 @@ def test_registry_refuses_creates_and_deletes_until_recovery_is_done(settings):
     store = Store(settings.data_dir)
     try:
         reg = Registry(torch.device("cpu"), store=store)
-        spec = _spec.spec_from_module(nn.Linear(2, 2))
+        spec = plain_spec.spec_from_module(nn.Linear(2, 2))  # the core takes dataclasses
         with pytest.raises(UnavailableError) as e:
             reg.create("m", spec, seed=0, device="")
         assert e.value.reason == "STARTING"

@@ -24,7 +24,7 @@ from paramhub import _shm
 from paramhub.errors import InvalidArgumentError, UnavailableError
 from paramhub_server.app import build_server
 from paramhub_server.core.registry import Registry
-from paramhub_server.servicer import ParameterService
+from paramhub_server.api.service import ParameterService
 from paramhub_server.transport import ShmChannel, Transport, add_servicer
 
 from _procfs import count_fds

@@ -8,6 +8,7 @@ import torch
 from paramhub import _codec
 from paramhub.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 from paramhub.v1 import tensor_pb2 as pb
+from paramhub_server.core.indexing import apply_index
 
 from _tensors import random_tensor
 
@@ -264,11 +265,11 @@ def test_index_round_trip_matches_torch(name):
     wire = [pb.IndexItem.FromString(i.SerializeToString()) for i in items]
     decoded = _codec.index_from_proto(wire)
     expected = BASE[index]
-    assert torch.equal(_codec.apply_index(BASE, decoded), expected)
+    assert torch.equal(apply_index(BASE, decoded), expected)
 
 
 def test_empty_index_is_whole_tensor():
-    assert _codec.apply_index(BASE, ()) is BASE
+    assert apply_index(BASE, ()) is BASE
     assert _codec.index_from_proto([]) == ()
 
 
@@ -314,7 +315,7 @@ def test_index_to_proto_rejects(index):
                                    (torch.tensor([0, -5]),)], ids=str)
 def test_apply_index_out_of_bounds_is_out_of_range(index):
     with pytest.raises(OutOfRangeError) as e:
-        _codec.apply_index(BASE, index)
+        apply_index(BASE, index)
     assert e.value.reason == "INDEX_OUT_OF_RANGE"
     assert e.value.code == "OUT_OF_RANGE"
 
@@ -323,7 +324,7 @@ def test_apply_index_out_of_bounds_is_out_of_range(index):
                          ids=["too_many", "mask_shape"])
 def test_apply_index_bad_index_is_invalid_argument(index):
     with pytest.raises(InvalidArgumentError) as e:
-        _codec.apply_index(BASE, index)
+        apply_index(BASE, index)
     assert e.value.reason == "BAD_INDEX"
 
 
@@ -402,7 +403,7 @@ def test_value_from_proto_rejects_bad_dtype_and_tensor():
 def test_index_tensor_bounds_checked_before_any_device(index):
     """Integer index tensors are bounds-checked on the host (on CUDA torch would assert)."""
     with pytest.raises(OutOfRangeError):
-        _codec.apply_index(torch.zeros(3, 4, 5), index)
+        apply_index(torch.zeros(3, 4, 5), index)
 
 
 def test_embedding_guard_turns_bad_indices_into_index_error():
@@ -441,3 +442,13 @@ def test_parse_inline_reads_small_and_large_responses_alike(numel):
     assert chunk.header == header
     back = _codec.tensor_from_parts(chunk.header.dtype, chunk.header.shape, chunk.data)
     assert torch.equal(back, value)
+
+
+def test_kernel_dtype_numbers_match_the_generated_enum():
+    # paramhub.common.dtypes writes the DType numbers without importing protobuf; they must be
+    # the proto's.
+    from paramhub.common.dtypes import DTYPES
+
+    assert set(DTYPES.values()) == {v for v in pb.Dtype.values() if v}
+    for dtype, value in DTYPES.items():
+        assert pb.Dtype.Name(value) == "DTYPE_" + str(dtype).removeprefix("torch.").upper()

@@ -3,13 +3,11 @@ modules. No sockets."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
 
-from paramhub import _spec
+from paramhub.common import spec as _spec
 from paramhub.errors import (AlreadyExistsError, ConflictError, InvalidArgumentError,
                              NotFoundError, OutOfRangeError, ResourceExhaustedError)
 from paramhub_server.core.registry import Registry, check_model_id, parse_device
@@ -21,19 +19,6 @@ def _registry(**kw) -> Registry:
 
 def _spec_of(m: nn.Module):
     return _spec.spec_from_module(m)
-
-
-def test_core_imports_no_grpc():
-    import paramhub_server.core.inits  # noqa: F401
-    import paramhub_server.core.model  # noqa: F401
-    import paramhub_server.core.registry  # noqa: F401
-    import paramhub_server.core.rwlock  # noqa: F401
-
-    for name in ("model", "registry", "inits", "rng", "rwlock"):
-        module = sys.modules[f"paramhub_server.core.{name}"]
-        assert "grpc" not in vars(module)
-        source = open(module.__file__).read()
-        assert "import grpc" not in source and "from grpc" not in source
 
 
 def test_registry_create_get_list_delete():

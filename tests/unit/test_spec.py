@@ -3,12 +3,15 @@ and spec_from_module round trips. No sockets."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import modules as _m
 
 from paramhub import _codec, _spec
+from paramhub.common import spec as plain_spec
 from paramhub.errors import InvalidArgumentError, NotFoundError
 from paramhub.v1 import parameter_service_pb2 as pb
 
@@ -240,7 +243,7 @@ def test_depth_limit():
 
 
 def test_node_count_limit(monkeypatch):
-    monkeypatch.setattr(_spec, "MAX_SPEC_NODES", 3)
+    monkeypatch.setattr(plain_spec, "MAX_SPEC_NODES", 3)
     _spec.build_module(spec_of(node("Sequential", children=[("0", 1), ("1", 2)]),
                                node("ReLU"), node("ReLU")))
     rejects(spec_of(node("Sequential", children=[("0", 1), ("1", 2), ("2", 3)]),
@@ -418,7 +421,7 @@ def test_spec_from_module_round_trip(name):
     rebuilt = _spec.build_module(wire)
     assert repr(rebuilt) == repr(local)
     assert state_bits(rebuilt) == state_bits(local)
-    assert _spec._tensor_groups(rebuilt).__len__() == _spec._tensor_groups(local).__len__()
+    assert len(plain_spec._tensor_groups(rebuilt)) == len(plain_spec._tensor_groups(local))
     # Module sharing is kept: same paths are the same objects.
     local_groups = {}
     for path, mod in local.named_modules(remove_duplicate=False):
@@ -477,3 +480,55 @@ def test_spec_from_module_rejects_custom_activation_callable():
     with pytest.raises(InvalidArgumentError) as e:
         _spec.spec_from_module(layer)
     assert e.value.reason == "BAD_SPEC"
+
+
+# The core holds specs as dataclasses and persists them as JSON; data directories written when
+# the core persisted the ModelSpec message (json_format.MessageToDict) must read the same.
+_ODD_VALUES = [None, True, False, 0, -3, 2**62, 0.0, -1.5, float("nan"), float("inf"),
+               float("-inf"), "", "relu", torch.float64, torch.bfloat16, [], (), [1, (2.5, "x")],
+               torch.arange(6, dtype=torch.int32).reshape(2, 3), torch.tensor(1.25),
+               torch.zeros(0, 2), torch.tensor([True, False])]
+
+
+def _same_values(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, float) and a != a:
+        return isinstance(b, float) and b != b
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_values(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_spec_json_is_the_messages_json(name):
+    from google.protobuf import json_format
+
+    plain = plain_spec.spec_from_module(FACTORIES[name]())
+    message = _spec.spec_to_proto(plain)
+    assert plain_spec.spec_to_json(plain) == json_format.MessageToDict(message)
+    assert plain_spec.spec_from_json(json_format.MessageToDict(message)) == plain
+    assert _spec.spec_from_proto(message) == plain
+
+
+def test_spec_json_values_of_every_kind():
+    from google.protobuf import json_format
+
+    plain = plain_spec.ModelSpec(
+        nodes=[plain_spec.ModuleNode("Sequential", args=list(_ODD_VALUES),
+                                     kwargs={f"k{i}": v for i, v in enumerate(_ODD_VALUES)},
+                                     children=[plain_spec.ModuleChild("0", 1),
+                                               plain_spec.ModuleChild("", 0)]),
+               plain_spec.ModuleNode("ReLU")],
+        root=1, ties=[plain_spec.ParameterTie("a", "b"), plain_spec.ParameterTie("", "c")])
+    message = _spec.spec_to_proto(plain)
+    as_json = json_format.MessageToDict(message)
+    assert plain_spec.spec_to_json(plain) == as_json
+    for back in (plain_spec.spec_from_json(as_json), _spec.spec_from_proto(message),
+                 plain_spec.spec_from_json(json.loads(json.dumps(as_json)))):
+        assert back.root == 1 and back.ties == plain.ties and back.nodes[1] == plain.nodes[1]
+        assert back.nodes[0].children == plain.nodes[0].children
+        assert all(_same_values(a, b) for a, b in zip(back.nodes[0].args, _ODD_VALUES))
+        assert all(_same_values(back.nodes[0].kwargs[k], v)
+                   for k, v in plain.nodes[0].kwargs.items())

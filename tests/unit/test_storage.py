@@ -125,7 +125,7 @@ def test_logged_writes_replay_every_index_kind(tmp_path, policy):
     with their versions."""
     from torch import nn
 
-    from paramhub import _spec
+    from paramhub.common import spec as _spec
     from paramhub_server.core.registry import Registry
     from paramhub_server.core.store import Store
 

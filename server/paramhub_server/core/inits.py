@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn import init as _init
 
-from paramhub.errors import InvalidArgumentError
+from paramhub.common.errors import InvalidArgumentError
 
 SCHEMES = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
            "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",

@@ -28,18 +28,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub import _code, _codec, _spec
-from paramhub.errors import (ConflictError, InvalidArgumentError, NotFoundError,
+from paramhub.common import modcode as _code
+from paramhub.common import spec as _spec
+from paramhub.common import buffers, dtypes
+from paramhub.common import state as packing
+from paramhub.common.errors import (ConflictError, InvalidArgumentError, NotFoundError,
                              PermissionDeniedError)
-from paramhub.v1 import parameter_service_pb2 as pb
-from paramhub.v1 import tensor_pb2 as pb_tensor
-from paramhub_server.core import inits, rng, watch
+from paramhub_server.core import indexing, inits, rng, watch
 from paramhub_server.core.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class Program:
     """What an exported program model was built from (kept to persist and rebuild it)."""
 
     program: bytes  # torch._export.serde JSON
-    tree: list[pb.ModuleInfo]  # the module tree as the client described it
+    #: the module tree as the client described it: ModuleInfo messages in their JSON form
+    #: (json_format.MessageToDict; the API layer converts)
+    tree: list[dict[str, Any]]
     ties: list[tuple[str, str]]  # (state name, the earlier name it is the same tensor as)
     constants: dict[str, torch.Tensor]
     #: state name -> (dtype, shape) of each tensor the program was built with (untied names).
@@ -168,6 +171,24 @@ class SnapshotState:
     request_id: str
 
 
+class StateHeader(NamedTuple):
+    """One tensor of a state snapshot: its name, wire dtype (DType value) and shape."""
+
+    name: str
+    dtype: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StateManifest:
+    """What a state snapshot holds: headers (one object per selection while cached), each
+    tensor's version, and the model version; the API layer builds the PullState manifest."""
+
+    headers: tuple[StateHeader, ...]
+    versions: list[int]
+    model_version: int
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One state_dict name of a model. Tied names share `group` (one storage)."""
@@ -197,7 +218,7 @@ class ReadResult:
 class ServedModel:
     """A model held by the server."""
 
-    def __init__(self, model_id: str, module: nn.Module, spec: pb.ModelSpec, device: torch.device
+    def __init__(self, model_id: str, module: nn.Module, spec: _spec.ModelSpec, device: torch.device
                  ) -> None:
         self.id = model_id
         self.module = module
@@ -380,7 +401,7 @@ class ServedModel:
                 out.copy_(region)
             elif region.device.type == "cpu":
                 if _shares_memory(region, t) or not region.is_contiguous():
-                    out = _codec.empty(region.shape, region.dtype)
+                    out = buffers.empty(region.shape, region.dtype)
                     out.copy_(region)
                 else:
                     out = region  # advanced indexing already made a private copy
@@ -421,7 +442,7 @@ class ServedModel:
             shape = tuple(region.shape)
             if check is not None:
                 check(region.dtype, shape)
-            return _codec.tensor_bytes(region), region.dtype, shape, self.versions[ref.group]
+            return buffers.tensor_bytes(region), region.dtype, shape, self.versions[ref.group]
 
     def _region(self, ref: TensorRef, index: tuple[Any, ...], grad: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,13 +454,13 @@ class ServedModel:
                                     metadata={"model": self.id, "tensor": ref.name[:200]})
             t = t.grad
         t = t.detach()
-        return t, _codec.apply_index(t, index)
+        return t, indexing.apply_index(t, index)
 
     def region_shape(self, name: str, index: tuple[Any, ...], *, kind: str | None = None
                      ) -> tuple[int, ...] | None:
         """The shape `tensor[index]` would have, computed without building it (shapes never
         change after creation, so no lock is needed); None if the index is invalid."""
-        return _codec.index_result_shape(tuple(self.ref(name, kind).get().shape), index)
+        return indexing.index_result_shape(tuple(self.ref(name, kind).get().shape), index)
 
     def select_names(self, names: Sequence[str] = (), *, prefix: str = "", glob: str = "",
                      parameters_only: bool = False) -> list[str]:
@@ -456,10 +477,10 @@ class ServedModel:
 
     def snapshot_state(self, names: Sequence[str],
                        alloc: Callable[[int], torch.Tensor] | None = None
-                       ) -> tuple[pb.PullStateResponse, torch.Tensor]:
-        """Copies many tensors into one buffer laid out by _codec.state_layout, under one read
-        lock (a consistent snapshot). Returns (the manifest: a PullStateResponse with a header
-        and version per tensor and the model version; the buffer).
+                       ) -> tuple[StateManifest, torch.Tensor]:
+        """Copies many tensors into one buffer laid out by paramhub.common.state.state_layout,
+        under one read lock (a consistent snapshot). Returns (the manifest: a header and version
+        per tensor and the model version; the buffer).
 
         `alloc(nbytes)` may supply the uint8 destination (e.g. shared memory).
         """
@@ -467,37 +488,31 @@ class ServedModel:
         with self.lock.read():
             tensors = [r.get() for r in refs]
             versions = self.versions
-            # Shapes and dtypes never change after creation: the layout and the manifest's
-            # headers are built once per selection; each pull copies that template (one C
-            # call) and fills in the versions (~6x cheaper than 1,000 new headers).
+            # Shapes and dtypes never change after creation: the layout and the headers are
+            # built once per selection (the same `headers` object while cached, so the API
+            # layer can keep the messages it builds from them).
             key = tuple(names)
             cached = self._layouts.get(key)
             if cached is None:
                 if len(self._layouts) > 64:
                     self._layouts.clear()
-                template = pb.PullStateResponse(headers=[
-                    pb_tensor.TensorHeader(name=r.name, dtype=_codec.dtype_to_proto(t.dtype),
-                                           shape=list(t.shape))
-                    for r, t in zip(refs, tensors)])
-                cached = self._layouts[key] = (template, _codec.state_layout(template.headers))
-            template, layout = cached
-            manifest = pb.PullStateResponse()
-            manifest.CopyFrom(template)
-            for h, r in zip(manifest.headers, refs):
-                h.version = versions[r.group]
-            manifest.model_version = self.version
+                headers = tuple(StateHeader(r.name, dtypes.dtype_to_proto(t.dtype),
+                                            tuple(t.shape)) for r, t in zip(refs, tensors))
+                cached = self._layouts[key] = (headers, packing.state_layout(headers))
+            headers, layout = cached
+            manifest = StateManifest(headers, [versions[r.group] for r in refs], self.version)
             total = layout[2]
             if alloc is not None:
                 buf = alloc(total)
             elif self.device.type == "cuda":
                 buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)
             else:
-                buf = _codec.empty((total,), torch.uint8)
+                buf = buffers.empty((total,), torch.uint8)
             with torch.no_grad():
-                _codec.pack_state(tensors, out=buf, layout=layout)
+                packing.pack_state(tensors, out=buf, layout=layout)
             return manifest, buf
 
-    def check_state(self, headers: Sequence[pb_tensor.TensorHeader]) -> list[TensorRef]:
+    def check_state(self, headers: Sequence[Any]) -> list[TensorRef]:
         """Validates a bulk write's manifest against the model before any byte is received."""
         seen: set[str] = set()
         refs = []
@@ -507,8 +522,8 @@ class ServedModel:
                                            reason="DUPLICATE_TENSOR",
                                            metadata={"tensor": h.name[:200]})
             seen.add(h.name)
-            dtype = _codec.dtype_from_proto(h.dtype)
-            shape = _codec.check_shape(h.shape)
+            dtype = dtypes.dtype_from_proto(h.dtype)
+            shape = dtypes.check_shape(h.shape)
             if h.name in self._uninitialized:
                 # A lazy module's tensor takes the loaded shape, as in torch's load_state_dict
                 # (materialized under the write lock by load_state).
@@ -624,7 +639,7 @@ class ServedModel:
             ref = self.ref(w.name, w.kind)
             self._check_expected(ref, w.expected_version)
             live = ref.get().detach()
-            region = _codec.apply_index(live, w.index)
+            region = indexing.apply_index(live, w.index)
             return [Change(ref, w.index, _combine(region, w.op, w.value.to(live.device),
                                                   ref.name))]
         resolved: list[tuple[SliceWrite | InitWrite, list[TensorRef]]] = []
@@ -650,7 +665,7 @@ class ServedModel:
                 live = ref.get().detach()
                 multi = touches[ref.group] > 1
                 base = (staged.setdefault(ref.group, (ref, live.clone()))[1] if multi else live)
-                region = _codec.apply_index(base, w.index)
+                region = indexing.apply_index(base, w.index)
                 new = _combine(region, w.op, w.value.to(base.device), ref.name)
                 if multi:
                     _put(base, w.index, new)

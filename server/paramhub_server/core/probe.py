@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from paramhub import _codec
-from paramhub.errors import InvalidArgumentError, NotFoundError
+from paramhub.common.buffers import byte_view
+from paramhub.common.errors import InvalidArgumentError, NotFoundError
+from paramhub_server.core.indexing import apply_index
 from paramhub_server.core.model import PARAMETER, ServedModel
 
 #: Most histogram bins a probe may ask for.
@@ -102,7 +103,7 @@ def _hash_bytes(h: Any, flat: torch.Tensor) -> None:
     """Feeds the raw bytes of a flat tensor to a hash, chunk by chunk, without Python copies."""
     for chunk in _chunks(flat):
         # The codec's byte view: exactly the bytes GetTensor sends.
-        c = _codec._byte_view(chunk)
+        c = byte_view(chunk)
         n = c.numel()
         if n:
             h.update((ctypes.c_char * n).from_address(c.data_ptr()))
@@ -193,7 +194,7 @@ def probe_tensor(model: ServedModel, name: str, index: tuple[Any, ...], *, kind:
                 raise NotFoundError(f"{name!r} has no gradient", reason="GRAD_NOT_SET",
                                     metadata={"model": model.id, "tensor": name[:200]})
             t = t.grad
-        region = _codec.apply_index(t.detach(), index)
+        region = apply_index(t.detach(), index)
         stats = compute([region], name=name, bins=bins, hmin=hmin, hmax=hmax)
         stats.version = model.versions[ref.group]
         return stats, model.version

@@ -12,7 +12,7 @@ import json
 import torch
 from torch import nn
 
-from paramhub.errors import InvalidArgumentError
+from paramhub.common.errors import InvalidArgumentError
 
 
 def load_program(program: bytes, state: dict[str, torch.Tensor],

@@ -7,13 +7,16 @@ import logging
 import re
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from paramhub import _code, _spec
-from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
+from paramhub.common import modcode as _code
+from paramhub.common import spec as _spec
+from paramhub.common.spec import ModelSpec
+from paramhub.common.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
-from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import programs, rng
 from paramhub_server.core.model import Program, ServedModel
 from paramhub_server.core.store import NAME_PATTERN, Store
@@ -45,6 +48,30 @@ def parse_device(text: str, default: torch.device) -> torch.device:
             raise InvalidArgumentError(f"this server has no device {text}", reason="BAD_DEVICE")
         device = torch.device("cuda", index)
     return device
+
+
+class SpecRequest(Protocol):
+    """A model spec as a request carries it (the API layer's wire form): its size limits are
+    checked as it came, before anything is decoded (a spec of millions of nodes is refused
+    without building them), then it is decoded."""
+
+    def check_limits(self, *, max_nodes: int, max_depth: int) -> None:
+        """Raises ResourceExhaustedError (SPEC_TOO_LARGE / SPEC_TOO_DEEP) past a limit."""
+
+    def decode(self) -> ModelSpec:
+        """The spec (InvalidArgumentError for a bad graph, class or value)."""
+
+
+@dataclass(frozen=True)
+class ProgramRequest:
+    """What an exported-program model is created from (CreateModel's header, decoded)."""
+
+    exported_program: bytes
+    #: ModuleInfo messages in their JSON form (see Program.tree)
+    module_tree: list[dict[str, Any]]
+    program_ties: list[tuple[str, str]]
+    program_constants: list[str]
+    device: str
 
 
 class Registry:
@@ -204,7 +231,7 @@ class Registry:
             self._models[model.id] = model
         return model
 
-    def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None, device: str,
+    def create(self, model_id: str, spec: ModelSpec | SpecRequest, *, seed: int | None, device: str,
                values: Iterable[tuple[str, torch.Tensor]] = ()) -> ServedModel:
         """Builds and registers a model; nothing is registered unless every step succeeds.
 
@@ -217,8 +244,12 @@ class Registry:
         dev = parse_device(device, self.default_device)
         self._claim(model_id)
         try:
-            _spec.check_spec_limits(spec, max_nodes=self.max_spec_nodes,
-                                    max_depth=self.max_spec_depth)
+            if isinstance(spec, ModelSpec):
+                _spec.check_spec_limits(spec, max_nodes=self.max_spec_nodes,
+                                        max_depth=self.max_spec_depth)
+            else:  # as a request carries it: limits first, before anything is decoded
+                spec.check_limits(max_nodes=self.max_spec_nodes, max_depth=self.max_spec_depth)
+                spec = spec.decode()
             with torch.device("meta"):
                 skeleton = _spec.build_module(spec)
             size = _unique_bytes(skeleton)
@@ -271,7 +302,7 @@ class Registry:
         finally:
             self._release(model_id)
 
-    def create_program(self, model_id: str, header: pb.CreateModelHeader, *,
+    def create_program(self, model_id: str, header: ProgramRequest, *,
                        values: dict[str, torch.Tensor]) -> ServedModel:
         """Builds and registers an exported program (see paramhub._program): deserialized with
         the uploaded tensors, nothing unpickled, so no trust is needed."""
@@ -283,7 +314,7 @@ class Registry:
             size = sum(v.numel() * v.element_size() for v in values.values())
             self._reserve_model(model_id, size)
             program = Program(header.exported_program, list(header.module_tree),
-                              [(t.parameter, t.source) for t in header.program_ties],
+                              list(header.program_ties),
                               {n: values.pop(n) for n in header.program_constants
                                if n in values},
                               {n: (v.dtype, tuple(v.shape)) for n, v in values.items()})
@@ -310,7 +341,7 @@ class Registry:
         module = programs.load_program(program.program, state,
                                        {k: v.clone() for k, v in program.constants.items()})
         module = module.to(dev)
-        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model = ServedModel(model_id, module, ModelSpec(), dev)
         model.program = program
         return model
 
@@ -320,7 +351,7 @@ class Registry:
             module = _code.loads(module_pickle, trust_remote_code=self.trust_remote_code,
                                  packages=self.model_packages)
         _code.allocate(module, dev)
-        model = ServedModel(model_id, module, pb.ModelSpec(), dev)
+        model = ServedModel(model_id, module, ModelSpec(), dev)
         model.source = module_pickle
         return model
 
@@ -346,7 +377,7 @@ class Registry:
 
 
     @staticmethod
-    def _build(model_id: str, spec: pb.ModelSpec, seed: int | None, dev: torch.device, *,
+    def _build(model_id: str, spec: ModelSpec, seed: int | None, dev: torch.device, *,
                skeleton: torch.nn.Module | None = None, allocate_only: bool = False
                ) -> ServedModel:
         """Builds the module on `dev`: initialized (under `seed`), or only allocated when every
@@ -365,13 +396,13 @@ class Registry:
         return ServedModel(model_id, module, spec, dev)
 
     def adopt(self, model_id: str, module: torch.nn.Module,
-              spec: pb.ModelSpec | None = None) -> ServedModel:
+              spec: ModelSpec | None = None) -> ServedModel:
         """Registers an already built module as it is (restores, embedding servers, tests).
 
         Unlike `create`, no spec is validated: the caller built the module in-process.
         """
         check_model_id(model_id)
-        model = ServedModel(model_id, module, spec or pb.ModelSpec(),
+        model = ServedModel(model_id, module, spec or ModelSpec(),
                             next(iter(module.parameters()), torch.empty(0)).device)
         with self._lock:
             if model_id in self._models or model_id in self._creating:

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
-from paramhub import _codec
-from paramhub.errors import InvalidArgumentError
+from paramhub.common.buffers import tensor_bytes
+from paramhub.common.errors import InvalidArgumentError
 
 _LOCK = threading.Lock()
 
@@ -85,4 +85,4 @@ def drawing_from(gen: GeneratorState | None) -> Iterator[None]:
     with _LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.set_state(gen._tensor)
         yield
-        gen.state = _codec.tensor_bytes(torch.default_generator.get_state())
+        gen.state = tensor_bytes(torch.default_generator.get_state())

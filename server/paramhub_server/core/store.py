@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from google.protobuf import json_format
 
-from paramhub import _codec, _spec
+from paramhub import _codec
+from paramhub.common import spec as _spec
 from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
                              NotFoundError)
 from paramhub.v1 import parameter_service_pb2 as pb
@@ -141,7 +141,7 @@ class Store:
                 ids.append(p.name)
         return ids
 
-    def read_meta(self, model_id: str) -> tuple[pb.ModelSpec, str]:
+    def read_meta(self, model_id: str) -> tuple[_spec.ModelSpec, str]:
         """(spec, device string) of a stored model. The spec is the newest snapshot's when it
         records one (a model whose lazy modules materialized after creation has a new one)."""
         d = self.models_dir / model_id
@@ -154,7 +154,7 @@ class Store:
         if gens:
             _, snap_meta, _ = st.read_header(d / _snapshot_name(gens[-1]))
             spec = json.loads(snap_meta[_STATE_KEY]).get("spec", spec)
-        return json_format.ParseDict(spec, pb.ModelSpec()), meta["device"]
+        return _spec.spec_from_json(spec), meta["device"]
 
     def read_program(self, model_id: str) -> tuple[Program, dict[str, torch.Tensor]] | None:
         """An exported program model's definition and empty state tensors to build it with
@@ -167,8 +167,7 @@ class Store:
         state = {n: torch.empty(shape, dtype=_codec.dtype_from_proto(dt))
                  for n, (dt, shape) in meta["program_state"].items()}
         program = Program(base64.b64decode(meta["exported_program"]),
-                          [json_format.ParseDict(m, pb.ModuleInfo())
-                           for m in meta["module_tree"]],
+                          list(meta["module_tree"]),
                           [tuple(t) for t in meta["program_ties"]], constants,
                           {n: (t.dtype, tuple(t.shape)) for n, t in state.items()})
         return program, state
@@ -193,13 +192,13 @@ class Store:
         tmp.mkdir()
         try:
             meta = {"format": FORMAT, "model_id": model.id, "device": str(model.device),
-                    "spec": json_format.MessageToDict(model.spec)}
+                    "spec": _spec.spec_to_json(model.spec)}
             if model.source:  # a user-defined module: its pickle (paramhub._code)
                 meta["module_pickle"] = base64.b64encode(model.source).decode()
             if model.program is not None:  # an exported program (paramhub._program)
                 p = model.program
                 meta["exported_program"] = base64.b64encode(p.program).decode()
-                meta["module_tree"] = [json_format.MessageToDict(m) for m in p.tree]
+                meta["module_tree"] = list(p.tree)
                 meta["program_ties"] = [list(t) for t in p.ties]
                 meta["program_state"] = {n: [_codec.dtype_to_proto(d), list(shape)]
                                          for n, (d, shape) in p.state.items()}
@@ -934,7 +933,7 @@ def _capture(model: ServedModel, directory: Path, gen: int, files: dict[str, str
         "versions": versions,
         "training": model.training_flags(),
         # The spec the values fit: it changes when lazy modules materialize.
-        "spec": json_format.MessageToDict(model.spec),
+        "spec": _spec.spec_to_json(model.spec),
         **({"module_pickle": base64.b64encode(model.source).decode()} if model.source else {}),
         "recent": [[rid, _result_to_json(r)] for rid, r in recent[-MAX_RECENT_REQUESTS:]],
         "files": manifest}

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from paramhub.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
+from paramhub.common.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
                              ResourceExhaustedError, UnavailableError)
 from paramhub_server.core.model import PARAMETER, Extra, ServedModel
 
