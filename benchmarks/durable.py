@@ -127,7 +127,7 @@ def scalar_writers(target: str, writers: int, seconds: float) -> float:
 def journal_writers(tmp: Path, threads: int, seconds: float) -> float:
     """The journal alone, no RPC: scalar writes/s of `threads` threads calling the server core
     in this process under --fsync always (what group commit does when CPU is not the limit)."""
-    from paramhub import _spec
+    from paramhub.common import spec as _spec
     from paramhub_server.core.registry import Registry
     from paramhub_server.core.store import Store
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import paramhub
-from paramhub import _spec
+from paramhub.common import spec as _spec
 from paramhub_server import cli
 from paramhub_server.app import build_server
 from paramhub_server.core import store as store_mod

@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from paramhub import _codec
+from paramhub.common import buffers, dtypes
 from paramhub.common import spec as _spec
-from paramhub.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
+from paramhub.common.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
                              NotFoundError)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
@@ -164,7 +164,7 @@ class Store:
         if "exported_program" not in meta:
             return None
         constants, _ = st.read_file(d / _CONSTANTS)
-        state = {n: torch.empty(shape, dtype=_codec.dtype_from_proto(dt))
+        state = {n: torch.empty(shape, dtype=dtypes.dtype_from_proto(dt))
                  for n, (dt, shape) in meta["program_state"].items()}
         program = Program(base64.b64decode(meta["exported_program"]),
                           list(meta["module_tree"]),
@@ -200,7 +200,7 @@ class Store:
                 meta["exported_program"] = base64.b64encode(p.program).decode()
                 meta["module_tree"] = list(p.tree)
                 meta["program_ties"] = [list(t) for t in p.ties]
-                meta["program_state"] = {n: [_codec.dtype_to_proto(d), list(shape)]
+                meta["program_state"] = {n: [dtypes.dtype_to_proto(d), list(shape)]
                                          for n, (d, shape) in p.state.items()}
                 st.write_file(tmp / _CONSTANTS, list(p.constants.items()), {},
                               fsync=self.fsync != "off")
@@ -422,8 +422,8 @@ class ModelStore:
                     if c.index:
                         entry["ix"], off = wal_format.encode_index(c.index, blobs, off)
                     # Small values as bytes (one copy, no views); big ones from their memory.
-                    data = (_codec.tensor_bytes(value) if n <= _SMALL_VALUE
-                            else _codec.byte_view(value))
+                    data = (buffers.tensor_bytes(value) if n <= _SMALL_VALUE
+                            else buffers.byte_view(value))
                     e, off = wal_format.tensor_entry(value, blobs, off, data)
                     entry.update(e)
                     inline.append(first)
@@ -453,7 +453,7 @@ class ModelStore:
     def _write_value(self, value: torch.Tensor) -> str:
         """Writes a value file (fdatasynced unless fsync is "off"); returns its name."""
         fname = f"{uuid.uuid4().hex}.bin"
-        write_value_file(self.values_dir / fname, _codec.byte_view(value),
+        write_value_file(self.values_dir / fname, buffers.byte_view(value),
                          self.store.fsync != "off")
         return fname
 
@@ -954,7 +954,7 @@ def _write_prepared(prep: PreparedSnapshot, values_dir: Path, fsync: bool) -> No
     the snapshot itself to its temporary file; on failure removes what it wrote."""
     try:
         for _, fname, t in prep.to_write:
-            write_value_file(values_dir / fname, _codec.byte_view(t), fsync)
+            write_value_file(values_dir / fname, buffers.byte_view(t), fsync)
             prep.written.append(fname)
         if prep.written and fsync:
             st.fsync_dir(values_dir)
@@ -1004,7 +1004,7 @@ def _tensor_entries(tensors: Sequence[tuple[str, torch.Tensor]], blobs: list[Any
     """Appends the tensors' bytes to `blobs` from payload `offset`; returns their entries."""
     out = []
     for key, t in tensors:
-        e, offset = wal_format.tensor_entry(t, blobs, offset, _codec.byte_view(t))
+        e, offset = wal_format.tensor_entry(t, blobs, offset, buffers.byte_view(t))
         out.append({"key": key, **e})
     return out, offset
 

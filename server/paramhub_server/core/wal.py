@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paramhub.errors import ResourceExhaustedError
+from paramhub.common.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from paramhub.common import dtypes
+
 #: Every dtype a record may hold, by the name written in format 2.
 _DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
@@ -51,9 +53,7 @@ def dtype_of(value: Any) -> torch.dtype:
             return _DTYPES[value]
         except KeyError:
             raise RecordError(f"unknown dtype {value!r} in a log record") from None
-    from paramhub import _codec  # format 1 only
-
-    return _codec.dtype_from_proto(int(value))
+    return dtypes.dtype_from_proto(int(value))
 
 
 def tensor_entry(t: torch.Tensor, blobs: list[Any], offset: int, data: Any) -> tuple[dict, int]:
@@ -107,12 +107,13 @@ def decode_index(entry: dict[str, Any], payload: bytearray) -> tuple[Any, ...]:
         return tuple(_index_item(i, payload) for i in entry["ix"])
     if entry.get("idx") is None:
         return ()
-    # Format 1: the index was a serialized SetSliceRequest (only its `index` field set).
-    from paramhub import _codec
+    # Format 1: the index was a serialized SetSliceRequest (only its `index` field set). Only
+    # old logs need protobuf, so it is imported here, not with the module.
+    from paramhub.common.index import index_from_proto
     from paramhub.v1 import parameter_service_pb2 as pb
 
     b, end = entry["idx"]
-    return _codec.index_from_proto(pb.SetSliceRequest.FromString(bytes(payload[b:end])).index)
+    return index_from_proto(pb.SetSliceRequest.FromString(bytes(payload[b:end])).index)
 
 
 def _index_item(item: Any, payload: bytearray) -> Any:
