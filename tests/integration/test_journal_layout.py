@@ -261,3 +261,33 @@ def test_concurrent_writes_share_fsyncs_and_each_is_acknowledged_after_its_own(t
     for rid, cov in acked.items():
         assert ends[rid] <= cov, f"{rid} was acknowledged before its record was synced"
     reg.close()
+
+
+def test_reads_go_on_while_a_big_write_is_written_to_disk(tmp_path, monkeypatch):
+    """A big whole-tensor write's value file is written and synced before the model's write
+    lock is taken: a read of the model completes while that disk write is in progress, and the
+    write then lands whole (one value file, no second copy)."""
+    reg, m = _model(tmp_path)
+    d = tmp_path / "models" / "m"
+    in_write, read_done = threading.Event(), threading.Event()
+    real = store_mod.write_value_file
+
+    def slow_value_write(*args: Any, **kwargs: Any) -> int:
+        in_write.set()
+        read_done.wait(20)  # held until the reader got through (or gave up)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "write_value_file", slow_value_write)
+    files = _values(d)
+    writer = threading.Thread(target=m.set_slice, args=("0.weight", (), "assign",
+                                                        torch.full((512, 1024), 8.0)))
+    writer.start()
+    assert in_write.wait(20)
+    got = m.read("0.weight", ())  # would wait for the writer if it held the lock
+    read_done.set()
+    writer.join(60)
+    monkeypatch.undo()
+    assert torch.equal(got.tensor, torch.full((512, 1024), 3.0))  # the value before the write
+    assert torch.equal(m.module.state_dict()["0.weight"], torch.full((512, 1024), 8.0))
+    assert len(_values(d) - files) == 1 and m.journal.files["0.weight"] in _values(d) - files
+    reg.close()

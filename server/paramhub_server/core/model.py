@@ -145,6 +145,9 @@ class Journal(Protocol):
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
 
+    def prewrite(self, ref: TensorRef, index: tuple[Any, ...], op: str,
+                 value: torch.Tensor) -> None: ...
+
     def reserve(self, nbytes: int) -> None: ...
 
     def log_record(self, model: ServedModel, header: dict[str, Any],
@@ -754,6 +757,9 @@ class ServedModel:
         if op not in SLICE_OPS:
             raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
         ref = self.ref(name, kind)
+        journal = self.journal
+        if journal is not None:  # a big whole-tensor value goes to disk before the lock
+            journal.prewrite(ref, index, op, value)
         with self.lock.write():
             result = self._recall(ctx, "set_slice")
             if result is None:

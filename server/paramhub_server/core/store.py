@@ -60,7 +60,8 @@ from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training, wal_format
 from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,
-                                        ServedModel, SnapshotState, WriteContext, WriteResult)
+                                        ServedModel, SnapshotState, TensorRef, WriteContext,
+                                        WriteResult)
 from paramhub_server.core.wal import (Scan, ValueFileError, WalCorruptError, WalWriter,
                                       disk_full, read_records, read_value_file, write_value_file)
 from paramhub_server.core.wal import cut as wal_cut
@@ -414,7 +415,11 @@ class ModelStore:
                 entry: dict[str, Any] = {"name": c.ref.name}
                 if (n >= self.store.value_file_bytes
                         and wal_format.whole(c.index, value.shape, c.ref.get().shape)):
-                    fname = self._write_value(value)
+                    pre = getattr(self._pending, "pre", None)
+                    if pre is not None and pre[0] is value:  # written before the lock
+                        fname, self._pending.pre = pre[1], None
+                    else:
+                        fname = self._write_value(value)
                     written.append((first, fname, n))
                     entry.update(ix=[], dtype=wal_format.dtype_name(value.dtype),
                                  shape=list(value.shape), file=fname)
@@ -457,6 +462,26 @@ class ModelStore:
                          self.store.fsync != "off")
         return fname
 
+    def prewrite(self, ref: TensorRef, index: tuple[Any, ...], op: str,
+                 value: torch.Tensor) -> None:
+        """Called before the write lock is taken: a big whole-tensor assign's value file is
+        written and synced now, so that the lock is held only for the small log record and the
+        copy into the tensor (readers of the model do not wait for the value's disk write).
+        `log_write` uses the file if the planned change's value is this very tensor (an assign
+        of the tensor's dtype and device keeps it); otherwise it is removed when the lock is
+        released."""
+        if op != "assign":
+            return
+        t = ref.get()
+        if (value.numel() * value.element_size() < self.store.value_file_bytes
+                or value.dtype != t.dtype or value.device != t.device
+                or not wal_format.whole(index, value.shape, t.shape)):
+            return
+        fname = self._write_value(value)
+        if self.store.fsync != "off":
+            st.fsync_dir(self.values_dir)
+        self._pending.pre = (value, fname)
+
     def _after_write(self, ok: bool) -> None:
         """Runs when the model's write lock is released: waits until the fsync that covers
         this thread's record is done (shared with other writers). A write-locked call that
@@ -464,6 +489,10 @@ class ModelStore:
         far, so nothing is acknowledged before the record it answers from is durable."""
         pending = getattr(self._pending, "at", None)
         self._pending.at = None
+        pre = getattr(self._pending, "pre", None)
+        if pre is not None:  # written before the lock, then not used (a conflict, a retry)
+            self._pending.pre = None
+            (self.values_dir / pre[1]).unlink(missing_ok=True)
         if not ok:
             return
         if pending is not None:
