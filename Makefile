@@ -39,6 +39,7 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.cold
 
 # Many clients on one default server for LOAD_SECONDS (loopback only, bounded; see
 # benchmarks/load.py): 64 mixed clients, 1,000 watchers, 32 slow readers, 64-worker sync rounds.

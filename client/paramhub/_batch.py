@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from paramhub import _codec
+from paramhub._transfer import policy as _policy
 from paramhub.errors import InvalidArgumentError
 from paramhub.v1 import parameter_service_pb2 as pb
 
 if TYPE_CHECKING:
     from paramhub.client import Client
 
-#: A value up to this many bytes travels inside its write's message; larger values follow it
-#: as `data` messages of DATA_CHUNK bytes.
-INLINE_BYTES = 4 << 20
+#: A value up to this many bytes travels inside its write's message (the transfer policy's inline
+#: limit); larger values follow it as `data` messages of DATA_CHUNK bytes.
+INLINE_BYTES = _policy.INLINE_BYTES
 DATA_CHUNK = 1 << 20
 
 

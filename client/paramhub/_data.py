@@ -15,24 +15,31 @@ to the connection that received it and to the one call that names it, and expire
 seconds. A write's bytes are preceded by a preamble binding them to the exact request (byte
 count and SHA-256 of token + request); the server refuses a mismatch before writing anything.
 
-The channel is plaintext: servers never offer it under TLS, and `connect(data_channel=False)` /
-`paramhub serve --no-data-port` turn it off.
+Under TLS the channel is TLS too: a TLS server wraps every data connection with its own
+certificate (and requires a client certificate from its CA under mTLS), and the SDK verifies it
+as the gRPC channel does (`TlsConfig`). A plaintext server's channel is plaintext.
+`connect(data_channel=False)` / `paramhub serve --no-data-port` turn it off.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import ssl
 import struct
+import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from paramhub._shm import ShmLink
 from paramhub.errors import InvalidArgumentError
 
-__all__ = ["DATA_MIN_BYTES", "PIECE", "DataLink", "send_view", "recv_into", "recv_exact",
+__all__ = ["DATA_MIN_BYTES", "PIECE", "DataLink", "TlsConfig", "send_view", "recv_into", "recv_exact",
            "send_length", "recv_length", "write_digest", "reset", "PREAMBLE"]
 
-#: Values of at least this many bytes use the data channel (when shm is not available).
+#: Values of at least this many bytes use the data channel (when shm is not available): the
+#: default of the transfer policy's threshold (paramhub._transfer.policy).
 DATA_MIN_BYTES = 16 << 20
 #: Bytes per send/recv system call (each bounded by the socket timeout).
 PIECE = 8 << 20
@@ -96,13 +103,60 @@ def reset(conn: socket.socket) -> None:
         pass
 
 
-class DataLink(ShmLink):
-    """The client's end: greeted TCP connections to host:port (kept one at a time)."""
+@dataclass(frozen=True)
+class TlsConfig:
+    """How the client verifies (and, under mTLS, presents itself to) a TLS server: the same
+    PEM material the gRPC channel was given. `server_name` overrides the host name checked
+    against the server's certificate (grpc.ssl_target_name_override)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0) -> None:
+    root_certificates: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client SSLContext verifying the server (system roots when none are given)."""
+        ctx = ssl.create_default_context(
+            cadata=self.root_certificates.decode("ascii") if self.root_certificates else None)
+        if self.client_cert and self.client_key:
+            _load_chain(ctx, self.client_cert, self.client_key)
+        return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """ctx.load_cert_chain from PEM bytes (the ssl module only reads files: an anonymous
+    memfd where there is one, else a private temporary directory removed at once)."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("paramhub-tls"), os.memfd_create("paramhub-tls")]
+        try:
+            for fd, pem in zip(fds, (cert, key)):
+                os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+            return
+        except OSError:
+            pass  # e.g. no /proc: fall through
+        finally:
+            for fd in fds:
+                os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="paramhub-tls-") as tmp:
+        paths = [os.path.join(tmp, n) for n in ("cert.pem", "key.pem")]
+        for path, pem in zip(paths, (cert, key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        ctx.load_cert_chain(paths[0], paths[1])
+
+
+class DataLink(ShmLink):
+    """The client's end: greeted TCP (or TLS) connections to host:port (kept one at a time)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 30.0,
+                 tls: TlsConfig | None = None) -> None:
         super().__init__(f"{host}:{port}", timeout=timeout)
         self.host = host
         self.port = port
+        self.tls = tls
+        self._ctx = tls.context() if tls is not None else None
 
     def _open(self) -> socket.socket:
         conn = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -110,4 +164,11 @@ class DataLink(ShmLink):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        return conn
+        if self._ctx is None:
+            return conn
+        assert self.tls is not None
+        try:
+            return self._ctx.wrap_socket(conn, server_hostname=self.tls.server_name or self.host)
+        except BaseException:
+            conn.close()
+            raise

@@ -57,6 +57,13 @@ class ShmSegment:
         self._mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor: torch.Tensor | None = torch.frombuffer(self._mm, dtype=torch.uint8)
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """`tensor` of a segment not closed yet (ValueError after close)."""
+        if self.tensor is None:
+            raise ValueError("the shared-memory segment is closed")
+        return self.tensor
+
     def release_fd(self) -> None:
         """Closes the descriptor; the mapping (and `tensor`) stay valid."""
         if self.fd >= 0:

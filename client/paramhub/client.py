@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import torch
 
-from paramhub import _batch, _codec, _data, _shm
+from paramhub import _batch, _codec, _data, _transfer
+from paramhub._transfer import data as _transfer_data
+from paramhub._transfer import policy as _policy
 from paramhub.common import rpcs
-from paramhub._progress import progress_for
-from paramhub.errors import (InvalidArgumentError, ParamhubError, ResourceExhaustedError,
+from paramhub.errors import (InvalidArgumentError, ResourceExhaustedError,
                              UnimplementedError, from_rpc_error)
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub.v1 import parameter_service_pb2_grpc as pb_grpc
@@ -41,8 +42,6 @@ __all__ = ["Client", "connect", "DEFAULT_TARGET", "PushResult", "tensor_checksum
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 T = TypeVar("T")
-#: Returned by Client._over_link when a side link failed and the caller should use gRPC.
-_FELL_BACK = object()
 
 _OPS = {"assign": pb.SLICE_OP_ASSIGN, "add": pb.SLICE_OP_ADD, "sub": pb.SLICE_OP_SUB,
         "mul": pb.SLICE_OP_MUL, "div": pb.SLICE_OP_DIV}
@@ -60,16 +59,12 @@ _SERVICE_CONFIG = json.dumps({
     }]
 })
 
-#: Values up to this many bytes travel inline in one message; larger ones are streamed.
-INLINE_BYTES = 4 << 20
-#: Writes of at least this many bytes use shared memory when the server is on this host.
-SHM_MIN_BYTES = 1 << 20
-#: Reads of tensors known to be at most this big use the unary GetTensorInline.
-INLINE_READ_BYTES = 1 << 20
-#: Seconds to connect to the data port and be greeted; a data-channel send or receive that makes
-#: no progress for DATA_IO_TIMEOUT seconds fails (and the transfer falls back to gRPC).
-DATA_CONNECT_TIMEOUT = 5.0
-DATA_IO_TIMEOUT = 60.0
+# The thresholds live in the transfer layer's policy (defined once; the server advertises its own).
+INLINE_BYTES = _policy.INLINE_BYTES
+SHM_MIN_BYTES = _policy.SHM_MIN_BYTES
+INLINE_READ_BYTES = _policy.INLINE_READ_BYTES
+DATA_CONNECT_TIMEOUT = _transfer_data.CONNECT_TIMEOUT
+DATA_IO_TIMEOUT = _transfer_data.IO_TIMEOUT
 
 log = logging.getLogger(__name__)
 _SERVICE = "/paramhub.v1.ParameterService/"
@@ -142,7 +137,8 @@ class Client:
 
     def __init__(self, channel: grpc.Channel, *, timeout: float | None = 30.0,
                  token: str | None = None, target: str = "", shm: bool = True,
-                 progress: bool | None = None, data_channel: bool = True) -> None:
+                 progress: bool | None = None, data_channel: bool = True,
+                 tls: _data.TlsConfig | None = None) -> None:
         self.channel = channel
         self.target = target
         self.timeout = timeout
@@ -169,19 +165,17 @@ class Client:
             _SERVICE + "GetTensorInline",
             request_serializer=pb.GetTensorInlineRequest.SerializeToString,
             response_deserializer=_codec.parse_inline)
-        # Whole-tensor sizes in bytes, learnt from reads and descriptions: small tensors are
-        # then read with one unary call instead of a stream (which costs ~1.5x a unary call).
+        # Whole-tensor sizes in bytes, learnt from reads and descriptions: the transfer policy
+        # picks a transport from them (small tensors: one unary call instead of a stream).
         self._sizes: dict[tuple[str, str, str], int] = {}
-        self._inline_ok = True
         self._push_state_raw = channel.stream_unary(
             _SERVICE + "PushState", request_serializer=_passthrough,
             response_deserializer=pb.PushStateResponse.FromString)
-        self._shm_wanted = shm and _shm.shm_supported()
-        self._shm_link: _shm.ShmLink | None = None
-        self._pool = _shm.SegmentPool()
-        # The data channel: plaintext TCP, so never under TLS (connect() passes False then).
-        self._data_wanted = data_channel and _target_host(target) is not None
-        self._data_link: _data.DataLink | None = None
+        # How bytes travel (inline, streams, shared memory, data channel): the transfer layer.
+        # The data channel needs a TCP host; under TLS it is wrapped in TLS (`tls`).
+        self._transfers = _transfer.Transfers(self, shm=shm,
+                                              data_host=(_target_host(target) if data_channel
+                                                         else None), tls=tls)
         self._transport_info: pb.GetTransportInfoResponse | None = None
         self._transport_lock = threading.Lock()
         #: RPCs made by this client, by method name (e.g. {"GetTensor": 3}); for measuring.
@@ -191,90 +185,39 @@ class Client:
     # ---------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
-        """Closes the channel (and the shared-memory link, if any)."""
-        if self._shm_link is not None:
-            self._shm_link.close()
-        if self._data_link is not None:
-            self._data_link.close()
-        self._pool.close()
+        """Closes the channel (and the transfer layer's links and buffers)."""
+        self._transfers.close()
         self.channel.close()
 
     # ---------------------------------------------------------------------------- transport
 
     def transport_info(self) -> pb.GetTransportInfoResponse:
-        """The server's message limit and shared-memory address (asked once, then cached)."""
+        """The server's message limit, transfer thresholds and side-link addresses (asked
+        once, then cached)."""
         with self._transport_lock:
             if self._transport_info is None:
                 try:
                     self._transport_info = self._call(self.stub.GetTransportInfo,
                                                       pb.GetTransportInfoRequest())
-                except UnimplementedError:  # an older server: no limits known, no shm
+                except UnimplementedError:  # an older server: no limits known, no side links
                     self._transport_info = pb.GetTransportInfoResponse()
-                if self._shm_wanted and self._transport_info.shm_address:
-                    link = _shm.ShmLink(self._transport_info.shm_address)
-                    try:
-                        # Negotiation: reaching the advertised socket and being greeted proves
-                        # we share the host (and network namespace) with the server.
-                        link.keep(link.connect())
-                        self._shm_link = link
-                    except OSError as e:
-                        log.debug("shared memory unavailable (%s); using gRPC", e)
-                if self._data_wanted and self._transport_info.data_port:
-                    host = _target_host(self.target)
-                    assert host is not None
-                    data = _data.DataLink(host, self._transport_info.data_port,
-                                          timeout=DATA_CONNECT_TIMEOUT)
-                    try:
-                        # Reaching the data port and being greeted: the channel works here.
-                        data.keep(data.connect())
-                        self._data_link = data
-                    except OSError as e:
-                        log.debug("data channel unreachable (%s); using gRPC streams", e)
             return self._transport_info
 
     @property
     def uses_data_channel(self) -> bool:
         """Whether big transfers that cannot use shared memory go over the data channel."""
-        self.transport_info()
-        return self._data_link is not None
-
-    def _data_greet(self) -> _shm.Greeted | None:
-        """A greeted data-channel connection, or None when off or unreachable."""
-        greeted = self._connect_link(self._data_wanted, "_data_link", "data channel")
-        if greeted is not None:
-            greeted.conn.settimeout(DATA_IO_TIMEOUT)
-        return greeted
-
-    def _connect_link(self, wanted: bool, attr: str, what: str) -> _shm.Greeted | None:
-        """A greeted connection on the side link stored in `attr` (shm or data channel), or
-        None when that link is off or unreachable; a link that fails to connect is dropped, so
-        later transfers go straight to gRPC."""
-        if not wanted:
-            return None
-        self.transport_info()
-        link = getattr(self, attr)
-        if link is None:
-            return None
-        try:
-            return link.connect()
-        except OSError as e:
-            log.debug("%s connection failed (%s); using gRPC", what, e)
-            setattr(self, attr, None)
-            link.close()
-            return None
-
-    def _data_failed(self, exc: BaseException) -> None:
-        log.warning("data-channel transfer failed (%s); falling back to gRPC", exc)
+        return self._transfers.uses("data")
 
     @property
     def uses_shm(self) -> bool:
         """Whether big transfers go through shared memory (negotiated on first use)."""
-        self.transport_info()
-        return self._shm_link is not None
+        return self._transfers.uses("shm")
 
-    def _greet(self) -> _shm.Greeted | None:
-        """A greeted shm connection, or None when shm is off or unreachable."""
-        return self._connect_link(self._shm_wanted, "_shm_link", "shared memory")
+    @property
+    def transfers(self) -> Counter[str]:
+        """Completed transfers by "operation:transport", e.g. {"get:shm": 1, "set:inline": 3}
+        (operations get, set, pull, push; transports inline, stream, shm, data)."""
+        return self._transfers.counts
 
     def _note_size(self, full_name: str, field: int, nbytes: int) -> None:
         kind = "grad" if field == pb.TENSOR_FIELD_GRAD else "value"
@@ -289,36 +232,6 @@ class Client:
             kind = "parameters" if info.kind == pb.TENSOR_KIND_PARAMETER else "buffers"
             self._sizes[(tensor_name(model_id, info.name, kind), "value", "")] = (
                 math.prod(info.shape) * dtype.itemsize)
-
-    def _over_link(self, link: _shm.Greeted, send: Callable[[], T], *, shm: bool,
-                   close_after: bool) -> Any:
-        """Runs `send` over a greeted side link (shared memory or the data channel).
-
-        On the link's "unavailable" answer or a socket error the link is closed, the failure
-        logged, and _FELL_BACK returned so that the caller goes on over gRPC; any other error
-        propagates (after closing the link). After success the link is closed when
-        `close_after`, else it stays with the result (e.g. a tensor living in its segment).
-        """
-        unavailable, failed = (("SHM_UNAVAILABLE", self._shm_failed) if shm
-                               else ("DATA_CHANNEL_UNAVAILABLE", self._data_failed))
-        try:
-            result = send()
-        except ParamhubError as e:
-            link.close()
-            if e.reason != unavailable:
-                raise
-            failed(e)
-            return _FELL_BACK
-        except OSError as e:
-            link.close()
-            failed(e)
-            return _FELL_BACK
-        if close_after:
-            link.close()
-        return result
-
-    def _shm_failed(self, exc: BaseException) -> None:
-        log.warning("shared-memory transfer failed (%s); falling back to gRPC", exc)
 
     def __enter__(self) -> Client:
         return self
@@ -550,157 +463,10 @@ class Client:
         full_name = tensor_name(model_id, name, kind)
         items = _codec.index_to_proto(index) if index is not None else []
         field = pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE
-        known = self._sizes.get((full_name, "grad" if grad else "value", ""))
-        # Basic indexing (ints, slices, ..., None) never reads more bytes than the whole tensor.
-        basic = all(it.WhichOneof("item") != "tensor" for it in items)
-        if (self._inline_ok and known is not None and known <= INLINE_READ_BYTES and basic
-                and out is None):
-            try:
-                chunk = self._call(self._get_inline_raw, pb.GetTensorInlineRequest(
-                    name=full_name, index=items, field=field), timeout)
-                header = chunk.header
-                if header is None:
-                    raise InvalidArgumentError("GetTensorInline answered without a header",
-                                               reason="BAD_TENSOR_BYTES")
-                return (_codec.tensor_from_parts(header.dtype, header.shape, chunk.data),
-                        header.version)
-            except UnimplementedError:
-                self._inline_ok = False  # an older server
-            except ResourceExhaustedError as e:
-                if e.reason != "MESSAGE_TOO_LARGE":
-                    raise
         request = pb.GetTensorRequest(name=full_name, index=items, field=field)
-        # A result of known size can be received into one of our own warm segments.
-        expect = (out.numel() * out.element_size() if out is not None
-                  else known if not items else None)
-        if expect is not None and expect >= SHM_MIN_BYTES:
-            greeted = self._greet()
-            if greeted is not None:
-                try:
-                    return self._get_tensor_pooled(request, timeout, greeted, expect, out)
-                except ParamhubError as e:
-                    if e.reason not in ("SHM_UNAVAILABLE", "SHM_BUFFER_TOO_SMALL"):
-                        raise
-                    if e.reason == "SHM_UNAVAILABLE":
-                        self._shm_failed(e)
-                except OSError as e:
-                    self._shm_failed(e)
-                finally:
-                    greeted.close()
-        greeted = self._greet()
-        if greeted is not None:
-            request.shm_token = greeted.token
-            # On success the tensor lives in the segment: the connection stays with it.
-            result = self._over_link(greeted, lambda: self._get_tensor(
-                request, timeout, greeted, out), shm=True, close_after=False)
-            if result is not _FELL_BACK:
-                return result
-            request.shm_token = ""
-        if expect is None or expect >= _data.DATA_MIN_BYTES:
-            data = self._data_greet()
-            if data is not None:
-                request.data_token = data.token
-                result = self._over_link(data, lambda: self._get_tensor(
-                    request, timeout, None, out, data), shm=False, close_after=False)
-                if result is not _FELL_BACK:
-                    return result
-                request.data_token = ""
-        return self._get_tensor(request, timeout, None, out)
-
-    def _get_tensor_pooled(self, request: pb.GetTensorRequest, timeout: float | None,
-                           greeted: _shm.Greeted, nbytes: int, out: torch.Tensor | None
-                           ) -> tuple[torch.Tensor, int]:
-        segment = self._pool.acquire(nbytes)
-        try:
-            _shm.pass_segment(greeted.conn, segment)
-            pooled = pb.GetTensorRequest()
-            pooled.CopyFrom(request)
-            pooled.shm_token = greeted.token
-            pooled.shm_client_buffer = True
-            chunks = self._stream(self._get_tensor_raw, pooled, timeout)
-            first = next(chunks, None)
-            if first is None or first.header is None or not first.header.shm:
-                raise InvalidArgumentError("the server did not fill the shared buffer",
-                                           reason="BAD_STREAM")
-            for _ in chunks:
-                pass
-            asm = _codec.TensorAssembler(first.header, allocate=False)
-            if asm.nbytes > nbytes:
-                raise InvalidArgumentError("the server wrote past the shared buffer",
-                                           reason="BAD_STREAM")
-            if out is None:
-                out = _codec.empty(asm.shape, asm.dtype)
-            else:
-                _check_out(out, asm)
-            out.copy_(_codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape))
-            if not request.index:
-                self._note_size(request.name, request.field, asm.nbytes)
-            return out, first.header.version
-        finally:
-            self._pool.release(segment)
-
-    def _get_tensor(self, request: pb.GetTensorRequest, timeout: float | None,
-                    greeted: _shm.Greeted | None, out: torch.Tensor | None,
-                    data: _shm.Greeted | None = None) -> tuple[torch.Tensor, int]:
-        chunks = self._stream(self._get_tensor_raw, request, timeout)
-        first = next(chunks, None)
-        if first is None or first.header is None:
-            raise InvalidArgumentError("the server sent no tensor header", reason="BAD_STREAM")
-        if first.header.data_channel:
-            if data is None:
-                raise InvalidArgumentError("the server used the data channel unasked",
-                                           reason="BAD_STREAM")
-            asm = _codec.TensorAssembler(first.header, allocate=False)
-            if out is None:
-                out = _codec.empty(asm.shape, asm.dtype)
-            else:
-                _check_out(out, asm)
-            with progress_for(self.progress, f"GET {request.name}", asm.nbytes):
-                _data.recv_length(data.conn, asm.nbytes)
-                _data.recv_into(data.conn, _codec._memory(_codec.byte_view(out)))
-            data.close()
-            for _ in chunks:  # the stream ends here; drain it so the call completes
-                pass
-            if not request.index:
-                self._note_size(request.name, request.field, asm.nbytes)
-            return out, first.header.version
-        if data is not None:  # small: came inline, the connection is kept for next time
-            self._data_link.keep(data) if self._data_link else data.close()
-        if first.header.shm and not request.index:
-            self._note_size(request.name, request.field, asm_bytes(first.header))
-        if first.header.shm:
-            if greeted is None:
-                raise InvalidArgumentError("the server sent shared memory unasked",
-                                           reason="BAD_STREAM")
-            asm = _codec.TensorAssembler(first.header, allocate=False)
-            segment = _shm.receive_segment(greeted.conn, asm.nbytes)
-            greeted.close()
-            for _ in chunks:  # the stream ends here; drain it so the call completes
-                pass
-            value = _codec.typed_view(segment.tensor, asm.nbytes, asm.dtype, asm.shape)
-            if out is not None:
-                _check_out(out, asm)
-                out.copy_(value)
-                value = out
-            return value, first.header.version
-        if greeted is not None:
-            self._shm_link.keep(greeted) if self._shm_link else greeted.close()
-        if not request.index:
-            self._note_size(request.name, request.field, asm_bytes(first.header))
-        asm = _codec.TensorAssembler(first.header, allocate=out is None)
-        if out is not None:
-            _check_out(out, asm)
-            asm.receive_into(out)
-        with progress_for(self.progress, f"GET {request.name}", asm.nbytes) as bar:
-            asm.add(first.data)
-            bar.advance(len(first.data))
-            for chunk in chunks:
-                if chunk.header is not None:
-                    raise InvalidArgumentError("GetTensor sent a second tensor",
-                                               reason="BAD_STREAM")
-                asm.add(chunk.data)
-                bar.advance(len(chunk.data))
-        return asm.finish(), asm.version
+        return self._transfers.get(request, timeout, out=out,
+                                   whole=self._sizes.get((full_name, "grad" if grad else "value",
+                                                          "")))
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
@@ -733,104 +499,9 @@ class Client:
             request_id=request_id or os.urandom(16).hex(), value=scalar,
             expected_version=expected_version)
         if scalar is not None:  # a Python number: no torch round trip
-            return self._call(self.stub.SetSlice, request, timeout).version
-        value_t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        nbytes = value_t.numel() * value_t.element_size()
-        if nbytes >= SHM_MIN_BYTES:
-            greeted = self._greet()
-            if greeted is not None:
-                result = self._over_link(greeted, lambda: self._set_slice_shm(
-                    request, value_t, greeted, timeout), shm=True, close_after=True)
-                if result is not _FELL_BACK:
-                    return result
-        if nbytes >= _data.DATA_MIN_BYTES:
-            data = self._data_greet()
-            if data is not None:
-                # Falling back after a broken send is safe: the server applies a request id once.
-                result = self._over_link(data, lambda: self._set_slice_data(
-                    request, value_t, data, timeout), shm=False, close_after=True)
-                if result is not _FELL_BACK:
-                    return result
-        if nbytes <= INLINE_BYTES:
-            request.value.CopyFrom(_codec.tensor_to_proto(value_t))
-            return self._call(self.stub.SetSlice, request, timeout).version
-        request.value.dtype = _codec.dtype_to_proto(value_t.dtype)
-        request.value.shape.extend(value_t.shape)
-        first = pb.StreamSetSliceRequest(request=request).SerializeToString()
-        # StreamSetSliceRequest.data is field 2 (tag 0x12).
-        frames = self._upload(first, _codec.byte_view(value_t), 0x12, f"SET {request.name}")
-        return self._call(self._stream_set_slice_raw, frames, timeout).version
-
-    def _upload(self, first: bytes, flat: torch.Tensor, tag: int, label: str
-                ) -> Iterator[bytes]:
-        """A client stream: `first` (serialized), then `flat`'s bytes as data frames of the
-        bytes field with this tag byte, with a progress bar over them."""
-        with progress_for(self.progress, label, flat.numel()) as bar:
-            yield first
-            for frame in _codec.iter_data_frames(flat, tag):
-                yield frame
-                bar.advance(len(frame))
-
-    def _set_slice_data(self, request: pb.SetSliceRequest, value: torch.Tensor,
-                        data: _shm.Greeted, timeout: float | None) -> int:
-        req = pb.SetSliceRequest()
-        req.CopyFrom(request)
-        req.data_token = data.token
-        req.value.dtype = _codec.dtype_to_proto(value.dtype)
-        req.value.shape.extend(value.shape)
-        flat = _codec.byte_view(value)  # the tensor's own memory when contiguous
-        view = _codec._memory(flat)
-        preamble = _data.PREAMBLE.pack(view.nbytes, _data.write_digest(data.token, req))
-        self._count(self.stub.SetSlice)
-        future = self.stub.SetSlice.future(
-            req, timeout=timeout if timeout is not None else self.timeout,
-            metadata=self._metadata)
-        conn = data.conn
-        # Short send timeouts: a call the server refused (auth, bad name) never reads the
-        # connection, and the failed call is noticed between sends instead of after 30 s.
-        conn.settimeout(0.5)
-        pending = [memoryview(preamble), view]
-        try:
-            with progress_for(self.progress, f"SET {request.name}", view.nbytes) as bar:
-                for part in pending:
-                    pos = 0
-                    while pos < part.nbytes and not future.done():
-                        try:
-                            k = conn.send(part[pos:pos + _data.PIECE])
-                        except TimeoutError:
-                            continue
-                        pos += k
-                        if part is view:
-                            bar.advance(k)
-        except OSError:
-            if not future.done():  # our side failed: the server cannot have written anything
-                _data.reset(conn)
-                future.cancel()
-                raise
-        try:
-            return future.result().version
-        except grpc.RpcError as e:
-            _data.reset(conn)  # bytes may be left unsent: don't let them hold the connection
-            raise from_rpc_error(e) from None
-        finally:
-            del flat
-
-    def _set_slice_shm(self, request: pb.SetSliceRequest, value: torch.Tensor,
-                       greeted: _shm.Greeted, timeout: float | None) -> int:
-        nbytes = value.numel() * value.element_size()
-        segment = self._pool.acquire(nbytes)
-        try:
-            _codec.typed_view(segment.tensor, nbytes, value.dtype, value.shape).copy_(
-                value.detach())
-            _shm.pass_segment(greeted.conn, segment)
-            shm_request = pb.SetSliceRequest()
-            shm_request.CopyFrom(request)
-            shm_request.shm_token = greeted.token
-            shm_request.value.dtype = _codec.dtype_to_proto(value.dtype)
-            shm_request.value.shape.extend(value.shape)
-            return self._call(self.stub.SetSlice, shm_request, timeout).version
-        finally:
-            self._pool.release(segment)
+            return self._transfers.set(request, None, timeout)
+        return self._transfers.set(
+            request, value if isinstance(value, torch.Tensor) else torch.tensor(value), timeout)
 
     # ---------------------------------------------------------------------------- bulk
 
@@ -854,49 +525,7 @@ class Client:
         """
         request = pb.PullStateRequest(model=model_name(model_id), names=list(names or ()),
                                       prefix=prefix, glob=glob, parameters_only=parameters_only)
-        greeted = self._greet()
-        if greeted is not None:
-            request.shm_token = greeted.token
-            result = self._over_link(greeted, lambda: self._pull_state(request, timeout, greeted),
-                                     shm=True, close_after=False)
-            if result is not _FELL_BACK:
-                return result
-            request.shm_token = ""
-        return self._pull_state(request, timeout, None)
-
-    def _pull_state(self, request: pb.PullStateRequest, timeout: float | None,
-                    greeted: _shm.Greeted | None
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        messages = self._stream(self._pull_state_raw, request, timeout)
-        first = next(messages, None)
-        if first is None or isinstance(first, memoryview):
-            raise InvalidArgumentError("the server sent no state manifest", reason="BAD_STREAM")
-        headers = list(first.headers)
-        layout = _codec.full_state_layout(headers)
-        total = layout[4]
-        if first.shm:
-            if greeted is None:
-                raise InvalidArgumentError("the server sent shared memory unasked",
-                                           reason="BAD_STREAM")
-            segment = _shm.receive_segment(greeted.conn, total)
-            greeted.close()
-            for _ in messages:
-                pass
-            flat = segment.tensor[:total]
-        else:
-            if greeted is not None:
-                self._shm_link.keep(greeted) if self._shm_link else greeted.close()
-            asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=tpb.DTYPE_UINT8, shape=[total]))
-            with progress_for(self.progress, f"PULL {request.model}", total) as bar:
-                asm.add(first.data)
-                for msg in messages:
-                    data = msg if isinstance(msg, memoryview) else msg.data
-                    asm.add(data)
-                    bar.advance(len(data))
-            flat = asm.finish()
-        tensors = _codec.unpack_state(flat, headers, layout)
-        names = [h.name for h in headers]
-        return dict(zip(names, tensors)), {n: h.version for n, h in zip(names, headers)}
+        return self._transfers.pull(request, timeout)
 
     def push_state(self, model_id: str, state_dict: Mapping[str, torch.Tensor], *,
                    expected_model_version: int | None = None,
@@ -917,38 +546,10 @@ class Client:
                    else torch.as_tensor(state_dict[n]) for n in names]
         headers = [tpb.TensorHeader(name=n, dtype=_codec.dtype_to_proto(t.dtype),
                                     shape=list(t.shape)) for n, t in zip(names, tensors)]
-        _, _, total = _codec.state_layout(headers)
         header = pb.PushStateHeader(model=model_name(model_id), tensors=headers)
         if expected_model_version is not None:
             header.expected_model_version = expected_model_version
-        if total >= SHM_MIN_BYTES:
-            greeted = self._greet()
-            if greeted is not None:
-                segment = self._pool.acquire(total)
-                try:
-                    _codec.pack_state(tensors, out=segment.tensor, headers=headers)
-                    _shm.pass_segment(greeted.conn, segment)
-                    shm_header = pb.PushStateHeader()
-                    shm_header.CopyFrom(header)
-                    shm_header.shm_token = greeted.token
-                    response = self._call(self._push_state_raw,
-                                          iter([pb.PushStateRequest(header=shm_header)]), timeout)
-                    return {u.name: u.version for u in response.updated}
-                except ParamhubError as e:
-                    if e.reason != "SHM_UNAVAILABLE":
-                        raise
-                    self._shm_failed(e)
-                except OSError as e:
-                    self._shm_failed(e)
-                finally:
-                    self._pool.release(segment)
-                    greeted.close()
-        flat = _codec.pack_state(tensors, headers=headers)
-        # PushStateRequest.data is field 2 (tag 0x12).
-        frames = self._upload(pb.PushStateRequest(header=header).SerializeToString(), flat, 0x12,
-                              f"PUSH {header.model}")
-        response = self._call(self._push_state_raw, frames, timeout)
-        return {u.name: u.version for u in response.updated}
+        return self._transfers.push(header, tensors, timeout)
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,
@@ -1428,20 +1029,6 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def asm_bytes(header: tpb.TensorHeader) -> int:
-    """Bytes of the tensor a header describes (0 for an invalid header)."""
-    try:
-        return math.prod(header.shape) * _codec.dtype_from_proto(header.dtype).itemsize
-    except InvalidArgumentError:
-        return 0
-
-
-def _check_out(out: torch.Tensor, asm: _codec.TensorAssembler) -> None:
-    if out.dtype != asm.dtype or tuple(out.shape) != asm.shape:
-        raise InvalidArgumentError(f"out is {tuple(out.shape)} {out.dtype}, the result is "
-                                   f"{asm.shape} {asm.dtype}", reason="BAD_OUT")
-
-
 def _model_id(model: Any) -> str:
     if isinstance(model, str):
         return model
@@ -1487,9 +1074,9 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
             (negotiated on first use; falls back to gRPC). False always uses gRPC.
         progress: progress bars for transfers over 64 MiB: None shows them when stderr is a
             terminal, True always, False never.
-        data_channel: move tensors of 16 MiB or more over the server's data port (plaintext
-            TCP, raw bytes) when shared memory does not apply; falls back to gRPC streams.
-            Never used with TLS. False always uses gRPC.
+        data_channel: move tensors of 16 MiB or more over the server's data port (raw bytes
+            over TCP, in TLS with the same certificates when the channel uses TLS) when shared
+            memory does not apply; falls back to gRPC streams. False always uses gRPC.
     """
     target = target or os.environ.get("PARAMHUB_TARGET") or DEFAULT_TARGET
     token = token if token is not None else os.environ.get("PARAMHUB_TOKEN") or None
@@ -1506,8 +1093,12 @@ def connect(target: str | None = None, token: str | None = None, timeout: float 
                                              private_key=client_key,
                                              certificate_chain=client_cert)
         channel = grpc.secure_channel(target, creds, options=opts)
-        data_channel = False  # the data channel is plaintext: never beside a TLS channel
+        override = dict(opts).get("grpc.ssl_target_name_override")
+        tls_config: _data.TlsConfig | None = _data.TlsConfig(
+            root_certificates, client_cert, client_key,
+            str(override) if override is not None else None)
     else:
         channel = grpc.insecure_channel(target, options=opts)
+        tls_config = None
     return Client(channel, timeout=timeout, token=token, target=target, shm=shm,
-                  progress=progress, data_channel=data_channel)
+                  progress=progress, data_channel=data_channel, tls=tls_config)

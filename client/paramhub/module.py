@@ -84,6 +84,11 @@ class _RemoteForward:
                 mirror.refresh()
             return out
         if torch.is_grad_enabled():
+            if not kwargs and all(type(a) is torch.Tensor for a in args):
+                # The common call, net(x) on plain tensors: decided without walking pytrees.
+                if self.params_require_grad or any(a.requires_grad for a in args):
+                    return _autograd_call(self, args, kwargs, plain=True)
+                return self.client.forward(self.model_id, *args, module_path=self.path)
             flat_kwargs = tree_flatten(kwargs)[0]
             if any(_requires_grad(x) for x in flat_kwargs):
                 raise NotImplementedError(
@@ -119,8 +124,12 @@ class RemoteForward(torch.autograd.Function):
         fwd = call.fwd
         out, call.version = fwd.client.forward_versioned(
             fwd.model_id, call.args, call.kwargs, module_path=fwd.path, seed=call.seed)
-        call.leaves, call.treespec = tree_flatten(out)
-        call.positions = [i for i, x in enumerate(call.leaves) if isinstance(x, torch.Tensor)]
+        if isinstance(out, torch.Tensor):  # one output: no pytree to keep
+            call.leaves, call.treespec, call.positions = [out], None, [0]
+        else:
+            call.leaves, call.treespec = tree_flatten(out)
+            call.positions = [i for i, x in enumerate(call.leaves)
+                              if isinstance(x, torch.Tensor)]
         outs = tuple(call.leaves[i] for i in call.positions)
         ctx.mark_non_differentiable(*[o for o in outs
                                       if not (o.is_floating_point() or o.is_complex())])
@@ -140,13 +149,21 @@ class RemoteForward(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _autograd_call(fwd: _RemoteForward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    args, kwargs = _materialize(args), _materialize(kwargs)
-    tensors = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
-    grad_inputs = [j for j, t in enumerate(tensors) if t.requires_grad]
-    detach = (lambda x: x.detach() if isinstance(x, torch.Tensor) else x)  # noqa: E731
-    call = _Call(fwd, tree_map(detach, args), tree_map(detach, kwargs), grad_inputs)
+def _autograd_call(fwd: _RemoteForward, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                   plain: bool = False) -> Any:
+    if plain:  # positional plain tensors only (checked by the caller)
+        tensors = list(args)
+        grad_inputs = [j for j, t in enumerate(tensors) if t.requires_grad]
+        call = _Call(fwd, tuple(t.detach() for t in tensors), {}, grad_inputs)
+    else:
+        args, kwargs = _materialize(args), _materialize(kwargs)
+        tensors = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor)]
+        grad_inputs = [j for j, t in enumerate(tensors) if t.requires_grad]
+        detach = (lambda x: x.detach() if isinstance(x, torch.Tensor) else x)  # noqa: E731
+        call = _Call(fwd, tree_map(detach, args), tree_map(detach, kwargs), grad_inputs)
     outs = RemoteForward.apply(call, _ANCHOR, *[tensors[j] for j in grad_inputs])
+    if call.treespec is None:
+        return outs[0]
     leaves = list(call.leaves)
     for i, o in zip(call.positions, outs):
         leaves[i] = o

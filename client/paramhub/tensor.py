@@ -180,14 +180,21 @@ class _RemoteMixin:
         """`self (op)= value` as one server operation."""
         ref = self._ph_ref
         value = _materialize(value)
+        chain = self._ph_chain
+        if not chain or (len(chain) == 1 and (chain[0][0] is torch.Tensor.__getitem__ or
+                                              resolve_name(chain[0][0]) == _T + "__getitem__")):
+            # The whole tensor or one index (`w.data[0, 0] = 42`): a Python number goes to
+            # set_slice as it is, which encodes it without a torch round trip.
+            ref.seen(ref.client.set_slice(ref.model_id, ref.name,
+                                          chain[0][1][0] if chain else None, value, op,
+                                          kind=ref.kind, expected_version=expected_version))
+            return
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(value)
         shape = _meta_of(self).shape
         names = [resolve_name(f) for f, _, _ in self._ph_chain]
-        if not self._ph_chain:
-            index: Any = None
-        elif len(self._ph_chain) == 1 and names[0] == _T + "__getitem__":
-            index = self._ph_chain[0][1][0]
+        if len(self._ph_chain) == 1 and names[0] == _T + "__getitem__":
+            index: Any = self._ph_chain[0][1][0]
         elif all(n in _ORDER_PRESERVING for n in names):
             index = None
             value = value.expand(shape).reshape(ref.shape)
@@ -369,10 +376,9 @@ def _setitem(self: _RemoteMixin, func: Any, args: tuple[Any, ...], kwargs: dict[
 
 def _write_index(self: _RemoteMixin, idx: Any, value: Any) -> None:
     ref = self._ph_ref
-    value = _materialize(value)
-    ref.seen(ref.client.set_slice(ref.model_id, ref.name, _materialize(idx),
-                                       value if isinstance(value, torch.Tensor)
-                                       else torch.tensor(value), "assign", kind=ref.kind))
+    # A Python number goes as it is (set_slice encodes it without a torch round trip).
+    ref.seen(ref.client.set_slice(ref.model_id, ref.name, _materialize(idx), _materialize(value),
+                                  "assign", kind=ref.kind))
 
 
 _RemoteMixin._write_index = _write_index  # type: ignore[attr-defined]

@@ -24,7 +24,8 @@ from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
 from paramhub_server.api.service import ParameterService
 from paramhub_server.settings import Settings
-from paramhub_server.transport import HTTP2_OPTIONS, Transport, add_servicer
+from paramhub_server.transport import (HTTP2_OPTIONS, Transport, add_servicer,
+                                        server_tls_context)
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,17 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
                                                     thread_name_prefix="paramhub-rpc"),
                          interceptors=[pipeline], options=options,
                          maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    # The data channel is plaintext TCP: offered only when gRPC is plaintext too (under TLS it
-    # would expose what TLS protects), on the same host as gRPC.
-    data_host = settings.host if settings.data_channel and settings.tls_cert is None else None
+    # The data channel, on the same host as gRPC: in TLS with the server's certificates when
+    # gRPC is (plaintext would expose what TLS protects).
+    data_host = settings.host if settings.data_channel else None
+    data_tls = (server_tls_context(str(settings.tls_cert), str(settings.tls_key),
+                                   str(settings.tls_client_ca) if settings.tls_client_ca else None)
+                if settings.tls_cert is not None and data_host is not None else None)
     transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
-                          data_host=data_host, data_port=settings.data_port)
+                          data_host=data_host, data_port=settings.data_port, data_tls=data_tls,
+                          max_data_writes=max(1, settings.max_workers // 2))
     add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
-                                  transport=transport,
-                                  max_data_writes=max(1, settings.max_workers // 2)), server)
+                                  transport=transport), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

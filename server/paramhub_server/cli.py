@@ -120,7 +120,7 @@ def serve(
         "--shm/--no-shm", help="offer the same-host shared-memory transport")] = True,
     data_port: Annotated[int, typer.Option(
         help="TCP port of the data channel that carries tensors of 16 MiB or more across "
-             "hosts, on --host (0 picks a free one; never offered with TLS)")] = 0,
+             "hosts, on --host (0 picks a free one; in TLS on a TLS server)")] = 0,
     no_data_port: Annotated[bool, typer.Option(
         "--no-data-port", help="no data channel: big tensors stream over gRPC")] = False,
     trust_remote_code: Annotated[bool, typer.Option(

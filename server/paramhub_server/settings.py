@@ -74,8 +74,8 @@ class Settings:
     log_format: str = "text"
     #: Offer the same-host shared-memory transport (`--no-shm` turns it off).
     shm: bool = True
-    #: Offer the data channel for big tensors across hosts (`--no-data-port` turns it off; never
-    #: offered under TLS: it is plaintext).
+    #: Offer the data channel for big tensors across hosts (`--no-data-port` turns it off; in TLS
+    #: with the server's certificates on a TLS server).
     data_channel: bool = True
     #: TCP port of the data channel on `host` (0 picks a free one).
     data_port: int = 0

@@ -19,10 +19,11 @@ import torch
 import paramhub
 import paramhub.v1.parameter_service_pb2 as pb
 from paramhub import _codec, _data
+from paramhub._transfer.base import GetJob
+from paramhub._transfer.stream import read_tensor_stream
 from paramhub.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from paramhub_server.app import build_server
 
-from _certs import issue, make_ca
 from _procfs import count_fds
 
 MIN = _data.DATA_MIN_BYTES
@@ -184,22 +185,6 @@ def test_off_on_the_client(server, target):
     assert channel.sent == channel.received == channel.pending == 0
 
 
-def test_not_offered_under_tls(settings, tmp_path):
-    ca, ca_key, ca_cert = make_ca()
-    cert = issue(ca_key, ca_cert, "localhost", server=True)
-    (tmp_path / "c.pem").write_bytes(cert.cert)
-    (tmp_path / "k.pem").write_bytes(cert.key)
-    srv = build_server(dataclasses.replace(settings, tls_cert=tmp_path / "c.pem",
-                                           tls_key=tmp_path / "k.pem"))
-    try:
-        assert srv.transport.data is None
-        with paramhub.connect(f"localhost:{srv.port}", tls=True, root_certificates=ca.cert,
-                              timeout=30, shm=False) as c:
-            assert c.transport_info().data_port == 0 and not c.uses_data_channel
-    finally:
-        srv.stop(None)
-
-
 def test_falls_back_when_the_port_is_unreachable(server, target):
     server.registry.adopt("m", Holder({"big": torch.randn(MIN // 4 + 1)}))
     with _connect(target) as c:
@@ -228,8 +213,9 @@ def test_token_is_single_use_and_unknown_tokens_are_refused(server, target):
     with _connect(target, data_channel=False) as c:
         greeted = _greet(server).connect()
         request = pb.GetTensorRequest(name="models/m/buffers/big", data_token=greeted.token)
-        got, _ = c._get_tensor(request, None, None, None, greeted)
-        assert torch.equal(got, before)
+        got, _, moved = read_tensor_stream(c, GetJob(request, None), data=greeted,
+                                           keep_data=lambda g: g.close())
+        assert torch.equal(got, before) and moved == "data"
         for token in (greeted.token, "0" * 32, "x"):
             with pytest.raises(InvalidArgumentError) as e:
                 list(c._stream(c._get_tensor_raw, pb.GetTensorRequest(

@@ -965,16 +965,24 @@ class GetTransportInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTransportInfoResponse(_message.Message):
-    __slots__ = ("max_message_bytes", "chunk_bytes", "shm_address", "data_port")
+    __slots__ = ("max_message_bytes", "chunk_bytes", "shm_address", "data_port", "inline_bytes", "inline_read_bytes", "shm_min_bytes", "data_min_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    INLINE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INLINE_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     chunk_bytes: int
     shm_address: str
     data_port: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
+    inline_bytes: int
+    inline_read_bytes: int
+    shm_min_bytes: int
+    data_min_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ..., data_port: _Optional[int] = ..., inline_bytes: _Optional[int] = ..., inline_read_bytes: _Optional[int] = ..., shm_min_bytes: _Optional[int] = ..., data_min_bytes: _Optional[int] = ...) -> None: ...
 
 class PullStateRequest(_message.Message):
     __slots__ = ("model", "names", "prefix", "glob", "parameters_only", "chunk_bytes", "shm_token")

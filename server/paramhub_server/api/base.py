@@ -3,7 +3,6 @@ from resource names to served models."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -22,10 +21,8 @@ class Handlers:
     and ParameterService combines them."""
 
     def __init__(self, registry: Registry, *, max_tensor_elements: int | None = None,
-                 transport: Transport | None = None, max_data_writes: int = 8) -> None:
+                 transport: Transport | None = None) -> None:
         self.registry = registry
-        #: Data-channel SetSlice calls receiving at once (each holds a unary thread meanwhile).
-        self._data_writes = threading.BoundedSemaphore(max_data_writes)
         #: Cap on the elements of any tensor a request carries or announces (--max-tensor-elements).
         self.max_tensor_elements = max_tensor_elements
         self.transport = transport or Transport(max_message_bytes=64 << 20, shm=False)
