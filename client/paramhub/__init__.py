@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     "connect": "paramhub.client", "Client": "paramhub.client", "PushResult": "paramhub.client",
-    "is_remote": "paramhub.module",
+    "is_remote": "paramhub.module", "RemoteModule": "paramhub.module",
     "is_remote_tensor": "paramhub.tensor", "RemoteParameter": "paramhub.tensor",
     "RemoteBuffer": "paramhub.tensor", "RemoteTensor": "paramhub.tensor",
     **{name: "paramhub.errors" for name in (
@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
 _SUBMODULES = ("optim",)
 
 __all__ = [
-    "connect", "Client", "PushResult", "optim", "is_remote", "is_remote_tensor",
+    "connect", "Client", "PushResult", "optim", "is_remote", "is_remote_tensor", "RemoteModule",
     "RemoteParameter", "RemoteBuffer", "RemoteTensor",
     "ParamhubError", "NotFoundError", "AlreadyExistsError", "InvalidArgumentError",
     "OutOfRangeError", "ConflictError", "ResourceExhaustedError", "AuthError",
@@ -63,6 +63,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
                                  InvalidArgumentError, NotFoundError, OutOfRangeError,
                                  ParamhubError, PermissionDeniedError, ResourceExhaustedError,
                                  UnavailableError, UnimplementedError)
-    from paramhub.module import is_remote
+    from paramhub.module import RemoteModule, is_remote
     from paramhub.tensor import (RemoteBuffer, RemoteParameter, RemoteTensor,
                                  is_remote_tensor)

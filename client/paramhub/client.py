@@ -3,6 +3,11 @@
 `Client` is what `paramhub.connect()` returns. Its methods speak torch tensors and Python values;
 `Client.create_model` and `Client.model` return a `RemoteModule` (see module.py) that mirrors
 torch.nn.Module.
+
+Why one file of ~1,500 lines: `Client` is the SDK's API, one method per RPC; its transfer
+methods (get_tensor, set_slice, pull_state, push_state) are being moved behind the transfer
+layer (paramhub/_transfer), after which the rest splits by concept (models, training,
+checkpoints) behind the same class.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ DATA_CONNECT_TIMEOUT = _transfer_data.CONNECT_TIMEOUT
 DATA_IO_TIMEOUT = _transfer_data.IO_TIMEOUT
 
 log = logging.getLogger(__name__)
+#: Whole-tensor reads of at least this many bytes ask whether the model is sharded (once per
+#: model) and, if so, are fetched from the ranks in parallel (paramhub._cluster).
+_ROUTED_MIN_BYTES = 1 << 20
 _SERVICE = "/paramhub.v1.ParameterService/"
 
 
@@ -151,6 +159,8 @@ class Client:
             (("authorization", f"Bearer {token}"),) if token else ())
         self._metadata = self._read_metadata + (("x-paramhub-writer", self.writer_id),)
         self.stub = pb_grpc.ParameterServiceStub(channel)
+        #: Cluster state (paramhub._cluster), made on first use.
+        self._cluster_state: Any = None
         # The bulk RPCs again, with raw-frame (de)serializers (same wire format; see _codec).
         self._get_tensor_raw = channel.unary_stream(
             _SERVICE + "GetTensor", request_serializer=pb.GetTensorRequest.SerializeToString,
@@ -187,6 +197,8 @@ class Client:
     def close(self) -> None:
         """Closes the channel (and the transfer layer's links and buffers)."""
         self._transfers.close()
+        if self._cluster_state is not None:
+            self._cluster_state.close()
         self.channel.close()
 
     # ---------------------------------------------------------------------------- transport
@@ -275,7 +287,7 @@ class Client:
     def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
                      device: str | None = None, *, example_inputs: Sequence[Any] | None = None,
                      example_kwargs: Mapping[str, Any] | None = None,
-                     timeout: float | None = None) -> RemoteModule:
+                     timeout: float | None = None, shard: str | None = None) -> RemoteModule:
         """Serves a copy of a local module and returns its remote mirror.
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
@@ -291,6 +303,10 @@ class Client:
         user-defined class) is sent as code, which only a server started with
         --trust-remote-code runs (see `create_model_from_code`).
 
+        With `shard="fsdp"` (a cluster started by torchrun, see README "Past one machine"),
+        every parameter and buffer is a DTensor sharded on dim 0 over all ranks (replicated
+        when it has fewer rows than ranks); only spec modules can be sharded.
+
         Raises:
             AlreadyExistsError: the id is taken.
             InvalidArgumentError: bad values, or a module torch.export cannot export
@@ -300,6 +316,8 @@ class Client:
         """
         from paramhub import _spec
 
+        if shard is not None:
+            return self._create_sharded(model_id, module, shard, seed, timeout)
         if example_inputs is not None:
             self.create_model_from_program(model_id, module, example_inputs, example_kwargs,
                                            device=device, timeout=timeout)
@@ -324,6 +342,48 @@ class Client:
         self.create_model_from_spec(model_id, spec, seed=seed, device=device, values=values,
                                     timeout=timeout)
         return self.model(model_id)
+
+    def _create_sharded(self, model_id: str, module: torch.nn.Module, shard: str,
+                        seed: int | None, timeout: float | None) -> RemoteModule:
+        from paramhub import _spec
+
+        spec = _spec.spec_from_module(module)
+        lazy = torch.nn.parameter.UninitializedTensorMixin
+        tensors = [t for t in list(module.parameters()) + list(module.buffers())
+                   if not isinstance(t, lazy)]
+        values = {}
+        if not any(t.is_meta for t in tensors):  # (the server refuses lazy modules)
+            values = {k: v for k, v in module.state_dict().items() if not isinstance(v, lazy)}
+        self._cluster().create(model_id, spec, shard, seed=seed, values=values,
+                               timeout=timeout)
+        return self.model(model_id)
+
+    def _cluster(self) -> Any:
+        from paramhub import _cluster
+
+        if self._cluster_state is None:
+            self._cluster_state = _cluster.Cluster(self)
+        return self._cluster_state
+
+    def cluster_info(self) -> list[Any]:
+        """The ranks of the server's cluster, rank 0 (the front door) first: each one's
+        address, device and held bytes (`paramhub._cluster.RankInfo`). A plain `paramhub
+        serve` is a cluster of one rank.
+
+        Raises:
+            UnavailableError: a rank is down (reason RANK_DOWN, metadata "rank").
+        """
+        return self._cluster().info()
+
+    def describe_placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """How each tensor of a model is placed: {name: (placement, row bounds)}, where
+        placement is "shard(0)" (row bounds: the first row of each rank, then the row count),
+        "replicate", or "local" (a model that is not sharded).
+
+        Raises:
+            NotFoundError: no such model.
+        """
+        return self._cluster().placement(model_id)
 
     def create_model_from_code(self, model_id: str, module: torch.nn.Module, *,
                                device: str | None = None, timeout: float | None = None
@@ -463,10 +523,15 @@ class Client:
         full_name = tensor_name(model_id, name, kind)
         items = _codec.index_to_proto(index) if index is not None else []
         field = pb.TENSOR_FIELD_GRAD if grad else pb.TENSOR_FIELD_VALUE
+        known = self._sizes.get((full_name, "grad" if grad else "value", ""))
+        if (not items and not grad and out is None and known is not None
+                and known >= _ROUTED_MIN_BYTES):
+            # A big whole-tensor read of a sharded model comes straight from the ranks.
+            routed = self._cluster().read_if_sharded(model_id, name, full_name, timeout)
+            if routed is not None:
+                return routed
         request = pb.GetTensorRequest(name=full_name, index=items, field=field)
-        return self._transfers.get(request, timeout, out=out,
-                                   whole=self._sizes.get((full_name, "grad" if grad else "value",
-                                                          "")))
+        return self._transfers.get(request, timeout, out=out, whole=known)
 
     def set_slice(self, model_id: str, name: str, index: Any, value: Any, op: str = "assign",
                   *, kind: str = "parameters", expected_version: int | None = None,
@@ -550,6 +615,34 @@ class Client:
         if expected_model_version is not None:
             header.expected_model_version = expected_model_version
         return self._transfers.push(header, tensors, timeout)
+
+    # ---------------------------------------------------------------------------- DTensors
+
+    def get_dtensor(self, model: Any, name: str, device_mesh: Any, placements: Any, *,
+                    timeout: float | None = None) -> Any:
+        """Collective over `device_mesh`: a DTensor of the tensor under `placements` (Shard,
+        Replicate), each rank reading only its own region (see paramhub._dtensor)."""
+        from paramhub import _dtensor
+        return _dtensor.get_dtensor(self, _model_id(model), name, device_mesh, placements,
+                                    timeout=timeout)
+
+    def pull_dtensors(self, model: Any, device_mesh: Any, plan: Any, *,
+                      names: Sequence[str] | None = None, timeout: float | None = None
+                      ) -> tuple[dict[str, Any], int]:
+        """Collective: ({name: DTensor}, model version), every region from that one version.
+        `plan` is {name: placements} or one placements list for every tensor."""
+        from paramhub import _dtensor
+        return _dtensor.pull_dtensors(self, _model_id(model), device_mesh, plan, names=names,
+                                      timeout=timeout)
+
+    def push_dtensors(self, model: Any, state_dict: Mapping[str, Any], *,
+                      expected_model_version: int | None = None,
+                      timeout: float | None = None) -> dict[str, int]:
+        """Collective: writes the DTensors as one model version, all or nothing."""
+        from paramhub import _dtensor
+        return _dtensor.push_dtensors(self, _model_id(model), state_dict,
+                                      expected_model_version=expected_model_version,
+                                      timeout=timeout)
 
     def apply_init(self, model_id: str, scheme: str, targets: Sequence[pb.InitTarget],
                    args: Mapping[str, Any] | None = None, *, seed: int | None = None,

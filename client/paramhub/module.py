@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -204,6 +204,48 @@ def _local_only(name: str) -> Any:
     return method
 
 
+class RemoteModule(Protocol):
+    """What `Client.create_model` and `Client.model` return, for type checkers: the mirror is a
+    real torch.nn.Module of the served classes (`type(m) == nn.Linear` holds, `print(net)`,
+    `net[0]`, `named_parameters()` and every other nn.Module attribute work, hence
+    `__getattr__`), plus these methods on the root. At run time nothing subclasses this."""
+
+    #: The served model's id.
+    model_id: str
+    #: The Client the mirror calls through.
+    paramhub_client: Client
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward on the server (see Client.forward)."""
+
+    def __getattr__(self, name: str) -> Any:
+        """Submodules, remote parameters and buffers, and the rest of torch.nn.Module."""
+
+    def pull(self, into: nn.Module | None = None, *, return_version: bool = False) -> Any:
+        """A local copy of the model's values (see Client.pull_model)."""
+
+    def push_grads(self, grads: nn.Module | Mapping[str, torch.Tensor], version: int, *,
+                   timeout: float | None = None) -> PushResult:
+        """Gradients for the server's optimizer (see Client.push_grads)."""
+
+    def configure_training(self, mode: str = "async", *, sync_workers: int = 1,
+                           max_staleness: int = 0, stale_policy: str = "reject") -> Any:
+        """Parameter-server mode (see Client.configure_training)."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """torch's load_state_dict, as one all-or-nothing write on the server."""
+
+    def named_remote_tensors(self) -> Iterator[tuple[str, Any]]:
+        """Every remote parameter and buffer handle, by state_dict name."""
+
+    def watch(self, callback: Any = None, **kwargs: Any) -> Any:
+        """The model's write events (see Client.watch)."""
+
+    def batch(self, **kwargs: Any) -> Any:
+        """Several writes as one atomic write (see Client.batch)."""
+
+
 def is_remote(module: nn.Module) -> bool:
     """Whether `module` is (part of) a served model's mirror."""
     return getattr(module, "_paramhub_model_id", None) is not None
@@ -331,7 +373,7 @@ def _install_handles(root: nn.Module, client: Client, model_id: str,
         table[local] = handle
 
 
-def attach(client: Client, model_id: str) -> nn.Module:
+def attach(client: Client, model_id: str) -> RemoteModule:
     """Builds the mirror of a served model (one DescribeModel call)."""
     desc = client.describe_model(model_id)
     root = _skeleton(desc)
@@ -365,7 +407,7 @@ def attach(client: Client, model_id: str) -> nn.Module:
         m._paramhub_client = client
         m._paramhub_mirror = mirror
     _install_root_methods(root, client, model_id, mirror)
-    return root
+    return cast(RemoteModule, root)  # an nn.Module with the root methods installed above
 
 
 def _install_root_methods(root: nn.Module, client: Client, model_id: str,

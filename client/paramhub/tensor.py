@@ -1,5 +1,8 @@
 """Remote tensor handles: RemoteParameter, RemoteBuffer and RemoteTensor (a view of either).
 
+(~600 lines, one concept: the torch function table of one handle class; its halves, reads that
+fetch and in-place operations that write, dispatch through the same `__torch_function__`.)
+
 A handle is a torch.Tensor subclass backed by a meta tensor (shape and dtype, no memory), so
 torch's own code accepts it, and `__torch_function__` decides where each operation runs:
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
 import torch
@@ -18,11 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.admission import Admission, Limits
 from paramhub_server.auth import Authenticator
+from paramhub_server.cluster.service import (ClusterParameterService, ClusterServicer,
+                                             add_cluster_servicer)
 from paramhub_server.core.registry import Registry, parse_device
 from paramhub_server.core.store import Store
 from paramhub_server.interceptors import Pipeline
 from paramhub_server.metrics import Metrics
-from paramhub_server.api.service import ParameterService
 from paramhub_server.settings import Settings
 from paramhub_server.transport import (HTTP2_OPTIONS, Transport, add_servicer,
                                         server_tls_context)
@@ -93,6 +95,10 @@ class Server:
         self.metrics = metrics
         self.transport = transport
         self.admission = admission
+        #: The ParameterService and ClusterService handlers (a torchrun launch joins them to
+        #: its cluster, cluster/launch.py).
+        self.parameter_service: Any = None
+        self.cluster_service: Any = None
         self._ready = threading.Event()
         self._loaded = threading.Event()  # the loader finished (successfully or not)
         self._recovered = threading.Event()  # the data directory's models are loaded (or failed)
@@ -210,12 +216,20 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     transport = Transport(max_message_bytes=settings.max_message_bytes, shm=settings.shm,
                           data_host=data_host, data_port=settings.data_port, data_tls=data_tls,
                           max_data_writes=max(1, settings.max_workers // 2))
-    add_servicer(ParameterService(registry, max_tensor_elements=settings.max_tensor_elements,
-                                  transport=transport), server)
+    # The cluster's handlers (server/paramhub_server/cluster) serve sharded models once a
+    # torchrun launch joins them to a cluster; until then (and on a plain server) they are the
+    # plain handlers, and ClusterService answers as a cluster of one rank.
+    parameter_service = ClusterParameterService(
+        registry, max_tensor_elements=settings.max_tensor_elements, transport=transport)
+    add_servicer(parameter_service, server)
+    cluster_service = ClusterServicer(None, f"{settings.host}:{settings.port}", str(device),
+                                      registry)
+    add_cluster_servicer(cluster_service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, "paramhub.v1.ClusterService",
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{address}:{settings.port}"
@@ -233,6 +247,8 @@ def build_server(settings: Settings, *, loader: Callable[[Registry], None] | Non
     if settings.metrics_port is not None:
         metrics.serve(settings.host, settings.metrics_port)
     srv = Server(server, port, health_servicer, registry, metrics, transport, admission)
+    srv.parameter_service, srv.cluster_service = parameter_service, cluster_service
+    cluster_service.address = f"{settings.host}:{port}"
     holder["s"] = srv
     server.start()
     health_servicer.set(LIVENESS, _SERVING)

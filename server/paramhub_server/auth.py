@@ -45,10 +45,16 @@ class AuthFileError(ValueError):
     """The auth file is unreadable or malformed (the message never contains a token)."""
 
 
+#: The cluster's service (cluster/service.py): every RPC of it reads.
+CLUSTER_SERVICE = "paramhub.v1.ClusterService"
+
+
 def required_role(full_method: str) -> str | None:
     """The role an RPC needs: None for open services (health, reflection), admin for any
     ParameterService RPC missing from METHOD_ROLES."""
     service, _, method = full_method.lstrip("/").rpartition("/")
+    if service == CLUSTER_SERVICE:  # cluster layout and shard reads: read-only
+        return READ
     if service != SERVICE:
         return None
     return METHOD_ROLES.get(method, ADMIN)

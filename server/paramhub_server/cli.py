@@ -153,6 +153,11 @@ def serve(
                         log_format=log_format, shm=shm, data_channel=not no_data_port,
                         data_port=data_port, trust_remote_code=trust_remote_code,
                         model_packages=tuple(model_package or ()))
+    # Under torchrun: this rank's port and data dir, then the process group (cluster/launch.py).
+    from paramhub_server.cluster import launch as cluster_launch
+    launch = cluster_launch.prepare(settings)
+    if launch is not None:
+        settings = launch.settings
     # Handlers first: a SIGTERM right after the address line (or during recovery) drains.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,7 +165,8 @@ def serve(
     try:
         # Recovery from the data directory runs in the background (readiness NOT_SERVING
         # meanwhile), so the port is known and printed at once.
-        server = build_server(settings, wait_ready=False)
+        server = build_server(settings, wait_ready=False,
+                              loader=launch.loader if launch is not None else None)
     except (ConfigError, AuthFileError) as e:
         print(f"paramhub serve: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
@@ -168,6 +174,8 @@ def serve(
         # e.g. the port is taken: one line, not a traceback.
         print(f"paramhub: cannot serve on {settings.host}:{settings.port}: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
+    if launch is not None:
+        launch.bound(server)
     # First line of output: the bound address, so scripts and tests can read the port.
     print(f"{settings.host}:{server.port}", flush=True)
     if server.metrics_port is not None:
@@ -175,6 +183,8 @@ def serve(
     stop.wait()
     logging.getLogger(__name__).info("draining (up to %.0fs)", settings.grace_seconds)
     server.stop(settings.grace_seconds)
+    if launch is not None:
+        launch.stop()
     # Every log is flushed and closed and grpc has cancelled what the grace left. A handler
     # thread still stuck in torch or a socket would hold the interpreter's exit (it joins the
     # executors' threads) past the promised drain time: leave without waiting for it.

@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from paramhub.errors import InvalidArgumentError, ParamhubError, UnavailableError
 from paramhub_server.admission import CALL, Admission, method_class
-from paramhub_server.auth import SERVICE, Authenticator
+from paramhub_server.auth import CLUSTER_SERVICE, SERVICE, Authenticator
 from paramhub_server.errors import status_of
 from paramhub_server.logs import (enter_request, leave_request, request_context,
                                   set_current_role)
@@ -118,7 +118,8 @@ class Pipeline(grpc.ServerInterceptor):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; nothing is cached
             return None
         service, _, method = full.lstrip("/").rpartition("/")
-        wrapped = self._wrap(handler, full, method) if service == SERVICE else handler
+        wrapped = (self._wrap(handler, full, method) if service in (SERVICE, CLUSTER_SERVICE)
+                   else handler)
         self._handlers[full] = wrapped
         return wrapped
 

@@ -22,6 +22,13 @@ KERNEL = KERNEL_NO_PROTOBUF + ["paramhub.common.tensors", "paramhub.common.frame
                                "paramhub.common.index", "paramhub.errors", "paramhub"]
 
 
+def _run_json(code: str) -> dict[str, set[str]]:
+    """Runs `code` in a fresh interpreter; its stdout is a JSON {name: [names]}."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return {k: set(v) for k, v in json.loads(out).items()}
+
+
 def _loaded_after_import(modules: list[str]) -> set[str]:
     """sys.modules of a fresh interpreter after importing `modules`."""
     return set().union(*_loaded_by_each(modules).values())
@@ -37,9 +44,7 @@ def _loaded_by_each(modules: list[str]) -> dict[str, set[str]]:
             "    __import__(name)\n"
             "    out[name] = sorted(set(sys.modules) - before)\n"
             "print(json.dumps(out))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
-    return {k: set(v) for k, v in json.loads(out).items()}
+    return _run_json(code)
 
 
 def _offenders(loaded: set[str], banned: tuple[str, ...]) -> list[str]:
@@ -84,9 +89,7 @@ def _import_graph(modules: list[str]) -> dict[str, set[str]]:
             "    __import__(name)\n"
             "builtins.__import__ = real\n"
             "print(json.dumps({k: sorted(v) for k, v in edges.items()}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
-    return {k: set(v) for k, v in json.loads(out).items()}
+    return _run_json(code)
 
 
 def _reaches(graph: dict[str, set[str]], start: str, skip: set[str]) -> set[str]:

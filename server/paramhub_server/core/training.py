@@ -1,5 +1,8 @@
 """Server-side optimizers and parameter-server training of a served model.
 
+(~700 lines, one concept: the optimizer and the parameter-server rounds share the trainer's
+state and lock; splitting them would put one lock discipline in two files.)
+
 A model has at most one optimizer: an allow-listed torch.optim class built over the model's own
 Parameters, so a step is torch's own `optimizer.step()`. Only allow-listed constructor arguments
 with plain values (numbers, bools, a pair of floats for `betas`) are accepted; nothing a client

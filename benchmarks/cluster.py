@@ -1,0 +1,156 @@
+"""The cost of a cluster on one host (README "Past one machine"): a plain `paramhub serve` next
+to a 2-rank torchrun cluster serving the same model sharded, both on 127.0.0.1, in one run.
+
+Rows: a whole-tensor read of a big parameter (plain server: shared memory, and gRPC only;
+cluster: routed from both ranks, and through the front door), and the median latency of a
+one-element read and write. Numbers are medians; this machine's cores are shared with other
+work, so they are noisy.
+
+    python -m benchmarks.cluster [--mib 64] [--repeats 5] [--small 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from torch import nn
+
+import paramhub
+
+PY = sys.executable
+
+
+def _free_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free pair of ports")
+
+
+def _ready(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _start(cmd: list[str], targets: list[str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if all(_ready(t) for t in targets):
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"{cmd[:4]} did not start; see {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--small", type=int, default=50)
+    args = ap.parse_args()
+    rows = args.mib * (1 << 20) // (4 * 1024)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(1024, rows, bias=False))
+    mib = module[0].weight.numel() * 4 / (1 << 20)
+    results: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_port, cluster_port = _free_pair(), _free_pair()
+        plain = _start([PY, "-m", "paramhub_server", "--port", str(plain_port), "--data-dir",
+                        f"{tmp}/plain", "--log-level", "WARNING"],
+                       [f"127.0.0.1:{plain_port}"], Path(tmp) / "plain.log")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            master = s.getsockname()[1]
+        cluster = _start([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(master),
+                          "-m", "paramhub_server", "serve", "--port", str(cluster_port),
+                          "--data-dir", f"{tmp}/cluster", "--log-level", "WARNING"],
+                         [f"127.0.0.1:{cluster_port}", f"127.0.0.1:{cluster_port + 1}"],
+                         Path(tmp) / "cluster.log")
+        try:
+            with paramhub.connect(f"127.0.0.1:{plain_port}", timeout=300) as p, \
+                    paramhub.connect(f"127.0.0.1:{plain_port}", timeout=300, shm=False,
+                                     data_channel=False) as pg, \
+                    paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as c:
+                p.create_model("m", module)
+                c.create_model("m", module, shard="fsdp")
+                pg.model("m")
+                c.model("m")
+                big = [
+                    ("plain server, shared memory", lambda: p.get_tensor("m", "0.weight")),
+                    ("plain server, gRPC stream", lambda: pg.get_tensor("m", "0.weight")),
+                    ("2-rank cluster, routed from both ranks",
+                     lambda: c.get_tensor("m", "0.weight")),
+                    ("2-rank cluster, through the front door (index [:])",
+                     lambda: c.get_tensor("m", "0.weight", (slice(None),))),
+                ]
+                for name, fn in big:
+                    s = _median_s(fn, args.repeats)
+                    results.append((f"read {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
+                                    f"{mib / 1024 / s:.2f} GB/s"))
+                for label, client in (("plain server", p), ("2-rank cluster", c)):
+                    s = _median_s(lambda: client.get_tensor("m", "0.weight", (0, 0)),
+                                  args.small)
+                    results.append((f"one-element read, {label}", f"{s * 1e3:.2f} ms", ""))
+                    s = _median_s(lambda: client.set_slice("m", "0.weight", (0, 0),
+                                                           torch.tensor(1.0)), args.small)
+                    results.append((f"one-element write (fsync), {label}",
+                                    f"{s * 1e3:.2f} ms", ""))
+        finally:
+            _stop(plain)
+            _stop(cluster)
+    print(f"| what ({args.repeats} big / {args.small} small repeats, medians) | time | rate |")
+    print("|---|---|---|")
+    for row in results:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    main()

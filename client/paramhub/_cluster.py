@@ -1,0 +1,225 @@
+"""The SDK side of a paramhub cluster: the ranks (ClusterService), sharded creates, and routed
+reads that fetch a sharded tensor's parts straight from the ranks that hold them, in parallel,
+and assemble it here (rank 0, the front door, then carries no bulk bytes)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import torch
+
+from paramhub import _codec
+from paramhub.errors import (ConflictError, FailedPreconditionError, NotFoundError,
+                             UnavailableError, UnimplementedError, from_rpc_error)
+from paramhub.v1 import cluster_pb2 as cpb
+from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
+from paramhub.v1 import parameter_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from paramhub.client import Client
+
+#: Call metadata asking CreateModel for a sharded model.
+SHARD_METADATA = "x-paramhub-shard"
+#: Attempts of a routed read whose parts came from different versions (a write landed between
+#: the parts' copies) before it falls back to one read through the front door.
+ROUTED_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One rank of a cluster."""
+
+    rank: int
+    #: host:port of the rank's gRPC server.
+    address: str
+    #: Device its tensors live on.
+    device: str
+    #: Bytes of sharded-model tensors it holds (its parts only).
+    held_bytes: int
+
+
+class Cluster:
+    """Per-client cluster state: the stub, the ranks' channels (opened on first use)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.stub = cpb_grpc.ClusterServiceStub(client.channel)
+        self._lock = threading.Lock()
+        self._ranks: list[RankInfo] | None = None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, cpb_grpc.ClusterServiceStub] = {}
+        self._routing_off = False
+        self._pool: ThreadPoolExecutor | None = None
+        #: model id -> {name: row bounds or ()}, learnt from DescribePlacement.
+        self._placements: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+
+    def _call(self, fn: Any, request: Any, timeout: float | None = None) -> Any:
+        metadata = self.client._count(fn)  # counted in client.rpc_counts like every call
+        try:
+            return fn(request, timeout=timeout if timeout is not None else self.client.timeout,
+                      metadata=metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def info(self) -> list[RankInfo]:
+        ranks = [RankInfo(r.rank, r.address, r.device, r.held_bytes)
+                 for r in self._call(self.stub.GetClusterInfo,
+                                     cpb.GetClusterInfoRequest()).ranks]
+        with self._lock:
+            self._ranks = ranks
+        return ranks
+
+    def placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        resp = self._call(self.stub.DescribePlacement,
+                          cpb.DescribePlacementRequest(name=f"models/{model_id}"))
+        out = {t.name: (t.placement, tuple(t.row_bounds)) for t in resp.tensors}
+        with self._lock:
+            self._placements[model_id] = out
+        return out
+
+    def create(self, model_id: str, spec: pb.ModelSpec, shard: str, *, seed: int | None,
+               values: Mapping[str, torch.Tensor], timeout: float | None) -> pb.ModelInfo:
+        header = pb.CreateModelHeader(model_id=model_id, spec=spec)
+        if seed is not None:
+            header.seed = seed
+
+        def requests() -> Iterator[pb.CreateModelRequest]:
+            yield pb.CreateModelRequest(header=header)
+            for name, t in values.items():
+                for chunk in _codec.iter_tensor_chunks(t, name=name):
+                    yield pb.CreateModelRequest(chunk=chunk)
+
+        metadata = (*self.client._metadata, (SHARD_METADATA, shard))
+        try:
+            return self.client.stub.CreateModel(
+                requests(), timeout=timeout if timeout is not None else self.client.timeout,
+                metadata=metadata).model
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # -- routed reads --------------------------------------------------------------------------
+
+    def read_if_sharded(self, model_id: str, name: str, tensor_name: str,
+                        timeout: float | None) -> tuple[torch.Tensor, int] | None:
+        """A routed read of a whole tensor when it is sharded on dim 0 (the model's placement
+        is asked once and cached); None to read through the front door instead."""
+        with self._lock:
+            known = self._placements.get(model_id)
+        if known is None:
+            try:
+                known = self.placement(model_id)
+            except NotFoundError:
+                return None  # the front door reports it
+            except UnimplementedError:  # a server without ClusterService: never sharded
+                with self._lock:
+                    self._placements[model_id] = known = {}
+        placement, _ = known.get(name, ("", ()))
+        if not placement.startswith("shard"):
+            return None
+        if self._routing_off:
+            return None
+        try:
+            return self.read_routed(tensor_name, timeout=timeout)
+        except (NotFoundError, FailedPreconditionError, ConflictError):
+            with self._lock:  # the model changed (deleted, recreated): ask again next time
+                self._placements.pop(model_id, None)
+            return None
+        except UnavailableError:
+            # A rank this client cannot reach (a dead rank, an address not routable from
+            # here, or a TLS cluster: routed reads are plaintext): from now on this client
+            # reads through the front door, which answers RANK_DOWN if a rank is really down.
+            self._routing_off = True
+            return None
+
+    def _stub(self, address: str) -> cpb_grpc.ClusterServiceStub:
+        """One channel and stub per rank, made on first use and kept."""
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                ch = self._channels[address] = grpc.insecure_channel(address, options=[
+                    ("grpc.max_receive_message_length", 64 << 20)])
+                stub = self._stubs[address] = cpb_grpc.ClusterServiceStub(ch)
+            return stub
+
+    def read_routed(self, tensor_name: str, *, timeout: float | None = None
+                    ) -> tuple[torch.Tensor, int]:
+        """A whole sharded tensor, its parts read from every rank in parallel and assembled
+        into one preallocated tensor; (tensor, version). Parts from different versions (a write
+        between their copies) are read again, then through the front door.
+
+        Raises:
+            UnavailableError: a rank cannot be reached (reason RANK_DOWN from the front door).
+        """
+        with self._lock:
+            ranks = self._ranks
+        if ranks is None:
+            ranks = self.info()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=max(2, len(ranks)),
+                                                thread_name_prefix="paramhub-routed")
+            pool = self._pool
+        for _ in range(ROUTED_ATTEMPTS):
+            out: list[torch.Tensor | None] = [None]
+            lock = threading.Lock()
+
+            def fetch(rank: RankInfo) -> int:
+                return self._read_part(rank, tensor_name, out, lock, timeout)
+
+            versions = list(pool.map(fetch, ranks))
+            if len(set(versions)) == 1 and out[0] is not None:
+                return out[0], versions[0]
+        raise ConflictError("the tensor changed during every routed read",
+                            reason="ROUTED_READ_TORN")
+
+    def _read_part(self, rank: RankInfo, tensor_name: str, out: list[torch.Tensor | None],
+                   lock: threading.Lock, timeout: float | None) -> int:
+        stub = self._stub(rank.address)
+        try:
+            stream = stub.ReadShard(cpb.ReadShardRequest(name=tensor_name),
+                                    timeout=timeout if timeout is not None
+                                    else self.client.timeout,
+                                    metadata=self.client._count(stub.ReadShard))
+            first = next(stream)
+            dtype = getattr(torch, first.dtype)
+            shape = tuple(first.shape)
+            with lock:
+                if out[0] is None:
+                    out[0] = torch.empty(shape, dtype=dtype)
+                full = out[0]
+            rows = full[first.row_start:first.row_stop] if shape else full
+            dest = _codec.byte_view(rows).view(-1) if rows.numel() else None
+            pos = 0
+            for msg in _chain(first, stream):
+                n = len(msg.data)
+                if n and dest is not None:
+                    dest[pos:pos + n].copy_(torch.frombuffer(bytearray(msg.data),
+                                                             dtype=torch.uint8))
+                pos += n
+            return int(first.version)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise UnavailableError(f"rank {rank.rank} at {rank.address} cannot be "
+                                       "reached", reason="RANK_DOWN",
+                                       metadata={"rank": str(rank.rank)}) from None
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+            self._stubs = {}
+            pool, self._pool = self._pool, None
+        for ch in channels:
+            ch.close()
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest

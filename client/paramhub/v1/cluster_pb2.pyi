@@ -1,0 +1,79 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetClusterInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "address", "device", "held_bytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    address: str
+    device: str
+    held_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., held_bytes: _Optional[int] = ...) -> None: ...
+
+class GetClusterInfoResponse(_message.Message):
+    __slots__ = ("world_size", "ranks")
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    world_size: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    def __init__(self, world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
+
+class ReadShardRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReadShardResponse(_message.Message):
+    __slots__ = ("shape", "dtype", "row_start", "row_stop", "version", "data", "placement")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    row_start: int
+    row_stop: int
+    version: int
+    data: bytes
+    placement: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., placement: _Optional[str] = ...) -> None: ...
+
+class DescribePlacementRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TensorPlacement(_message.Message):
+    __slots__ = ("name", "placement", "row_bounds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ROW_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    placement: str
+    row_bounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DescribePlacementResponse(_message.Message):
+    __slots__ = ("shard", "tensors")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorPlacement]
+    def __init__(self, shard: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorPlacement, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,12 @@
+"""A paramhub cluster on torch.distributed: several ranks launched by torchrun, one front door.
+
+    launch.py    torchrun environment -> per-rank settings, the gloo process group, addresses
+    sharding.py  sharded models as each rank holds them: placements, entries, writes, region ids
+    engine.py    the SPMD command loop every rank runs (rank 0 orders every command) and the
+                 commands: create, read, two-phase write, init, forward, delete, info
+    storage.py   each rank's snapshot and log of its parts
+    service.py   gRPC: ClusterService, and the ParameterService handlers for sharded models
+
+A plain `paramhub serve` uses service.py's handlers with no cluster: every call is the plain
+handler's, and ClusterService answers as a cluster of one rank.
+"""
