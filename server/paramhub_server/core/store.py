@@ -56,7 +56,6 @@ from paramhub.common import buffers, dtypes
 from paramhub.common import spec as _spec
 from paramhub.common.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError,
                              NotFoundError)
-from paramhub.v1 import parameter_service_pb2 as pb
 from paramhub_server.core import safetensors_io as st
 from paramhub_server.core import training, wal_format
 from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Program,
@@ -278,7 +277,7 @@ class Store:
         log_files: dict[str, int] = {}
         logs = sorted((int(m.group(1)), p) for p in d.iterdir()
                       if (m := _WAL.fullmatch(p.name)) and int(m.group(1)) >= gen)
-        n = 0
+        replayed = 0
         for _, wal_path in logs:
             valid = 0
             try:
@@ -290,7 +289,7 @@ class Store:
                     for name in _inline_writes(model, rec.header):
                         files.pop(name, None)
                     valid = rec.end
-                    n += 1
+                    replayed += 1
             except WalCorruptError as e:
                 log.error("model %s is NOT loaded: %s", model.id, e)
                 raise
@@ -312,7 +311,7 @@ class Store:
         for p in (d / "checkpoints").glob("*.tmp"):
             p.unlink()
         log.info("recovered model %s: snapshot %d + %d log records, version %d",
-                 model.id, gen, n, model.version)
+                 model.id, gen, replayed, model.version)
         ms = ModelStore(self, model, d, gen, wal_gen, _snapshot_bytes(snap, manifest))
         ms.files = files
         ms.snap_files = {e["file"] for e in manifest.values()}
@@ -576,8 +575,8 @@ class ModelStore:
             prep.old_files = self.snap_files | set(self.log_files)
             prep.folded = prep.old_wal.size + sum(self.log_files.values())
             prep.saved_log_files, self.log_files = self.log_files, {}
-            for n, e in prep.manifest.items():
-                self.files[n] = e["file"]
+            for n, entry in prep.manifest.items():
+                self.files[n] = entry["file"]
         return prep
 
     def _finish(self, prep: PreparedSnapshot) -> int:
@@ -596,6 +595,7 @@ class ModelStore:
                         del self.files[n]
                 self.log_files = {**prep.saved_log_files, **self.log_files}
             raise
+        assert prep.tmp is not None
         os.replace(prep.tmp, prep.path)
         st.fsync_dir(self.dir)
         self._committed(prep, prep.old_files)
@@ -643,7 +643,7 @@ class ModelStore:
         """Renames a prepared snapshot into place (the commit point), switches to its log and
         drops the old generation. Returns the log bytes folded in."""
         try:
-            assert prepared.wal is not None
+            assert prepared.wal is not None and prepared.tmp is not None
             os.replace(prepared.tmp, prepared.path)
             st.fsync_dir(self.dir)
             old_wal, self.wal, self.wal_gen = self.wal, prepared.wal, prepared.gen
@@ -701,7 +701,7 @@ class ModelStore:
     def _checkpoint_path(self, name: str) -> Path:
         return self.dir / "checkpoints" / f"{check_checkpoint_name(name)}.safetensors"
 
-    def create_checkpoint(self, model: ServedModel, name: str) -> pb.CheckpointInfo:
+    def create_checkpoint(self, model: ServedModel, name: str) -> Checkpoint:
         """Writes the model's values as a plain state_dict file. Caller holds a read lock."""
         path = self._checkpoint_path(name)
         with self._lock:
@@ -733,10 +733,10 @@ class ModelStore:
                 if meta is not None:
                     tpath.unlink(missing_ok=True)  # nobody names it: the checkpoint failed
                 raise
-        return pb.CheckpointInfo(name=name, model_version=info["model_version"],
+        return Checkpoint(name=name, model_version=info["model_version"],
                                  created_unix_nanos=info["created_ns"], num_bytes=size)
 
-    def checkpoint_info(self, name: str) -> pb.CheckpointInfo:
+    def checkpoint_info(self, name: str) -> Checkpoint:
         """A checkpoint's description; NotFoundError (CHECKPOINT_NOT_FOUND) if absent."""
         path = self._checkpoint_path(name)
         if not path.exists():
@@ -745,11 +745,11 @@ class ModelStore:
                                 metadata={"model": self.model_id, "checkpoint": name})
         _, meta, _ = st.read_header(path)
         info = json.loads(meta.get(_CHECKPOINT_KEY, "{}"))
-        return pb.CheckpointInfo(name=name, model_version=int(info.get("model_version", 0)),
+        return Checkpoint(name=name, model_version=int(info.get("model_version", 0)),
                                  created_unix_nanos=int(info.get("created_ns", 0)),
                                  num_bytes=path.stat().st_size)
 
-    def list_checkpoints(self) -> list[pb.CheckpointInfo]:
+    def list_checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint, oldest first."""
         infos = [self.checkpoint_info(p.name.removesuffix(".safetensors"))
                  for p in (self.dir / "checkpoints").glob("*.safetensors")]
@@ -819,7 +819,17 @@ def journal_of(model: ServedModel) -> ModelStore:
     return model.journal
 
 
-def create_checkpoint(model: ServedModel, name: str) -> pb.CheckpointInfo:
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as listed: its name, the model version it holds, when it was made (ns since
+    the epoch) and its file's size in bytes."""
+    name: str
+    model_version: int
+    created_unix_nanos: int
+    num_bytes: int
+
+
+def create_checkpoint(model: ServedModel, name: str) -> Checkpoint:
     """Saves the model's current values (one consistent version) as checkpoint `name`, with
     its optimizer (configuration and state) and training mode."""
     check_checkpoint_name(name)
