@@ -10,7 +10,6 @@ the writes after that point are lost, which is why it is a separate, explicit st
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,61 +22,64 @@ wal_app = typer.Typer(name="wal", no_args_is_help=True,
                       "(server stopped)")
 app.add_typer(wal_app)
 
-_WAL = re.compile(r"wal-(\d{8})\.log")
-
-
-def _logs(data_dir: Path, model: str | None) -> list[tuple[str, Path]]:
-    """(model id, path of its current log) for every model, or for one."""
+def _dirs(data_dir: Path, model: str | None) -> list[Path]:
+    """The model directories to look at: every model's, or one."""
     models = data_dir / "models"
     if not models.is_dir():
         raise typer.BadParameter(f"{data_dir} holds no models directory")
     dirs = [models / model] if model else sorted(p for p in models.iterdir()
                                                  if p.is_dir() and not p.name.startswith("."))
-    out = []
     for d in dirs:
         if not d.is_dir():
             raise typer.BadParameter(f"no model {d.name!r} in {data_dir}")
-        gens = sorted((int(m.group(1)), p) for p in d.iterdir()
-                      if (m := _WAL.fullmatch(p.name)))
-        if gens:
-            out.append((d.name, gens[-1][1]))
-    return out
+    return dirs
 
 
 @wal_app.command("check")
 def wal_check(data_dir: Path, model: Annotated[Optional[str], typer.Argument(
         help="one model (default: every model)")] = None) -> None:
-    """Says, per model, whether its log is ok, has a torn tail (dropped at recovery) or is
-    corrupt (the server will not load the model). Exit status 1 if any log is corrupt."""
-    from paramhub_server.core import wal
+    """Says, per model log, whether it is ok, has a torn tail (dropped at recovery) or is
+    corrupt (a damaged record, or a record or snapshot naming a missing value file: the server
+    will not load the model), and counts unreferenced value files (removed at recovery). Exit
+    status 1 if any model is corrupt."""
+    from paramhub_server.core import store
 
     bad = 0
-    for model_id, path in _logs(data_dir, model):
-        s = wal.scan(path)
-        line = f"{model_id}  {path.name}  {s.records} records, {s.valid} of {s.size} bytes: "
-        if s.state == "corrupt":
-            bad += 1
-            line += (f"CORRUPT at byte {s.corrupt_at}; an intact record follows at byte "
-                     f"{s.next_valid} (`paramhub wal repair {data_dir} {model_id}` cuts it)")
-        elif s.state == "torn tail":
-            line += f"torn tail of {s.size - s.valid} bytes (dropped at recovery)"
-        else:
-            line += "ok"
-        typer.echo(line)
+    for d in _dirs(data_dir, model):
+        check = store.check_model_dir(d)
+        bad += check.corrupt
+        for c in check.logs:
+            s = c.scan
+            line = f"{d.name}  {c.path.name}  {s.records} records, {s.valid} of {s.size} bytes: "
+            if c.bad_file_at is not None:
+                line += (f"CORRUPT: the record at byte {c.bad_file_at} names value file "
+                         f"{c.bad_file}, which is missing or damaged (`paramhub wal repair "
+                         f"{data_dir} {d.name}` cuts it)")
+            elif s.state == "corrupt":
+                line += (f"CORRUPT at byte {s.corrupt_at}; an intact record follows at byte "
+                         f"{s.next_valid} (`paramhub wal repair {data_dir} {d.name}` cuts it)")
+            elif s.state == "torn tail":
+                line += f"torn tail of {s.size - s.valid} bytes (dropped at recovery)"
+            else:
+                line += "ok"
+            typer.echo(line)
+        if check.snapshot_missing:
+            typer.echo(f"{d.name}  snapshot: CORRUPT: value files missing or damaged: "
+                       f"{', '.join(check.snapshot_missing)} (restore a checkpoint)")
+        if check.orphans:
+            typer.echo(f"{d.name}  values: {len(check.orphans)} unreferenced value files "
+                       "(removed at recovery)")
     raise typer.Exit(1 if bad else 0)
 
 
 @wal_app.command("repair")
 def wal_repair(data_dir: Path, model: str) -> None:
     """Cuts a corrupt log at its first bad record (the cut bytes are kept in a .corrupt file
-    beside it); the model then loads with the writes before that point."""
-    from paramhub_server.core import wal
+    beside it; later logs of the model are cut whole) and removes unreferenced value files;
+    the model then loads with the writes before that point."""
+    from paramhub_server.core import store
 
-    for model_id, path in _logs(data_dir, model):
-        s = wal.scan(path)
-        if s.state != "corrupt":
-            typer.echo(f"{model_id}  {path.name}: {s.state}, nothing to repair")
-            continue
-        kept = wal.cut(path, s.valid)
-        typer.echo(f"{model_id}  {path.name}: cut at byte {s.valid} ({s.size - s.valid} bytes "
-                   f"moved to {kept.name if kept else '-'}); {s.records} records kept")
+    for d in _dirs(data_dir, model):
+        done = store.repair_model_dir(d)
+        for line in done or ["nothing to repair"]:
+            typer.echo(f"{d.name}  {line}")

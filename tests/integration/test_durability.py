@@ -232,10 +232,10 @@ def test_exported_checkpoint_loads_with_safetensors_into_a_local_module(client, 
 
 # --------------------------------------------------------------------------- kill -9
 
-def _spawn(data_dir: Path, fsync: str = "always") -> tuple[subprocess.Popen, str]:
+def _spawn(data_dir: Path, fsync: str = "always", *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("paramhub")), "serve", "--port", "0", "--data-dir",
-         str(data_dir), "--fsync", fsync, "--log-level", "WARNING"],
+         str(data_dir), "--fsync", fsync, "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().strip()
     assert line, "the server printed no address"
@@ -243,10 +243,15 @@ def _spawn(data_dir: Path, fsync: str = "always") -> tuple[subprocess.Popen, str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsync", ["always", "batch"])
-def test_kill_9_during_acknowledged_writes_loses_nothing_acknowledged(tmp_path, fsync):
+@pytest.mark.parametrize("fsync,compact", [("always", ""), ("batch", ""), ("always", "4194304")])
+def test_kill_9_during_acknowledged_writes_loses_nothing_acknowledged(tmp_path, fsync, compact):
+    """Each write is a 2 MiB whole-tensor value (a value file of its own, then its record) and
+    a counter; with --compact-bytes 4 MiB a compaction (adopting the value files) runs every
+    couple of writes, so the kill also lands inside compactions. After restart nothing
+    acknowledged is missing and no value file is left that nothing references."""
     data = tmp_path / "data"
-    proc, target = _spawn(data, fsync)
+    extra = ("--compact-bytes", compact) if compact else ()
+    proc, target = _spawn(data, fsync, *extra)
     acked: list[tuple[int, int]] = []  # (i, version) of acknowledged writes
     in_flight: list[int] = []
     try:
@@ -287,7 +292,7 @@ def test_kill_9_during_acknowledged_writes_loses_nothing_acknowledged(tmp_path, 
             proc.kill()
     assert len(acked) >= 25
     last_i, last_v = acked[-1]
-    proc, target = _spawn(data, fsync)
+    proc, target = _spawn(data, fsync, *extra)
     try:
         with paramhub.connect(target, timeout=60) as c:
             c.wait_ready(60)
@@ -307,9 +312,71 @@ def test_kill_9_during_acknowledged_writes_loses_nothing_acknowledged(tmp_path, 
             # Versions continue from where they were.
             assert c.set_slice("m", "bias", 1, 0.0) == wv + (2 if n == last_i else 1)
             assert c.model_version("m") == base + last_i + 2
+            from paramhub_server.core.store import check_model_dir
+
+            check = check_model_dir(data / "models" / "m")
+            assert not check.corrupt and check.orphans == [], check
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# --------------------------------------------------------------------------- record formats
+
+_V1_FIXTURE = Path(__file__).parent / "data" / "wal_v1"
+
+
+def test_log_written_in_record_format_1_replays_and_takes_format_2_appends(settings):
+    """A model directory whose log was written in format 1 (b"PHW1"; dtypes as wire enum
+    numbers, tensor indices as serialized SetSliceRequest; made with the code of that time:
+    masks, index tensors, slices with steps, a batch, train(), an SGD optimizer and a pushed
+    step) loads with the values, versions and flags it had; writes after it append format 2
+    records to the same log, and both replay after another restart."""
+    import json
+    import shutil
+
+    from paramhub_server.core.wal import read_records
+
+    shutil.copytree(_V1_FIXTURE / "models", settings.data_dir / "models")
+    expected = json.loads((_V1_FIXTURE / "expected.json").read_text())
+    wal = settings.data_dir / "models" / "m" / "wal-00000001.log"
+    assert {r.version for r in read_records(wal)} == {1}
+
+    def check(c: paramhub.Client, model_version: int, bias0: float | None = None) -> None:
+        assert c.model_version("m") == model_version
+        for info in c.list_parameters("m", include_buffers=True):
+            kind = "parameters" if info.kind == pb.TENSOR_KIND_PARAMETER else "buffers"
+            value, version = c.get_tensor("m", info.name, kind=kind)
+            want = expected["tensors"][info.name]
+            want_value = torch.tensor(want["value"], dtype=value.dtype)
+            if bias0 is not None and info.name == "0.bias":
+                want_value[0] = bias0
+                want["version"] += 1
+            assert torch.equal(value, want_value), info.name
+            assert version == want["version"] and str(value.dtype) == want["dtype"], info.name
+        flags = {m.path: m.training for m in c.describe_model("m").modules}
+        assert flags == expected["training"]
+
+    srv = build_server(settings)
+    try:
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            c.wait_ready(60)
+            check(c, expected["model_version"])
+            # A remembered request id from the format-1 log still answers its retry.
+            c.set_slice("m", "0.bias", None, 1.0, "add", request_id="add-once")
+            check(c, expected["model_version"])
+            c.set_slice("m", "0.bias", (torch.tensor([0]),), torch.tensor([9.0]))
+        srv = _restart(srv, settings)
+        with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            c.wait_ready(60)
+            check(c, expected["model_version"] + 1, bias0=9.0)
+    finally:
+        srv.stop(grace=None)
+    records = list(read_records(wal))
+    assert [r.version for r in records][-1] == 2 and records[0].version == 1
+    new = records[-1].header["changes"][0]
+    # Format 2: the index tensor is described in the record, not a serialized API message.
+    assert "idx" not in new and new["ix"][0]["dtype"] == "int64" and new["dtype"] == "float32"

@@ -361,9 +361,11 @@ def test_disk_full_checkpoint_compaction_and_restore_change_nothing(settings, sm
         with paramhub.connect(f"127.0.0.1:{srv.port}", timeout=60) as c:
             net = c.create_model("m", nn.Sequential(nn.Linear(512, 512)))
             c.create_checkpoint("m", "zero")
-            c.set_slice("m", "0.weight", (), 3.0)
+            c.set_slice("m", "0.weight", (), 3.0)  # a value file of its own (1 MiB)...
+            c.set_slice("m", "0.weight", (0, 0), 5.0)  # ...no longer current: compaction writes
             values = net[0].weight.data.clone()
             version = c.describe_model("m").model.version
+            value_files = sorted((settings.data_dir / "models" / "m" / "values").iterdir())
             with _filled(small_disk, 64 << 10):
                 with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
                     c.create_checkpoint("m", "full")
@@ -381,6 +383,8 @@ def test_disk_full_checkpoint_compaction_and_restore_change_nothing(settings, sm
                 assert [m.name for m in c.list_models()] == ["models/m"]
                 assert _tmp_files(settings.data_dir) == []
                 assert sorted(p.name for p in (settings.data_dir / "models").iterdir()) == ["m"]
+                assert sorted((settings.data_dir / "models" / "m" / "values").iterdir()) == \
+                    value_files, "a failed compaction or restore left a value file behind"
                 assert c.describe_model("m").model.version == version
                 assert torch.equal(net[0].weight.data, values), "a failed restore applied"
             c.set_slice("m", "0.bias", 0, 1.0)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from paramhub.common import pb
-from paramhub_server.api.serde import versions, write_context
+from paramhub_server.api.serde import checkpoint_info, versions, write_context
 from paramhub_server.core import store
 from paramhub_server.api.base import Handlers
 from paramhub_server.errors import rpc
@@ -21,13 +21,14 @@ class CheckpointHandlers(Handlers):
     def CreateCheckpoint(self, request: pb.CreateCheckpointRequest,
                          context: grpc.ServicerContext) -> pb.CreateCheckpointResponse:
         info = store.create_checkpoint(self._model(request.model), request.checkpoint)
-        return pb.CreateCheckpointResponse(checkpoint=info)
+        return pb.CreateCheckpointResponse(checkpoint=checkpoint_info(info))
 
     @rpc
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
                         context: grpc.ServicerContext) -> pb.ListCheckpointsResponse:
         return pb.ListCheckpointsResponse(
-            checkpoints=store.journal_of(self._model(request.model)).list_checkpoints())
+            checkpoints=[checkpoint_info(c) for c in
+                         store.journal_of(self._model(request.model)).list_checkpoints()])
 
     @rpc
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest,

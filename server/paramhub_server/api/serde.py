@@ -14,7 +14,7 @@ from paramhub import _codec, _spec
 from paramhub.common.errors import InvalidArgumentError
 from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
-from paramhub_server.core import probe, training, watch
+from paramhub_server.core import probe, store, training, watch
 from paramhub_server.core.registry import ProgramRequest
 from paramhub_server.core.model import (BUFFER, PARAMETER, InitWrite, ServedModel, SliceWrite,
                                         StateManifest, WriteContext)
@@ -138,6 +138,11 @@ def event_bytes(ev: watch.Event) -> bytes:
     """A watch event's wire bytes, built once however many watchers send it (a write watched by
     1,000 streams used to build and serialize its message 1,000 times)."""
     return event_to_proto(ev).SerializeToString()
+
+
+def checkpoint_info(c: store.Checkpoint) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(name=c.name, model_version=c.model_version,
+                             created_unix_nanos=c.created_unix_nanos, num_bytes=c.num_bytes)
 
 
 def versions(updated: Any) -> list[pb.TensorVersion]:

@@ -8,6 +8,7 @@ stream of reads cannot starve writes. Readers never hold it while sending bytes 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -27,6 +28,10 @@ class RWLock:
         self._waiting = 0  # threads blocked in _cond.wait()
         self._read = _ReadGuard(self)
         self._write = _WriteGuard(self)
+        #: Called after each release of the exclusive hold, in the releasing thread, with
+        #: whether the `with` block ended without an exception (the journal waits there for
+        #: the fsync that makes the block's write durable: group commit, see store.py).
+        self.after_write: Callable[[bool], None] | None = None
 
     def read(self) -> _ReadGuard:
         """Holds the lock shared for the duration of the `with` block."""
@@ -101,5 +106,8 @@ class _WriteGuard:
     def __enter__(self) -> None:
         self._lock.acquire_write()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._lock.release_write()
+        after = self._lock.after_write
+        if after is not None:
+            after(exc_type is None)

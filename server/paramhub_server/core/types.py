@@ -119,6 +119,9 @@ class Journal(Protocol):
 
     def log_training(self, model: ServedModel, path: str, training: bool) -> None: ...
 
+    def prewrite(self, ref: TensorRef, index: tuple[Any, ...], op: str,
+                 value: torch.Tensor) -> None: ...
+
     def reserve(self, nbytes: int) -> None: ...
 
     def log_record(self, model: ServedModel, header: dict[str, Any],

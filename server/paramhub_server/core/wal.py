@@ -1,10 +1,14 @@
 """The write-ahead log: an append-only file of framed records, fsynced before a write is
-acknowledged (under the default policy).
+acknowledged (under the default policy), and the value files big writes go to.
 
 A record is
 
-    b"PHW1" | u32 header length | u64 payload length | u32 CRC-32 of header+payload
+    magic | u32 header length | u64 payload length | u32 CRC-32 of header+payload
     | header (UTF-8 JSON) | payload (raw bytes that the header points into)
+
+The magic names the record format's version: b"PHW2" is written (the header's contents are
+described in wal_format.py); b"PHW1" records, written before, are still read (`Record.version`
+tells the reader which it holds).
 
 Nothing is pickled. A crash can leave a torn last record; `read_records` stops at the first
 record that is incomplete or fails its CRC, and the owner truncates the file there. Such a record
@@ -19,7 +23,10 @@ the error propagates, so a later append never lands behind half a record; a full
 
 Fsync policies:
 - "always": fdatasync after every record, before the write is acknowledged. Nothing acknowledged
-  is lost on kill -9 or power loss.
+  is lost on kill -9 or power loss. Writers that append at the same time share fsyncs (group
+  commit): `append(..., defer=True)` writes the record to the OS and returns its end; the
+  writer releases its model's lock and `wait_durable(end)` returns once one fdatasync has
+  covered that end (the first waiter syncs for everyone queued behind it).
 - "batch": records are written to the OS at once (so kill -9 loses nothing acknowledged) and a
   background thread fdatasyncs every `interval` seconds; power loss may lose the last interval.
 - "off": records are written to the OS at once, never fsynced by paramhub; power loss may lose
@@ -42,11 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paramhub.errors import ResourceExhaustedError
+from paramhub.common.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PHW1"
+#: Record magics by format version; `MAGIC` is the one written.
+MAGICS = {b"PHW1": 1, b"PHW2": 2}
+MAGIC = b"PHW2"
+VERSION = MAGICS[MAGIC]
+_MAGIC_PREFIX = b"PHW"
 _FRAME = struct.Struct("<4sIQI")
 FSYNC_POLICIES = ("always", "batch", "off")
 #: Largest header accepted when reading; anything larger is a corrupt frame.
@@ -123,6 +134,9 @@ class WalWriter:
         self.policy = fsync
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.size = os.fstat(self.fd).st_size
+        self._synced = self.size  # bytes an fdatasync has covered (group commit)
+        self._syncing = False  # a waiter is in fdatasync for the others
+        self._failed: OSError | None = None  # a deferred fdatasync failed: the log is unusable
         self._dirty = False
         self._closed = False
         self._reserved = False
@@ -134,11 +148,16 @@ class WalWriter:
                                              name=f"paramhub-wal-{path.parent.name}")
             self._flusher.start()
 
-    def append(self, header: dict[str, Any], blobs: Sequence[Any] = ()) -> int:
+    def append(self, header: dict[str, Any], blobs: Sequence[Any] = (), *,
+               defer: bool = False) -> int:
         """Writes one record (header JSON + the blobs concatenated as its payload) and, under
-        "always", fdatasyncs it. Returns the record's size in bytes.
+        "always", fdatasyncs it, unless `defer`: then the caller must `wait_durable` the
+        returned end offset before acknowledging the write. Returns the file offset just past
+        the record.
 
         The header should already hold the blobs' offsets (see `layout`)."""
+        if self._failed is not None:
+            raise self._failed_error()
         views = [_view(b) for b in blobs]
         head = json.dumps(header, separators=(",", ":")).encode()
         payload = sum(v.nbytes for v in views)
@@ -155,20 +174,71 @@ class WalWriter:
                 for v in views:
                     for start in range(0, v.nbytes, _PIECE):
                         self._write(v[start:start + _PIECE])
-            if self.policy == "always":
+            if self.policy == "always" and not defer and self._synced == self.size:
+                # Nothing else awaits an fsync: sync here (the failure is cut back cleanly).
                 os.fdatasync(self.fd)
+                synced = True
+            else:
+                synced = False
         except OSError as e:
             self._cut_back()
             raise disk_full(self.path, e) or e from None
         n = len(frame) + payload
         self.size += n
+        if synced:
+            with self._cv:
+                self._synced = max(self._synced, self.size)
         if self._reserved:  # give back the preallocated space this record did not use
             self._reserved = False
             self._cut_back()
         if self.policy == "batch":
             with self._cv:
                 self._dirty = True
-        return n
+        if self.policy == "always" and not defer and not synced:
+            self.wait_durable(self.size)
+        return self.size
+
+    def wait_durable(self, end: int) -> None:
+        """Returns once an fdatasync has covered the log up to `end` (under "always"; other
+        policies return at once). Concurrent callers share one fdatasync: the first syncs
+        everything written so far while the others wait for it (group commit)."""
+        if self.policy != "always":
+            return
+        with self._cv:
+            while self._synced < end:
+                if self._failed is not None:
+                    raise self._failed_error()
+                if self._syncing or self._closed:
+                    self._cv.wait()  # close() syncs everything and notifies
+                    continue
+                self._syncing = True
+                target = self.size  # everything written by now, this record included
+                self._cv.release()
+                err: OSError | None = None
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as e:
+                    err = e
+                finally:
+                    self._cv.acquire()
+                    self._syncing = False
+                    self._cv.notify_all()
+                if err is not None:
+                    # Records are in the file but may not be on disk, and Linux reports an
+                    # fsync error once: no later fsync can vouch for them. The log refuses
+                    # appends from now on (a restart recovers what is on disk).
+                    log.error("fdatasync of %s failed: %s; the log refuses further writes",
+                              self.path, err)
+                    self._failed = err
+                    raise self._failed_error()
+                self._synced = max(self._synced, target)
+
+    def _failed_error(self) -> Exception:
+        err = self._failed
+        assert err is not None
+        return disk_full(self.path, err) or OSError(
+            err.errno, f"{self.path}: an earlier fdatasync failed ({err.strerror}); this "
+            "log takes no more writes until the server restarts")
 
     def reserve(self, nbytes: int) -> None:
         """Allocates disk space for the next `nbytes` bytes of appends (beyond the end of the
@@ -224,17 +294,33 @@ class WalWriter:
         os.fdatasync(self.fd)
 
     def close(self) -> None:
-        """Flushes (unless the policy is "off") and closes the file."""
+        """Flushes (unless the policy is "off") and closes the file. Writers waiting for an
+        fsync of this log are released once it is flushed."""
         with self._cv:
             if self._closed:
                 return
+            while self._syncing:  # a group-commit fsync is using the descriptor
+                self._cv.wait()
             self._closed = True
             self._cv.notify_all()
         if self._flusher is not None:
             self._flusher.join()
-        if self.policy != "off":
-            os.fdatasync(self.fd)
-        os.close(self.fd)
+        err: OSError | None = None
+        try:
+            if self.policy != "off" and self._failed is None:
+                os.fdatasync(self.fd)
+        except OSError as e:
+            err = e
+        finally:
+            with self._cv:
+                if err is not None:
+                    self._failed = err
+                elif self._failed is None:
+                    self._synced = self.size
+                self._cv.notify_all()
+            os.close(self.fd)
+        if err is not None:
+            raise err
 
 
 def layout(sizes: Sequence[int]) -> list[list[int]]:
@@ -253,17 +339,20 @@ class Record:
     header: dict[str, Any]
     payload: bytearray
     end: int  # file offset just past this record
+    version: int = VERSION  # the record format it was written in (its magic)
 
 
-def _frame_at(f: Any, pos: int, size: int) -> tuple[int, dict[str, Any], bytearray] | None:
-    """(end offset, header, payload) of an intact record starting at `pos`, else None."""
+def _frame_at(f: Any, pos: int, size: int
+              ) -> tuple[int, dict[str, Any], bytearray, int] | None:
+    """(end offset, header, payload, format version) of an intact record starting at `pos`,
+    else None."""
     f.seek(pos)
     raw = f.read(_FRAME.size)
     if len(raw) < _FRAME.size:
         return None
     magic, hlen, plen, crc = _FRAME.unpack(raw)
     end = pos + _FRAME.size + hlen + plen
-    if magic != MAGIC or hlen > _MAX_HEADER or end > size:
+    if magic not in MAGICS or hlen > _MAX_HEADER or end > size:
         return None
     head = f.read(hlen)
     payload = bytearray(plen)
@@ -275,7 +364,9 @@ def _frame_at(f: Any, pos: int, size: int) -> tuple[int, dict[str, Any], bytearr
         header = json.loads(head)
     except ValueError:
         return None
-    return end, header, payload
+    if not isinstance(header, dict):
+        return None
+    return end, header, payload, MAGICS[magic]
 
 
 def next_intact(path: Path, start: int) -> int | None:
@@ -292,11 +383,11 @@ def next_intact(path: Path, start: int) -> int | None:
                 return None
             data = carry + block
             base = pos - len(carry)
-            k = data.find(MAGIC)
+            k = data.find(_MAGIC_PREFIX)
             while k >= 0:
                 if base + k > start and _frame_at(f, base + k, size) is not None:
                     return base + k
-                k = data.find(MAGIC, k + 1)
+                k = data.find(_MAGIC_PREFIX, k + 1)
             carry = data[-(len(MAGIC) - 1):]
             pos += len(block)
     return None
@@ -313,7 +404,7 @@ def _bad_record_end(path: Path, pos: int, size: int) -> int:
     if len(raw) < _FRAME.size:
         return size
     magic, hlen, plen, _ = _FRAME.unpack(raw)
-    if magic != MAGIC or hlen > _MAX_HEADER:
+    if magic not in MAGICS or hlen > _MAX_HEADER:
         return pos + 1
     return min(size, pos + _FRAME.size + hlen + plen)
 
@@ -335,8 +426,8 @@ def read_records(path: Path) -> Iterator[Record]:
             rec = _frame_at(f, valid, size)
             if rec is None:
                 break
-            valid, header, payload = rec
-            yield Record(header, payload, valid)
+            valid, header, payload, version = rec
+            yield Record(header, payload, valid, version)
     if valid < size:
         following = next_intact(path, _bad_record_end(path, valid, size) - 1)
         if following is not None:
@@ -392,3 +483,66 @@ def cut(path: Path, offset: int) -> Path | None:
         f.truncate(offset)
         os.fsync(f.fileno())
     return keep
+
+
+# ----------------------------------------------------------------------------- value files
+# A big whole-tensor value is written once, to a file of its own (exactly its bytes), and
+# fdatasynced (with its directory) before the log record that references it is appended; a
+# snapshot then references the same file instead of copying it. A value file that no record or
+# snapshot references (a crash between the file and its record) is removed at recovery.
+
+
+class ValueFileError(WalCorruptError):
+    """A log record or snapshot references a value file that is missing or of the wrong size:
+    the data directory was damaged (the file is synced before any reference to it)."""
+
+    def __init__(self, path: Path, offset: int, value_file: Path, detail: str) -> None:
+        Exception.__init__(
+            self, f"{path}: the record at byte {offset} references value file "
+            f"{value_file.name}, which is {detail}; recovery stops here. `paramhub wal repair "
+            f"DATA_DIR MODEL` cuts the log at byte {offset}")
+        self.path = path
+        self.offset = offset
+        self.next_valid = offset
+        self.value_file = value_file
+
+
+def write_value_file(path: Path, data: Any, fsync: bool) -> int:
+    """Writes `data` (bytes, a memoryview or a uint8 tensor) to a new file at `path` and, if
+    `fsync`, fdatasyncs it; removes the file and raises (DISK_FULL for a full disk) on failure.
+    The caller syncs the directory. Returns the byte count."""
+    view = _view(data)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise disk_full(path, e) or e from None
+    try:
+        for start in range(0, view.nbytes, _PIECE):
+            piece = view[start:start + _PIECE]
+            while piece.nbytes:
+                k = os.write(fd, piece)
+                piece = piece[k:]
+        if fsync:
+            os.fdatasync(fd)
+    except OSError as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise disk_full(path, e) or e from None
+    os.close(fd)
+    return view.nbytes
+
+
+def read_value_file(path: Path, into: Any) -> None:
+    """Reads a value file into `into` (a writable uint8 tensor or buffer of its exact size);
+    FileNotFoundError or ValueError (size) if it is not what the reference says."""
+    view = _view(into)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != view.nbytes:
+            raise ValueError(f"{size} bytes where {view.nbytes} were expected")
+        got = 0
+        while got < view.nbytes:
+            k = f.readinto(view[got:got + _PIECE])
+            if not k:
+                raise ValueError(f"{got} bytes where {view.nbytes} were expected")
+            got += k

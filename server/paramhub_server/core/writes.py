@@ -198,6 +198,9 @@ class WriteEngine:
         if op not in SLICE_OPS:
             raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
         ref = self.ref(name, kind)
+        journal = self.journal
+        if journal is not None:  # a big whole-tensor value goes to disk before the lock
+            journal.prewrite(ref, index, op, value)
         with self.lock.write():
             result = self._recall(ctx, "set_slice")
             if result is None:
