@@ -38,6 +38,24 @@ def header_then_chunks(request_iterator: Iterator[Any], rpc: str
     return header, chunks()
 
 
+def slice_value(value: tpb.Tensor, request_iterator: Iterator[Any],
+                max_elements: int | None) -> Any:
+    """The value of a StreamSetSlice: the data messages after the request, assembled into the
+    dtype and shape the request's `value` announced (which carries no bytes itself). Data
+    messages arrive as memoryviews (the raw deserializer) or parsed messages."""
+    asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=value.dtype, shape=value.shape),
+                                 max_elements=max_elements)
+    for msg in request_iterator:
+        if isinstance(msg, memoryview):
+            asm.add(msg)
+        elif msg.WhichOneof("part") == "data":
+            asm.add(msg.data)
+        else:
+            raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
+                                       "request", reason="BAD_STREAM")
+    return asm.finish()
+
+
 def once() -> Any:
     """A header check refusing a tensor name uploaded twice (CreateModel values)."""
     seen: set[str] = set()

@@ -15,6 +15,7 @@ from paramhub.common.dtypes import numel
 from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub.common import pb
 from paramhub.v1 import tensor_pb2 as tpb
+from paramhub_server.api import framing
 from paramhub_server.api.serde import slice_write, state_manifest, write_context
 from paramhub_server.core.model import ServedModel, SliceWrite
 from paramhub_server.transport import POLICY, Admit, TensorRead
@@ -124,18 +125,7 @@ class TensorHandlers(Handlers):
         m = self.registry.get(model_id)
         self._check_upload(m, w, _codec.check_shape(req.value.shape,
                                                     max_elements=self.max_tensor_elements))
-        asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape),
-                                     max_elements=self.max_tensor_elements)
-        for msg in request_iterator:
-            if isinstance(msg, memoryview):
-                asm.add(msg)
-            elif msg.WhichOneof("part") == "data":
-                asm.add(msg.data)
-            else:
-                raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
-                                           "request", reason="BAD_STREAM")
-        w.value = asm.finish()
+        w.value = framing.slice_value(req.value, request_iterator, self.max_tensor_elements)
         done = self._apply_slice(m, w, req, context)
         return pb.StreamSetSliceResponse(version=done.version, model_version=done.model_version)
 

@@ -290,21 +290,11 @@ class ClusterParameterService(ParameterService):
             raise InvalidArgumentError("the first StreamSetSlice message carries no value bytes",
                                        reason="BAD_STREAM")
         model_id, w = serde.slice_write(req, None, self.max_tensor_elements)
-        asm = _codec.TensorAssembler(tpb.TensorHeader(dtype=req.value.dtype,
-                                                      shape=req.value.shape),
-                                     max_elements=self.max_tensor_elements)
-        for msg in request_iterator:
-            if isinstance(msg, memoryview):
-                asm.add(msg)
-            elif msg.WhichOneof("part") == "data":
-                asm.add(msg.data)
-            else:
-                raise InvalidArgumentError("only the first StreamSetSlice message may carry the "
-                                           "request", reason="BAD_STREAM")
+        value = framing.slice_value(req.value, request_iterator, self.max_tensor_elements)
         from paramhub_server.cluster.sharding import Write
 
         versions, model_version = self.cluster.write(model_id, [Write(
-            w.name, w.kind, w.index, w.op, asm.finish(), w.expected_version)])
+            w.name, w.kind, w.index, w.op, value, w.expected_version)])
         return pb.StreamSetSliceResponse(version=versions[0], model_version=model_version)
 
     @rpc
