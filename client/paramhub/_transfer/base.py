@@ -8,13 +8,14 @@ policy's order. Any other error is the caller's (a bad index fails the same on e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from paramhub.common import pb
+from paramhub.common.errors import ParamhubError
 from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:
@@ -69,6 +70,28 @@ class PushJob:
     total: int
     timeout: float | None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def over_link(greeted: Any, send: Callable[[], Any], unavailable: str,
+              failed: Callable[[BaseException], None], *, close_after: bool) -> Any:
+    """Runs `send` over a greeted side-link connection (shm or data channel): its result, or
+    FELL_BACK (connection closed, `failed` told) on the link's `unavailable` answer or a socket
+    error; any other answer is raised. `close_after` closes the connection after a success."""
+    try:
+        result = send()
+    except ParamhubError as e:
+        greeted.close()
+        if e.reason != unavailable:
+            raise
+        failed(e)
+        return FELL_BACK
+    except OSError as e:
+        greeted.close()
+        failed(e)
+        return FELL_BACK
+    if close_after:
+        greeted.close()
+    return result
 
 
 class Transport:

@@ -12,9 +12,9 @@ import grpc
 
 from paramhub import _codec, _data, _shm
 from paramhub._progress import progress_for
-from paramhub._transfer.base import FELL_BACK, GetJob, SetJob, Transport
+from paramhub._transfer.base import FELL_BACK, GetJob, SetJob, Transport, over_link
 from paramhub._transfer.stream import read_tensor_stream
-from paramhub.errors import ParamhubError, from_rpc_error
+from paramhub.errors import from_rpc_error
 from paramhub.common import pb
 
 __all__ = ["DataTransport", "CONNECT_TIMEOUT", "IO_TIMEOUT"]
@@ -84,18 +84,7 @@ class DataTransport(Transport):
         log.warning("data-channel transfer failed (%s); falling back to gRPC", exc)
 
     def _guard(self, greeted: _shm.Greeted, send: Any) -> Any:
-        try:
-            return send()
-        except ParamhubError as e:
-            greeted.close()
-            if e.reason != _UNAVAILABLE:
-                raise
-            self._failed(e)
-            return FELL_BACK
-        except OSError as e:
-            greeted.close()
-            self._failed(e)
-            return FELL_BACK
+        return over_link(greeted, send, _UNAVAILABLE, self._failed, close_after=False)
 
     def get(self, job: GetJob) -> Any:
         greeted = self._greet()

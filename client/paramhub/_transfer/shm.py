@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from paramhub import _codec, _shm
-from paramhub._transfer.base import FELL_BACK, GetJob, PullJob, PushJob, SetJob, Transport
+from paramhub._transfer.base import (FELL_BACK, GetJob, PullJob, PushJob, SetJob, Transport,
+                                     over_link)
 from paramhub._transfer.stream import check_out, read_state_stream, read_tensor_stream
 from paramhub.errors import InvalidArgumentError, ParamhubError
 from paramhub.common import pb
@@ -81,23 +82,7 @@ class ShmTransport(Transport):
 
     def _over(self, greeted: _shm.Greeted, send: Callable[[], Any], *, close_after: bool
               ) -> Any:
-        """Runs `send` over the greeted connection; FELL_BACK (connection closed, failure
-        logged) on the link's "unavailable" answer or a socket error."""
-        try:
-            result = send()
-        except ParamhubError as e:
-            greeted.close()
-            if e.reason != _UNAVAILABLE:
-                raise
-            self._failed(e)
-            return FELL_BACK
-        except OSError as e:
-            greeted.close()
-            self._failed(e)
-            return FELL_BACK
-        if close_after:
-            greeted.close()
-        return result
+        return over_link(greeted, send, _UNAVAILABLE, self._failed, close_after=close_after)
 
     @staticmethod
     def _failed(exc: BaseException) -> None:
