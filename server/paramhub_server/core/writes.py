@@ -23,6 +23,13 @@ from paramhub_server.core.types import (MAX_RECENT_REQUESTS, NO_CONTEXT, PARAMET
 log = logging.getLogger(__name__)
 
 
+
+def check_op(op: str) -> None:
+    """The one check of a slice op's name (INVALID_ARGUMENT, reason BAD_OP)."""
+    if op not in SLICE_OPS:
+        raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
+
+
 class WriteEngine:
     """ServedModel's writes (see the module docstring)."""
 
@@ -78,8 +85,7 @@ class WriteEngine:
             # The common single write (SetSlice): the general path below without its
             # bookkeeping (no staging or ordering applies to one write).
             w = writes[0]
-            if w.op not in SLICE_OPS:
-                raise InvalidArgumentError(f"unknown slice op {w.op!r}", reason="BAD_OP")
+            check_op(w.op)
             ref = self.ref(w.name, w.kind)
             self._check_expected(ref, w.expected_version)
             live = ref.get().detach()
@@ -90,8 +96,7 @@ class WriteEngine:
         touches: dict[int, int] = {}
         for w in writes:
             if isinstance(w, SliceWrite):
-                if w.op not in SLICE_OPS:
-                    raise InvalidArgumentError(f"unknown slice op {w.op!r}", reason="BAD_OP")
+                check_op(w.op)
                 refs = [self.ref(w.name, w.kind)]
             else:
                 scheme = inits.get_scheme(w.scheme)
@@ -195,8 +200,7 @@ class WriteEngine:
                   expected_version: int | None = None, *, kind: str | None = None,
                   ctx: WriteContext = NO_CONTEXT) -> tuple[int, int]:
         """`tensor[index] (op)= value`, atomically. Returns (tensor version, model version)."""
-        if op not in SLICE_OPS:
-            raise InvalidArgumentError(f"unknown slice op {op!r}", reason="BAD_OP")
+        check_op(op)
         ref = self.ref(name, kind)
         journal = self.journal
         if journal is not None:  # a big whole-tensor value goes to disk before the lock
