@@ -15,6 +15,10 @@ Forward, so a forward whose output is never backpropagated (evaluation without n
 crashed client) costs no server memory; the price is a second forward pass on the server and
 sending the inputs twice, paid only by calls that are backpropagated. With grad mode off (or
 nothing requiring grad) a call is the plain Forward of before.
+
+Why ~550 lines: building the mirror (skeleton, handles, root methods) and what calling it does
+(Forward, remote autograd, train/zero_grad) are one concept: every module of the tree is bound
+to both.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ Used by both sides: the server builds real modules from a spec; the SDK turns a 
 into a spec (`spec_from_module`) and builds the meta-device skeleton of a remote model from the
 spec the server describes (`build_module`). Nothing here imports, unpickles or executes anything
 named by the client: class names are looked up in `ALLOWED_MODULES`, arguments are plain values.
+
+Why ~600 lines: one concept in both directions (module -> spec -> module) and its JSON form:
+the constructor-argument readers of `spec_from_module` must agree with `build_module`, and the
+JSON codec with both.
 """
 
 from __future__ import annotations

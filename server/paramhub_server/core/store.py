@@ -3,13 +3,18 @@
 Layout (one directory per model; a model id never starts with "."):
 
     {data_dir}/models/{id}/model.json                 spec (ModelSpec as JSON) and device
-    {data_dir}/models/{id}/snapshot-{gen}.safetensors  every storage once, by its first name;
+    {data_dir}/models/{id}/snapshot-{gen}.safetensors  every storage under 1 MiB once, by its
+                                                      first name (metadata "files" names the
+                                                      value file of each bigger one);
                                                       the optimizer's state tensors as
                                                       "paramhub.optimizer/{param}/{key}" and the
                                                       staleness history; metadata
                                                       "paramhub.state" holds versions, training
                                                       flags, recent request ids, the optimizer's
                                                       and the training mode's configuration
+    {data_dir}/models/{id}/values/{token}.bin         one storage's raw bytes: a whole-tensor write
+                                                      of >= 1 MiB (written once, named by its log
+                                                      record, adopted by later snapshots)
     {data_dir}/models/{id}/wal-{gen}.log              writes committed after snapshot {gen}
     {data_dir}/models/{id}/checkpoints/{name}.safetensors   a plain state_dict (every key)
     {data_dir}/models/{id}/checkpoints/training/{name}.safetensors   its optimizer state and
@@ -25,12 +30,19 @@ Protocol:
   acknowledged; under fsync "always" the record is fsynced first (see wal.py). An optimizer
   step is one record holding the parameters it changed AND their new optimizer state; creating
   an optimizer and configuring the training mode are records of their own.
-- Compaction writes snapshot {gen+1} (temporary file, fsync, rename: the rename is the commit
-  point) while holding the model's read lock (readers go on, writers wait), starts wal-{gen+1}
-  and deletes generation {gen}. It runs in the background once a log outgrows both
-  `compact_bytes` and the snapshot, and on CompactModel.
-- Recovery loads the newest snapshot, replays its log up to the first torn record (a crash
-  mid-append; never acknowledged), truncates the log there and removes leftovers.
+- Compaction holds the model's read lock only to capture what changed since the last snapshot
+  (per tensor: value files already written are adopted, not copied) and to switch to
+  wal-{gen+1}; it then writes snapshot {gen+1} and its new value files with no model lock held
+  (temporary file, fsync, rename: the rename is the commit point) and deletes generation {gen}.
+  It runs in the background once the log and the value files written since the last snapshot
+  outgrow both `compact_bytes` and the snapshot, and on CompactModel.
+- Recovery loads the newest snapshot, replays every log from its generation on up to the first
+  torn record (a crash mid-append; never acknowledged), truncates the log there and removes
+  leftovers, value files nothing references included.
+
+Why one module of ~1,200 lines: the layout above, recovery, compaction and checkpoints share its
+names and the model directory's lock. The snapshot capture/write helpers and the check/repair
+code (`paramhub wal`) are the parts that can move to modules of their own next.
 """
 
 from __future__ import annotations

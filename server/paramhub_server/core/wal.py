@@ -31,6 +31,9 @@ Fsync policies:
   background thread fdatasyncs every `interval` seconds; power loss may lose the last interval.
 - "off": records are written to the OS at once, never fsynced by paramhub; power loss may lose
   whatever the OS had not yet flushed.
+
+Why ~550 lines: the record framing, the writer with its fsync policies and group commit, and the
+reader share the format's constants; the record contents are in wal_format.py.
 """
 
 from __future__ import annotations
