@@ -45,7 +45,7 @@ from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalE
                              InvalidArgumentError, ResourceExhaustedError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.common import pb
-from paramhub_server.cluster import storage
+from paramhub_server.cluster import commands, storage
 from paramhub_server.cluster.sharding import (Entry, ShardedModel, Write, entries_of, local_rows,
                                               numel, region_ids, select, skeleton_of)
 from paramhub_server.core import indexing, inits, rng
@@ -99,6 +99,7 @@ class Cluster:
 
     def start(self) -> None:
         """Recovers this rank's shards from disk, checks every rank agrees, starts the loop."""
+        commands.load()
         if self.root is not None:
             self.models = storage.recover(self.root, self.world, self.mesh)
             log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
@@ -211,6 +212,9 @@ class Cluster:
     def _execute(self, op: str, args: dict[str, Any]) -> Any:
         args = {k: v.value if isinstance(v, _Local) else v for k, v in args.items()}
         try:
+            fn = commands.COMMANDS.get(op)
+            if fn is not None:
+                return fn(self, **args)
             return getattr(self, f"_do_{op}")(**args)
         except (ParamhubError, dist.DistError):
             raise
