@@ -499,8 +499,11 @@ class Cluster:
         """`tensor[index]` (a CPU copy) and its version."""
         m = self._model(model_id)
         e = m.entry(name, kind)
-        # Refused before any rank works: torch's own error, from a meta stand-in.
-        indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
+        # Refused before any rank works: torch's own error, from a meta stand-in (a boolean
+        # mask cannot index a meta tensor: every rank checks it, and raises the same error,
+        # before its first collective).
+        if not any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+            indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
         out, version = self.run("read_versioned", model_id=model_id, group=e.group,
                                 index=index)
         return out, version

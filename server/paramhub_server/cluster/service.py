@@ -33,10 +33,8 @@ if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor co
 
 log = logging.getLogger(__name__)
 
-#: The sharding plan built (cluster/sharding.py FSDP).
-FSDP = "fsdp"
-
-#: Call metadata that asks CreateModel for a sharded model ("fsdp").
+#: Call metadata that asks CreateModel for a sharded model: "fsdp", or a tensor-parallel plan
+#: as a JSON object {"module path": "colwise" | "rowwise"} (cluster/sharding.py parse_plan).
 SHARD_METADATA = "x-paramhub-shard"
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _CHUNK = 1 << 20
@@ -143,9 +141,9 @@ class ClusterParameterService(ParameterService):
                                          reason="MODEL_EXISTS",
                                          metadata={"model": first.header.model_id})
             return _unwrapped(ParameterService.CreateModel)(self, stream, context)
-        if shard != FSDP:
-            raise InvalidArgumentError(f"unknown sharding plan {shard[:50]!r}; built: 'fsdp'",
-                                       reason="BAD_SHARD", metadata={"shard": shard[:50]})
+        from paramhub_server.cluster.sharding import parse_plan, plan_text
+
+        plan = plan_text(parse_plan(shard))  # BAD_SHARD for a malformed plan
         if self.cluster is None or self.cluster.rank != 0:
             raise FailedPreconditionError(
                 "sharded models need a cluster (torchrun ... -m paramhub_server serve), "
@@ -162,7 +160,7 @@ class ClusterParameterService(ParameterService):
             chunks, check=framing.once(), max_elements=self.max_tensor_elements)}
         m = self.cluster.create(header.model_id, header.spec,
                                 seed=header.seed if header.HasField("seed") else None,
-                                values=values)
+                                values=values, plan=plan)
         log.info("created sharded model %s over %d ranks", m.id, self.cluster.world)
         return pb.CreateModelResponse(model=model_info(m, self._device))
 
@@ -403,15 +401,16 @@ class ClusterServicer(cpb_grpc.ClusterServiceServicer):
 
         from paramhub_server.cluster.sharding import local_rows, placement_text
 
-        out = cpb.DescribePlacementResponse(shard=FSDP)
+        out = cpb.DescribePlacementResponse(shard=m.plan)
         for name, e in m.by_name.items():
             bounds: list[int] = []
             if isinstance(e.placement, Shard):
-                bounds = [local_rows(e.shape[0], self.cluster.world, r)[0]
-                          for r in range(self.cluster.world)] + [e.shape[0]]
+                n = e.shape[e.placement.dim]
+                bounds = [local_rows(n, self.cluster.world, r)[0]
+                          for r in range(self.cluster.world)] + [n]
             out.tensors.append(cpb.TensorPlacement(name=name,
                                                    placement=placement_text(e.placement),
-                                                   row_bounds=bounds))
+                                                   row_bounds=bounds, note=e.note))
         return out
 
 
