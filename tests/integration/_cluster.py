@@ -63,6 +63,8 @@ class ClusterProcs:
         self.launcher = launcher
         self.extra = extra
         self.port = 0
+        #: Extra environment of one rank (direct launch only), e.g. a crash point.
+        self.rank_env: dict[int, dict[str, str]] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = data_dir.parent / f"cluster-{id(self)}.log"
 
@@ -92,7 +94,7 @@ class ClusterProcs:
             for r in range(self.ranks):
                 renv = {**env, "RANK": str(r), "LOCAL_RANK": str(r),
                         "WORLD_SIZE": str(self.ranks), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(master)}
+                        "MASTER_PORT": str(master), **self.rank_env.get(r, {})}
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "paramhub_server", *self._serve_args()], env=renv,
                     stdout=out, stderr=out, start_new_session=True))
@@ -112,6 +114,14 @@ class ClusterProcs:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def wait_exit(self, timeout: float = 60.0) -> list[int | None]:
+        """Waits (bounded) until every process has exited; their exit codes (None: still
+        running at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(0.2)
+        return [p.poll() for p in self.procs]
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank (direct launch only)."""
