@@ -1,14 +1,17 @@
 """Crashes of a 2-rank cluster in the middle of a write (test-only crash points,
 PARAMHUB_CLUSTER_CRASH_AT), and restarts: the ranks resolve the write left in doubt together,
-so every rank agrees and the model is served, with nothing acknowledged lost."""
+so every rank agrees and the model is served, with nothing acknowledged lost; and torchrun's
+own restarts (--max-restarts) after kill -9 of a rank."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import pytest
 import torch
-from _cluster import ClusterProcs
+from _cluster import START_TIMEOUT_S, ClusterProcs, ready
 from torch import nn
 
 import paramhub
@@ -81,5 +84,40 @@ def test_write_in_doubt_is_resolved_at_restart(tmp_path, rank0, rank1, applied, 
         with paramhub.connect(procs.target, timeout=60) as c:
             assert c.model("mlp")[0].weight.fetch()[9, 0].item() == 5.0
             assert c.describe_model("mlp").model.version == (5 if applied else 4)
+    finally:
+        procs.stop()
+
+
+def test_torchrun_max_restarts_brings_the_cluster_back(tmp_path) -> None:
+    """Under `torchrun --max-restarts 1`, kill -9 of rank 1 makes torchrun restart both ranks;
+    the new attempt forms a cluster again (bounded wait) and every acknowledged write is
+    there."""
+    procs = ClusterProcs(tmp_path / "data", 2, torchrun_args=("--max-restarts", "1")).start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            net = c.create_model("mlp", make(4), shard="fsdp")
+            net[0].weight.data[:] = 3.0
+            net[2].bias.data[1] = -1.0
+            acked = {k: v.fetch() for k, v in net.state_dict().items()}
+            versions = {t.name: t.version for t in c.describe_model("mlp").tensors}
+            old = [procs.rank_pid(r) for r in range(2)]
+            assert None not in old
+            os.kill(old[1], signal.SIGKILL)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                now = [procs.rank_pid(r) for r in range(2)]
+                if (all(p is not None and p not in old for p in now)
+                        and all(ready(procs.address(r)) for r in range(2))):
+                    break
+                assert procs.procs[0].poll() is None, procs.tail()  # torchrun gave up
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"the cluster did not come back; log:\n{procs.tail()}")
+            net = c.model("mlp")
+            for k, v in net.state_dict().items():
+                assert torch.equal(v.fetch(), acked[k]), k
+            assert {t.name: t.version for t in c.describe_model("mlp").tensors} == versions
+            net[0].weight.data[9] = 8.0  # rank 1's rows: the new attempt takes writes
+            assert torch.equal(net[0].weight.fetch()[9], torch.full((6,), 8.0))
     finally:
         procs.stop()
