@@ -61,9 +61,19 @@ DATA_CONNECT_TIMEOUT = _transfer_data.CONNECT_TIMEOUT
 DATA_IO_TIMEOUT = _transfer_data.IO_TIMEOUT
 
 log = logging.getLogger(__name__)
-#: Whole-tensor reads of at least this many bytes ask whether the model is sharded (once per
-#: model) and, if so, are fetched from the ranks in parallel (paramhub._cluster).
+#: Whole-tensor reads and writes of at least this many bytes ask whether the model is sharded
+#: (once per model) and, if so, go to and from the ranks in parallel (paramhub._cluster).
 _ROUTED_MIN_BYTES = 1 << 20
+
+
+def _whole(index: Any, dims: int) -> bool:
+    """Whether a write's index selects the whole tensor of `dims` dims (None, `:`, `...`)."""
+    if index is None:
+        return True
+    items = index if isinstance(index, tuple) else (index,)
+    return (all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+            and sum(i is Ellipsis for i in items) <= 1
+            and sum(i is not Ellipsis for i in items) <= dims)
 
 
 class Client(Calls):
@@ -443,6 +453,14 @@ class Client(Calls):
         if op not in _OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; one of {sorted(_OPS)}",
                                        reason="BAD_OP")
+        if (op == "assign" and isinstance(value, torch.Tensor) and _whole(index, value.dim())
+                and value.numel() * value.element_size() >= _ROUTED_MIN_BYTES):
+            # A big whole-tensor write of a sharded model goes straight to the owners.
+            routed = self._cluster().write_if_sharded(
+                model_id, name, tensor_name(model_id, name, kind), value, expected_version,
+                timeout)
+            if routed is not None:
+                return routed
         scalar = None if isinstance(value, torch.Tensor) else _codec.scalar_to_proto(value)
         request = pb.SetSliceRequest(
             name=tensor_name(model_id, name, kind),

@@ -16,10 +16,11 @@ only its local part.
 
 A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
 computes which of the region's elements fall in its shard (sharding.region_ids: element ids
-indexed as torch would index the tensor) and changes only those. Two phases: each rank *prepares* the
-new values of its part without touching the live tensor and votes (all_gather); only when every
-rank voted yes does every rank commit, log its part (storage.py), and confirm (a second
-all_gather) before rank 0 acknowledges. One version per tensor and one per model, the same on every rank.
+indexed as torch would index the tensor) and changes only those. Two phases (commit.py): each
+rank *prepares* the new values of its part without touching the live tensor, logs the prepare
+and votes (all_gather); only when every rank voted yes does every rank log the commit, apply its
+part, and confirm (a second all_gather) before rank 0 acknowledges. One version per tensor and
+one per model, the same on every rank.
 
 Why ~580 lines: the command loop and its commands are one protocol (every command runs on every
 rank in rank 0's order); placement math is in sharding.py and each rank's durability in storage.py.
@@ -48,7 +49,7 @@ from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalE
                              InvalidArgumentError, ResourceExhaustedError,
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.common import pb
-from paramhub_server.cluster import commands, storage
+from paramhub_server.cluster import commands, commit, storage
 from paramhub_server.cluster.sharding import (FSDP, Entry, ShardedModel, Write, entries_of,
                                               local_bounds, local_shape, numel, parse_plan,
                                               region_ids, select, skeleton_of, to_local)
@@ -102,24 +103,15 @@ class Cluster:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recovers this rank's shards from disk, checks every rank agrees, starts the loop."""
+        """Recovers this rank's shards from disk, resolves writes left in doubt with the other
+        ranks (every rank agrees afterwards, or the model is left out), starts the loop."""
         commands.load()
+        in_doubt: dict[str, storage.Prepared] = {}
         if self.root is not None:
-            self.models = storage.recover(self.root, self.world, self.mesh)
+            self.models = storage.recover(self.root, self.world, self.mesh, in_doubt)
             log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
-        versions = {m.id: (m.version, [e.version for e in m.entries])
-                    for m in self.models.values()}
-        every: list[Any] = [None] * self.world
-        dist.all_gather_object(every, versions)
-        for r, theirs in enumerate(every):
-            for mid in set(theirs) | set(versions):
-                if theirs.get(mid) != versions.get(mid):
-                    # A crash between two ranks' commits (in doubt): the ranks disagree. Not
-                    # resolved yet -- the model is left out, loudly, rather than served torn.
-                    log.error("model %s differs between rank %d and rank %d (%s vs %s); "
-                              "not served", mid, self.rank, r, versions.get(mid),
-                              theirs.get(mid))
-                    self.models.pop(mid, None)
+        # A crash between two ranks' commits: the ranks settle it together (commit.py).
+        commit.resolve(self, in_doubt)
         self._thread = threading.Thread(target=self._serve, name="paramhub-cluster",
                                         daemon=True)
         self._thread.start()
@@ -371,22 +363,7 @@ class Cluster:
                 staged.setdefault(e.group, []).append(self._prepare(e, base, w))
         except ParamhubError as exc:
             error = exc
-        votes: list[Any] = [None] * self.world
-        dist.all_gather_object(votes, error is None)
-        if error is not None:
-            raise error
-        if not all(votes):  # every rank computes the same answer from the same write
-            raise InvalidArgumentError("the write was refused", reason="BAD_WRITE")
-        with self._lock:  # routed readers (ReadShard) copy under the same lock
-            for g, changes in staged.items():
-                flat = m.entries[g].local.view(-1)
-                for ids, vals in changes:
-                    flat[ids] = vals
-                m.entries[g].version += 1
-            m.version += 1
-        if self.root is not None:
-            storage.append(self.root, m, staged)
-        self._confirm()
+        commit.two_phase(self, m, staged, error)  # logged prepare, vote, logged commit
         return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
 
     def _to_local(self, e: Entry, sel: torch.Tensor, rank: int | None = None

@@ -26,6 +26,7 @@ from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
 from paramhub_server.api.service import ParameterService
+from paramhub_server.cluster.routed import RoutedWriteHandlers
 
 if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor costs ~1 s
     from paramhub_server.cluster.engine import Cluster
@@ -341,7 +342,7 @@ class ClusterParameterService(ParameterService):
                                       groups=[pb.SharedGroup(names=g) for g in groups.values()])
 
 
-class ClusterServicer(cpb_grpc.ClusterServiceServicer):
+class ClusterServicer(RoutedWriteHandlers, cpb_grpc.ClusterServiceServicer):
     """ClusterService on every rank (a plain server answers as a cluster of one)."""
 
     def __init__(self, cluster: Cluster | None, address: str, device: str,
