@@ -366,7 +366,13 @@ def test_acknowledged_state_survives_kill_9(cluster) -> None:
             b.assign("2.bias", torch.ones(3))
         c.compact("k")
         c.set_slice("k", "0.bias", None, 7.0)  # in the log after the compaction
+        c.push_state("k", {"2.weight": torch.full((3, 10), 5.0)})  # the last write
         expected, ev = state(c, "k"), versions(c, "k")
+        c.create_model("r", make(1), shard="fsdp")
+        c.create_checkpoint("r", "start")
+        c.set_slice("r", "0.weight", None, 0.0)
+        c.restore_checkpoint("r", "start")  # the last write
+        restored, rv = state(c, "r"), versions(c, "r")
         checkpoints = [(x.name, x.model_version) for x in c.list_checkpoints("k")]
     cluster.stop(signal.SIGKILL)
     cluster.start()
@@ -374,6 +380,9 @@ def test_acknowledged_state_survives_kill_9(cluster) -> None:
         assert_same(state(c, "k"), expected)
         assert versions(c, "k") == ev
         assert [(x.name, x.model_version) for x in c.list_checkpoints("k")] == checkpoints
+        assert_same(state(c, "r"), restored)
+        assert versions(c, "r") == rv
+        c.delete_model("r")
         c.restore_checkpoint("k", "two")
         assert torch.equal(c.get_tensor("k", "0.weight")[0], torch.full((10, 6), 2.0))
         c.delete_model("k")
