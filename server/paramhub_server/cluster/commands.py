@@ -18,7 +18,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 #: Modules that register commands (imported by Cluster.start on every rank).
-MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed",)
+MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed", "paramhub_server.cluster.state")
 
 
 def command(op: str) -> Callable[[F], F]:

@@ -99,6 +99,8 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # models dict (the loop writes, handlers read)
+        #: fn(model, writes, op) after each committed write, on the loop thread (watch events).
+        self.on_commit: list[Callable[[ShardedModel, list[Write], str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -337,7 +339,8 @@ class Cluster:
         return out, m.version
 
     def _do_write(self, model_id: str, writes: list[Write],
-                  expected_model_version: int | None = None) -> tuple[list[int], int]:
+                  expected_model_version: int | None = None, event_op: str = ""
+                  ) -> tuple[list[int], int]:
         """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
         m = self._model(model_id)
         # group -> [(flat ids into this rank's part, their new values)], in write order.
@@ -364,6 +367,8 @@ class Cluster:
         except ParamhubError as exc:
             error = exc
         commit.two_phase(self, m, staged, error)  # logged prepare, vote, logged commit
+        for hook in self.on_commit:
+            hook(m, writes, event_op)
         return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
 
     def _to_local(self, e: Entry, sel: torch.Tensor, rank: int | None = None
@@ -504,7 +509,8 @@ class Cluster:
                       for e in chosen]
         writes = [Write(e.names[0], e.kind, (), "assign", v) for e, v in zip(chosen, values)]
         versions, model_version = self.run("write", model_id=model_id, writes=writes,
-                                           expected_model_version=expected_model_version)
+                                           expected_model_version=expected_model_version,
+                                           event_op=f"apply_init.{scheme_name}")
         return [(e.names[0], v) for e, v in zip(chosen, versions)], model_version
 
     def forward(self, model_id: str, path: str, args: builtins.list[Any], kwargs: dict[str, Any]

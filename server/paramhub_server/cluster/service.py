@@ -27,6 +27,7 @@ from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
 from paramhub_server.api.service import ParameterService
 from paramhub_server.cluster.routed import RoutedWriteHandlers
+from paramhub_server.cluster.state import StateHandlers
 
 if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor costs ~1 s
     from paramhub_server.cluster.engine import Cluster
@@ -84,7 +85,7 @@ def tensor_infos(m: ShardedModel, device: str, names: list[str] | None = None
     return out
 
 
-class ClusterParameterService(ParameterService):
+class ClusterParameterService(StateHandlers, ParameterService):
     """ParameterService for a rank of a cluster (or a plain server, where `cluster` is None
     and every call is the plain handler's). On rank 0, a call naming a sharded model is served
     by the cluster engine; RPCs not built for sharded models answer FAILED_PRECONDITION
