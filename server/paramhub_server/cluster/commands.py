@@ -18,7 +18,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 #: Modules that register commands (imported by Cluster.start on every rank).
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("paramhub_server.cluster.compute",)
+
+#: fn(cluster) run by Cluster.start on every rank after it recovered its models from disk
+#: (before the command loop starts): an area's own state kept beside the models.
+RECOVER_HOOKS: list[Callable[[Any], None]] = []
 
 
 def command(op: str) -> Callable[[F], F]:
@@ -29,6 +33,12 @@ def command(op: str) -> Callable[[F], F]:
         COMMANDS[op] = fn
         return fn
     return register
+
+
+def on_recover(fn: F) -> F:
+    """Registers `fn(cluster)` to run after this rank's recovery (see RECOVER_HOOKS)."""
+    RECOVER_HOOKS.append(fn)
+    return fn
 
 
 def load() -> None:
