@@ -181,17 +181,21 @@ def _placeholder(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def _submodule(m: ShardedModel, path: str) -> nn.Module:
-    """A private copy of module `path` of the skeleton (hooks and gathered tensors go on it,
-    never on the skeleton others read)."""
+def _module(m: ShardedModel, path: str) -> nn.Module:
+    """Module `path` of the skeleton (MODULE_NOT_FOUND if there is none)."""
     assert m.skeleton is not None
     try:
-        sub = m.skeleton.get_submodule(path) if path else m.skeleton
+        return m.skeleton.get_submodule(path) if path else m.skeleton
     except AttributeError:
         raise NotFoundError(f"model {m.id!r} has no module {path[:200]!r}",
                             reason="MODULE_NOT_FOUND",
                             metadata={"model": m.id, "module": path[:200]}) from None
-    return copy.deepcopy(sub)
+
+
+def _submodule(m: ShardedModel, path: str) -> nn.Module:
+    """A private copy of module `path` of the skeleton (hooks and gathered tensors go on it,
+    never on the skeleton others read)."""
+    return copy.deepcopy(_module(m, path))
 
 
 def _run(m: ShardedModel, path: str, args: Sequence[Any], kwargs: dict[str, Any], seed: int,
@@ -229,7 +233,7 @@ def forward(cluster: Cluster, model_id: str, path: str, args: list[Any], kwargs:
             seed: int | None) -> tuple[Any, int]:
     """Rank 0: Forward of module `path` on every rank; (output, the model version it saw).
     Without a seed, rank 0 draws one, so every rank's dropout masks agree."""
-    _submodule(_model(cluster, model_id), path)  # MODULE_NOT_FOUND before any rank works
+    _module(_model(cluster, model_id), path)  # MODULE_NOT_FOUND before any rank works
     out, version, _ = cluster.run("forward", model_id=model_id, path=path, args=args,
                                   kwargs=kwargs, seed=_seed(seed))
     return out, version
@@ -286,14 +290,14 @@ def _do_backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
                 f"{len(grad_outputs)} output gradients for {len(outs)} output tensors",
                 reason="BAD_ARGUMENT")
         pairs = []
-        for i, (o, g) in enumerate(zip(outs, grad_outputs)):
-            if g is None:
+        for i, (o, go) in enumerate(zip(outs, grad_outputs)):
+            if go is None:
                 continue
-            if tuple(g.shape) != tuple(o.shape):
-                raise InvalidArgumentError(f"gradient of output {i} is {list(g.shape)}, the "
+            if tuple(go.shape) != tuple(o.shape):
+                raise InvalidArgumentError(f"gradient of output {i} is {list(go.shape)}, the "
                                            f"output is {list(o.shape)}", reason="BAD_SHAPE")
             if o.requires_grad:
-                pairs.append((o, g.to(o.dtype)))
+                pairs.append((o, go.to(o.dtype)))
         targets = [t for _, t in p.leaves] + wanted
         grads: list[torch.Tensor | None] = [None] * len(targets)
         if pairs and targets:
@@ -322,14 +326,14 @@ def _do_backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
     input_grads = grads[len(p.leaves):]
     if cluster.rank != 0:
         return [], m.version
-    return [None if g is None else g.detach() for g in input_grads], m.version
+    return [None if x is None else x.detach() for x in input_grads], m.version
 
 
 def backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
              kwargs: dict[str, Any], *, seed: int | None, forward_version: int,
              grad_outputs: list[torch.Tensor | None], grad_inputs: list[int]
              ) -> tuple[list[torch.Tensor | None], int]:
-    _submodule(_model(cluster, model_id), path)
+    _module(_model(cluster, model_id), path)
     return cluster.run("backward", model_id=model_id, path=path, args=args, kwargs=kwargs,
                        seed=_seed(seed), forward_version=forward_version,
                        grad_outputs=grad_outputs, grad_inputs=grad_inputs)
@@ -377,7 +381,7 @@ def _do_zero_grad(cluster: Cluster, model_id: str, path: str, names: list[str],
     if names:
         groups = {m.entry(n, PARAMETER).group for n in names}
     else:
-        sub = _submodule(m, path)
+        sub = _module(m, path)
         prefix = f"{path}." if path else ""
         groups = {m.by_name[prefix + n].group
                   for n, _ in sub.named_parameters(remove_duplicate=False)}
@@ -492,9 +496,8 @@ def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
     m = _model(cluster, model_id)
     opt = _optimizer(m)  # the same answer on every rank
     st = state_of(m)
-    error: ParamhubError | None = None
     changed = [g for g, _, _ in opt.params if g in st.grads]
-    _vote(cluster, error)
+    _vote(cluster, None)  # every rank is here before any steps
     with cluster._lock:  # routed readers (ReadShard) never see half a step
         for g, _, p in opt.params:
             p.data = m.entries[g].local  # in place on the live part

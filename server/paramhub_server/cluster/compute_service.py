@@ -14,6 +14,7 @@ from paramhub import _codec
 from paramhub.common import pb
 from paramhub.common.errors import InvalidArgumentError
 from paramhub_server.api import serde
+from paramhub_server.api.base import Handlers
 from paramhub_server.api.service import ParameterService
 from paramhub_server.errors import rpc
 
@@ -23,7 +24,7 @@ def _plain(method: Any) -> Any:
     return method.__wrapped__
 
 
-class ShardedComputeHandlers:
+class ShardedComputeHandlers(Handlers):
     """Forward, Backward, ZeroGrad, CreateOptimizer, OptimizerStep, GetOptimizerState and
     gradient reads for sharded models (uses ClusterParameterService's `cluster`, `_sharded`)."""
 
@@ -131,8 +132,9 @@ class ShardedComputeHandlers:
             return
         from paramhub_server.cluster import compute
 
+        tensors: dict[str, torch.Tensor] = {}
         if request.config_only:
-            opt, tensors = compute.optimizer_of(self.cluster, m.id), {}
+            opt = compute.optimizer_of(self.cluster, m.id)
         else:
             opt, tensors = compute.optimizer_state(self.cluster, m.id)
         yield pb.GetOptimizerStateResponse(optimizer=serde.optimizer_info(opt))
