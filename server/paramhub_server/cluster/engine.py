@@ -114,6 +114,8 @@ class Cluster:
             log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
         # A crash between two ranks' commits: the ranks settle it together (commit.py).
         commit.resolve(self, in_doubt)
+        for hook in commands.RECOVER_HOOKS:
+            hook(self)
         self._thread = threading.Thread(target=self._serve, name="paramhub-cluster",
                                         daemon=True)
         self._thread.start()
@@ -512,31 +514,6 @@ class Cluster:
                                            expected_model_version=expected_model_version,
                                            event_op=f"apply_init.{scheme_name}")
         return [(e.names[0], v) for e, v in zip(chosen, versions)], model_version
-
-    def forward(self, model_id: str, path: str, args: builtins.list[Any], kwargs: dict[str, Any]
-                ) -> tuple[Any, int]:
-        """Runs module `path` of the model on rank 0 with its full tensors, gathered for this
-        call only (and dropped after): (output, the model version it saw)."""
-        m = self._model(model_id)
-        assert m.skeleton is not None
-        try:
-            sub = m.skeleton.get_submodule(path) if path else m.skeleton
-        except AttributeError:
-            raise NotFoundError(f"model {model_id!r} has no module {path[:200]!r}",
-                                reason="MODULE_NOT_FOUND",
-                                metadata={"model": model_id, "module": path[:200]}) from None
-        full, version = self.run("read_all", model_id=model_id)
-        prefix = f"{path}." if path else ""
-        tensors = {n[len(prefix):]: t for n, t in full.items() if n.startswith(prefix)}
-        try:
-            with torch.inference_mode():
-                out = torch.func.functional_call(sub, tensors, tuple(args), kwargs,
-                                                 tie_weights=False, strict=False)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            raise InvalidArgumentError(f"forward of {path or 'the model'!r} failed: "
-                                       f"{str(e).splitlines()[0][:300]}",
-                                       reason="BAD_INPUT") from None
-        return out, version
 
     def delete(self, model_id: str) -> None:
         self.run("delete", model_id=model_id)

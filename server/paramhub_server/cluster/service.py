@@ -28,6 +28,7 @@ from paramhub_server.errors import rpc
 from paramhub_server.api.service import ParameterService
 from paramhub_server.cluster.routed import RoutedWriteHandlers
 from paramhub_server.cluster.state import StateHandlers
+from paramhub_server.cluster.compute_service import ShardedComputeHandlers
 
 if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor costs ~1 s
     from paramhub_server.cluster.engine import Cluster
@@ -85,7 +86,7 @@ def tensor_infos(m: ShardedModel, device: str, names: list[str] | None = None
     return out
 
 
-class ClusterParameterService(StateHandlers, ParameterService):
+class ClusterParameterService(StateHandlers, ShardedComputeHandlers, ParameterService):
     """ParameterService for a rank of a cluster (or a plain server, where `cluster` is None
     and every call is the plain handler's). On rank 0, a call naming a sharded model is served
     by the cluster engine; RPCs not built for sharded models answer FAILED_PRECONDITION
@@ -117,14 +118,6 @@ class ClusterParameterService(StateHandlers, ParameterService):
     def _tensor(self, name: str) -> Any:
         self._unsupported(serde.tensor_name_of(name)[0])
         return super()._tensor(name)
-
-    def _no_grad(self, name: str) -> None:
-        """Sharded models hold no gradients (training is not built for them): a gradient
-        read answers as for a local parameter whose .grad is None."""
-        model_id, _, tname = serde.tensor_name_of(name)
-        if self._sharded(model_id) is not None:
-            raise NotFoundError(f"{tname[:200]!r} has no gradient", reason="GRAD_NOT_SET",
-                                metadata={"model": model_id, "tensor": tname[:200]})
 
     @property
     def _device(self) -> str:
@@ -223,9 +216,8 @@ class ClusterParameterService(StateHandlers, ParameterService):
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
-        if request.field == pb.TENSOR_FIELD_GRAD:
-            self._no_grad(request.name)
-        got = self._sharded_read(request.name, request.index)
+        got = (self._sharded_grad_read if request.field == pb.TENSOR_FIELD_GRAD
+               else self._sharded_read)(request.name, request.index)
         if got is None:
             yield from _unwrapped(ParameterService.GetTensor)(self, request, context)
             return
@@ -239,9 +231,8 @@ class ClusterParameterService(StateHandlers, ParameterService):
     @rpc
     def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
                         ) -> bytes:
-        if request.field == pb.TENSOR_FIELD_GRAD:
-            self._no_grad(request.name)
-        got = self._sharded_read(request.name, request.index)
+        got = (self._sharded_grad_read if request.field == pb.TENSOR_FIELD_GRAD
+               else self._sharded_read)(request.name, request.index)
         if got is None:
             return _unwrapped(ParameterService.GetTensorInline)(self, request, context)
         name, t, version = got
@@ -312,23 +303,6 @@ class ClusterParameterService(StateHandlers, ParameterService):
             expected_model_version=w.expected_model_version)
         return pb.ApplyInitResponse(updated=serde.versions(updated), model_version=model_version,
                                     generator_state=generator.state if generator else b"")
-
-    @rpc
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
-                ) -> pb.ForwardResponse:
-        m = self._sharded(serde.model_id_of(request.model))
-        if m is None:
-            return _unwrapped(ParameterService.Forward)(self, request, context)
-        assert self.cluster is not None
-        args = self._values(request.args)
-        kwargs = self._options(request.kwargs)
-        out, version = self.cluster.forward(m.id, request.module_path, args, kwargs)
-        try:
-            encoded = _codec.value_to_proto(out)
-        except InvalidArgumentError:
-            raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
-                                       "cannot be sent", reason="BAD_OUTPUT") from None
-        return pb.ForwardResponse(output=encoded, model_version=version)
 
     @rpc
     def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
