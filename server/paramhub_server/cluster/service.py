@@ -25,6 +25,7 @@ from paramhub_server.core.types import BUFFER, PARAMETER
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
+from paramhub_server.transport import names_link
 from paramhub_server.api.service import ParameterService
 from paramhub_server.cluster.routed import RoutedWriteHandlers
 from paramhub_server.cluster.state import StateHandlers
@@ -255,7 +256,7 @@ class ClusterParameterService(StateHandlers, ShardedComputeHandlers, ParameterSe
         if self._sharded(model_id) is None:
             return _unwrapped(ParameterService.SetSlice)(self, request, context)
         assert self.cluster is not None
-        if request.shm_token or request.data_token:
+        if names_link(request):
             raise FailedPreconditionError("a sharded model's values travel over gRPC",
                                           reason="SHARDED_UNSUPPORTED")
         value = _codec.tensor_from_proto(request.value, max_elements=self.max_tensor_elements)
