@@ -213,9 +213,10 @@ def test_shard1_concurrent_writers_are_atomic(cc: paramhub.Client,
     assert torch.equal(w[:2], torch.zeros(2, 6)) and torch.equal(w[8:], torch.zeros(2, 6))
 
 
-def test_routed_read_of_a_shard1_tensor(cc: paramhub.Client) -> None:
+def test_routed_read_and_write_of_a_shard1_tensor(cc: paramhub.Client) -> None:
     """A big whole read of a Shard(1) tensor is assembled from both ranks' column blocks
-    (ReadShard, nothing through GetTensor) and equals the tensor."""
+    (ReadShard, nothing through GetTensor) and equals the tensor; a big whole write sends
+    each rank its columns (StageShard) and commits them as one write."""
     torch.manual_seed(5)
     local = nn.Linear(1000, 520)  # rowwise: a (520, 1000) weight, 2 MiB, split 500 + 500
     net = cc.create_model("big", nn.Sequential(local), shard={"0": "rowwise"})
@@ -233,6 +234,15 @@ def test_routed_read_of_a_shard1_tensor(cc: paramhub.Client) -> None:
     assert version == cc.describe_model("big").tensors[0].version
     front, _ = cc.get_tensor("big", "0.weight", (slice(None),))
     assert torch.equal(front, expected)
+    # A big whole write goes straight to the owners too: each is sent its columns.
+    value = torch.randn(520, 1000)
+    before = dict(cc.rpc_counts)
+    net[0].weight.data[:] = value
+    counts = {k: cc.rpc_counts.get(k, 0) - before.get(k, 0) for k in cc.rpc_counts}
+    assert counts.get("StageShard") == 2 and counts.get("CommitStagedWrite") == 1
+    assert not counts.get("SetSlice") and not counts.get("StreamSetSlice")
+    assert torch.equal(net[0].weight.fetch(), value)
+    assert cc.describe_model("big").tensors[0].version == version + 1
 
 
 def test_seed_walkthrough_on_tensor_parallel_models(cc: paramhub.Client) -> None:
