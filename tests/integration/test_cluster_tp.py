@@ -245,6 +245,49 @@ def test_routed_read_and_write_of_a_shard1_tensor(cc: paramhub.Client) -> None:
     assert cc.describe_model("big").tensors[0].version == version + 1
 
 
+def test_training_batches_state_and_checkpoints_on_shard1(cc: paramhub.Client) -> None:
+    """What the other sharded-model features do on Shard(0) they do on a plan's Shard(1)
+    tensors: backward and an optimizer step equal local torch, a batch spanning both ranks'
+    columns is one version, pull/push of state and a checkpoint restore round-trip."""
+    import copy
+
+    import torch.nn.functional as F
+
+    local = make(2)
+    net = cc.create_model("mlp", copy.deepcopy(local), shard=PLAN)
+    opt = paramhub.optim.Adam(net.parameters(), lr=0.01)
+    lopt = torch.optim.Adam(local.parameters(), lr=0.01)
+    torch.manual_seed(3)
+    for _ in range(3):
+        X, y = torch.randn(8, 6), torch.randn(8, 6)
+        opt.zero_grad()
+        F.mse_loss(net(X), y).backward()
+        opt.step()
+        lopt.zero_grad()
+        F.mse_loss(local(X), y).backward()
+        lopt.step()
+    for n, p in local.named_parameters():
+        torch.testing.assert_close(cc.get_tensor("mlp", n)[0], p.detach(), rtol=1e-5,
+                                   atol=1e-6, msg=n)
+    lw = cc.get_tensor("mlp", "2.weight")[0]
+    version = cc.describe_model("mlp").model.version
+    with cc.batch("mlp") as b:
+        b.set_slice("2.weight", (slice(None), slice(3, 8)), torch.tensor(2.0), "add")
+        b.set_slice("2.weight", (0, slice(None)), torch.arange(10.0))
+    lw[:, 3:8] += 2.0
+    lw[0] = torch.arange(10.0)
+    assert torch.equal(cc.get_tensor("mlp", "2.weight")[0], lw)
+    assert cc.describe_model("mlp").model.version == version + 1
+    pulled, _ = cc.pull_state("mlp")
+    assert torch.equal(pulled["2.weight"], lw)
+    cc.create_checkpoint("mlp", "ck")
+    cc.push_state("mlp", {"2.weight": torch.ones(6, 10)})
+    assert torch.equal(net[2].weight.fetch(), torch.ones(6, 10))
+    cc.restore_checkpoint("mlp", "ck")
+    assert torch.equal(net[2].weight.fetch(), lw)
+    assert cc.describe_placement("mlp")["2.weight"] == ("shard(1)", (0, 5, 10))
+
+
 def test_seed_walkthrough_on_tensor_parallel_models(cc: paramhub.Client) -> None:
     """The seed walkthrough, unchanged except that MAKE serves each net with a colwise /
     rowwise plan."""
@@ -280,6 +323,8 @@ def test_seed_walkthrough_on_tensor_parallel_models(cc: paramhub.Client) -> None
     ({"0": "sequence_parallel"}, "unknown tensor-parallel style"),
     ({"0": "colwise", "2": "colwise", "4": "rowwise"}, "tied"),
     ("rowwise-everything", "unknown sharding plan"),
+    ({f"layer{i}": "colwise" for i in range(400)}, "more than 7000"),  # refused by the SDK
+    (["0", "colwise"], "mapping"),
 ])
 def test_bad_plans_create_nothing(cc: paramhub.Client, plan, words) -> None:
     shared = nn.Linear(4, 4)

@@ -1,7 +1,8 @@
 """A paramhub cluster on torch.distributed: several ranks launched by torchrun, one front door.
 
     launch.py    torchrun environment -> per-rank settings, the gloo process group, addresses
-    sharding.py  sharded models as each rank holds them: placements, entries, writes, region ids
+    sharding.py  sharded models as each rank holds them: plans (fsdp, colwise / rowwise per
+                 module) and their placements, Shard(d) region math, entries, writes
     engine.py    the SPMD command loop every rank runs (rank 0 orders every command) and the
                  commands: create, read, two-phase write, init, delete, info
     commands.py  the registry of commands defined in other modules (`@command("op")`)
