@@ -66,6 +66,9 @@ class Placement(tuple):  # noqa: SLOT001 - a 2-tuple that also carries a note
         self.note = note
         return self
 
+    def __getnewargs__(self) -> tuple[str, tuple[int, ...], str]:
+        return self[0], self[1], self.note  # (copy and pickle)
+
     @property
     def dim(self) -> int | None:
         """The sharded dim, or None (replicated, local)."""
