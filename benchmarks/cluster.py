@@ -157,6 +157,7 @@ def main() -> None:
                     paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as c:
                 p.create_model("m", module)
                 c.create_model("m", module, shard="fsdp")
+                c.create_model("tp", module, shard={"0": "rowwise"})  # the weight Shard(1)
                 pg.model("m")
                 c.model("m")
                 big = [
@@ -164,6 +165,8 @@ def main() -> None:
                     ("plain server, gRPC stream", lambda: pg.get_tensor("m", "0.weight")),
                     ("2-rank cluster, routed from both ranks",
                      lambda: c.get_tensor("m", "0.weight")),
+                    ("2-rank cluster, routed, Shard(1) (a rowwise plan)",
+                     lambda: c.get_tensor("tp", "0.weight")),
                     ("2-rank cluster, through the front door (index [:])",
                      lambda: c.get_tensor("m", "0.weight", (slice(None),))),
                 ]
