@@ -464,6 +464,7 @@ def _do_create_optimizer(cluster: Cluster, model_id: str, type_name: str,
             reason="OPTIMIZER_EXISTS", metadata={"model": model_id, "type": existing.type})
     _vote(cluster, None)
     _save_optimizer(cluster, m, opt)
+    _prune(cluster, m)
     cluster._confirm()
     st.optimizer = opt
     return opt, True
@@ -517,6 +518,7 @@ def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
         staged = {g: [(torch.arange(m.entries[g].local.numel()),
                        m.entries[g].local.reshape(-1).clone())] for g in changed}
         storage.append(cluster.root, m, staged)
+    _prune(cluster, m)
     cluster._confirm()
     return m.version, opt.steps
 
@@ -575,8 +577,8 @@ def _optim_dir(cluster: Cluster, m: ShardedModel) -> Path | None:
 
 def _save_optimizer(cluster: Cluster, m: ShardedModel, opt: training.ServedOptimizer) -> None:
     """Writes this rank's optimizer (configuration, steps, its parts of the state) as the
-    state file of the model's current version, fsynced and renamed into place; older files
-    are dropped once it is there."""
+    state file of the model's current version, fsynced and renamed into place (older files
+    stay until `_prune`: the step's parameters are not logged yet)."""
     from safetensors.torch import save_file
 
     d = _optim_dir(cluster, m)
@@ -590,6 +592,14 @@ def _save_optimizer(cluster: Cluster, m: ShardedModel, opt: training.ServedOptim
     storage.fsync(tmp)
     os.replace(tmp, d / f"{m.version}.safetensors")
     storage.fsync(d)
+
+
+def _prune(cluster: Cluster, m: ShardedModel) -> None:
+    """Drops the state files older than the model's version (once the newest is durable and,
+    for a step, its parameters are logged)."""
+    d = _optim_dir(cluster, m)
+    if d is None or not d.is_dir():
+        return
     for f in d.glob("*.safetensors"):
         if f.stem.isdigit() and int(f.stem) < m.version:
             f.unlink(missing_ok=True)
