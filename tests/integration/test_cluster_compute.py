@@ -20,11 +20,13 @@ from paramhub.errors import ConflictError, InvalidArgumentError, NotFoundError
 
 pytestmark = pytest.mark.timeout(600)
 TOL = {"rtol": 1e-5, "atol": 1e-6}
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[ClusterProcs]:
-    procs = ClusterProcs(tmp_path_factory.mktemp("cluster") / "data", 2).start()
+    procs = ClusterProcs(tmp_path_factory.mktemp("cluster") / "data", 2,
+                         extra=("--max-message-bytes", str(MAX_MESSAGE_BYTES))).start()
     try:
         yield procs
     finally:
@@ -216,6 +218,18 @@ def test_sharded_bad_inputs_change_nothing(cc: paramhub.Client) -> None:
     with pytest.raises(NotFoundError) as e:
         cc.get_optimizer_state("m")
     assert e.value.reason == "OPTIMIZER_NOT_FOUND"
+
+
+def test_sharded_forward_output_over_the_message_limit_is_refused(cc: paramhub.Client
+                                                                  ) -> None:
+    net = cc.create_model("wide", nn.Sequential(nn.Linear(4, 512)), shard="fsdp")
+    version = cc.describe_model("wide").model.version
+    with torch.no_grad():
+        assert net(torch.rand(10, 4)).shape == (10, 512)
+        with pytest.raises(paramhub.errors.ResourceExhaustedError) as e:
+            net(torch.rand(MAX_MESSAGE_BYTES // 2048 + 1, 4))  # > 1 MiB of float32 out
+    assert e.value.reason == "MESSAGE_TOO_LARGE"
+    assert cc.describe_model("wide").model.version == version
 
 
 def test_sharded_optimizer_state_survives_kill_9(tmp_path) -> None:
