@@ -18,10 +18,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 #: Modules that register commands (imported by Cluster.start on every rank).
-MODULES: tuple[str, ...] = ("paramhub_server.cluster.compute",)
+MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed", "paramhub_server.cluster.state",
+                             "paramhub_server.cluster.compute")
 
 #: fn(cluster) run by Cluster.start on every rank after it recovered its models from disk
-#: (before the command loop starts): an area's own state kept beside the models.
+#: and resolved writes left in doubt (before the command loop starts): an area's own state
+#: kept beside the models.
 RECOVER_HOOKS: list[Callable[[Any], None]] = []
 
 
