@@ -274,3 +274,63 @@ def test_sharded_optimizer_state_survives_kill_9(tmp_path) -> None:
                 assert_close_dicts(sd[i], ref)
     finally:
         procs.stop()
+
+
+@pytest.mark.parametrize("rank0, rank1, committed", [
+    # Rank 1 logged the step's commit, rank 0 died before: rank 0 applies its prepare.
+    pytest.param("before-commit-log:3", "after-commit-log:3", True, id="committed"),
+    # Rank 1 died after logging its prepare, before the vote: nobody committed the step.
+    pytest.param(None, "after-prepare-log:3", False, id="not-committed"),
+])
+def test_a_step_in_doubt_is_resolved_with_its_optimizer_state(tmp_path, rank0, rank1,
+                                                              committed) -> None:
+    """A rank dies in the middle of the third step (a two-phase commit like a write's): after
+    a restart the step is there on every rank with its optimizer state, or nowhere, and
+    training goes on equal to torch.optim.Adam on one process."""
+    local = seed_mlp()
+    lopt = torch.optim.Adam(local.parameters(), lr=0.01)
+    procs = ClusterProcs(tmp_path / "data", 2, launcher="direct")
+    procs.rank_env = {r: {"PARAMHUB_CLUSTER_CRASH_AT": p}
+                      for r, p in ((0, rank0), (1, rank1)) if p}
+    procs.start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            net = c.create_model("m", copy.deepcopy(local), shard="fsdp")
+            opt = paramhub.optim.Adam(net.parameters(), lr=0.01)
+            for step in range(3):
+                X, y = batch(0, step, 16)
+                opt.zero_grad()
+                F.mse_loss(net(X), y).backward()
+                if step < 2:
+                    opt.step()
+                else:
+                    with pytest.raises(paramhub.errors.UnavailableError):
+                        opt.step()
+    finally:
+        procs.stop(signal.SIGKILL)
+    procs.rank_env = {}
+    procs.start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            net = c.model("m")
+            opt = paramhub.optim.Adam(net.parameters(), lr=0.01)
+            done = 3 if committed else 2
+            assert opt.steps == done
+            assert c.describe_model("m").model.version == 1 + done
+            for step in range(done, 5):
+                X, y = batch(0, step, 16)
+                opt.zero_grad()
+                F.mse_loss(net(X), y).backward()
+                opt.step()
+            for step in range(5):
+                X, y = batch(0, step, 16)
+                lopt.zero_grad()
+                F.mse_loss(local(X), y).backward()
+                lopt.step()
+            assert_close_dicts({n: p.fetch() for n, p in net.named_parameters()},
+                               {n: p.detach() for n, p in local.named_parameters()})
+            sd = opt.state_dict()["state"]
+            for i, ref in lopt.state_dict()["state"].items():
+                assert_close_dicts(sd[i], ref)
+    finally:
+        procs.stop()
