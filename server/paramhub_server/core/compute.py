@@ -315,7 +315,7 @@ def _draws(m: nn.Module) -> bool:
         return False
     if isinstance(m, _RANDOM_MODULES):
         return getattr(m, "p", 1.0) != 0
-    return m.dropout > 0
+    return bool(m.dropout > 0)
 
 
 
