@@ -309,6 +309,12 @@ def _random_modules(sub: nn.Module) -> list[nn.Module]:
             or isinstance(getattr(m, "dropout", None), float)]
 
 
+def _draws_random(sub: nn.Module) -> bool:
+    """Whether a pass of `sub` in its current modes draws random numbers (walks the tree;
+    ServedModel caches the walk per path)."""
+    return any(_draws(m) for m in _random_modules(sub))
+
+
 def _draws(m: nn.Module) -> bool:
     """Whether `m` (one of `_random_modules`) draws random numbers in its current mode."""
     if not m.training:
