@@ -290,25 +290,36 @@ def _checkpoint_create(cluster: Cluster, model_id: str, name: str) -> dict[str, 
     # Parts of a checkpoint some rank lacks (a crash during its create or delete) are junk.
     shutil.rmtree(d, ignore_errors=True)
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    size = 0
     with cluster._lock:  # no commit between the parts (the loop is the only writer anyway)
         parts = {e.group: e.local.contiguous().clone() for e in m.entries}
         versions = [e.version for e in m.entries]
-    for g, part in parts.items():
-        p = tmp / f"{g}.safetensors"
-        save_file({"t": part}, str(p))
-        _fsync(p)
-        size += p.stat().st_size
-    info = {"model_version": m.version, "versions": versions,
-            "created_ns": _everyone(cluster, time.time_ns())[0], "num_bytes": size}
-    (tmp / _INFO).write_text(json.dumps(info))
-    _fsync(tmp / _INFO)
-    _fsync(tmp)
+    created_ns = _everyone(cluster, time.time_ns())[0]
+    info = {"model_version": m.version, "versions": versions, "created_ns": created_ns,
+            "num_bytes": 0}
+    failed = ""
+    try:  # a disk error on one rank is voted on, not left for the others to wait on
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for g, part in parts.items():
+            p = tmp / f"{g}.safetensors"
+            save_file({"t": part}, str(p))
+            _fsync(p)
+            info["num_bytes"] += p.stat().st_size
+        (tmp / _INFO).write_text(json.dumps(info))
+        _fsync(tmp / _INFO)
+        _fsync(tmp)
+    except OSError as e:
+        failed = f"rank {cluster.rank}: {e.strerror or e}"
+    votes = _everyone(cluster, failed)
+    if any(votes):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ResourceExhaustedError(f"checkpoint {name!r} could not be written "
+                                     f"({next(v for v in votes if v)})",
+                                     reason="CHECKPOINT_WRITE_FAILED",
+                                     metadata={"checkpoint": name})
     os.replace(tmp, d)
     _fsync(root)
-    sizes = _everyone(cluster, size)  # also the confirm: every rank has it on disk
+    sizes = _everyone(cluster, info["num_bytes"])  # also the confirm: every rank has it
     return {**info, "name": name, "num_bytes": sum(sizes)}
 
 
