@@ -2,8 +2,9 @@
 to a 2-rank torchrun cluster serving the same model sharded, both on 127.0.0.1, in one run.
 
 Rows: a whole-tensor read of a big parameter (plain server: shared memory, and gRPC only;
-cluster: routed from both ranks, and through the front door), and the median latency of a
-one-element read and write. Numbers are medians; this machine's cores are shared with other
+cluster: routed from both ranks, and through the front door), `pull_state` / `push_state` of
+the whole model (plain server over gRPC; the cluster's sharded model), and the median latency
+of a one-element read and write. Numbers are medians; this machine's cores are shared with other
 work, so they are noisy.
 
     python -m benchmarks.cluster [--mib 64] [--repeats 5] [--small 50]
@@ -135,6 +136,14 @@ def main() -> None:
                     s = _median_s(fn, args.repeats)
                     results.append((f"read {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
                                     f"{mib / 1024 / s:.2f} GB/s"))
+                new = {"0.weight": torch.randn(module[0].weight.shape)}
+                for label, client in (("plain server, gRPC stream", pg),
+                                      ("2-rank cluster, sharded model", c)):
+                    for what, fn in (("pull_state", lambda: client.pull_state("m")),
+                                     ("push_state", lambda: client.push_state("m", new))):
+                        s = _median_s(fn, args.repeats)
+                        results.append((f"{what} {mib:.0f} MiB: {label}", f"{s * 1e3:.0f} ms",
+                                        f"{mib / 1024 / s:.2f} GB/s"))
                 for label, client in (("plain server", p), ("2-rank cluster", c)):
                     s = _median_s(lambda: client.get_tensor("m", "0.weight", (0, 0)),
                                   args.small)
