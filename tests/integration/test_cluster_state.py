@@ -245,6 +245,34 @@ def test_readers_never_see_half_a_push_or_batch(cc, cluster) -> None:
     assert cc.model_version("m") == 2 + 40 + 0  # created at 1, one push, 40 writes
 
 
+def test_tied_and_replicated_tensors_match_plain(cc, client) -> None:
+    """A tied weight (one storage, two names) and a replicated tensor (too few rows to split):
+    pulls, pushes (for tied names pushed twice the last value wins), batches and a checkpoint
+    round trip give what a plain model gives."""
+    torch.manual_seed(5)
+    shared = nn.Linear(4, 4)
+    module = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 1))
+    out = []
+    for c, name in both(cc, client, "t", module):
+        got: list[Any] = [c.pull_state(name)[0]]
+        c.create_checkpoint(name, "start")
+        pushed = c.push_state(name, {"0.weight": torch.ones(4, 4), "2.weight": torch.eye(4),
+                                     "3.bias": torch.tensor([7.0])})
+        got.append(c.pull_state(name)[0])
+        with c.batch(name) as b:
+            b.set_slice("2.weight", (slice(1, 3),), 2.0, "add")
+            b.set_slice("3.weight", None, 3.0)
+        got.append(c.pull_state(name)[0])
+        c.restore_checkpoint(name, "start")
+        got.append(c.pull_state(name)[0])
+        out.append((got, list(pushed), list(b.updated)))
+    assert cc.describe_placement("t")["3.bias"][0] == "replicate"
+    for s_got, p_got in zip(out[0][0], out[1][0], strict=True):
+        assert_same(s_got, p_got)
+    assert out[0][1:] == out[1][1:]
+    assert torch.equal(out[0][0][1]["0.weight"], torch.eye(4))
+
+
 # -------------------------------------------------------------------------------- WatchModel
 
 
