@@ -322,9 +322,22 @@ def test_watch_on_sharded_model_matches_plain(cc, client, cluster) -> None:
     assert out[0] == out[1]
 
 
-def test_watch_of_missing_sharded_model(cc) -> None:
+def test_watch_ends_when_the_sharded_model_is_deleted(cc) -> None:
     with pytest.raises(NotFoundError):
         next(iter(cc.watch("missing")))
+    cc.create_model("m", make(), shard="fsdp")
+    kinds: list[str] = []
+    w = cc.watch("m", lambda ev: kinds.append(ev.kind))
+    deadline = time.monotonic() + 30
+    while not kinds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cc.delete_model("m")
+    w.join(30)  # the stream ends by itself (the handler checks every 5 s)
+    try:
+        assert w._thread is not None and not w._thread.is_alive()
+        assert kinds == ["started"]
+    finally:
+        w.close()
 
 
 # ------------------------------------------------------------------ checkpoints, compaction
@@ -370,13 +383,24 @@ def test_checkpoints_on_sharded_model_match_plain(cc, client) -> None:
     assert out[0] == out[1]
 
 
-def test_export_of_sharded_model_is_refused(cc) -> None:
-    """ExportCheckpoint is not built for sharded models: a clear refusal."""
-    cc.create_model("m", make(), shard="fsdp")
-    from paramhub.errors import FailedPreconditionError
-    with pytest.raises(FailedPreconditionError) as e:
-        cc.export_checkpoint("m", "/dev/null")
-    assert e.value.reason == "SHARDED_UNSUPPORTED"
+def test_export_checkpoint_of_sharded_model_matches_plain(cc, client, tmp_path) -> None:
+    """ExportCheckpoint of a sharded model (a checkpoint, or the current values) is the same
+    plain safetensors state_dict a plain model exports."""
+    from safetensors.torch import load_file
+
+    files = []
+    for c, name in both(cc, client):
+        c.create_checkpoint(name, "ck")
+        c.set_slice(name, "0.weight", None, 2.0)
+        files.append((c.export_checkpoint(name, tmp_path / f"{id(c)}-ck.safetensors", "ck"),
+                      c.export_checkpoint(name, tmp_path / f"{id(c)}-now.safetensors")))
+        with pytest.raises(NotFoundError) as e:
+            c.export_checkpoint(name, tmp_path / "x", "missing")
+        assert e.value.reason == "CHECKPOINT_NOT_FOUND"
+    for s_file, p_file in zip(files[0], files[1], strict=True):
+        assert_same(load_file(s_file), load_file(p_file))
+    assert torch.equal(load_file(files[0][1])["0.weight"], torch.full((10, 6), 2.0))
+    assert torch.equal(load_file(files[0][0])["0.weight"], make()[0].weight.detach())
 
 
 # ---------------------------------------------------------------------------- kill -9 (last)

@@ -1,5 +1,5 @@
 """State and operations on sharded models: ApplyBatch, PullState / PushState, WatchModel,
-checkpoints and compaction -- the cluster commands (every rank runs each, in rank 0's order)
+checkpoints (create, list, restore, delete, export) and compaction -- the cluster commands (every rank runs each, in rank 0's order)
 and the ParameterService handlers that call them (StateHandlers, a base of
 ClusterParameterService).
 
@@ -23,6 +23,8 @@ push or a checkpoint restore is all or nothing across ranks with one new model v
   {name}/ (written to a temporary directory, fsynced, renamed). A checkpoint exists when every
   rank has it: one that some rank lacks (a crash during its create or delete) is neither listed
   nor restored, and a new create of that name replaces it.
+- ExportCheckpoint: one command gathers every storage to rank 0 (DTensor's gather of each
+  rank's current or saved part), which streams a plain safetensors state_dict.
 - CompactModel: every rank folds its log into a new snapshot of its parts.
 """
 
@@ -394,6 +396,36 @@ def _checkpoint_restore(cluster: Cluster, model_id: str, name: str,
     return _commit_parts(cluster, m, staged, "restore_checkpoint", ctx, error)
 
 
+@command("state.export")
+def _export(cluster: Cluster, model_id: str, name: str
+            ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Every storage whole on rank 0, from checkpoint `name` (each rank's saved parts) or
+    from the current values: each rank's part joins DTensor's own gather (any placement)."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    from paramhub_server.cluster.sharding import contiguous_strides
+
+    m = cluster._model(model_id)
+    if name:
+        d = _ckpt_root(cluster, m) / name
+        if not all(_everyone(cluster, (d / _INFO).exists())):
+            raise _not_found(m, name)
+        info = json.loads((d / _INFO).read_text())
+        parts = {e.group: load_file(str(d / f"{e.group}.safetensors"))["t"] for e in m.entries}
+    else:
+        with cluster._lock:
+            parts = {e.group: e.local.clone() for e in m.entries}
+            info = {"model_version": m.version, "created_ns": time.time_ns()}
+    out = {}
+    for e in m.entries:
+        dt = DTensor.from_local(parts[e.group], cluster.mesh, [e.placement], run_check=False,
+                                shape=torch.Size(e.shape), stride=contiguous_strides(e.shape))
+        out[e.group] = dt.full_tensor()
+    return out, {"model_version": info["model_version"], "created_ns": info["created_ns"],
+                 "model_id": m.id}
+
+
 @command("state.compact")
 def _compact(cluster: Cluster, model_id: str) -> tuple[int, int]:
     from paramhub_server.cluster import storage
@@ -734,6 +766,24 @@ class StateHandlers:
         self.cluster.run("state.checkpoint_delete", model_id=m.id,
                          name=check_checkpoint_name(request.checkpoint))
         return pb.DeleteCheckpointResponse()
+
+    @rpc
+    def ExportCheckpoint(self, request: pb.ExportCheckpointRequest,
+                         context: grpc.ServicerContext) -> Iterator[pb.ExportCheckpointResponse]:
+        from paramhub_server.core import safetensors_io as st
+        from paramhub_server.core.store import _CHECKPOINT_KEY
+
+        m = self._sharded_model(model_id_of(request.model))
+        if m is None:
+            yield from _unwrapped(ParameterService.ExportCheckpoint)(self, request, context)
+            return
+        assert self.cluster is not None
+        if request.checkpoint:
+            check_checkpoint_name(request.checkpoint)
+        full, info = self.cluster.run("state.export", model_id=m.id, name=request.checkpoint)
+        entries = [(n, full[e.group]) for n, e in m.by_name.items()]
+        for data in st.iter_file_bytes(entries, {_CHECKPOINT_KEY: json.dumps(info)}):
+            yield pb.ExportCheckpointResponse(data=data)
 
     @rpc
     def CompactModel(self, request: pb.CompactModelRequest, context: grpc.ServicerContext
