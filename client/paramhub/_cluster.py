@@ -1,9 +1,13 @@
-"""The SDK side of a paramhub cluster: the ranks (ClusterService), sharded creates, and routed
+"""The SDK side of a paramhub cluster: the ranks (ClusterService), sharded creates, routed
 reads that fetch a sharded tensor's parts straight from the ranks that hold them, in parallel,
-and assemble it here (rank 0, the front door, then carries no bulk bytes)."""
+and assemble it here, and routed writes that send each owner its rows (StageShard) and then ask
+the front door to commit them as one write (CommitStagedWrite): rank 0, the front door, then
+carries no bulk bytes."""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +18,9 @@ import grpc
 import torch
 
 from paramhub import _codec
-from paramhub.errors import (ConflictError, FailedPreconditionError, NotFoundError,
-                             UnavailableError, UnimplementedError, from_rpc_error)
+from paramhub.errors import (ConflictError, FailedPreconditionError, InvalidArgumentError,
+                             NotFoundError, ParamhubError, UnavailableError, UnimplementedError,
+                             from_rpc_error)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
 from paramhub.common import pb
@@ -23,11 +28,54 @@ from paramhub.common import pb
 if TYPE_CHECKING:
     from paramhub.client import Client
 
-#: Call metadata asking CreateModel for a sharded model.
+#: Call metadata asking CreateModel for a sharded model: "fsdp", or a tensor-parallel plan as a
+#: JSON object {"module path": "colwise" | "rowwise"} (keys sorted, no spaces).
 SHARD_METADATA = "x-paramhub-shard"
+#: The most bytes a plan's JSON may have (gRPC's metadata limit is 8 KiB for all headers; a
+#: long plan can name many modules at once with wildcards: "layers.*.w1").
+MAX_PLAN_BYTES = 7000
+
+
+def plan_metadata(shard: str | Mapping[str, str]) -> str:
+    """The wire form of a sharding plan (the server checks the styles and paths)."""
+    if isinstance(shard, str):
+        return shard
+    if not isinstance(shard, Mapping):
+        raise InvalidArgumentError(f"shard must be 'fsdp' or a {{module path: style}} mapping, "
+                                   f"not a {type(shard).__name__}", reason="BAD_SHARD")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in shard.items()):
+        raise InvalidArgumentError("a tensor-parallel plan maps module paths (str) to styles "
+                                   "(str)", reason="BAD_SHARD")
+    text = json.dumps(dict(shard), sort_keys=True, separators=(",", ":"))
+    if len(text.encode()) > MAX_PLAN_BYTES:
+        raise InvalidArgumentError(
+            f"the plan's JSON has {len(text.encode())} bytes, more than {MAX_PLAN_BYTES} (it "
+            "travels as call metadata); name modules with wildcards ('layers.*.w1')",
+            reason="BAD_SHARD")
+    return text
+
+
+class Placement(tuple):  # noqa: SLOT001 - a 2-tuple that also carries a note
+    """(placement, bounds) of one tensor, as `client.describe_placement` returns it, plus
+    `.note`: why a tensor the plan would shard is replicated, else ""."""
+
+    note: str
+
+    def __new__(cls, placement: str, bounds: tuple[int, ...], note: str = "") -> Placement:
+        self = super().__new__(cls, (placement, bounds))
+        self.note = note
+        return self
+
+    @property
+    def dim(self) -> int | None:
+        """The sharded dim, or None (replicated, local)."""
+        p = self[0]
+        return int(p[len("shard("):-1]) if p.startswith("shard(") else None
 #: Attempts of a routed read whose parts came from different versions (a write landed between
 #: the parts' copies) before it falls back to one read through the front door.
 ROUTED_ATTEMPTS = 3
+#: Bytes per StageShard message of a routed write.
+STAGE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,8 +103,8 @@ class Cluster:
         self._stubs: dict[str, cpb_grpc.ClusterServiceStub] = {}
         self._routing_off = False
         self._pool: ThreadPoolExecutor | None = None
-        #: model id -> {name: row bounds or ()}, learnt from DescribePlacement.
-        self._placements: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        #: model id -> {name: (placement, bounds)}, learnt from DescribePlacement.
+        self._placements: dict[str, dict[str, Placement]] = {}
 
     def _call(self, fn: Any, request: Any, timeout: float | None = None) -> Any:
         metadata = self.client._count(fn)  # counted in client.rpc_counts like every call
@@ -74,15 +122,17 @@ class Cluster:
             self._ranks = ranks
         return ranks
 
-    def placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    def placement(self, model_id: str) -> dict[str, Placement]:
         resp = self._call(self.stub.DescribePlacement,
                           cpb.DescribePlacementRequest(name=f"models/{model_id}"))
-        out = {t.name: (t.placement, tuple(t.row_bounds)) for t in resp.tensors}
+        out = {t.name: Placement(t.placement, tuple(t.row_bounds), t.note)
+               for t in resp.tensors}
         with self._lock:
             self._placements[model_id] = out
         return out
 
-    def create(self, model_id: str, spec: pb.ModelSpec, shard: str, *, seed: int | None,
+    def create(self, model_id: str, spec: pb.ModelSpec, shard: str | Mapping[str, str], *,
+               seed: int | None,
                values: Mapping[str, torch.Tensor], timeout: float | None) -> pb.ModelInfo:
         header = pb.CreateModelHeader(model_id=model_id, spec=spec)
         if seed is not None:
@@ -94,7 +144,7 @@ class Cluster:
                 for chunk in _codec.iter_tensor_chunks(t, name=name):
                     yield pb.CreateModelRequest(chunk=chunk)
 
-        metadata = (*self.client._metadata, (SHARD_METADATA, shard))
+        metadata = (*self.client._metadata, (SHARD_METADATA, plan_metadata(shard)))
         try:
             return self.client.stub.CreateModel(
                 requests(), timeout=timeout if timeout is not None else self.client.timeout,
@@ -106,19 +156,9 @@ class Cluster:
 
     def read_if_sharded(self, model_id: str, name: str, tensor_name: str,
                         timeout: float | None) -> tuple[torch.Tensor, int] | None:
-        """A routed read of a whole tensor when it is sharded on dim 0 (the model's placement
-        is asked once and cached); None to read through the front door instead."""
-        with self._lock:
-            known = self._placements.get(model_id)
-        if known is None:
-            try:
-                known = self.placement(model_id)
-            except NotFoundError:
-                return None  # the front door reports it
-            except UnimplementedError:  # a server without ClusterService: never sharded
-                with self._lock:
-                    self._placements[model_id] = known = {}
-        placement, _ = known.get(name, ("", ()))
+        """A routed read of a whole tensor when it is sharded (on any dim; the model's
+        placement is asked once and cached); None to read through the front door instead."""
+        placement, _ = self._placement_of(model_id, name)
         if not placement.startswith("shard"):
             return None
         if self._routing_off:
@@ -135,6 +175,97 @@ class Cluster:
             # reads through the front door, which answers RANK_DOWN if a rank is really down.
             self._routing_off = True
             return None
+
+    def _placement_of(self, model_id: str, name: str) -> tuple[str, tuple[int, ...]]:
+        """(placement, row bounds) of one tensor, from the model's placement (asked once and
+        cached); ("", ()) when unknown here (the front door then answers the call)."""
+        with self._lock:
+            known = self._placements.get(model_id)
+        if known is None:
+            try:
+                known = self.placement(model_id)
+            except NotFoundError:
+                return "", ()  # the front door reports it
+            except UnimplementedError:  # a server without ClusterService: never sharded
+                with self._lock:
+                    self._placements[model_id] = known = {}
+        return known.get(name, Placement("", ()))
+
+    # -- routed writes -------------------------------------------------------------------------
+
+    def write_if_sharded(self, model_id: str, name: str, tensor_name: str, value: torch.Tensor,
+                         expected_version: int | None, timeout: float | None
+                         ) -> int | None:
+        """A routed write of a whole tensor (`value` has its full shape) when it is sharded on
+        dim 0: each owner is sent its rows in parallel (StageShard), then the front door
+        commits them as one write; the tensor's new version. None to write through the front
+        door instead (not sharded on dim 0, a rank not reachable from here, a part refused)."""
+        placement, bounds = self._placement_of(model_id, name)
+        if placement != "shard(0)" or self._routing_off or not bounds:
+            return None
+        if value.dim() == 0 or value.shape[0] != bounds[-1]:
+            return None  # a broadcast value: the front door expands it
+        with self._lock:
+            ranks = self._ranks
+        if ranks is None:
+            ranks = self.info()
+        if len(ranks) + 1 != len(bounds):
+            return None
+        value = value.detach().cpu().contiguous()
+        write_id = os.urandom(16).hex()
+        pool = self._executor(len(ranks))
+
+        def stage(rank: RankInfo) -> None:
+            lo, hi = bounds[rank.rank], bounds[rank.rank + 1]
+            if hi > lo:
+                self._stage(rank, tensor_name, write_id, value[lo:hi], lo, hi, timeout)
+
+        try:
+            list(pool.map(stage, ranks))
+        except UnavailableError:
+            self._routing_off = True  # as for routed reads: the front door from now on
+            return None
+        except ParamhubError:
+            return None  # a part refused (shape, limit): the front door gives the answer
+        request = cpb.CommitStagedWriteRequest(name=tensor_name, write_id=write_id,
+                                               expected_version=expected_version)
+        try:
+            return int(self._call(self.stub.CommitStagedWrite, request, timeout).version)
+        except FailedPreconditionError as e:
+            if e.reason in ("NOT_STAGED", "NOT_ROUTABLE"):
+                return None  # expired or the model changed: written through the front door
+            raise
+
+    def _stage(self, rank: RankInfo, tensor_name: str, write_id: str, part: torch.Tensor,
+               lo: int, hi: int, timeout: float | None) -> None:
+        stub = self._stub(rank.address)
+        data = _codec.byte_view(part).view(-1).numpy()
+        dtype = str(part.dtype).removeprefix("torch.")
+
+        def requests() -> Iterator[cpb.StageShardRequest]:
+            yield cpb.StageShardRequest(name=tensor_name, write_id=write_id, dtype=dtype,
+                                        row_start=lo, row_stop=hi, shape=list(part.shape),
+                                        data=data[:STAGE_CHUNK].tobytes())
+            for off in range(STAGE_CHUNK, len(data), STAGE_CHUNK):
+                yield cpb.StageShardRequest(data=data[off:off + STAGE_CHUNK].tobytes())
+
+        try:
+            stub.StageShard(requests(), timeout=timeout if timeout is not None
+                            else self.client.timeout,
+                            metadata=self.client._count(stub.StageShard))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise UnavailableError(f"rank {rank.rank} at {rank.address} cannot be "
+                                       "reached", reason="RANK_DOWN",
+                                       metadata={"rank": str(rank.rank)}) from None
+            raise from_rpc_error(e) from None
+
+    def _executor(self, ranks: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=max(2, ranks),
+                                                thread_name_prefix="paramhub-routed")
+            return self._pool
 
     def _stub(self, address: str) -> cpb_grpc.ClusterServiceStub:
         """One channel and stub per rank, made on first use and kept."""
@@ -159,11 +290,7 @@ class Cluster:
             ranks = self._ranks
         if ranks is None:
             ranks = self.info()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=max(2, len(ranks)),
-                                                thread_name_prefix="paramhub-routed")
-            pool = self._pool
+        pool = self._executor(len(ranks))
         for _ in range(ROUTED_ATTEMPTS):
             out: list[torch.Tensor | None] = [None]
             lock = threading.Lock()
@@ -193,8 +320,13 @@ class Cluster:
                     out[0] = torch.empty(shape, dtype=dtype)
                 full = out[0]
             assert full is not None
-            rows = full[first.row_start:first.row_stop] if shape else full
-            dest = _codec.byte_view(rows).view(-1) if rows.numel() else None
+            dim = Placement(first.placement, ()).dim or 0
+            rows = (full.narrow(dim, first.row_start, first.row_stop - first.row_start)
+                    if shape else full)
+            # Shard(0) parts are contiguous in the whole tensor: received in place. Other
+            # dims' parts are received whole, then copied into their strided place.
+            part = rows if rows.is_contiguous() else torch.empty(rows.shape, dtype=dtype)
+            dest = _codec.byte_view(part).view(-1) if part.numel() else None
             pos = 0
             for msg in _chain(first, stream):
                 n = len(msg.data)
@@ -202,6 +334,8 @@ class Cluster:
                     dest[pos:pos + n].copy_(torch.frombuffer(bytearray(msg.data),
                                                              dtype=torch.uint8))
                 pos += n
+            if part is not rows:
+                rows.copy_(part)
             return int(first.version)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:

@@ -45,8 +45,9 @@ class AuthFileError(ValueError):
     """The auth file is unreadable or malformed (the message never contains a token)."""
 
 
-#: The cluster's service (cluster/service.py): every RPC of it reads.
+#: The cluster's service (cluster/service.py): every RPC of it reads, but the routed writes.
 CLUSTER_SERVICE = "paramhub.v1.ClusterService"
+CLUSTER_WRITES = frozenset({"StageShard", "CommitStagedWrite"})
 
 
 def required_role(full_method: str) -> str | None:
@@ -54,7 +55,7 @@ def required_role(full_method: str) -> str | None:
     ParameterService RPC missing from METHOD_ROLES."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     if service == CLUSTER_SERVICE:  # cluster layout and shard reads: read-only
-        return READ
+        return WRITE if method in CLUSTER_WRITES else READ
     if service != SERVICE:
         return None
     return METHOD_ROLES.get(method, ADMIN)

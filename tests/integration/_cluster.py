@@ -57,12 +57,16 @@ class ClusterProcs:
     """K ranks on 127.0.0.1: rank r on `port + r`, state in `data_dir/rank-{r}`."""
 
     def __init__(self, data_dir: Path, ranks: int = 2, *, launcher: str = "torchrun",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), torchrun_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.ranks = ranks
         self.launcher = launcher
         self.extra = extra
+        #: More torchrun options (e.g. "--max-restarts", "1").
+        self.torchrun_args = torchrun_args
         self.port = 0
+        #: Extra environment of one rank (direct launch only), e.g. a crash point.
+        self.rank_env: dict[int, dict[str, str]] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = data_dir.parent / f"cluster-{id(self)}.log"
 
@@ -85,14 +89,14 @@ class ClusterProcs:
         if self.launcher == "torchrun":
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                    str(self.ranks), "--master-addr", "127.0.0.1", "--master-port", str(master),
-                   "-m", "paramhub_server", *self._serve_args()]
+                   *self.torchrun_args, "-m", "paramhub_server", *self._serve_args()]
             self.procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=out,
                                            start_new_session=True)]
         else:  # each rank by hand, with the variables torchrun would set
             for r in range(self.ranks):
                 renv = {**env, "RANK": str(r), "LOCAL_RANK": str(r),
                         "WORLD_SIZE": str(self.ranks), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(master)}
+                        "MASTER_PORT": str(master), **self.rank_env.get(r, {})}
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "paramhub_server", *self._serve_args()], env=renv,
                     stdout=out, stderr=out, start_new_session=True))
@@ -112,6 +116,34 @@ class ClusterProcs:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def wait_exit(self, timeout: float = 60.0) -> list[int | None]:
+        """Waits (bounded) until every process has exited; their exit codes (None: still
+        running at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(0.2)
+        return [p.poll() for p in self.procs]
+
+    def rank_pid(self, rank: int) -> int | None:
+        """The pid of the process now serving `rank` (under torchrun: the launcher's child
+        whose RANK is `rank`), or None."""
+        if self.launcher == "direct":
+            return self.procs[rank].pid if self.procs[rank].poll() is None else None
+        parent = str(self.procs[0].pid)
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                if ppid != parent:
+                    continue
+                env = (d / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError):
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(d.name)
+        return None
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank (direct launch only)."""

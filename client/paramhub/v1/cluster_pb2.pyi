@@ -61,14 +61,16 @@ class DescribePlacementRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TensorPlacement(_message.Message):
-    __slots__ = ("name", "placement", "row_bounds")
+    __slots__ = ("name", "placement", "row_bounds", "note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     ROW_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     placement: str
     row_bounds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ...) -> None: ...
+    note: str
+    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class DescribePlacementResponse(_message.Message):
     __slots__ = ("shard", "tensors")
@@ -77,3 +79,45 @@ class DescribePlacementResponse(_message.Message):
     shard: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorPlacement]
     def __init__(self, shard: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorPlacement, _Mapping]]] = ...) -> None: ...
+
+class StageShardRequest(_message.Message):
+    __slots__ = ("name", "write_id", "dtype", "row_start", "row_stop", "data", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    write_id: str
+    dtype: str
+    row_start: int
+    row_stop: int
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., write_id: _Optional[str] = ..., dtype: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StageShardResponse(_message.Message):
+    __slots__ = ("staged_bytes",)
+    STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    staged_bytes: int
+    def __init__(self, staged_bytes: _Optional[int] = ...) -> None: ...
+
+class CommitStagedWriteRequest(_message.Message):
+    __slots__ = ("name", "write_id", "expected_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    write_id: str
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., write_id: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class CommitStagedWriteResponse(_message.Message):
+    __slots__ = ("version", "model_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    model_version: int
+    def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...

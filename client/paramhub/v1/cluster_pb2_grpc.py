@@ -53,6 +53,16 @@ class ClusterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_cluster__pb2.DescribePlacementRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_cluster__pb2.DescribePlacementResponse.FromString,
                 _registered_method=True)
+        self.StageShard = channel.stream_unary(
+                '/paramhub.v1.ClusterService/StageShard',
+                request_serializer=paramhub_dot_v1_dot_cluster__pb2.StageShardRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_cluster__pb2.StageShardResponse.FromString,
+                _registered_method=True)
+        self.CommitStagedWrite = channel.unary_unary(
+                '/paramhub.v1.ClusterService/CommitStagedWrite',
+                request_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -84,6 +94,25 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageShard(self, request_iterator, context):
+        """Routed writes, step 1: stages the called rank's part of a big write of a sharded tensor
+        under a write id (a client stream; the first message carries the header). Nothing changes
+        until CommitStagedWrite; a staged part not committed within a minute is dropped. Needs
+        the write role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitStagedWrite(self, request, context):
+        """Routed writes, step 2 (rank 0): commits the parts staged on every owner under the write
+        id as one two-phase write of the whole tensor (all or nothing, one version). Needs the
+        write role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +130,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.DescribePlacement,
                     request_deserializer=paramhub_dot_v1_dot_cluster__pb2.DescribePlacementRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_cluster__pb2.DescribePlacementResponse.SerializeToString,
+            ),
+            'StageShard': grpc.stream_unary_rpc_method_handler(
+                    servicer.StageShard,
+                    request_deserializer=paramhub_dot_v1_dot_cluster__pb2.StageShardRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_cluster__pb2.StageShardResponse.SerializeToString,
+            ),
+            'CommitStagedWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitStagedWrite,
+                    request_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +227,60 @@ class ClusterService:
             '/paramhub.v1.ClusterService/DescribePlacement',
             paramhub_dot_v1_dot_cluster__pb2.DescribePlacementRequest.SerializeToString,
             paramhub_dot_v1_dot_cluster__pb2.DescribePlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageShard(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/paramhub.v1.ClusterService/StageShard',
+            paramhub_dot_v1_dot_cluster__pb2.StageShardRequest.SerializeToString,
+            paramhub_dot_v1_dot_cluster__pb2.StageShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStagedWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ClusterService/CommitStagedWrite',
+            paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.SerializeToString,
+            paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.FromString,
             options,
             channel_credentials,
             insecure,

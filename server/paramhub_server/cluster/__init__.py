@@ -3,8 +3,10 @@
     launch.py    torchrun environment -> per-rank settings, the gloo process group, addresses
     sharding.py  sharded models as each rank holds them: placements, entries, writes, region ids
     engine.py    the SPMD command loop every rank runs (rank 0 orders every command) and the
-                 commands: create, read, two-phase write, init, forward, delete, info
+                 commands: create, read, two-phase write, init, delete, info
     commands.py  the registry of commands defined in other modules (`@command("op")`)
+    compute.py   compute on sharded models, SPMD: Forward, Backward, gradients, optimizers
+    compute_service.py  their gRPC handlers (a mixin of ClusterParameterService)
     storage.py   each rank's snapshot and log of its parts
     service.py   gRPC: ClusterService, and the ParameterService handlers for sharded models
 

@@ -83,7 +83,9 @@ def join(env: RankEnv, address: str, *, device: str, data_dir: Any,
     from paramhub_server.cluster import engine
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+        dist.init_process_group("gloo", store=attempt_store(env),
+                                rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=PG_TIMEOUT_S))
     addresses: list[Any] = [None] * env.world_size
     dist.all_gather_object(addresses, address)
     log.info("rank %d of %d at %s; ranks at %s", env.rank, env.world_size, address, addresses)
@@ -91,6 +93,23 @@ def join(env: RankEnv, address: str, *, device: str, data_dir: Any,
                              data_dir=data_dir, probe=_probe, max_model_bytes=max_model_bytes)
     cluster.start()
     return cluster
+
+
+def attempt_store(env: RankEnv) -> Any:
+    """The rendezvous store (torchrun's, from MASTER_ADDR/MASTER_PORT) under a prefix of its
+    own for this launch attempt (TORCHELASTIC_RESTART_COUNT).
+
+    Under `torchrun --max-restarts` the static rendezvous keeps one TCPStore (the agent's)
+    for every attempt, and init_process_group("env://") reads its keys unprefixed: a
+    restarted rank found the gloo addresses the dead attempt's ranks had published there and
+    connected to those (refused), so the restarted cluster never formed. With the attempt in
+    the prefix every attempt meets only its own ranks."""
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                       timeout=timedelta(seconds=PG_TIMEOUT_S)))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"paramhub/attempt-{attempt}/", store)
 
 
 def _probe(address: str) -> bool:

@@ -1,13 +1,26 @@
 """Each rank's durable copy of its parts of the sharded models (torch and files only).
 
     DATA_DIR/rank-{r}/sharded/{model}/
-        meta.json              spec, model version, each storage's version (the snapshot's)
+        meta.json              spec, sharding plan, model version, each storage's version
+                               (the snapshot's)
         {group}-{version}.safetensors   this rank's part of one storage
-        log.bin                committed writes since the snapshot: [8-byte length][safetensors
-                               of the changed elements' ids and values, versions in metadata]
+        log.bin                records since the snapshot: [8-byte length][safetensors]
 
-A write's record is fsynced before the rank confirms the write (and rank 0 acknowledges only
-after every rank confirmed). A log larger than the rank's part is folded into a new snapshot.
+A record is a safetensors blob whose metadata says what it is (`record`):
+
+    prepare   a write's part on this rank, before the ranks vote: the changed elements' ids and
+              new values, the write's id (the model version it makes), the new versions
+    commit    the decision for the prepared write `write` (no tensors)
+    abort     the prepared write `write` is dropped (written when recovery resolves it so)
+    (none)    a committed write in one record -- what this code wrote before prepares were
+              logged, and what `append` still writes: replayed as committed
+
+A prepare is fsynced before the rank votes, a commit before it confirms (and rank 0
+acknowledges only after every rank confirmed). Replay applies a prepare only when its commit
+follows; a prepare left without one at the end of the log is *in doubt* (`replay` returns it)
+and cluster/commit.py resolves it with the other ranks. A prepare followed by another prepare
+was refused by the vote and is skipped. A log larger than the rank's part is folded into a new
+snapshot after a commit (never while a prepare is open).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import base64
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from paramhub.common import pb
-from paramhub_server.cluster.sharding import (ShardedModel, contiguous_strides, entries_of,
-                                              skeleton_of)
+from paramhub_server.cluster.sharding import (FSDP, ShardedModel, contiguous_strides,
+                                              entries_of, parse_plan, skeleton_of)
 
 #: Each rank's log of committed writes to one sharded model (beside its snapshot files).
 LOG_NAME = "log.bin"
@@ -43,7 +57,7 @@ def snapshot(root: Path, m: ShardedModel, groups: Sequence[int]) -> None:
         save_file({"t": e.local.contiguous()}, str(tmp))
         fsync(tmp)
         os.replace(tmp, d / f"{g}-{e.version}.safetensors")
-    meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(),
+    meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(), "shard": m.plan,
             "version": m.version, "versions": [e.version for e in m.entries]}
     tmp = d / ".meta.tmp"
     tmp.write_text(json.dumps(meta))
@@ -58,11 +72,74 @@ def snapshot(root: Path, m: ShardedModel, groups: Sequence[int]) -> None:
         if p.name not in keep:
             p.unlink(missing_ok=True)
 
-def append(root: Path, m: ShardedModel,
-           staged: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """Appends one committed write (this rank's changed elements and the new versions)
-    to the model's log on this rank, fsynced before the rank confirms; once the log
-    outgrows the rank's part, it is folded into a new snapshot."""
+#: group -> [(flat ids into this rank's part, their new values)], in write order.
+Staged = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class Prepared:
+    """A prepared write read back from the log: this rank's changes and the versions it
+    makes (`write` is the model version after it, the write's id)."""
+
+    write: int
+    versions: dict[int, int]
+    staged: Staged
+
+
+def append(root: Path, m: ShardedModel, staged: Staged) -> None:
+    """Appends one committed write (this rank's changed elements and the new versions, already
+    applied to `m`) as one record, fsynced; once the log outgrows the rank's part, it is folded
+    into a new snapshot. (A write that spans ranks uses `log_prepare` + `log_commit` instead,
+    so that a crash between two ranks' commits can be resolved.)"""
+    _write(root, m, _encode(staged, {"model_version": str(m.version), "versions": json.dumps(
+        {str(g): m.entries[g].version for g in staged})}))
+    maybe_fold(root, m)
+
+
+def log_prepare(root: Path, m: ShardedModel, staged: Staged, write: int,
+                versions: dict[int, int]) -> None:
+    """Logs this rank's part of write `write` (not applied yet), fsynced: after this the rank
+    can apply it at recovery if another rank committed it."""
+    _write(root, m, _encode(staged, {"record": "prepare", "write": str(write),
+                                     "versions": json.dumps(
+                                         {str(g): v for g, v in versions.items()})}))
+
+
+def log_commit(root: Path, m: ShardedModel, write: int) -> None:
+    """Logs the decision to commit the prepared write `write`, fsynced."""
+    _write(root, m, _encode({}, {"record": "commit", "write": str(write)}))
+
+
+def log_abort(root: Path, m: ShardedModel, write: int) -> None:
+    """Logs that the prepared write `write` is dropped, fsynced."""
+    _write(root, m, _encode({}, {"record": "abort", "write": str(write)}))
+
+
+def maybe_fold(root: Path, m: ShardedModel) -> None:
+    """Folds the log into a new snapshot once it outgrows this rank's part (call only when no
+    prepare is open)."""
+    path = root / m.id / LOG_NAME
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size > max(m.local_bytes(), 1 << 20):
+        snapshot(root, m, [e.group for e in m.entries])
+
+
+def apply(m: ShardedModel, staged: Staged, versions: dict[int, int], model_version: int
+          ) -> None:
+    """Applies a write's changes to this rank's parts and sets the versions it makes."""
+    for g, changes in staged.items():
+        flat = m.entries[g].local.view(-1)
+        for ids, vals in changes:
+            flat[ids] = vals
+    for g, v in versions.items():
+        m.entries[g].version = v
+    m.version = model_version
+
+
+def _encode(staged: Staged, meta: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -70,28 +147,39 @@ def append(root: Path, m: ShardedModel,
         for i, (ids, vals) in enumerate(changes):
             tensors[f"{g}.{i}.ids"] = ids.contiguous()
             tensors[f"{g}.{i}.vals"] = vals.contiguous()
-    meta = {"model_version": str(m.version),
-            "versions": json.dumps({str(g): m.entries[g].version for g in staged})}
-    record = save(tensors, metadata=meta)
+    return save(tensors, metadata=meta)
+
+
+def _write(root: Path, m: ShardedModel, record: bytes) -> None:
     path = root / m.id / LOG_NAME
     with open(path, "ab") as f:
         f.write(len(record).to_bytes(8, "little") + record)
         f.flush()
         os.fsync(f.fileno())
-        size = f.tell()
-    if size > max(m.local_bytes(), 1 << 20):
-        snapshot(root, m, [e.group for e in m.entries])
 
-def replay(d: Path, m: ShardedModel) -> int:
-    """Applies the log's records newer than the snapshot; a torn last record (a crash
-    while it was written: never confirmed, never acknowledged) ends the replay."""
+
+def _staged(raw: bytes) -> Staged:
     from safetensors.torch import load
 
+    tensors = load(raw)
+    out: Staged = {}
+    for key in sorted((k for k in tensors if k.endswith(".ids")),
+                      key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
+        out.setdefault(int(key.split(".")[0]), []).append((tensors[key],
+                                                           tensors[key[:-4] + ".vals"]))
+    return out
+
+
+def replay(d: Path, m: ShardedModel) -> Prepared | None:
+    """Applies the log's committed records newer than the snapshot; returns the prepared write
+    left in doubt at its end (no commit or abort after it), or None. A torn last record (a
+    crash while it was written: never confirmed, never acknowledged) ends the replay."""
     path = d / LOG_NAME
     if not path.exists():
-        return 0
+        return None
     data = path.read_bytes()
-    pos = n = 0
+    pos = 0
+    open_: tuple[int, dict[int, int], bytes] | None = None
     while pos + 8 <= len(data):
         size = int.from_bytes(data[pos:pos + 8], "little")
         if pos + 8 + size > len(data):
@@ -100,21 +188,32 @@ def replay(d: Path, m: ShardedModel) -> int:
         pos += 8 + size
         meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__",
                                                                              {})
-        if int(meta["model_version"]) <= m.version:
+        kind = meta.get("record")
+        if kind is None:  # one committed write (the format before prepares were logged)
+            if int(meta["model_version"]) > m.version:
+                apply(m, _staged(raw), {int(g): v for g, v in
+                                        json.loads(meta["versions"]).items()},
+                      int(meta["model_version"]))
             continue
-        tensors = load(raw)
-        for key in sorted((k for k in tensors if k.endswith(".ids")),
-                          key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
-            g = int(key.split(".")[0])
-            m.entries[g].local.view(-1)[tensors[key]] = tensors[key[:-4] + ".vals"]
-        for g, v in json.loads(meta["versions"]).items():
-            m.entries[int(g)].version = v
-        m.version = int(meta["model_version"])
-        n += 1
-    return n
+        write = int(meta["write"])
+        if kind == "prepare":
+            # A prepare before this one without a commit was refused by the vote.
+            open_ = (write, {int(g): v for g, v in json.loads(meta["versions"]).items()}, raw)
+        elif kind == "commit" and open_ is not None and open_[0] == write:
+            if write > m.version:
+                apply(m, _staged(open_[2]), open_[1], write)
+            open_ = None
+        elif kind == "abort" and open_ is not None and open_[0] == write:
+            open_ = None
+    if open_ is None or open_[0] <= m.version:
+        return None
+    return Prepared(open_[0], open_[1], _staged(open_[2]))
 
-def recover(root: Path, world: int, mesh: DeviceMesh) -> dict[str, ShardedModel]:
-    """Every sharded model this rank's directory holds: its snapshot, then its log."""
+
+def recover(root: Path, world: int, mesh: DeviceMesh,
+            in_doubt: dict[str, Prepared] | None = None) -> dict[str, ShardedModel]:
+    """Every sharded model this rank's directory holds: its snapshot, then its log's committed
+    writes. Each model's write left in doubt at the end of its log goes into `in_doubt`."""
     from safetensors.torch import load_file
 
     models: dict[str, ShardedModel] = {}
@@ -128,15 +227,19 @@ def recover(root: Path, world: int, mesh: DeviceMesh) -> dict[str, ShardedModel]
         meta = json.loads(meta_path.read_text())
         spec = pb.ModelSpec.FromString(base64.b64decode(meta["spec"]))
         skeleton = skeleton_of(spec)
-        entries = entries_of(skeleton, world)
+        plan = meta.get("shard", FSDP)  # (directories written before plans: "fsdp")
+        entries = entries_of(skeleton, world, parse_plan(plan))
         for e, v in zip(entries, meta["versions"]):
             e.version = v
             local = load_file(str(d / f"{e.group}-{v}.safetensors"))["t"]
             e.dt = DTensor.from_local(local, mesh, [e.placement], run_check=False,
                                       shape=torch.Size(e.shape),
                                       stride=contiguous_strides(e.shape))
-        m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton)
-        replay(d, m)
+        m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton,
+                         plan=plan)
+        pending = replay(d, m)
+        if pending is not None and in_doubt is not None:
+            in_doubt[m.id] = pending
         models[m.id] = m
     return models
 

@@ -1,0 +1,243 @@
+"""Routed writes: a big write of a sharded tensor goes from the SDK straight to its owners.
+
+    StageShard (every rank)   the client streams the rank's rows of a whole-tensor write under
+                              a write id; the rank checks the header against what it holds and
+                              the staging limit *before* allocating, then keeps the part
+    CommitStagedWrite (rank 0) the command "write_staged": every rank takes its staged part and
+                              the usual two-phase commit (commit.py) applies every part or none,
+                              with one version; the front door carries no bulk bytes
+
+Staged parts are bounded: at most the rank's --max-model-bytes (STAGE_MAX_BYTES without one)
+per rank at once, over every write (RESOURCE_EXHAUSTED, STAGING_FULL), checked before the
+part's memory is allocated; a part not committed within STAGE_TTL_S is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+import torch
+
+from paramhub.common.errors import (ConflictError, FailedPreconditionError,
+                                    InvalidArgumentError, NotFoundError, ResourceExhaustedError)
+from paramhub.v1 import cluster_pb2 as cpb
+from paramhub_server.api import serde
+from paramhub_server.cluster.commands import command
+from paramhub_server.errors import rpc
+
+if TYPE_CHECKING:
+    from paramhub_server.cluster.engine import Cluster
+
+#: Bytes one rank keeps staged at once, over every write, when it has no --max-model-bytes.
+STAGE_MAX_BYTES = 2 << 30
+#: Seconds a staged part waits for its commit before it is dropped.
+STAGE_TTL_S = 60.0
+
+_DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+class Staging:
+    """One rank's staged parts: (write id, model, storage group) -> (deadline, bytes, part)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._parts: dict[tuple[str, str, int], tuple[float, int, torch.Tensor | None]] = {}
+
+    def reserve(self, key: tuple[str, str, int], nbytes: int) -> None:
+        """Counts `nbytes` against the limit (after dropping expired parts) before anything is
+        allocated; a part staged again under the same key replaces the old one."""
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (deadline, _, _) in self._parts.items() if deadline < now]:
+                del self._parts[k]
+            self._parts.pop(key, None)
+            held = sum(n for _, n, _ in self._parts.values())
+            if held + nbytes > self.limit:
+                raise ResourceExhaustedError(
+                    f"staging {nbytes} more bytes would exceed the rank's {self.limit} "
+                    f"({held} staged)", reason="STAGING_FULL",
+                    metadata={"limit": "stage_bytes", "asked": str(nbytes),
+                              "limit_bytes": str(self.limit)})
+            self._parts[key] = (now + STAGE_TTL_S, nbytes, None)
+
+    def put(self, key: tuple[str, str, int], part: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._parts:  # not replaced or expired meanwhile
+                deadline, n, _ = self._parts[key]
+                self._parts[key] = (deadline, n, part)
+
+    def drop(self, key: tuple[str, str, int]) -> None:
+        with self._lock:
+            self._parts.pop(key, None)
+
+    def take(self, key: tuple[str, str, int]) -> torch.Tensor | None:
+        with self._lock:
+            got = self._parts.pop(key, None)
+        if got is None or got[0] < time.monotonic():
+            return None
+        return got[2]
+
+
+_STAGING: weakref.WeakKeyDictionary[Any, Staging] = weakref.WeakKeyDictionary()
+_STAGING_LOCK = threading.Lock()
+
+
+def staging_of(cluster: Cluster) -> Staging:
+    with _STAGING_LOCK:
+        s = _STAGING.get(cluster)
+        if s is None:
+            s = _STAGING[cluster] = Staging(cluster.max_model_bytes or STAGE_MAX_BYTES)
+        return s
+
+
+def _check_write_id(write_id: str) -> None:
+    if not 8 <= len(write_id) <= 64 or not write_id.isascii() or not write_id.isprintable():
+        raise InvalidArgumentError("a write id has 8 to 64 printable ASCII characters",
+                                   reason="BAD_WRITE_ID")
+
+
+def _rows(cluster: Cluster, e: Any) -> tuple[int, int]:
+    from torch.distributed.tensor import Shard
+
+    from paramhub_server.cluster.sharding import local_rows
+
+    if not isinstance(e.placement, Shard) or e.placement.dim != 0:
+        raise FailedPreconditionError(f"{e.names[0][:200]!r} is not sharded on dim 0; write it "
+                                      "through the front door", reason="NOT_ROUTABLE",
+                                      metadata={"tensor": e.names[0][:200]})
+    return local_rows(e.shape[0], cluster.world, cluster.rank)
+
+
+@command("write_staged")
+def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id: str,
+                 expected_version: int | None) -> tuple[int, int]:
+    """Every rank: takes its staged part of write `write_id` and commits the parts as one
+    two-phase write of the whole tensor (all or nothing, one version)."""
+    import torch.distributed as dist
+
+    from paramhub_server.cluster import commit
+
+    m = cluster._model(model_id)
+    e = m.entry(name, kind)
+    start, stop = _rows(cluster, e)
+    part = staging_of(cluster).take((write_id, model_id, e.group))
+    shape = (stop - start, *e.shape[1:])
+    if part is None and stop == start:
+        part = torch.empty(shape, dtype=e.dtype)  # no rows here: nothing to stage
+    ok = part is not None and tuple(part.shape) == shape
+    have: list[Any] = [None] * cluster.world
+    dist.all_gather_object(have, ok)
+    if not all(have):  # the same answer on every rank
+        missing = have.index(False)
+        raise FailedPreconditionError(
+            f"rank {missing} has no staged part of write {write_id!r} (never staged, expired "
+            f"after {STAGE_TTL_S:.0f} s, or the model changed)", reason="NOT_STAGED",
+            metadata={"rank": str(missing), "write_id": write_id})
+    assert part is not None
+    error = None
+    if expected_version is not None and expected_version != e.version:
+        error = ConflictError(f"{name[:200]!r} is at version {e.version}, not "
+                              f"{expected_version}", reason="VERSION_MISMATCH",
+                              metadata={"tensor": name[:200], "version": str(e.version)})
+    ids = torch.arange(part.numel(), dtype=torch.int64)
+    commit.two_phase(cluster, m, {e.group: [(ids, part.reshape(-1))]}, error)
+    return e.version, m.version
+
+
+class RoutedWriteHandlers:
+    """ClusterService's routed-write RPCs (a base of service.ClusterServicer)."""
+
+    cluster: Cluster | None
+
+    def _live(self) -> Cluster:
+        if self.cluster is None:
+            raise FailedPreconditionError("not a cluster", reason="NOT_A_CLUSTER")
+        if self.cluster.broken is not None:
+            raise self.cluster.broken
+        return self.cluster
+
+    @rpc
+    def StageShard(self, request_iterator: Iterator[cpb.StageShardRequest],
+                   context: grpc.ServicerContext) -> cpb.StageShardResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgumentError("StageShard needs a header message", reason="BAD_STREAM")
+        cluster = self._live()
+        model_id, kind, name = serde.tensor_name_of(first.name)
+        _check_write_id(first.write_id)
+        m = cluster.get(model_id)
+        if m is None:
+            raise NotFoundError(f"no sharded model {model_id!r}", reason="MODEL_NOT_FOUND",
+                                metadata={"model": model_id})
+        e = m.entry(name, kind)
+        start, stop = _rows(cluster, e)
+        if (first.row_start, first.row_stop) != (start, stop):
+            raise FailedPreconditionError(
+                f"rank {cluster.rank} holds rows [{start}, {stop}) of {name[:200]!r}, not "
+                f"[{first.row_start}, {first.row_stop})", reason="NOT_OWNER",
+                metadata={"rank": str(cluster.rank)})
+        shape = (stop - start, *e.shape[1:])
+        if tuple(first.shape) != shape:
+            raise InvalidArgumentError(f"the part has shape {list(first.shape)[:8]}, the rank "
+                                       f"holds {list(shape)}", reason="BAD_SHAPE",
+                                       metadata={"tensor": name[:200]})
+        dtype = _DTYPES.get(first.dtype)
+        if dtype is None:
+            raise InvalidArgumentError(f"unknown dtype {first.dtype[:50]!r}",
+                                       reason="BAD_DTYPE")
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * dtype.itemsize
+        key = (first.write_id, model_id, e.group)
+        staging = staging_of(cluster)
+        # The limit first; memory only once it is granted (the sent bytes, and the tensor's
+        # dtype when they differ).
+        extra = count * e.dtype.itemsize if dtype != e.dtype else 0
+        staging.reserve(key, nbytes + extra)
+        try:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            pos = 0
+            for msg in itertools.chain([first], request_iterator):
+                n = len(msg.data)
+                if pos + n > nbytes:
+                    raise InvalidArgumentError(f"more than the part's {nbytes} bytes",
+                                               reason="BAD_SIZE")
+                buf[pos:pos + n] = np.frombuffer(msg.data, dtype=np.uint8)
+                pos += n
+            if pos != nbytes:
+                raise InvalidArgumentError(f"{pos} bytes sent; the part has {nbytes}",
+                                           reason="BAD_SIZE")
+            part = torch.from_numpy(buf).view(dtype).view(shape)
+            staging.put(key, part.to(e.dtype) if dtype != e.dtype else part)
+        except BaseException:
+            staging.drop(key)
+            raise
+        return cpb.StageShardResponse(staged_bytes=nbytes)
+
+    @rpc
+    def CommitStagedWrite(self, request: cpb.CommitStagedWriteRequest,
+                          context: grpc.ServicerContext) -> cpb.CommitStagedWriteResponse:
+        cluster = self._live()
+        if cluster.rank != 0:
+            raise FailedPreconditionError("ask rank 0, the cluster's front door",
+                                          reason="NOT_FRONT_DOOR",
+                                          metadata={"front_door": cluster.addresses[0]})
+        model_id, kind, name = serde.tensor_name_of(request.name)
+        _check_write_id(request.write_id)
+        cluster._model(model_id).entry(name, kind)  # NOT_FOUND before any rank works
+        version, model_version = cluster.run(
+            "write_staged", model_id=model_id, name=name, kind=kind, write_id=request.write_id,
+            expected_version=(request.expected_version
+                              if request.HasField("expected_version") else None))
+        return cpb.CommitStagedWriteResponse(version=version, model_version=model_version)
