@@ -311,10 +311,14 @@ def test_watch_on_sharded_model_matches_plain(cc, client, cluster) -> None:
         c.restore_checkpoint(name, "ck")
         for i in range(30):  # in order, none lost
             c.set_slice(name, "0.bias", (i % 10,), 1.0, "add")
+        net = c.model(name)
+        opt = paramhub.optim.SGD(net.parameters(), lr=0.1)
+        net(torch.ones(2, 6)).sum().backward()
+        opt.step()
 
     out = []
     for c, name in both(cc, client):
-        evs = _events(c, name, writes, 35)
+        evs = _events(c, name, writes, 36)
         v0 = evs[0].model_version
         out.append([(e.kind, e.model_version - v0, e.op,
                      [ch.name for ch in e.changes]) for e in evs])

@@ -518,6 +518,9 @@ def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
                        m.entries[g].local.reshape(-1).clone())] for g in changed}
         storage.append(cluster.root, m, staged)
     cluster._confirm()
+    if changed and cluster.rank == 0:  # the watch event, as a plain model's step publishes
+        from paramhub_server.cluster import state
+        state.publish(m, "optimizer.step", [(g, "[...]") for g in changed])
     return m.version, opt.steps
 
 
