@@ -2,7 +2,8 @@
 to a 2-rank torchrun cluster serving the same model sharded, both on 127.0.0.1, in one run.
 
 Rows: a whole-tensor read of a big parameter (plain server: shared memory, and gRPC only;
-cluster: routed from both ranks, and through the front door), the median latency of a
+cluster: routed from both ranks, and through the front door), `pull_state` / `push_state` of
+the whole model (plain server over gRPC; the cluster's sharded model), the median latency of a
 one-element read and write, and compute: a Forward and one training step (Forward + Backward +
 an SGD step) of a 16 MiB MLP, plain vs sharded. Numbers are medians; this machine's cores are shared with other
 work, so they are noisy.
@@ -174,6 +175,14 @@ def main() -> None:
                     s = _median_s(fn, args.repeats)
                     results.append((f"read {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
                                     f"{mib / 1024 / s:.2f} GB/s"))
+                new = {"0.weight": torch.randn(module[0].weight.shape)}
+                for label, client in (("plain server, gRPC stream", pg),
+                                      ("2-rank cluster, sharded model", c)):
+                    for what, fn in (("pull_state", lambda: client.pull_state("m")),
+                                     ("push_state", lambda: client.push_state("m", new))):
+                        s = _median_s(fn, args.repeats)
+                        results.append((f"{what} {mib:.0f} MiB: {label}", f"{s * 1e3:.0f} ms",
+                                        f"{mib / 1024 / s:.2f} GB/s"))
                 for label, client in (("plain server", p), ("2-rank cluster", c)):
                     s = _median_s(lambda: client.get_tensor("m", "0.weight", (0, 0)),
                                   args.small)

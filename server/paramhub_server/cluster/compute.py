@@ -547,6 +547,9 @@ def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
             p.grad = None
             p.data = torch.empty(0, dtype=p.dtype)
     _prune(cluster, m)
+    if changed and cluster.rank == 0:  # the watch event, as a plain model's step publishes
+        from paramhub_server.cluster import state
+        state.publish(m, "optimizer.step", [(g, "[...]") for g in changed])
     return m.version, opt.steps
 
 
