@@ -71,8 +71,9 @@ def snapshot(root: Path, m: ShardedModel, groups: Sequence[int]) -> None:
         if p.name not in keep:
             p.unlink(missing_ok=True)
 
-#: group -> [(flat ids into this rank's part, their new values)], in write order.
-Staged = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+#: group -> [(flat ids into this rank's part, their new values)], in write order. The ids may
+#: be a slice (a contiguous run, e.g. a whole part): logged as its two bounds.
+Staged = dict[int, list[tuple[torch.Tensor | slice, torch.Tensor]]]
 
 
 @dataclass
@@ -144,7 +145,10 @@ def _encode(staged: Staged, meta: dict[str, str]) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     for g, changes in staged.items():
         for i, (ids, vals) in enumerate(changes):
-            tensors[f"{g}.{i}.ids"] = ids.contiguous()
+            if isinstance(ids, slice):
+                tensors[f"{g}.{i}.run"] = torch.tensor([ids.start, ids.stop], dtype=torch.int64)
+            else:
+                tensors[f"{g}.{i}.ids"] = ids.contiguous()
             tensors[f"{g}.{i}.vals"] = vals.contiguous()
     return save(tensors, metadata=meta)
 
@@ -162,10 +166,12 @@ def _staged(raw: bytes) -> Staged:
 
     tensors = load(raw)
     out: Staged = {}
-    for key in sorted((k for k in tensors if k.endswith(".ids")),
+    for key in sorted((k for k in tensors if k.endswith(".vals")),
                       key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
-        out.setdefault(int(key.split(".")[0]), []).append((tensors[key],
-                                                           tensors[key[:-4] + ".vals"]))
+        stem = key[:-len(".vals")]
+        run = tensors.get(stem + ".run")
+        ids = slice(int(run[0]), int(run[1])) if run is not None else tensors[stem + ".ids"]
+        out.setdefault(int(key.split(".")[0]), []).append((ids, tensors[key]))
     return out
 
 
