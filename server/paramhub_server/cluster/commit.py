@@ -65,7 +65,7 @@ def _fault(point: str) -> None:
         os._exit(17)
 
 
-def two_phase(cluster: Cluster, m: ShardedModel, staged: storage.Staged,
+def two_phase(cluster: Cluster, m: ShardedModel, staged: storage.Changes,
               error: ParamhubError | None) -> None:
     """Commits `staged` (this rank's part of one write on `m`, computed beside the live
     tensors; `error` when this rank refused it) on every rank or on none; every rank calls it
