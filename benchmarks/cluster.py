@@ -2,8 +2,10 @@
 to a 2-rank torchrun cluster serving the same model sharded, both on 127.0.0.1, in one run.
 
 Rows: a whole-tensor read and write of a big parameter (plain server: shared memory, and gRPC
-only; cluster: routed to/from both ranks, and through the front door), and the median latency
-of a one-element read and write. Numbers are medians; this machine's cores are shared with other
+only; cluster: routed to/from both ranks, and through the front door), the median latency of
+a one-element read and write, and compute: a Forward and one training step (Forward + Backward
++ an SGD step) of a 16 MiB MLP, plain vs sharded. Numbers are medians; this machine's cores
+are shared with other
 work, so they are noisy.
 
     python -m benchmarks.cluster [--mib 64] [--repeats 5] [--small 50]
@@ -89,11 +91,46 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _compute_rows(client: paramhub.Client, label: str, repeats: int
+                  ) -> list[tuple[str, str, str]]:
+    """Forward (no grad) of a batch of 32 through a 4-layer 1024-wide MLP (16 MiB), and one
+    training step (zero_grad, Forward + Backward, an SGD step), on `client`'s server; the
+    cluster's model is sharded (shard="fsdp")."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    shard = {"shard": "fsdp"} if "cluster" in label else {}
+    net = client.create_model("mlp", nn.Sequential(*layers), **shard)
+    opt = paramhub.optim.SGD(net.parameters(), lr=1e-4)
+    X, y = torch.randn(32, 1024), torch.randn(32, 1024)
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(X)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.mse_loss(net(X), y).backward()
+        opt.step()
+
+    out = []
+    for name, fn in (("Forward, 16 MiB MLP, batch 32", forward),
+                     ("training step (zero_grad, Forward+Backward, SGD step)", step)):
+        s = _median_s(fn, repeats)
+        out.append((f"{name}, {label}", f"{s * 1e3:.1f} ms", ""))
+    client.delete_model("mlp")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", type=int, default=50)
+    ap.add_argument("--compute", type=int, default=10, help="repeats of the compute rows")
     args = ap.parse_args()
     rows = args.mib * (1 << 20) // (4 * 1024)
     torch.manual_seed(0)
@@ -158,6 +195,8 @@ def main() -> None:
                                                            torch.tensor(1.0)), args.small)
                     results.append((f"one-element write (fsync), {label}",
                                     f"{s * 1e3:.2f} ms", ""))
+                for label, client in (("plain server", p), ("2-rank cluster", c)):
+                    results.extend(_compute_rows(client, label, args.compute))
         finally:
             _stop(plain)
             _stop(cluster)

@@ -6,6 +6,7 @@ carries no bulk bytes."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -17,8 +18,8 @@ import grpc
 import torch
 
 from paramhub import _codec
-from paramhub.errors import (ConflictError, FailedPreconditionError, NotFoundError,
-                             ParamhubError, UnavailableError, UnimplementedError,
+from paramhub.errors import (ConflictError, FailedPreconditionError, InvalidArgumentError,
+                             NotFoundError, ParamhubError, UnavailableError, UnimplementedError,
                              from_rpc_error)
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub.v1 import cluster_pb2_grpc as cpb_grpc
@@ -27,8 +28,49 @@ from paramhub.common import pb
 if TYPE_CHECKING:
     from paramhub.client import Client
 
-#: Call metadata asking CreateModel for a sharded model.
+#: Call metadata asking CreateModel for a sharded model: "fsdp", or a tensor-parallel plan as a
+#: JSON object {"module path": "colwise" | "rowwise"} (keys sorted, no spaces).
 SHARD_METADATA = "x-paramhub-shard"
+#: The most bytes a plan's JSON may have (gRPC's metadata limit is 8 KiB for all headers; a
+#: long plan can name many modules at once with wildcards: "layers.*.w1").
+MAX_PLAN_BYTES = 7000
+
+
+def plan_metadata(shard: str | Mapping[str, str]) -> str:
+    """The wire form of a sharding plan (the server checks the styles and paths)."""
+    if isinstance(shard, str):
+        return shard
+    if not isinstance(shard, Mapping):
+        raise InvalidArgumentError(f"shard must be 'fsdp' or a {{module path: style}} mapping, "
+                                   f"not a {type(shard).__name__}", reason="BAD_SHARD")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in shard.items()):
+        raise InvalidArgumentError("a tensor-parallel plan maps module paths (str) to styles "
+                                   "(str)", reason="BAD_SHARD")
+    text = json.dumps(dict(shard), sort_keys=True, separators=(",", ":"))
+    if len(text.encode()) > MAX_PLAN_BYTES:
+        raise InvalidArgumentError(
+            f"the plan's JSON has {len(text.encode())} bytes, more than {MAX_PLAN_BYTES} (it "
+            "travels as call metadata); name modules with wildcards ('layers.*.w1')",
+            reason="BAD_SHARD")
+    return text
+
+
+class Placement(tuple):  # noqa: SLOT001 - a 2-tuple that also carries a note
+    """(placement, bounds) of one tensor, as `client.describe_placement` returns it, plus
+    `.note`: why a tensor the plan would shard is replicated, else ""."""
+
+    note: str
+
+    def __new__(cls, placement: str, bounds: tuple[int, ...], note: str = "") -> Placement:
+        self = super().__new__(cls, (placement, bounds))
+        self.note = note
+        return self
+
+    @property
+    def dim(self) -> int | None:
+        """The sharded dim, or None (replicated, local)."""
+        p = self[0]
+        return int(p[len("shard("):-1]) if p.startswith("shard(") else None
 #: Attempts of a routed read whose parts came from different versions (a write landed between
 #: the parts' copies) before it falls back to one read through the front door.
 ROUTED_ATTEMPTS = 3
@@ -61,8 +103,8 @@ class Cluster:
         self._stubs: dict[str, cpb_grpc.ClusterServiceStub] = {}
         self._routing_off = False
         self._pool: ThreadPoolExecutor | None = None
-        #: model id -> {name: row bounds or ()}, learnt from DescribePlacement.
-        self._placements: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        #: model id -> {name: (placement, bounds)}, learnt from DescribePlacement.
+        self._placements: dict[str, dict[str, Placement]] = {}
 
     def _call(self, fn: Any, request: Any, timeout: float | None = None) -> Any:
         metadata = self.client._count(fn)  # counted in client.rpc_counts like every call
@@ -80,15 +122,17 @@ class Cluster:
             self._ranks = ranks
         return ranks
 
-    def placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    def placement(self, model_id: str) -> dict[str, Placement]:
         resp = self._call(self.stub.DescribePlacement,
                           cpb.DescribePlacementRequest(name=f"models/{model_id}"))
-        out = {t.name: (t.placement, tuple(t.row_bounds)) for t in resp.tensors}
+        out = {t.name: Placement(t.placement, tuple(t.row_bounds), t.note)
+               for t in resp.tensors}
         with self._lock:
             self._placements[model_id] = out
         return out
 
-    def create(self, model_id: str, spec: pb.ModelSpec, shard: str, *, seed: int | None,
+    def create(self, model_id: str, spec: pb.ModelSpec, shard: str | Mapping[str, str], *,
+               seed: int | None,
                values: Mapping[str, torch.Tensor], timeout: float | None) -> pb.ModelInfo:
         header = pb.CreateModelHeader(model_id=model_id, spec=spec)
         if seed is not None:
@@ -100,7 +144,7 @@ class Cluster:
                 for chunk in _codec.iter_tensor_chunks(t, name=name):
                     yield pb.CreateModelRequest(chunk=chunk)
 
-        metadata = (*self.client._metadata, (SHARD_METADATA, shard))
+        metadata = (*self.client._metadata, (SHARD_METADATA, plan_metadata(shard)))
         try:
             return self.client.stub.CreateModel(
                 requests(), timeout=timeout if timeout is not None else self.client.timeout,
@@ -112,8 +156,8 @@ class Cluster:
 
     def read_if_sharded(self, model_id: str, name: str, tensor_name: str,
                         timeout: float | None) -> tuple[torch.Tensor, int] | None:
-        """A routed read of a whole tensor when it is sharded on dim 0 (the model's placement
-        is asked once and cached); None to read through the front door instead."""
+        """A routed read of a whole tensor when it is sharded (on any dim; the model's
+        placement is asked once and cached); None to read through the front door instead."""
         placement, _ = self._placement_of(model_id, name)
         if not placement.startswith("shard"):
             return None
@@ -145,7 +189,7 @@ class Cluster:
             except UnimplementedError:  # a server without ClusterService: never sharded
                 with self._lock:
                     self._placements[model_id] = known = {}
-        return known.get(name, ("", ()))
+        return known.get(name, Placement("", ()))
 
     # -- routed writes -------------------------------------------------------------------------
 
@@ -276,8 +320,13 @@ class Cluster:
                     out[0] = torch.empty(shape, dtype=dtype)
                 full = out[0]
             assert full is not None
-            rows = full[first.row_start:first.row_stop] if shape else full
-            dest = _codec.byte_view(rows).view(-1) if rows.numel() else None
+            dim = Placement(first.placement, ()).dim or 0
+            rows = (full.narrow(dim, first.row_start, first.row_stop - first.row_start)
+                    if shape else full)
+            # Shard(0) parts are contiguous in the whole tensor: received in place. Other
+            # dims' parts are received whole, then copied into their strided place.
+            part = rows if rows.is_contiguous() else torch.empty(rows.shape, dtype=dtype)
+            dest = _codec.byte_view(part).view(-1) if part.numel() else None
             pos = 0
             for msg in _chain(first, stream):
                 n = len(msg.data)
@@ -285,6 +334,8 @@ class Cluster:
                     dest[pos:pos + n].copy_(torch.frombuffer(bytearray(msg.data),
                                                              dtype=torch.uint8))
                 pos += n
+            if part is not rows:
+                rows.copy_(part)
             return int(first.version)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:

@@ -9,7 +9,8 @@ tensor's own memory, never a Python bytes object per chunk.
 
 Negotiation reuses the shared-memory channel's greeting (`paramhub._shm.ShmLink`): the server
 greets every connection with a fresh 32-character token; the client names the token in one
-gRPC call (GetTensorRequest.data_token / SetSliceRequest.data_token), so authentication,
+gRPC call (the request's `transfer.data_token`; servers also accept the older
+GetTensorRequest.data_token / SetSliceRequest.data_token), so authentication,
 authorization and limits apply to every transfer exactly as today. A token is single use, bound
 to the connection that received it and to the one call that names it, and expires after 60
 seconds. A write's bytes are preceded by a preamble binding them to the exact request (byte
@@ -49,7 +50,10 @@ _LENGTH = struct.Struct("<Q")
 
 
 def write_digest(token: str, request: Any) -> bytes:
-    """SHA-256 of the token and the SetSliceRequest (data_token cleared), deterministic bytes."""
+    """SHA-256 of the token and the SetSliceRequest with its legacy data_token cleared,
+    deterministic bytes. A request naming the token in `transfer` is hashed with it there: the
+    token is then covered twice, which binds nothing less, and old and new clients agree with
+    the server on the same rule."""
     copy = type(request)()
     copy.CopyFrom(request)
     copy.data_token = ""

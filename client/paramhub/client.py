@@ -47,6 +47,7 @@ from paramhub.v1 import tensor_pb2 as tpb
 
 if TYPE_CHECKING:
     from paramhub._batch import Batch
+    from paramhub._cluster import Placement
     from paramhub._watch import Watch, WatchEvent
     from paramhub.module import RemoteModule
 
@@ -169,7 +170,8 @@ class Client(Calls):
     def create_model(self, model_id: str, module: torch.nn.Module, seed: int | None = None,
                      device: str | None = None, *, example_inputs: Sequence[Any] | None = None,
                      example_kwargs: Mapping[str, Any] | None = None,
-                     timeout: float | None = None, shard: str | None = None) -> RemoteModule:
+                     timeout: float | None = None,
+                     shard: str | Mapping[str, str] | None = None) -> RemoteModule:
         """Serves a copy of a local module and returns its remote mirror.
 
         If `module` holds values, the remote model starts as a copy of them (structure, values,
@@ -187,12 +189,21 @@ class Client(Calls):
 
         With `shard="fsdp"` (a cluster started by torchrun, see README "Past one machine"),
         every parameter and buffer is a DTensor sharded on dim 0 over all ranks (replicated
-        when it has fewer rows than ranks); only spec modules can be sharded.
+        when it has fewer rows than ranks); only spec modules can be sharded. With a
+        tensor-parallel plan, `shard={"0": "colwise", "2": "rowwise"}` (module path -> style;
+        fnmatch wildcards per dotted atom, "layers.*.w1"), the named modules' tensors are
+        placed as torch's ColwiseParallel / RowwiseParallel place them (nn.Linear colwise:
+        weight and bias Shard(0); rowwise: weight Shard(1), bias replicated; nn.Embedding
+        colwise: weight Shard(1); rowwise: Shard(0)), every other tensor replicated, and a
+        dim with fewer indices than ranks replicated. The plan travels as JSON in the call
+        metadata `x-paramhub-shard` (at most 7000 bytes).
 
         Raises:
             AlreadyExistsError: the id is taken.
             InvalidArgumentError: bad values, or a module torch.export cannot export
-                (NOT_EXPORTABLE).
+                (NOT_EXPORTABLE), or a plan that does not fit the model (BAD_SHARD: a path it
+                does not have, a module type the style does not apply to, tied tensors
+                placed two ways).
             FailedPreconditionError: a user-defined module, and the server does not run client
                 code (REMOTE_CODE_DISABLED).
         """
@@ -225,8 +236,9 @@ class Client(Calls):
                                     timeout=timeout)
         return self.model(model_id)
 
-    def _create_sharded(self, model_id: str, module: torch.nn.Module, shard: str,
-                        seed: int | None, timeout: float | None) -> RemoteModule:
+    def _create_sharded(self, model_id: str, module: torch.nn.Module,
+                        shard: str | Mapping[str, str], seed: int | None,
+                        timeout: float | None) -> RemoteModule:
         from paramhub import _spec
 
         spec = _spec.spec_from_module(module)
@@ -257,10 +269,12 @@ class Client(Calls):
         """
         return self._cluster().info()
 
-    def describe_placement(self, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """How each tensor of a model is placed: {name: (placement, row bounds)}, where
-        placement is "shard(0)" (row bounds: the first row of each rank, then the row count),
-        "replicate", or "local" (a model that is not sharded).
+    def describe_placement(self, model_id: str) -> dict[str, Placement]:
+        """How each tensor of a model is placed: {name: (placement, bounds)}, where placement
+        is "shard(d)" (bounds: the first index along dim d of each rank, then the size of dim
+        d), "replicate", or "local" (a model that is not sharded). Each value is a
+        `paramhub._cluster.Placement`, a 2-tuple with `.note` too: why a tensor the plan would
+        shard is replicated ("dim 1 has 1 < 2 ranks: replicated"), else "".
 
         Raises:
             NotFoundError: no such model.

@@ -39,7 +39,7 @@ def new_state(reference: dict[str, torch.Tensor], step: int) -> dict[str, torch.
 
 
 def whole(c: paramhub.Client, model: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the model, read whole (pull_state is not built on sharded models)."""
+    """Every tensor of the model, each read whole."""
     return {t.name: c.get_tensor(model, t.name)[0] for t in c.describe_model(model).tensors}
 
 

@@ -1,7 +1,8 @@
 """DTensors in and out: a 2-rank torch.distributed client job (gloo, 127.0.0.1; processes of
 tests/integration/_dtensor_job.py) reads its own regions of a served model under Shard(0),
 Shard(1) and Replicate layouts, and pushes a Shard(0) state as one model version; a push with
-a wrong shape changes nothing. Against a plain server and a 2-rank cluster's sharded model."""
+a wrong shape changes nothing. Against a plain server and a 2-rank cluster's sharded model
+(reads, pushes and bad pushes)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,33 @@ def test_dtensors_out_of_a_sharded_model_on_a_cluster(cluster: ClusterProcs) -> 
         c.create_model("net", make(), shard="fsdp")
         try:
             check_pull(c, cluster.target, "net")
+        finally:
+            c.delete_model("net")
+
+
+def test_push_dtensors_into_a_sharded_model_on_a_cluster(cluster: ClusterProcs) -> None:
+    """The job's Shard(0) state lands as one version of the cluster's sharded model (each
+    server rank keeping its rows); a bad push changes nothing on any rank."""
+    with paramhub.connect(cluster.target, timeout=60) as c:
+        c.create_model("net", make(), shard="fsdp")
+        try:
+            assert c.describe_placement("net")["0.weight"][0] == "shard(0)"
+            before = c.model_version("net")
+            full, _ = c.pull_state("net")
+            results = run_job(cluster.target, "net", "badpush")
+            assert [(r["error"], r["reason"]) for r in results] == [
+                ("InvalidArgumentError", "BAD_SHAPE")] * 2
+            assert c.model_version("net") == before
+            assert all(torch.equal(c.get_tensor("net", n)[0], full[n]) for n in full)
+            results = run_job(cluster.target, "net", "push")
+            assert results[0]["versions"] == results[1]["versions"]
+            assert c.model_version("net") == before + 1
+            after, _ = c.pull_state("net")
+            g = torch.Generator().manual_seed(1000)  # the job's values (_dtensor_job.new_state)
+            for name, t in full.items():
+                want = torch.randn(t.shape, generator=g, dtype=t.dtype)
+                assert torch.equal(after[name], want), name
+                assert torch.equal(c.get_tensor("net", name)[0], want), name
         finally:
             c.delete_model("net")
 

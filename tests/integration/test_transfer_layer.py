@@ -206,3 +206,102 @@ def test_refused_write_releases_the_named_shm_connection(server, target):
             c._call(c.stub.SetSlice, request)
         assert e.value.reason == "SHM_UNAVAILABLE"
     assert not _buf(server, "big").any() and server.registry.get("m").version == 0
+
+
+# ------------------------------------------------------------------ the Transfer message
+
+class _Recording:
+    """A real call handle that keeps a copy of each request it sends (the call still goes to
+    the server unchanged)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self._method, self.requests = fn, fn._method, []
+
+    def __call__(self, request, **kw):
+        copy = type(request)()
+        copy.CopyFrom(request)
+        self.requests.append(copy)
+        return self.fn(request, **kw)
+
+    def future(self, request, **kw):
+        self.requests.append(request)
+        return self.fn.future(request, **kw)
+
+
+def _names_only_transfer(request) -> bool:
+    legacy = (request.shm_token, getattr(request, "shm_client_buffer", False),
+              getattr(request, "data_token", ""))
+    return request.HasField("transfer") and not any(legacy)
+
+
+@pytest.mark.skipif(not _shm.shm_supported(), reason="needs Linux memfd")
+def test_sdk_names_side_links_in_the_transfer_message(server, target):
+    server.registry.adopt("m", Holder(big=torch.randn(BIG)))
+    for shm in (True, False):
+        with paramhub.connect(target, timeout=120, shm=shm, progress=False) as c:
+            c.list_parameters("m", include_buffers=True)
+            gets = c._get_tensor_raw = _Recording(c._get_tensor_raw)
+            sets = c.stub.SetSlice = _Recording(c.stub.SetSlice)
+            value = torch.randn(BIG)
+            got, _ = c.get_tensor("m", "big", kind="buffers")
+            c.get_tensor("m", "big", kind="buffers")  # shm: the pooled client buffer
+            c.set_slice("m", "big", None, value, kind="buffers")
+            link = "shm" if shm else "data"
+            assert c.transfers[f"get:{link}"] == 2 and c.transfers[f"set:{link}"] == 1
+            assert torch.equal(_buf(server, "big"), value)
+            requests = gets.requests + sets.requests
+            assert len(requests) == 3 and all(_names_only_transfer(r) for r in requests)
+            if shm:
+                assert gets.requests[1].transfer.shm_client_buffer
+
+
+def test_server_reads_the_transfer_message_and_the_legacy_fields(server, target):
+    import paramhub.common.pb as pb
+    server.registry.adopt("m", Holder(big=torch.randn(BIG)))
+    value = torch.randn(BIG)
+    with paramhub.connect(target, timeout=120, shm=False, data_channel=False) as c:
+        for legacy in (False, True):
+            link = _data.DataLink("127.0.0.1", server.transport.data.port)
+            greeted = link.connect()
+            request = (pb.GetTensorRequest(name="models/m/buffers/big", data_token=greeted.token)
+                       if legacy else pb.GetTensorRequest(
+                           name="models/m/buffers/big",
+                           transfer=pb.Transfer(data_token=greeted.token)))
+            from paramhub._transfer.base import GetJob
+            from paramhub._transfer.stream import read_tensor_stream
+            got, _, moved = read_tensor_stream(c, GetJob(request, None), data=greeted,
+                                               keep_data=lambda g: g.close())
+            assert moved == "data" and torch.equal(got, _buf(server, "big"))
+        # A write naming its token in `transfer`: the preamble's digest covers the request as
+        # sent (legacy field cleared, as old clients compute it).
+        greeted = _data.DataLink("127.0.0.1", server.transport.data.port).connect()
+        write = pb.SetSliceRequest(name="models/m/buffers/big", op=pb.SLICE_OP_ASSIGN,
+                                   request_id="t1", transfer=pb.Transfer(data_token=greeted.token))
+        write.value.dtype = _codec.dtype_to_proto(torch.float32)
+        write.value.shape.append(BIG)
+        import threading
+        sender = threading.Thread(target=lambda: greeted.conn.sendall(
+            _data.PREAMBLE.pack(BIG * 4, _data.write_digest(greeted.token, write))
+            + _codec.tensor_bytes(value)))
+        sender.start()
+        c._call(c.stub.SetSlice, write)
+        sender.join(30)
+        greeted.close()
+        assert torch.equal(_buf(server, "big"), value)
+        version = server.registry.get("m").version
+        # Unknown tokens in `transfer` are refused with the link's reason; nothing changes.
+        for transfer, reason in ((pb.Transfer(shm_token="0" * 32), "SHM_UNAVAILABLE"),
+                                 (pb.Transfer(data_token="0" * 32), "DATA_CHANNEL_UNAVAILABLE")):
+            bad = pb.SetSliceRequest(name="models/m/buffers/big", op=pb.SLICE_OP_ASSIGN,
+                                     request_id="t2", transfer=transfer)
+            bad.value.dtype = _codec.dtype_to_proto(torch.float32)
+            bad.value.shape.append(BIG)
+            with pytest.raises(InvalidArgumentError) as e:
+                c._call(c.stub.SetSlice, bad)
+            assert e.value.reason == reason
+            with pytest.raises(InvalidArgumentError) as e:
+                list(c._stream(c._get_tensor_raw, pb.GetTensorRequest(
+                    name="models/m/buffers/big", transfer=transfer)))
+            assert e.value.reason == reason
+    assert torch.equal(_buf(server, "big"), value)
+    assert server.registry.get("m").version == version

@@ -92,7 +92,7 @@ class DataTransport(Transport):
             return FELL_BACK
         request = pb.GetTensorRequest()
         request.CopyFrom(job.request)
-        request.data_token = greeted.token
+        request.transfer.data_token = greeted.token
         return self._guard(greeted, lambda: read_tensor_stream(
             self.client, dataclasses.replace(job, request=request), data=greeted,
             keep_data=self._keep))
@@ -114,7 +114,7 @@ class DataTransport(Transport):
         assert value is not None
         req = pb.SetSliceRequest()
         req.CopyFrom(job.request)
-        req.data_token = data.token
+        req.transfer.data_token = data.token
         req.value.dtype = _codec.dtype_to_proto(value.dtype)
         req.value.shape.extend(value.shape)
         flat = _codec.byte_view(value)  # the tensor's own memory when contiguous

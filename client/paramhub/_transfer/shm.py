@@ -101,7 +101,7 @@ class ShmTransport(Transport):
             return FELL_BACK
         request = pb.GetTensorRequest()
         request.CopyFrom(job.request)
-        request.shm_token = greeted.token
+        request.transfer.shm_token = greeted.token
         result = self._over(greeted, lambda: read_tensor_stream(
             self.client, dataclasses.replace(job, request=request), shm=greeted,
             keep_shm=self._keep), close_after=False)
@@ -118,8 +118,8 @@ class ShmTransport(Transport):
             _shm.pass_segment(greeted.conn, segment)
             request = pb.GetTensorRequest()
             request.CopyFrom(job.request)
-            request.shm_token = greeted.token
-            request.shm_client_buffer = True
+            request.transfer.shm_token = greeted.token
+            request.transfer.shm_client_buffer = True
             chunks = self.client._stream(self.client._get_tensor_raw, request, job.timeout)
             first = next(chunks, None)
             if first is None or first.header is None or not first.header.shm:
@@ -170,7 +170,7 @@ class ShmTransport(Transport):
                 _shm.pass_segment(greeted.conn, segment)
                 request = pb.SetSliceRequest()
                 request.CopyFrom(job.request)
-                request.shm_token = greeted.token
+                request.transfer.shm_token = greeted.token
                 request.value.dtype = _codec.dtype_to_proto(value.dtype)
                 request.value.shape.extend(value.shape)
                 return self.client._call(self.client.stub.SetSlice, request,
@@ -186,7 +186,7 @@ class ShmTransport(Transport):
             return FELL_BACK
         request = pb.PullStateRequest()
         request.CopyFrom(job.request)
-        request.shm_token = greeted.token
+        request.transfer.shm_token = greeted.token
         return self._over(greeted, lambda: read_state_stream(
             self.client, dataclasses.replace(job, request=request), shm=greeted,
             keep_shm=self._keep), close_after=False)
@@ -201,7 +201,7 @@ class ShmTransport(Transport):
             _shm.pass_segment(greeted.conn, segment)
             header = pb.PushStateHeader()
             header.CopyFrom(job.header)
-            header.shm_token = greeted.token
+            header.transfer.shm_token = greeted.token
             response = self.client._call(self.client._push_state_raw,
                                          iter([pb.PushStateRequest(header=header)]), job.timeout)
             return {u.name: u.version for u in response.updated}

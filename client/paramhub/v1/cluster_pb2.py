@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramhub/v1/cluster.proto\x12\x0bparamhub.v1\"\x17\n\x15GetClusterInfoRequest\"M\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nheld_bytes\x18\x04 \x01(\x03\"R\n\x16GetClusterInfoResponse\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12$\n\x05ranks\x18\x02 \x03(\x0b\x32\x15.paramhub.v1.RankInfo\" \n\x10ReadShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x88\x01\n\x11ReadShardResponse\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x10\n\x08row_stop\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tplacement\x18\x07 \x01(\t\"(\n\x18\x44\x65scribePlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x0fTensorPlacement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x12\n\nrow_bounds\x18\x03 \x03(\x03\"Y\n\x19\x44\x65scribePlacementResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12-\n\x07tensors\x18\x02 \x03(\x0b\x32\x1c.paramhub.v1.TensorPlacement\"\x84\x01\n\x11StageShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05shape\x18\x07 \x03(\x03\"*\n\x12StageShardResponse\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"n\n\x18\x43ommitStagedWriteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"C\n\x19\x43ommitStagedWriteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\xd2\x03\n\x0e\x43lusterService\x12Y\n\x0eGetClusterInfo\x12\".paramhub.v1.GetClusterInfoRequest\x1a#.paramhub.v1.GetClusterInfoResponse\x12L\n\tReadShard\x12\x1d.paramhub.v1.ReadShardRequest\x1a\x1e.paramhub.v1.ReadShardResponse0\x01\x12\x62\n\x11\x44\x65scribePlacement\x12%.paramhub.v1.DescribePlacementRequest\x1a&.paramhub.v1.DescribePlacementResponse\x12O\n\nStageShard\x12\x1e.paramhub.v1.StageShardRequest\x1a\x1f.paramhub.v1.StageShardResponse(\x01\x12\x62\n\x11\x43ommitStagedWrite\x12%.paramhub.v1.CommitStagedWriteRequest\x1a&.paramhub.v1.CommitStagedWriteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramhub/v1/cluster.proto\x12\x0bparamhub.v1\"\x17\n\x15GetClusterInfoRequest\"M\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nheld_bytes\x18\x04 \x01(\x03\"R\n\x16GetClusterInfoResponse\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12$\n\x05ranks\x18\x02 \x03(\x0b\x32\x15.paramhub.v1.RankInfo\" \n\x10ReadShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x88\x01\n\x11ReadShardResponse\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x10\n\x08row_stop\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tplacement\x18\x07 \x01(\t\"(\n\x18\x44\x65scribePlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x0fTensorPlacement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x12\n\nrow_bounds\x18\x03 \x03(\x03\x12\x0c\n\x04note\x18\x04 \x01(\t\"Y\n\x19\x44\x65scribePlacementResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12-\n\x07tensors\x18\x02 \x03(\x0b\x32\x1c.paramhub.v1.TensorPlacement\"\x84\x01\n\x11StageShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05shape\x18\x07 \x03(\x03\"*\n\x12StageShardResponse\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"n\n\x18\x43ommitStagedWriteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"C\n\x19\x43ommitStagedWriteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\xd2\x03\n\x0e\x43lusterService\x12Y\n\x0eGetClusterInfo\x12\".paramhub.v1.GetClusterInfoRequest\x1a#.paramhub.v1.GetClusterInfoResponse\x12L\n\tReadShard\x12\x1d.paramhub.v1.ReadShardRequest\x1a\x1e.paramhub.v1.ReadShardResponse0\x01\x12\x62\n\x11\x44\x65scribePlacement\x12%.paramhub.v1.DescribePlacementRequest\x1a&.paramhub.v1.DescribePlacementResponse\x12O\n\nStageShard\x12\x1e.paramhub.v1.StageShardRequest\x1a\x1f.paramhub.v1.StageShardResponse(\x01\x12\x62\n\x11\x43ommitStagedWrite\x12%.paramhub.v1.CommitStagedWriteRequest\x1a&.paramhub.v1.CommitStagedWriteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,17 +44,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_start=403
   _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_end=443
   _globals['_TENSORPLACEMENT']._serialized_start=445
-  _globals['_TENSORPLACEMENT']._serialized_end=515
-  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_start=517
-  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_end=606
-  _globals['_STAGESHARDREQUEST']._serialized_start=609
-  _globals['_STAGESHARDREQUEST']._serialized_end=741
-  _globals['_STAGESHARDRESPONSE']._serialized_start=743
-  _globals['_STAGESHARDRESPONSE']._serialized_end=785
-  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_start=787
-  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_end=897
-  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_start=899
-  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_end=966
-  _globals['_CLUSTERSERVICE']._serialized_start=969
-  _globals['_CLUSTERSERVICE']._serialized_end=1435
+  _globals['_TENSORPLACEMENT']._serialized_end=529
+  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_start=531
+  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_end=620
+  _globals['_STAGESHARDREQUEST']._serialized_start=623
+  _globals['_STAGESHARDREQUEST']._serialized_end=755
+  _globals['_STAGESHARDRESPONSE']._serialized_start=757
+  _globals['_STAGESHARDRESPONSE']._serialized_end=799
+  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_start=801
+  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_end=911
+  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_start=913
+  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_end=980
+  _globals['_CLUSTERSERVICE']._serialized_start=983
+  _globals['_CLUSTERSERVICE']._serialized_end=1449
 # @@protoc_insertion_point(module_scope)

@@ -61,14 +61,16 @@ class DescribePlacementRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TensorPlacement(_message.Message):
-    __slots__ = ("name", "placement", "row_bounds")
+    __slots__ = ("name", "placement", "row_bounds", "note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     ROW_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     placement: str
     row_bounds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ...) -> None: ...
+    note: str
+    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class DescribePlacementResponse(_message.Message):
     __slots__ = ("shard", "tensors")

@@ -225,6 +225,10 @@ class ParameterServiceServicer:
     def CreateModel(self, request_iterator, context):
         """Creates a model from a spec. The first request carries the spec; optional later requests
         upload initial values as tensor chunks. A retried create answers ALREADY_EXISTS.
+        On a cluster's rank 0, the call metadata `x-paramhub-shard` asks for a sharded model:
+        "fsdp" (every tensor Shard(0)), or a tensor-parallel plan as a JSON object
+        {"module path": "colwise" | "rowwise"} (keys may use fnmatch wildcards per dotted atom,
+        "layers.*.w1"); a plan that does not fit the model answers INVALID_ARGUMENT (BAD_SHARD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

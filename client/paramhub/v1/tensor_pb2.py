@@ -24,33 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18paramhub/v1/tensor.proto\x12\x0bparamhub.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.paramhub.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0b\n\x03shm\x18\x05 \x01(\x08\x12\x14\n\x0c\x64\x61ta_channel\x18\x06 \x01(\x08\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x05Slice\x12\x12\n\x05start\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04step\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopB\x07\n\x05_step\"\n\n\x08\x45llipsis\"\t\n\x07NewAxis\"\xc7\x01\n\tIndexItem\x12\x11\n\x07integer\x18\x01 \x01(\x03H\x00\x12#\n\x05slice\x18\x02 \x01(\x0b\x32\x12.paramhub.v1.SliceH\x00\x12)\n\x08\x65llipsis\x18\x03 \x01(\x0b\x32\x15.paramhub.v1.EllipsisH\x00\x12(\n\x08new_axis\x18\x04 \x01(\x0b\x32\x14.paramhub.v1.NewAxisH\x00\x12%\n\x06tensor\x18\x05 \x01(\x0b\x32\x13.paramhub.v1.TensorH\x00\x42\x06\n\x04item\"\xcc\x02\n\x05Value\x12,\n\nnull_value\x18\x01 \x01(\x0e\x32\x16.paramhub.v1.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nlist_value\x18\x06 \x01(\x0b\x32\x16.paramhub.v1.ValueListH\x00\x12-\n\x0btuple_value\x18\x07 \x01(\x0b\x32\x16.paramhub.v1.ValueListH\x00\x12)\n\x0b\x64type_value\x18\x08 \x01(\x0e\x32\x12.paramhub.v1.DtypeH\x00\x12+\n\x0ctensor_value\x18\t \x01(\x0b\x32\x13.paramhub.v1.TensorH\x00\x42\x06\n\x04kind\"/\n\tValueList\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.paramhub.v1.Value*\xe0\x02\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x05\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0f\n\x0b\x44TYPE_INT16\x10\t\x12\x0f\n\x0b\x44TYPE_INT32\x10\n\x12\x0f\n\x0b\x44TYPE_INT64\x10\x0b\x12\x0e\n\nDTYPE_BOOL\x10\x0c\x12\x10\n\x0c\x44TYPE_UINT16\x10\r\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0e\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11*\'\n\tNullValue\x12\x1a\n\x16NULL_VALUE_UNSPECIFIED\x10\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18paramhub/v1/tensor.proto\x12\x0bparamhub.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.paramhub.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0b\n\x03shm\x18\x05 \x01(\x08\x12\x14\n\x0c\x64\x61ta_channel\x18\x06 \x01(\x08\"L\n\x08Transfer\x12\x11\n\tshm_token\x18\x01 \x01(\t\x12\x19\n\x11shm_client_buffer\x18\x02 \x01(\x08\x12\x12\n\ndata_token\x18\x03 \x01(\t\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x05Slice\x12\x12\n\x05start\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04step\x18\x03 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopB\x07\n\x05_step\"\n\n\x08\x45llipsis\"\t\n\x07NewAxis\"\xc7\x01\n\tIndexItem\x12\x11\n\x07integer\x18\x01 \x01(\x03H\x00\x12#\n\x05slice\x18\x02 \x01(\x0b\x32\x12.paramhub.v1.SliceH\x00\x12)\n\x08\x65llipsis\x18\x03 \x01(\x0b\x32\x15.paramhub.v1.EllipsisH\x00\x12(\n\x08new_axis\x18\x04 \x01(\x0b\x32\x14.paramhub.v1.NewAxisH\x00\x12%\n\x06tensor\x18\x05 \x01(\x0b\x32\x13.paramhub.v1.TensorH\x00\x42\x06\n\x04item\"\xcc\x02\n\x05Value\x12,\n\nnull_value\x18\x01 \x01(\x0e\x32\x16.paramhub.v1.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nlist_value\x18\x06 \x01(\x0b\x32\x16.paramhub.v1.ValueListH\x00\x12-\n\x0btuple_value\x18\x07 \x01(\x0b\x32\x16.paramhub.v1.ValueListH\x00\x12)\n\x0b\x64type_value\x18\x08 \x01(\x0e\x32\x12.paramhub.v1.DtypeH\x00\x12+\n\x0ctensor_value\x18\t \x01(\x0b\x32\x13.paramhub.v1.TensorH\x00\x42\x06\n\x04kind\"/\n\tValueList\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.paramhub.v1.Value*\xe0\x02\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x05\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08\x12\x0f\n\x0b\x44TYPE_INT16\x10\t\x12\x0f\n\x0b\x44TYPE_INT32\x10\n\x12\x0f\n\x0b\x44TYPE_INT64\x10\x0b\x12\x0e\n\nDTYPE_BOOL\x10\x0c\x12\x10\n\x0c\x44TYPE_UINT16\x10\r\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0e\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11*\'\n\tNullValue\x12\x1a\n\x16NULL_VALUE_UNSPECIFIED\x10\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramhub.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1025
-  _globals['_DTYPE']._serialized_end=1377
-  _globals['_NULLVALUE']._serialized_start=1379
-  _globals['_NULLVALUE']._serialized_end=1418
+  _globals['_DTYPE']._serialized_start=1103
+  _globals['_DTYPE']._serialized_end=1455
+  _globals['_NULLVALUE']._serialized_start=1457
+  _globals['_NULLVALUE']._serialized_end=1496
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=113
   _globals['_TENSORHEADER']._serialized_start=116
   _globals['_TENSORHEADER']._serialized_end=246
-  _globals['_TENSORCHUNK']._serialized_start=248
-  _globals['_TENSORCHUNK']._serialized_end=318
-  _globals['_SLICE']._serialized_start=320
-  _globals['_SLICE']._serialized_end=413
-  _globals['_ELLIPSIS']._serialized_start=415
-  _globals['_ELLIPSIS']._serialized_end=425
-  _globals['_NEWAXIS']._serialized_start=427
-  _globals['_NEWAXIS']._serialized_end=436
-  _globals['_INDEXITEM']._serialized_start=439
-  _globals['_INDEXITEM']._serialized_end=638
-  _globals['_VALUE']._serialized_start=641
-  _globals['_VALUE']._serialized_end=973
-  _globals['_VALUELIST']._serialized_start=975
-  _globals['_VALUELIST']._serialized_end=1022
+  _globals['_TRANSFER']._serialized_start=248
+  _globals['_TRANSFER']._serialized_end=324
+  _globals['_TENSORCHUNK']._serialized_start=326
+  _globals['_TENSORCHUNK']._serialized_end=396
+  _globals['_SLICE']._serialized_start=398
+  _globals['_SLICE']._serialized_end=491
+  _globals['_ELLIPSIS']._serialized_start=493
+  _globals['_ELLIPSIS']._serialized_end=503
+  _globals['_NEWAXIS']._serialized_start=505
+  _globals['_NEWAXIS']._serialized_end=514
+  _globals['_INDEXITEM']._serialized_start=517
+  _globals['_INDEXITEM']._serialized_end=716
+  _globals['_VALUE']._serialized_start=719
+  _globals['_VALUE']._serialized_end=1051
+  _globals['_VALUELIST']._serialized_start=1053
+  _globals['_VALUELIST']._serialized_end=1100
 # @@protoc_insertion_point(module_scope)

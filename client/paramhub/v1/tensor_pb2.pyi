@@ -77,6 +77,16 @@ class TensorHeader(_message.Message):
     data_channel: bool
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., shm: _Optional[bool] = ..., data_channel: _Optional[bool] = ...) -> None: ...
 
+class Transfer(_message.Message):
+    __slots__ = ("shm_token", "shm_client_buffer", "data_token")
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHM_CLIENT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    shm_token: str
+    shm_client_buffer: bool
+    data_token: str
+    def __init__(self, shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ..., data_token: _Optional[str] = ...) -> None: ...
+
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]

@@ -33,7 +33,7 @@ SLICE_OP_MUL: SliceOp
 SLICE_OP_DIV: SliceOp
 
 class GetTensorRequest(_message.Message):
-    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer", "data_token")
+    __slots__ = ("name", "index", "field", "chunk_bytes", "shm_token", "shm_client_buffer", "data_token", "transfer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GetTensorRequest(_message.Message):
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHM_CLIENT_BUFFER_FIELD_NUMBER: _ClassVar[int]
     DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     field: TensorField
@@ -48,10 +49,11 @@ class GetTensorRequest(_message.Message):
     shm_token: str
     shm_client_buffer: bool
     data_token: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ..., data_token: _Optional[str] = ...) -> None: ...
+    transfer: _tensor_pb2.Transfer
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., field: _Optional[_Union[TensorField, str]] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., shm_client_buffer: _Optional[bool] = ..., data_token: _Optional[str] = ..., transfer: _Optional[_Union[_tensor_pb2.Transfer, _Mapping]] = ...) -> None: ...
 
 class SetSliceRequest(_message.Message):
-    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token", "data_token")
+    __slots__ = ("name", "index", "op", "value", "expected_version", "request_id", "shm_token", "data_token", "transfer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +62,7 @@ class SetSliceRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.IndexItem]
     op: SliceOp
@@ -68,7 +71,8 @@ class SetSliceRequest(_message.Message):
     request_id: str
     shm_token: str
     data_token: str
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ..., data_token: _Optional[str] = ...) -> None: ...
+    transfer: _tensor_pb2.Transfer
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[_Iterable[_Union[_tensor_pb2.IndexItem, _Mapping]]] = ..., op: _Optional[_Union[SliceOp, str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., shm_token: _Optional[str] = ..., data_token: _Optional[str] = ..., transfer: _Optional[_Union[_tensor_pb2.Transfer, _Mapping]] = ...) -> None: ...
 
 class StreamSetSliceRequest(_message.Message):
     __slots__ = ("request", "data")

@@ -26,7 +26,7 @@ from paramhub.v1 import tensor_pb2 as paramhub_dot_v1_dot_tensor__pb2
 from paramhub.v1 import tensors_pb2 as paramhub_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparamhub/v1/transport.proto\x12\x0bparamhub.v1\x1a\x18paramhub/v1/tensor.proto\x1a\x19paramhub/v1/tensors.proto\"\x19\n\x17GetTransportInfoRequest\"\xd2\x01\n\x18GetTransportInfoResponse\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bshm_address\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\x05\x12\x14\n\x0cinline_bytes\x18\x05 \x01(\x03\x12\x19\n\x11inline_read_bytes\x18\x06 \x01(\x03\x12\x15\n\rshm_min_bytes\x18\x07 \x01(\x03\x12\x16\n\x0e\x64\x61ta_min_bytes\x18\x08 \x01(\x03\"\x8f\x01\n\x10PullStateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0c\n\x04glob\x18\x04 \x01(\t\x12\x17\n\x0fparameters_only\x18\x05 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x03\x12\x11\n\tshm_token\x18\x07 \x01(\t\"q\n\x11PullStateResponse\x12*\n\x07headers\x18\x01 \x03(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03shm\x18\x04 \x01(\x08\"\x9f\x01\n\x0fPushStateHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.paramhub.v1.TensorHeader\x12#\n\x16\x65xpected_model_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tshm_token\x18\x04 \x01(\tB\x19\n\x17_expected_model_version\"N\n\x10PushStateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramhub.v1.PushStateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"W\n\x11PushStateResponse\x12+\n\x07updated\x18\x01 \x03(\x0b\x32\x1a.paramhub.v1.TensorVersion\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"v\n\x16GetTensorInlineRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05index\x18\x02 \x03(\x0b\x32\x16.paramhub.v1.IndexItem\x12\'\n\x05\x66ield\x18\x03 \x01(\x0e\x32\x18.paramhub.v1.TensorField\"R\n\x17GetTensorInlineResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparamhub/v1/transport.proto\x12\x0bparamhub.v1\x1a\x18paramhub/v1/tensor.proto\x1a\x19paramhub/v1/tensors.proto\"\x19\n\x17GetTransportInfoRequest\"\xd2\x01\n\x18GetTransportInfoResponse\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bshm_address\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\x05\x12\x14\n\x0cinline_bytes\x18\x05 \x01(\x03\x12\x19\n\x11inline_read_bytes\x18\x06 \x01(\x03\x12\x15\n\rshm_min_bytes\x18\x07 \x01(\x03\x12\x16\n\x0e\x64\x61ta_min_bytes\x18\x08 \x01(\x03\"\xb8\x01\n\x10PullStateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0c\n\x04glob\x18\x04 \x01(\t\x12\x17\n\x0fparameters_only\x18\x05 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x03\x12\x11\n\tshm_token\x18\x07 \x01(\t\x12\'\n\x08transfer\x18\x08 \x01(\x0b\x32\x15.paramhub.v1.Transfer\"q\n\x11PullStateResponse\x12*\n\x07headers\x18\x01 \x03(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03shm\x18\x04 \x01(\x08\"\xc8\x01\n\x0fPushStateHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.paramhub.v1.TensorHeader\x12#\n\x16\x65xpected_model_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tshm_token\x18\x04 \x01(\t\x12\'\n\x08transfer\x18\x05 \x01(\x0b\x32\x15.paramhub.v1.TransferB\x19\n\x17_expected_model_version\"N\n\x10PushStateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramhub.v1.PushStateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"W\n\x11PushStateResponse\x12+\n\x07updated\x18\x01 \x03(\x0b\x32\x1a.paramhub.v1.TensorVersion\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"v\n\x16GetTensorInlineRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05index\x18\x02 \x03(\x0b\x32\x16.paramhub.v1.IndexItem\x12\'\n\x05\x66ield\x18\x03 \x01(\x0e\x32\x18.paramhub.v1.TensorField\"R\n\x17GetTensorInlineResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.paramhub.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTRANSPORTINFORESPONSE']._serialized_start=125
   _globals['_GETTRANSPORTINFORESPONSE']._serialized_end=335
   _globals['_PULLSTATEREQUEST']._serialized_start=338
-  _globals['_PULLSTATEREQUEST']._serialized_end=481
-  _globals['_PULLSTATERESPONSE']._serialized_start=483
-  _globals['_PULLSTATERESPONSE']._serialized_end=596
-  _globals['_PUSHSTATEHEADER']._serialized_start=599
-  _globals['_PUSHSTATEHEADER']._serialized_end=758
-  _globals['_PUSHSTATEREQUEST']._serialized_start=760
-  _globals['_PUSHSTATEREQUEST']._serialized_end=838
-  _globals['_PUSHSTATERESPONSE']._serialized_start=840
-  _globals['_PUSHSTATERESPONSE']._serialized_end=927
-  _globals['_GETTENSORINLINEREQUEST']._serialized_start=929
-  _globals['_GETTENSORINLINEREQUEST']._serialized_end=1047
-  _globals['_GETTENSORINLINERESPONSE']._serialized_start=1049
-  _globals['_GETTENSORINLINERESPONSE']._serialized_end=1131
+  _globals['_PULLSTATEREQUEST']._serialized_end=522
+  _globals['_PULLSTATERESPONSE']._serialized_start=524
+  _globals['_PULLSTATERESPONSE']._serialized_end=637
+  _globals['_PUSHSTATEHEADER']._serialized_start=640
+  _globals['_PUSHSTATEHEADER']._serialized_end=840
+  _globals['_PUSHSTATEREQUEST']._serialized_start=842
+  _globals['_PUSHSTATEREQUEST']._serialized_end=920
+  _globals['_PUSHSTATERESPONSE']._serialized_start=922
+  _globals['_PUSHSTATERESPONSE']._serialized_end=1009
+  _globals['_GETTENSORINLINEREQUEST']._serialized_start=1011
+  _globals['_GETTENSORINLINEREQUEST']._serialized_end=1129
+  _globals['_GETTENSORINLINERESPONSE']._serialized_start=1131
+  _globals['_GETTENSORINLINERESPONSE']._serialized_end=1213
 # @@protoc_insertion_point(module_scope)

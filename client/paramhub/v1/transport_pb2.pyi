@@ -33,7 +33,7 @@ class GetTransportInfoResponse(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., shm_address: _Optional[str] = ..., data_port: _Optional[int] = ..., inline_bytes: _Optional[int] = ..., inline_read_bytes: _Optional[int] = ..., shm_min_bytes: _Optional[int] = ..., data_min_bytes: _Optional[int] = ...) -> None: ...
 
 class PullStateRequest(_message.Message):
-    __slots__ = ("model", "names", "prefix", "glob", "parameters_only", "chunk_bytes", "shm_token")
+    __slots__ = ("model", "names", "prefix", "glob", "parameters_only", "chunk_bytes", "shm_token", "transfer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class PullStateRequest(_message.Message):
     PARAMETERS_ONLY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     model: str
     names: _containers.RepeatedScalarFieldContainer[str]
     prefix: str
@@ -48,7 +49,8 @@ class PullStateRequest(_message.Message):
     parameters_only: bool
     chunk_bytes: int
     shm_token: str
-    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ..., glob: _Optional[str] = ..., parameters_only: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+    transfer: _tensor_pb2.Transfer
+    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ..., glob: _Optional[str] = ..., parameters_only: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., shm_token: _Optional[str] = ..., transfer: _Optional[_Union[_tensor_pb2.Transfer, _Mapping]] = ...) -> None: ...
 
 class PullStateResponse(_message.Message):
     __slots__ = ("headers", "model_version", "data", "shm")
@@ -63,16 +65,18 @@ class PullStateResponse(_message.Message):
     def __init__(self, headers: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., model_version: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
 
 class PushStateHeader(_message.Message):
-    __slots__ = ("model", "tensors", "expected_model_version", "shm_token")
+    __slots__ = ("model", "tensors", "expected_model_version", "shm_token", "transfer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
     expected_model_version: int
     shm_token: str
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., expected_model_version: _Optional[int] = ..., shm_token: _Optional[str] = ...) -> None: ...
+    transfer: _tensor_pb2.Transfer
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., expected_model_version: _Optional[int] = ..., shm_token: _Optional[str] = ..., transfer: _Optional[_Union[_tensor_pb2.Transfer, _Mapping]] = ...) -> None: ...
 
 class PushStateRequest(_message.Message):
     __slots__ = ("header", "data")

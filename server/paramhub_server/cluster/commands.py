@@ -18,7 +18,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 #: Modules that register commands (imported by Cluster.start on every rank).
-MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed",)
+MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed", "paramhub_server.cluster.state",
+                             "paramhub_server.cluster.compute")
+
+#: fn(cluster) run by Cluster.start on every rank after it recovered its models from disk
+#: and resolved writes left in doubt (before the command loop starts): an area's own state
+#: kept beside the models.
+RECOVER_HOOKS: list[Callable[[Any], None]] = []
 
 
 def command(op: str) -> Callable[[F], F]:
@@ -29,6 +35,12 @@ def command(op: str) -> Callable[[F], F]:
         COMMANDS[op] = fn
         return fn
     return register
+
+
+def on_recover(fn: F) -> F:
+    """Registers `fn(cluster)` to run after this rank's recovery (see RECOVER_HOOKS)."""
+    RECOVER_HOOKS.append(fn)
+    return fn
 
 
 def load() -> None:

@@ -7,9 +7,12 @@ broadcasts, and then every rank executes it in the same order (SPMD). So creates
 writes and deletes are totally ordered cluster-wide by rank 0, and a reader never runs between
 the prepare and the commit of a write.
 
-A sharded tensor is a DTensor over a 1-D CPU DeviceMesh of all ranks: `Shard(0)` (torch's chunk
-layout: ceil(n / world) rows per rank, the last ranks possibly fewer or none) when its first
-dimension has at least `world` rows, else `Replicate()`. Each rank allocates only its local part.
+A sharded tensor is a DTensor over a 1-D CPU DeviceMesh of all ranks: `Shard(d)` (torch's chunk
+layout: ceil(n / world) indices of dim d per rank, the last ranks possibly fewer or none) when
+the model's plan shards it on d and that dim has at least `world` indices, else `Replicate()`
+(sharding.py: "fsdp" puts every tensor on dim 0; a tensor-parallel plan places the tensors of
+the modules it names as torch's ColwiseParallel / RowwiseParallel do). Each rank allocates
+only its local part.
 
 A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
 computes which of the region's elements fall in its shard (sharding.region_ids: element ids
@@ -47,8 +50,9 @@ from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalE
                              NotFoundError, ParamhubError, UnavailableError)
 from paramhub.common import pb
 from paramhub_server.cluster import commands, commit, storage
-from paramhub_server.cluster.sharding import (Entry, ShardedModel, Write, entries_of, local_rows,
-                                              numel, region_ids, select, skeleton_of)
+from paramhub_server.cluster.sharding import (FSDP, Entry, ShardedModel, Write, entries_of,
+                                              local_bounds, local_shape, numel, parse_plan,
+                                              region_ids, select, skeleton_of, to_local)
 from paramhub_server.core import indexing, inits, rng
 from paramhub_server.core.writes import _combine
 
@@ -95,6 +99,8 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # models dict (the loop writes, handlers read)
+        #: fn(model, writes, op) after each committed write, on the loop thread (watch events).
+        self.on_commit: list[Callable[[ShardedModel, list[Write], str], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -108,6 +114,8 @@ class Cluster:
             log.info("rank %d recovered %d sharded models", self.rank, len(self.models))
         # A crash between two ranks' commits: the ranks settle it together (commit.py).
         commit.resolve(self, in_doubt)
+        for hook in commands.RECOVER_HOOKS:
+            hook(self)
         self._thread = threading.Thread(target=self._serve, name="paramhub-cluster",
                                         daemon=True)
         self._thread.start()
@@ -233,7 +241,7 @@ class Cluster:
         return every
 
     def _do_create(self, model_id: str, spec: bytes, seed: int | None,
-                   values: dict[str, torch.Tensor] | None) -> ShardedModel:
+                   values: dict[str, torch.Tensor] | None, plan: str = FSDP) -> ShardedModel:
         # `values` travels only to rank 0's own call (run() keeps it local, see create()).
         spec_pb = pb.ModelSpec.FromString(spec)
         vote: list[Any] = [None] * self.world
@@ -246,7 +254,7 @@ class Cluster:
                 raise AlreadyExistsError(f"model {model_id!r} already exists",
                                          reason="MODEL_EXISTS", metadata={"model": model_id})
             skeleton = skeleton_of(spec_pb)
-            entries = entries_of(skeleton, self.world)
+            entries = entries_of(skeleton, self.world, parse_plan(plan))
             self._check_size(entries)
             if self.rank == 0:  # every value checked before any rank enters the scatter
                 full = self._full_values(spec_pb, entries, seed, values)
@@ -260,7 +268,7 @@ class Cluster:
             src = full[ent.group] if full is not None else torch.empty(ent.shape, dtype=ent.dtype)
             ent.dt = distribute_tensor(src, self.mesh, [ent.placement], src_data_rank=0)
         del full
-        m = ShardedModel(model_id, spec_pb, entries, skeleton=skeleton)
+        m = ShardedModel(model_id, spec_pb, entries, skeleton=skeleton, plan=plan)
         if self.root is not None:
             storage.snapshot(self.root, m, [e.group for e in entries])
         self._confirm()
@@ -273,16 +281,8 @@ class Cluster:
         may be larger than one rank's limit: that is what sharding is for)."""
         if self.max_model_bytes is None:
             return
-        mine = 0
-        for e in entries:
-            rows = e.shape[0] if e.shape else 1
-            if isinstance(e.placement, Shard):
-                start, stop = local_rows(rows, self.world, self.rank)
-                rows_here = stop - start
-            else:
-                rows_here = rows
-            mine += numel(e.shape[1:]) * rows_here * e.dtype.itemsize if e.shape else \
-                e.dtype.itemsize
+        mine = sum(numel(local_shape(e.shape, e.placement, self.world, self.rank))
+                   * e.dtype.itemsize for e in entries)
         if mine > self.max_model_bytes:
             raise ResourceExhaustedError(
                 f"rank {self.rank}'s part of the model has {mine} bytes, more than "
@@ -341,7 +341,8 @@ class Cluster:
         return out, m.version
 
     def _do_write(self, model_id: str, writes: list[Write],
-                  expected_model_version: int | None = None) -> tuple[list[int], int]:
+                  expected_model_version: int | None = None, event_op: str = ""
+                  ) -> tuple[list[int], int]:
         """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
         m = self._model(model_id)
         # group -> [(flat ids into this rank's part, their new values)], in write order.
@@ -368,15 +369,16 @@ class Cluster:
         except ParamhubError as exc:
             error = exc
         commit.two_phase(self, m, staged, error)  # logged prepare, vote, logged commit
+        for hook in self.on_commit:
+            hook(m, writes, event_op)
         return [m.entries[m.entry(w.name, w.kind).group].version for w in writes], m.version
 
-    def _flat_range(self, e: Entry, rank: int | None = None) -> tuple[int, int]:
-        """[lo, hi) of the logical tensor's flat (row-major) ids held by `rank`."""
-        if not isinstance(e.placement, Shard):
-            return 0, numel(e.shape)
-        start, stop = local_rows(e.shape[0], self.world, self.rank if rank is None else rank)
-        per_row = numel(e.shape[1:])
-        return start * per_row, stop * per_row
+    def _to_local(self, e: Entry, sel: torch.Tensor, rank: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, local ids): which of the logical flat ids `sel` `rank` holds, and their flat
+        ids into its part (any placement: sharding.to_local)."""
+        return to_local(e.shape, e.placement, self.world,
+                        self.rank if rank is None else rank, sel)
 
     def _prepare(self, e: Entry, base: torch.Tensor, w: Write
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,9 +392,7 @@ class Cluster:
                 f"a value of shape {list(w.value.shape)} cannot be written to a region of "
                 f"shape {list(sel.shape)} of {w.name!r}", reason="BAD_SHAPE",
                 metadata={"tensor": w.name[:200]}) from None
-        lo, hi = self._flat_range(e)
-        mask = (sel >= lo) & (sel < hi)
-        local_ids = sel[mask] - lo
+        mask, local_ids = self._to_local(e, sel)
         old = base.reshape(-1)[local_ids]
         new = _combine(old, w.op, value[mask], w.name)
         return local_ids, new.to(base.dtype)
@@ -411,16 +411,14 @@ class Cluster:
             full = e.dt.full_tensor() if e.dt is not None else None
             return full if self.rank == 0 else None
         sel = region_ids(e.shape, index)
-        lo, hi = self._flat_range(e)
-        mine = e.local.reshape(-1)[sel[(sel >= lo) & (sel < hi)] - lo]
+        mine = e.local.reshape(-1)[self._to_local(e, sel)[1]]
         parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, parts, dst=0)
         if parts is None:
             return None
         out = torch.empty(sel.shape, dtype=e.dtype)
         for r, part in enumerate(parts):
-            lo_r, hi_r = self._flat_range(e, r)
-            out[(sel >= lo_r) & (sel < hi_r)] = part
+            out[self._to_local(e, sel, r)[0]] = part
         return out
 
     def _confirm(self) -> None:
@@ -440,17 +438,15 @@ class Cluster:
 
     def local_part(self, model_id: str, name: str, kind: str | None
                    ) -> tuple[Entry, torch.Tensor, int, int, int]:
-        """(entry, a copy of this rank's part, first row, row stop, version), consistent
-        with respect to commits (any rank; no collective)."""
+        """(entry, a copy of this rank's part, its first index along the sharded dim (dim 0
+        when replicated), the stop, version), consistent with respect to commits (any rank;
+        no collective)."""
         m = self._model(model_id)
         e = m.entry(name, kind)
         with self._lock:
             part = e.local.clone()
             version = e.version
-        if isinstance(e.placement, Shard):
-            start, stop = local_rows(e.shape[0], self.world, self.rank)
-        else:
-            start, stop = 0, e.shape[0] if e.shape else 0
+        start, stop = local_bounds(e.shape, e.placement, self.world, self.rank)
         return e, part, start, stop, version
 
     def get(self, model_id: str) -> ShardedModel | None:
@@ -462,11 +458,14 @@ class Cluster:
             return list(self.models.values())
 
     def create(self, model_id: str, spec: pb.ModelSpec, *, seed: int | None,
-               values: dict[str, torch.Tensor]) -> ShardedModel:
+               values: dict[str, torch.Tensor], plan: str = FSDP) -> ShardedModel:
+        """Creates a sharded model placed by `plan` (its wire form: sharding.plan_text)."""
+        parse_plan(plan)  # a malformed plan is refused before any rank works
         # The other ranks receive the command without the values; rank 0 scatters them.
         return self._run_local_extra("create", {"model_id": model_id,
                                                 "spec": spec.SerializeToString(),
-                                                "seed": seed}, {"values": values})
+                                                "seed": seed, "plan": plan},
+                                     {"values": values})
 
     def _run_local_extra(self, op: str, shared: dict[str, Any], local: dict[str, Any]) -> Any:
         """Like run(), but `local` arguments stay on rank 0 (the others get None for them)."""
@@ -484,8 +483,11 @@ class Cluster:
         """`tensor[index]` (a CPU copy) and its version."""
         m = self._model(model_id)
         e = m.entry(name, kind)
-        # Refused before any rank works: torch's own error, from a meta stand-in.
-        indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
+        # Refused before any rank works: torch's own error, from a meta stand-in (a boolean
+        # mask cannot index a meta tensor: every rank checks it, and raises the same error,
+        # before its first collective).
+        if not any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+            indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
         out, version = self.run("read_versioned", model_id=model_id, group=e.group,
                                 index=index)
         return out, version
@@ -509,33 +511,9 @@ class Cluster:
                       for e in chosen]
         writes = [Write(e.names[0], e.kind, (), "assign", v) for e, v in zip(chosen, values)]
         versions, model_version = self.run("write", model_id=model_id, writes=writes,
-                                           expected_model_version=expected_model_version)
+                                           expected_model_version=expected_model_version,
+                                           event_op=f"apply_init.{scheme_name}")
         return [(e.names[0], v) for e, v in zip(chosen, versions)], model_version
-
-    def forward(self, model_id: str, path: str, args: builtins.list[Any], kwargs: dict[str, Any]
-                ) -> tuple[Any, int]:
-        """Runs module `path` of the model on rank 0 with its full tensors, gathered for this
-        call only (and dropped after): (output, the model version it saw)."""
-        m = self._model(model_id)
-        assert m.skeleton is not None
-        try:
-            sub = m.skeleton.get_submodule(path) if path else m.skeleton
-        except AttributeError:
-            raise NotFoundError(f"model {model_id!r} has no module {path[:200]!r}",
-                                reason="MODULE_NOT_FOUND",
-                                metadata={"model": model_id, "module": path[:200]}) from None
-        full, version = self.run("read_all", model_id=model_id)
-        prefix = f"{path}." if path else ""
-        tensors = {n[len(prefix):]: t for n, t in full.items() if n.startswith(prefix)}
-        try:
-            with torch.inference_mode():
-                out = torch.func.functional_call(sub, tensors, tuple(args), kwargs,
-                                                 tie_weights=False, strict=False)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            raise InvalidArgumentError(f"forward of {path or 'the model'!r} failed: "
-                                       f"{str(e).splitlines()[0][:300]}",
-                                       reason="BAD_INPUT") from None
-        return out, version
 
     def delete(self, model_id: str) -> None:
         self.run("delete", model_id=model_id)

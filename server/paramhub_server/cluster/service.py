@@ -25,8 +25,11 @@ from paramhub_server.core.types import BUFFER, PARAMETER
 from paramhub_server.core import rng
 from paramhub_server.core.registry import check_model_id
 from paramhub_server.errors import rpc
+from paramhub_server.transport import names_link
 from paramhub_server.api.service import ParameterService
 from paramhub_server.cluster.routed import RoutedWriteHandlers
+from paramhub_server.cluster.state import StateHandlers
+from paramhub_server.cluster.compute_service import ShardedComputeHandlers
 
 if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor costs ~1 s
     from paramhub_server.cluster.engine import Cluster
@@ -34,10 +37,8 @@ if TYPE_CHECKING:  # imported when a cluster starts: torch.distributed.tensor co
 
 log = logging.getLogger(__name__)
 
-#: The sharding plan built (cluster/sharding.py FSDP).
-FSDP = "fsdp"
-
-#: Call metadata that asks CreateModel for a sharded model ("fsdp").
+#: Call metadata that asks CreateModel for a sharded model: "fsdp", or a tensor-parallel plan
+#: as a JSON object {"module path": "colwise" | "rowwise"} (cluster/sharding.py parse_plan).
 SHARD_METADATA = "x-paramhub-shard"
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _CHUNK = 1 << 20
@@ -86,7 +87,7 @@ def tensor_infos(m: ShardedModel, device: str, names: list[str] | None = None
     return out
 
 
-class ClusterParameterService(ParameterService):
+class ClusterParameterService(StateHandlers, ShardedComputeHandlers, ParameterService):
     """ParameterService for a rank of a cluster (or a plain server, where `cluster` is None
     and every call is the plain handler's). On rank 0, a call naming a sharded model is served
     by the cluster engine; RPCs not built for sharded models answer FAILED_PRECONDITION
@@ -119,14 +120,6 @@ class ClusterParameterService(ParameterService):
         self._unsupported(serde.tensor_name_of(name)[0])
         return super()._tensor(name)
 
-    def _no_grad(self, name: str) -> None:
-        """Sharded models hold no gradients (training is not built for them): a gradient
-        read answers as for a local parameter whose .grad is None."""
-        model_id, _, tname = serde.tensor_name_of(name)
-        if self._sharded(model_id) is not None:
-            raise NotFoundError(f"{tname[:200]!r} has no gradient", reason="GRAD_NOT_SET",
-                                metadata={"model": model_id, "tensor": tname[:200]})
-
     @property
     def _device(self) -> str:
         return self.cluster.device if self.cluster is not None else "cpu"
@@ -144,9 +137,9 @@ class ClusterParameterService(ParameterService):
                                          reason="MODEL_EXISTS",
                                          metadata={"model": first.header.model_id})
             return _unwrapped(ParameterService.CreateModel)(self, stream, context)
-        if shard != FSDP:
-            raise InvalidArgumentError(f"unknown sharding plan {shard[:50]!r}; built: 'fsdp'",
-                                       reason="BAD_SHARD", metadata={"shard": shard[:50]})
+        from paramhub_server.cluster.sharding import parse_plan, plan_text
+
+        plan = plan_text(parse_plan(shard))  # BAD_SHARD for a malformed plan
         if self.cluster is None or self.cluster.rank != 0:
             raise FailedPreconditionError(
                 "sharded models need a cluster (torchrun ... -m paramhub_server serve), "
@@ -163,7 +156,7 @@ class ClusterParameterService(ParameterService):
             chunks, check=framing.once(), max_elements=self.max_tensor_elements)}
         m = self.cluster.create(header.model_id, header.spec,
                                 seed=header.seed if header.HasField("seed") else None,
-                                values=values)
+                                values=values, plan=plan)
         log.info("created sharded model %s over %d ranks", m.id, self.cluster.world)
         return pb.CreateModelResponse(model=model_info(m, self._device))
 
@@ -224,9 +217,8 @@ class ClusterParameterService(ParameterService):
     @rpc
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext
                   ) -> Iterator[bytes]:
-        if request.field == pb.TENSOR_FIELD_GRAD:
-            self._no_grad(request.name)
-        got = self._sharded_read(request.name, request.index)
+        got = (self._sharded_grad_read if request.field == pb.TENSOR_FIELD_GRAD
+               else self._sharded_read)(request.name, request.index)
         if got is None:
             yield from _unwrapped(ParameterService.GetTensor)(self, request, context)
             return
@@ -240,9 +232,8 @@ class ClusterParameterService(ParameterService):
     @rpc
     def GetTensorInline(self, request: pb.GetTensorInlineRequest, context: grpc.ServicerContext
                         ) -> bytes:
-        if request.field == pb.TENSOR_FIELD_GRAD:
-            self._no_grad(request.name)
-        got = self._sharded_read(request.name, request.index)
+        got = (self._sharded_grad_read if request.field == pb.TENSOR_FIELD_GRAD
+               else self._sharded_read)(request.name, request.index)
         if got is None:
             return _unwrapped(ParameterService.GetTensorInline)(self, request, context)
         name, t, version = got
@@ -265,7 +256,7 @@ class ClusterParameterService(ParameterService):
         if self._sharded(model_id) is None:
             return _unwrapped(ParameterService.SetSlice)(self, request, context)
         assert self.cluster is not None
-        if request.shm_token or request.data_token:
+        if names_link(request):
             raise FailedPreconditionError("a sharded model's values travel over gRPC",
                                           reason="SHARDED_UNSUPPORTED")
         value = _codec.tensor_from_proto(request.value, max_elements=self.max_tensor_elements)
@@ -313,23 +304,6 @@ class ClusterParameterService(ParameterService):
             expected_model_version=w.expected_model_version)
         return pb.ApplyInitResponse(updated=serde.versions(updated), model_version=model_version,
                                     generator_state=generator.state if generator else b"")
-
-    @rpc
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext
-                ) -> pb.ForwardResponse:
-        m = self._sharded(serde.model_id_of(request.model))
-        if m is None:
-            return _unwrapped(ParameterService.Forward)(self, request, context)
-        assert self.cluster is not None
-        args = self._values(request.args)
-        kwargs = self._options(request.kwargs)
-        out, version = self.cluster.forward(m.id, request.module_path, args, kwargs)
-        try:
-            encoded = _codec.value_to_proto(out)
-        except InvalidArgumentError:
-            raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
-                                       "cannot be sent", reason="BAD_OUTPUT") from None
-        return pb.ForwardResponse(output=encoded, model_version=version)
 
     @rpc
     def CheckShared(self, request: pb.CheckSharedRequest, context: grpc.ServicerContext
@@ -404,15 +378,16 @@ class ClusterServicer(RoutedWriteHandlers, cpb_grpc.ClusterServiceServicer):
 
         from paramhub_server.cluster.sharding import local_rows, placement_text
 
-        out = cpb.DescribePlacementResponse(shard=FSDP)
+        out = cpb.DescribePlacementResponse(shard=m.plan)
         for name, e in m.by_name.items():
             bounds: list[int] = []
             if isinstance(e.placement, Shard):
-                bounds = [local_rows(e.shape[0], self.cluster.world, r)[0]
-                          for r in range(self.cluster.world)] + [e.shape[0]]
+                n = e.shape[e.placement.dim]
+                bounds = [local_rows(n, self.cluster.world, r)[0]
+                          for r in range(self.cluster.world)] + [n]
             out.tensors.append(cpb.TensorPlacement(name=name,
                                                    placement=placement_text(e.placement),
-                                                   row_bounds=bounds))
+                                                   row_bounds=bounds, note=e.note))
         return out
 
 

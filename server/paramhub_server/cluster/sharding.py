@@ -1,5 +1,7 @@
-"""Sharded models as every rank holds them (torch only): placements, entries (one per
-storage), writes, the element ids a torch index selects, and init-target selection."""
+"""Sharded models as every rank holds them (torch only): plans (FSDP, tensor-parallel styles)
+and the placements they give, the region math of any Shard(d) (torch's chunk layout, so uneven
+splits match distribute_tensor), entries (one per storage), writes, the element ids a torch
+index selects, and init-target selection."""
 
 from __future__ import annotations
 
@@ -19,26 +21,156 @@ from paramhub.common import pb
 from paramhub_server.core import indexing
 from paramhub_server.core.types import BUFFER, PARAMETER  # noqa: F401 - re-exported
 
-#: The only sharding plan built so far (FSDP-style: every tensor on dim 0).
+#: The FSDP-style plan: every tensor on dim 0.
 FSDP = "fsdp"
 
+#: torch's tensor-parallel styles (torch.distributed.tensor.parallel's ColwiseParallel and
+#: RowwiseParallel): style -> module type -> {parameter: the dim it is sharded on, or None
+#: for Replicate}. A module a plan does not name keeps every tensor replicated.
+STYLES: dict[str, dict[type[nn.Module], dict[str, int | None]]] = {
+    "colwise": {nn.Linear: {"weight": 0, "bias": 0}, nn.Embedding: {"weight": 1}},
+    "rowwise": {nn.Linear: {"weight": 1, "bias": None}, nn.Embedding: {"weight": 0}},
+}
 
-def placement_of(shape: Sequence[int], world: int) -> Shard | Replicate:
-    """Shard(0) when dim 0 has a row for every rank, else Replicate (scalars, tiny tensors)."""
-    return Shard(0) if len(shape) >= 1 and shape[0] >= world and world > 1 else Replicate()
+#: A sharding plan: FSDP, or {module path (fnmatch wildcards per dotted atom): style}.
+Plan = str | dict[str, str]
+
+
+def _bad_plan(why: str, **metadata: str) -> InvalidArgumentError:
+    return InvalidArgumentError(why, reason="BAD_SHARD",
+                                metadata={k: v[:200] for k, v in metadata.items()})
+
+
+def parse_plan(text: str) -> Plan:
+    """The wire form of a plan (call metadata x-paramhub-shard) -> a plan: "fsdp", or a JSON
+    object {module path: "colwise" | "rowwise"}. Raises InvalidArgumentError (BAD_SHARD)."""
+    if text == FSDP:
+        return FSDP
+    import json
+
+    try:
+        plan = json.loads(text) if text.lstrip().startswith("{") else None
+    except ValueError:
+        plan = None
+    if not isinstance(plan, dict):
+        raise _bad_plan(f"unknown sharding plan {text[:50]!r}; built: 'fsdp', or a JSON object "
+                        "{module path: 'colwise' | 'rowwise'}", shard=text[:50])
+    for path, style in plan.items():
+        if not isinstance(style, str) or style not in STYLES:
+            raise _bad_plan(f"module {path[:200]!r}: unknown tensor-parallel style "
+                            f"{str(style)[:50]!r}; built: {', '.join(sorted(STYLES))}",
+                            module=path, style=str(style)[:50])
+    return plan
+
+
+def plan_text(plan: Plan) -> str:
+    """The canonical wire form of a plan (what parse_plan reads)."""
+    import json
+
+    return plan if isinstance(plan, str) else json.dumps(plan, sort_keys=True,
+                                                         separators=(",", ":"))
+
+
+def _matches(key: str, path: str) -> bool:
+    """Whether a plan key names a module path: fnmatch per dotted atom, as torch's
+    parallelize_module matches its plan's keys ("layers.*.w1")."""
+    k, p = key.split(".") if key else [], path.split(".") if path else []
+    return len(k) == len(p) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p, k))
+
+
+def plan_dims(skeleton: nn.Module, plan: dict[str, str]) -> dict[int, int | None]:
+    """id(tensor) -> the dim a tensor-parallel plan shards it on (None: Replicate), for the
+    tensors of the modules the plan names. Raises InvalidArgumentError (BAD_SHARD) for a key
+    that names no module, a module type its style does not support, or a storage (tied
+    weights) that two entries would place differently."""
+    modules = list(skeleton.named_modules(remove_duplicate=False))
+    out: dict[int, int | None] = {}
+    who: dict[int, str] = {}
+    for key, style in plan.items():
+        found = [(p, m) for p, m in modules if _matches(key, p)]
+        if not found:
+            raise _bad_plan(f"the plan names module {key[:200]!r}, which the model does not "
+                            "have", module=key)
+        for path, mod in found:
+            per_type = next((v for t, v in STYLES[style].items() if isinstance(mod, t)), None)
+            if per_type is None:
+                kinds = " and ".join(f"nn.{t.__name__}" for t in STYLES[style])
+                raise _bad_plan(f"module {path[:200]!r} is a {type(mod).__name__}; "
+                                f"{style!r} applies to {kinds} only", module=path, style=style)
+            for pname, dim in per_type.items():
+                t = mod._parameters.get(pname)
+                if t is None:
+                    continue
+                where = f"{path}.{pname}" if path else pname
+                if id(t) in out and out[id(t)] != dim:
+                    raise _bad_plan(f"{where!r} is tied to {who[id(t)]!r}, which the plan "
+                                    "places differently", tensor=where)
+                out[id(t)], who[id(t)] = dim, where
+    return out
+
+
+def placement_of(shape: Sequence[int], world: int, dim: int | None = 0
+                 ) -> tuple[Shard | Replicate, str]:
+    """(placement, why it is replicated or ""): Shard(dim) when that dim has an index for
+    every rank, else Replicate (scalars, tiny tensors, dims too small to split)."""
+    if dim is None:
+        return Replicate(), ""
+    if world <= 1:
+        return Replicate(), "one rank"
+    if len(shape) <= dim:
+        return Replicate(), f"{len(shape)}-d: no dim {dim} to split"
+    if shape[dim] < world:
+        return Replicate(), f"dim {dim} has {shape[dim]} < {world} ranks: replicated"
+    return Shard(dim), ""
 
 
 def placement_text(p: Shard | Replicate) -> str:
-    """"shard(0)" or "replicate"."""
+    """"shard(d)" or "replicate"."""
     return f"shard({p.dim})" if isinstance(p, Shard) else "replicate"
 
 
 def local_rows(n: int, world: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of the rows of a dim of `n` rows that rank holds under Shard (torch.chunk
-    layout, which DTensor uses)."""
+    """[start, stop) of the indices of a dim of size `n` that rank holds under Shard (torch.chunk
+    layout, which DTensor uses: ceil(n / world) per rank, the last ranks fewer or none)."""
     per = -(-n // world) if n else 0
     start = min(n, per * rank)
     return start, min(n, start + per)
+
+
+def local_bounds(shape: Sequence[int], p: Shard | Replicate, world: int, rank: int
+                 ) -> tuple[int, int]:
+    """[start, stop) along the sharded dim that rank holds (the whole dim 0, or 0, 0 for a
+    scalar, when replicated)."""
+    if isinstance(p, Shard):
+        return local_rows(shape[p.dim], world, rank)
+    return 0, shape[0] if len(shape) else 0
+
+
+def local_shape(shape: Sequence[int], p: Shard | Replicate, world: int, rank: int
+                ) -> tuple[int, ...]:
+    """The shape of rank's part."""
+    out = list(shape)
+    if isinstance(p, Shard):
+        start, stop = local_rows(shape[p.dim], world, rank)
+        out[p.dim] = stop - start
+    return tuple(out)
+
+
+def to_local(shape: Sequence[int], p: Shard | Replicate, world: int, rank: int,
+             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, local ids): which of the logical tensor's flat (row-major) `ids` rank holds, and
+    their flat ids into rank's (contiguous) part, i.e. `ids[mask]` mapped. For Shard(d) an id is
+    (outer, i, inner) with i the index along d; rank holds it when i is in its [start, stop)."""
+    if not isinstance(p, Shard):
+        return torch.ones(ids.shape, dtype=torch.bool), ids.reshape(-1)
+    d = p.dim
+    n, inner = shape[d], numel(shape[d + 1:])
+    start, stop = local_rows(n, world, rank)
+    along = (ids // inner) % n
+    mask = (along >= start) & (along < stop)
+    g = ids[mask]
+    outer, i, k = g // (inner * n), (g // inner) % n, g % inner
+    return mask, (outer * (stop - start) + (i - start)) * inner + k
 
 
 @dataclass
@@ -52,6 +184,8 @@ class Entry:
     shape: tuple[int, ...]
     placement: Shard | Replicate
     version: int = 1
+    #: Why a tensor the plan would shard is replicated ("" otherwise).
+    note: str = ""
     #: This rank's part (the DTensor's local tensor) -- None until created.
     dt: DTensor | None = None
 
@@ -73,6 +207,8 @@ class ShardedModel:
     version: int = 1
     #: The module tree on the meta device (rank 0 uses it to describe and to run Forward).
     skeleton: nn.Module | None = None
+    #: The plan's wire form (plan_text): "fsdp" or a JSON tensor-parallel plan.
+    plan: str = FSDP
 
     def __post_init__(self) -> None:
         self.by_name = {n: e for e in self.entries for n in e.names}
@@ -113,9 +249,11 @@ def skeleton_of(spec: pb.ModelSpec) -> nn.Module:
     return module
 
 
-def entries_of(skeleton: nn.Module, world: int) -> list[Entry]:
-    """One entry per storage of the skeleton's state_dict (tied names grouped), in order."""
+def entries_of(skeleton: nn.Module, world: int, plan: Plan = FSDP) -> list[Entry]:
+    """One entry per storage of the skeleton's state_dict (tied names grouped), in order,
+    placed by the plan (BAD_SHARD for a plan that does not fit the model)."""
     params = {id(p) for _, p in skeleton.named_parameters(remove_duplicate=False)}
+    dims = plan_dims(skeleton, plan) if isinstance(plan, dict) else None
     groups: dict[int, Entry] = {}
     for name, t in skeleton.state_dict(keep_vars=True).items():
         if nn.parameter.is_lazy(t):
@@ -124,8 +262,10 @@ def entries_of(skeleton: nn.Module, world: int) -> list[Entry]:
                 "shape at creation", reason="NOT_SHARDABLE", metadata={"tensor": name[:200]})
         e = groups.get(id(t))
         if e is None:
+            dim = 0 if dims is None else dims.get(id(t))
+            placement, note = placement_of(t.shape, world, dim)
             groups[id(t)] = e = Entry(len(groups), [], PARAMETER if id(t) in params else BUFFER,
-                                      t.dtype, tuple(t.shape), placement_of(t.shape, world))
+                                      t.dtype, tuple(t.shape), placement, note=note)
         e.names.append(name)
     return list(groups.values())
 

@@ -1,7 +1,8 @@
 """Each rank's durable copy of its parts of the sharded models (torch and files only).
 
     DATA_DIR/rank-{r}/sharded/{model}/
-        meta.json              spec, model version, each storage's version (the snapshot's)
+        meta.json              spec, sharding plan, model version, each storage's version
+                               (the snapshot's)
         {group}-{version}.safetensors   this rank's part of one storage
         log.bin                records since the snapshot: [8-byte length][safetensors]
 
@@ -36,8 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from paramhub.common import pb
-from paramhub_server.cluster.sharding import (ShardedModel, contiguous_strides, entries_of,
-                                              skeleton_of)
+from paramhub_server.cluster.sharding import (FSDP, ShardedModel, contiguous_strides,
+                                              entries_of, parse_plan, skeleton_of)
 
 #: Each rank's log of committed writes to one sharded model (beside its snapshot files).
 LOG_NAME = "log.bin"
@@ -56,7 +57,7 @@ def snapshot(root: Path, m: ShardedModel, groups: Sequence[int]) -> None:
         save_file({"t": e.local.contiguous()}, str(tmp))
         fsync(tmp)
         os.replace(tmp, d / f"{g}-{e.version}.safetensors")
-    meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(),
+    meta = {"spec": base64.b64encode(m.spec.SerializeToString()).decode(), "shard": m.plan,
             "version": m.version, "versions": [e.version for e in m.entries]}
     tmp = d / ".meta.tmp"
     tmp.write_text(json.dumps(meta))
@@ -234,14 +235,16 @@ def recover(root: Path, world: int, mesh: DeviceMesh,
         meta = json.loads(meta_path.read_text())
         spec = pb.ModelSpec.FromString(base64.b64decode(meta["spec"]))
         skeleton = skeleton_of(spec)
-        entries = entries_of(skeleton, world)
+        plan = meta.get("shard", FSDP)  # (directories written before plans: "fsdp")
+        entries = entries_of(skeleton, world, parse_plan(plan))
         for e, v in zip(entries, meta["versions"]):
             e.version = v
             local = load_file(str(d / f"{e.group}-{v}.safetensors"))["t"]
             e.dt = DTensor.from_local(local, mesh, [e.placement], run_check=False,
                                       shape=torch.Size(e.shape),
                                       stride=contiguous_strides(e.shape))
-        m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton)
+        m = ShardedModel(d.name, spec, entries, version=meta["version"], skeleton=skeleton,
+                         plan=plan)
         pending = replay(d, m)
         if pending is not None and in_doubt is not None:
             in_doubt[m.id] = pending

@@ -20,7 +20,7 @@ from typing import Any
 
 from paramhub._shm import shm_supported
 from paramhub.errors import InvalidArgumentError
-from paramhub_server.transport.base import POLICY, Admit, Link, TensorRead
+from paramhub_server.transport.base import POLICY, Admit, Link, TensorRead, link_of, names_link
 from paramhub_server.transport.channel import GreetingChannel
 from paramhub_server.transport.data import DataChannel, DataLink, server_tls_context
 from paramhub_server.transport.frames import HTTP2_OPTIONS, add_servicer
@@ -29,7 +29,7 @@ from paramhub_server.transport.stream import StreamLink
 
 __all__ = ["HTTP2_OPTIONS", "add_servicer", "ShmChannel", "DataChannel", "Transport",
            "create_segment", "ShmSegment", "server_tls_context", "Admit", "Link", "TensorRead",
-           "GreetingChannel", "POLICY"]
+           "GreetingChannel", "POLICY", "link_of", "names_link"]
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,19 @@ class Transport:
     def link_for(self, request: Any) -> Link:
         """The transport a request (or PushState header) names: shared memory for an
         shm_token, the data channel for a data_token, else the gRPC messages themselves.
-        SHM_UNAVAILABLE / DATA_CHANNEL_UNAVAILABLE when the named one is disabled here."""
-        if getattr(request, "shm_token", ""):
-            return ShmLink(self.shm_channel())
-        if getattr(request, "data_token", ""):
-            return DataLink(self.data_channel(), self._data_writes)
+        SHM_UNAVAILABLE / DATA_CHANNEL_UNAVAILABLE when the named one is disabled here. The
+        tokens come from `request.transfer`, or from the older per-request fields."""
+        link = link_of(request)
+        if link.shm_token:
+            return ShmLink(self.shm_channel(), link)
+        if link.data_token:
+            return DataLink(self.data_channel(), self._data_writes, link)
         return self._stream
 
     def release(self, request: Any) -> None:
         """Closes the shared-memory connection a refused request named (its client falls back
         at once instead of waiting for the token to expire)."""
-        token = getattr(request, "shm_token", "")
+        token = link_of(request).shm_token
         if token and self.shm is not None:
             try:
                 self.shm.take(token).close()

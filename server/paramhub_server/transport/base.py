@@ -11,11 +11,29 @@ from typing import Any
 import torch
 
 from paramhub._transfer.policy import DEFAULT
+from paramhub.v1 import tensor_pb2 as tpb
 
-__all__ = ["TensorRead", "Admit", "Link", "POLICY"]
+__all__ = ["TensorRead", "Admit", "Link", "POLICY", "link_of", "names_link"]
 
 #: The thresholds this server applies and advertises in GetTransportInfo (the SDK's defaults).
 POLICY = DEFAULT
+
+
+def link_of(request: Any) -> Any:
+    """The Transfer a request (GetTensor, SetSlice, PullState, or a PushState header) names:
+    its `transfer` field, or, when that is unset, one made of the older per-request fields
+    (shm_token, shm_client_buffer, data_token) that earlier clients send."""
+    if request.HasField("transfer"):
+        return request.transfer
+    return tpb.Transfer(shm_token=getattr(request, "shm_token", ""),
+                        shm_client_buffer=getattr(request, "shm_client_buffer", False),
+                        data_token=getattr(request, "data_token", ""))
+
+
+def names_link(request: Any) -> bool:
+    """Whether a request asks for its bytes to travel by a side link (shm or data channel)."""
+    link = link_of(request)
+    return bool(link.shm_token or link.data_token)
 
 
 @dataclass

@@ -158,8 +158,11 @@ class DataLink(Link):
 
     name = "data"
 
-    def __init__(self, channel: DataChannel, writes: threading.BoundedSemaphore) -> None:
+    def __init__(self, channel: DataChannel, writes: threading.BoundedSemaphore,
+                 link: Any) -> None:
         self.channel = channel
+        #: The request's Transfer's data_token (names the greeted connection).
+        self.token: str = link.data_token
         #: Data-channel SetSlice calls receiving at once (each holds a unary thread meanwhile).
         self._writes = writes
 
@@ -170,7 +173,7 @@ class DataLink(Link):
             # Small: inline, the token stays unused (the client keeps its connection).
             yield from frames_of(tensor, read, result.version)
             return
-        conn = self.channel.take(request.data_token)
+        conn = self.channel.take(self.token)
         try:
             header = tpb.TensorHeader(
                 name=read.name, dtype=_codec.dtype_to_proto(tensor.dtype),
@@ -192,8 +195,8 @@ class DataLink(Link):
                 "the data channel is busy with other writes; send the value over gRPC",
                 reason="DATA_CHANNEL_UNAVAILABLE", metadata={"busy": "true"})
         try:
-            conn = self.channel.take(request.data_token)
+            conn = self.channel.take(self.token)
             return self.channel.receive_tensor(conn, dtype, tuple(shape),
-                                               _data.write_digest(request.data_token, request))
+                                               _data.write_digest(self.token, request))
         finally:
             self._writes.release()

@@ -88,11 +88,14 @@ class ShmLink(Link):
 
     name = "shm"
 
-    def __init__(self, channel: ShmChannel) -> None:
+    def __init__(self, channel: ShmChannel, link: Any) -> None:
         self.channel = channel
+        #: The request's Transfer (its shm_token names the greeted connection).
+        self.token: str = link.shm_token
+        self.client_buffer: bool = link.shm_client_buffer
 
     def send_tensor(self, read: TensorRead, request: Any) -> Iterator[bytes]:
-        if request.shm_client_buffer:
+        if self.client_buffer:
             yield from self._into_client(read, request)
             return
         segments: list[ShmSegment] = []
@@ -113,7 +116,7 @@ class ShmLink(Link):
             shape=list(result.tensor.shape), version=result.version, shm=True)
         del result
         try:
-            conn = self.channel.take(request.shm_token)
+            conn = self.channel.take(self.token)
         except BaseException:
             segments[0].close()
             raise
@@ -123,7 +126,7 @@ class ShmLink(Link):
     def _into_client(self, read: TensorRead, request: Any) -> Iterator[bytes]:
         # The client passed a (warm, reusable) buffer: write straight into it. Only the
         # result's bytes of it are mapped (never the whole memfd, never prefaulted).
-        conn = self.channel.take(request.shm_token)
+        conn = self.channel.take(self.token)
         client_segment = None
         fd = -1
         try:
@@ -154,7 +157,7 @@ class ShmLink(Link):
         yield _codec.encode_chunk(header, wrap=True)
 
     def receive_value(self, request: Any, admit: Admit) -> torch.Tensor:
-        conn = self.channel.take(request.shm_token)
+        conn = self.channel.take(self.token)
         try:
             # Names, index, op and sizes are checked before the memfd is mapped.
             dtype, shape = announced(request, "shared-memory", admit)
@@ -181,7 +184,7 @@ class ShmLink(Link):
             return
         del buf
         try:
-            conn = self.channel.take(request.shm_token)
+            conn = self.channel.take(self.token)
         except BaseException:
             segments[0].close()
             raise
@@ -191,7 +194,7 @@ class ShmLink(Link):
 
     def receive_state(self, header: Any, first: Any, rest: Iterator[Any], total: int,
                       admit: Admit) -> torch.Tensor:
-        conn = self.channel.take(header.shm_token)
+        conn = self.channel.take(self.token)
         if first.data or next(rest, None) is not None:
             conn.close()
             raise InvalidArgumentError("a shared-memory PushState carries no data messages",

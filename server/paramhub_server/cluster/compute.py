@@ -1,0 +1,629 @@
+"""Compute on sharded models, SPMD (torch only, no grpc): Forward, Backward, gradients,
+ZeroGrad and server-side optimizers as cluster commands that every rank runs together.
+
+How a pass runs. Rank 0 broadcasts the call (inputs, module path, a seed) as one command;
+every rank then runs the same module tree on the same inputs. A module's tensors are gathered
+to full tensors just before it runs (a forward pre-hook) and dropped when it returns (a forward
+hook), FSDP-style: at any moment a rank holds the full tensors of the modules being run, not
+the whole model. A gather is DTensor's own `full_tensor()`, so any placement works (Shard(d) on
+any dim, Replicate); modules that read their children's tensors without calling them
+(MultiheadAttention, the Transformer layers) are gathered as one unit. Every rank computes the
+same output, and rank 0's is the answer (nothing else moves).
+
+Backward replays the pass with autograd on every rank (as the plain server does), takes the
+gradient of each full parameter and keeps only this rank's part of it: gradients are sharded
+like their parameter. While the graph lives, the tensors it saved (the gathered weights) stay
+alive, so a pass with grad peaks higher than one without.
+
+An optimizer is torch's, built on every rank over this rank's parts of the parameters:
+every optimizer paramhub offers is elementwise, so stepping each part is stepping the whole,
+and its state is sharded like its parameter. A step is one command: every rank checks and
+votes, then steps, bumps the versions (one model version on every rank), and makes the step
+durable before it confirms: first the optimizer state file named by the new model version
+(`{data}/sharded/{model}/optim/{version}.safetensors`), then the parameters' record in the
+rank's log (storage.append). Recovery (on_recover) keeps the newest state file whose version
+the recovered model reached and deletes newer ones (a step the parameters' log never got).
+
+Why ~500 lines: the pass, its gradients and the optimizer share the gather and the per-rank
+training state; the gRPC handlers are in compute_service.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from paramhub.common.errors import (AlreadyExistsError, ConflictError, InvalidArgumentError,
+                                    NotFoundError, ParamhubError)
+from paramhub_server.cluster import storage
+from paramhub_server.cluster.commands import command, on_recover
+from paramhub_server.cluster.sharding import PARAMETER, Entry, ShardedModel, contiguous_strides
+from paramhub_server.core import rng, training
+from paramhub_server.core.compute import _draws_random
+
+if TYPE_CHECKING:
+    from paramhub_server.cluster.engine import Cluster
+
+#: Modules whose forward reads their descendants' tensors without calling them: gathered
+#: (with their whole subtree) as one unit.
+UNITS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                                      nn.TransformerDecoderLayer)
+#: The directory of a model's optimizer state files (beside storage.py's files).
+OPTIM_DIR = "optim"
+
+
+# ----------------------------------------------------------------------- per-rank state
+
+@dataclass
+class RankTraining:
+    """A sharded model's training state on one rank: its parts of the gradients and the
+    optimizer over its parts of the parameters."""
+
+    #: storage group -> this rank's part of the gradient.
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    optimizer: training.ServedOptimizer | None = None
+
+
+def state_of(m: ShardedModel) -> RankTraining:
+    """The model's training state on this rank (created on first use; it lives and dies with
+    the model object, so a deleted and re-created id starts fresh)."""
+    st = m.__dict__.get("_training")
+    if st is None:
+        st = m.__dict__["_training"] = RankTraining()
+    return st
+
+
+def _model(cluster: Cluster, model_id: str) -> ShardedModel:
+    return cluster._model(model_id)
+
+
+# ----------------------------------------------------------------------- the gathered pass
+
+@dataclass
+class Pass:
+    """What one gathered pass holds: the parameters' full leaves (for gradients), and the
+    bytes of gathered tensors alive now and at most (what a rank paid for the pass)."""
+
+    grad: bool
+    leaves: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    live_bytes: int = 0
+    peak_bytes: int = 0
+
+
+def _owned(m: ShardedModel, sub: nn.Module, path: str
+           ) -> dict[int, list[tuple[nn.Module, str, str, Entry]]]:
+    """id(module) -> [(module, attribute, kind, entry)] of the tensors each module of `sub`
+    gathers before it runs: its own, or its whole subtree's for a UNITS module."""
+    direct: dict[int, list[tuple[nn.Module, str, str, Entry]]] = {}
+    for mpath, mod in sub.named_modules(prefix=path, remove_duplicate=False):
+        if id(mod) in direct:
+            continue
+        prefix = f"{mpath}." if mpath else ""
+        mine = []
+        for attr, t in mod._parameters.items():
+            if t is not None:
+                mine.append((mod, attr, PARAMETER, m.by_name[prefix + attr]))
+        for attr, t in mod._buffers.items():
+            if t is not None and prefix + attr in m.by_name:  # persistent buffers only
+                e = m.by_name[prefix + attr]
+                mine.append((mod, attr, e.kind, e))
+        direct[id(mod)] = mine
+    out = dict(direct)
+    for mod in sub.modules():
+        if isinstance(mod, UNITS):
+            out[id(mod)] = [t for d in mod.modules() for t in direct[id(d)]]
+    return out
+
+
+@contextmanager
+def gathered(m: ShardedModel, sub: nn.Module, path: str, p: Pass) -> Iterator[None]:
+    """Hooks `sub` (a private copy of the skeleton) so that each module's tensors are gathered
+    before it runs and dropped after. Every rank must run the same modules in the same order
+    (the same code on the same inputs does)."""
+    owned = _owned(m, sub, path)
+    live: set[tuple[int, str]] = set()
+    handles = []
+
+    def pre(mod: nn.Module, _args: Any) -> None:
+        mine = []
+        for owner, attr, kind, e in owned.get(id(mod), ()):
+            key = (id(owner), attr)
+            if key in live:
+                continue
+            assert e.dt is not None
+            full = e.dt.full_tensor()
+            if kind == PARAMETER:
+                full = full.detach().requires_grad_(p.grad)
+                if p.grad:
+                    p.leaves.append((e.group, full))
+                owner._parameters[attr] = full  # type: ignore[assignment]
+            else:  # a copy: a training-mode pass does not write the model's buffers
+                owner._buffers[attr] = full.clone()
+            live.add(key)
+            mine.append((owner, attr, kind))
+            p.live_bytes += full.numel() * full.element_size()
+        p.peak_bytes = max(p.peak_bytes, p.live_bytes)
+        mod.__dict__.setdefault("_ph_gathered", []).append(mine)
+
+    def post(mod: nn.Module, _args: Any, _out: Any) -> None:
+        for owner, attr, kind in mod.__dict__["_ph_gathered"].pop():
+            table = owner._parameters if kind == PARAMETER else owner._buffers
+            t = table[attr]
+            assert t is not None
+            p.live_bytes -= t.numel() * t.element_size()
+            table[attr] = _placeholder(t)
+            live.discard((id(owner), attr))
+
+    for mod in sub.modules():
+        if owned.get(id(mod)):
+            handles.append(mod.register_forward_pre_hook(pre))
+            handles.append(mod.register_forward_hook(post, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _module(m: ShardedModel, path: str) -> nn.Module:
+    """Module `path` of the skeleton (MODULE_NOT_FOUND if there is none)."""
+    assert m.skeleton is not None
+    try:
+        return m.skeleton.get_submodule(path) if path else m.skeleton
+    except AttributeError:
+        raise NotFoundError(f"model {m.id!r} has no module {path[:200]!r}",
+                            reason="MODULE_NOT_FOUND",
+                            metadata={"model": m.id, "module": path[:200]}) from None
+
+
+def _submodule(m: ShardedModel, path: str) -> nn.Module:
+    """A private copy of module `path` of the skeleton (hooks and gathered tensors go on it,
+    never on the skeleton others read)."""
+    return copy.deepcopy(_module(m, path))
+
+
+def _run(m: ShardedModel, path: str, args: Sequence[Any], kwargs: dict[str, Any], seed: int,
+         p: Pass) -> Any:
+    sub = _submodule(m, path)
+    replay = rng.seeded(seed) if _draws_random(sub) else nullcontext()
+    try:
+        with gathered(m, sub, path, p), replay, torch.set_grad_enabled(p.grad):
+            return sub(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
+        if _comm_error(e):
+            raise
+        text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise InvalidArgumentError(f"forward of {path or 'the model'!r} failed: {text}",
+                                   reason="BAD_INPUT") from None
+
+
+def _comm_error(e: BaseException) -> bool:
+    from paramhub_server.cluster.engine import _is_comm_error
+    return _is_comm_error(e)
+
+
+@command("forward")
+def _do_forward(cluster: Cluster, model_id: str, path: str, args: list[Any],
+                kwargs: dict[str, Any], seed: int) -> tuple[Any, int, int]:
+    """(output, model version, peak gathered bytes on this rank): every rank runs the pass."""
+    m = _model(cluster, model_id)
+    p = Pass(grad=False)
+    with torch.inference_mode(False), torch.no_grad():
+        out = _run(m, path, args, kwargs, seed, p)
+    return (out if cluster.rank == 0 else None), m.version, p.peak_bytes
+
+
+def forward(cluster: Cluster, model_id: str, path: str, args: list[Any], kwargs: dict[str, Any],
+            seed: int | None) -> tuple[Any, int]:
+    """Rank 0: Forward of module `path` on every rank; (output, the model version it saw).
+    Without a seed, rank 0 draws one, so every rank's dropout masks agree."""
+    _module(_model(cluster, model_id), path)  # MODULE_NOT_FOUND before any rank works
+    out, version, _ = cluster.run("forward", model_id=model_id, path=path, args=args,
+                                  kwargs=kwargs, seed=_seed(seed))
+    return out, version
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else random.getrandbits(62)
+
+
+# ----------------------------------------------------------------------- gradients
+
+def _local_part(full: torch.Tensor, e: Entry, cluster: Cluster) -> torch.Tensor:
+    """This rank's part of a full tensor laid out like `e` (no communication: every rank
+    holds the same full tensor)."""
+    return distribute_tensor(full, cluster.mesh, [e.placement], src_data_rank=None).to_local()
+
+
+@command("backward")
+def _do_backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
+                 kwargs: dict[str, Any], seed: int, forward_version: int,
+                 grad_outputs: list[torch.Tensor | None], grad_inputs: list[int]
+                 ) -> tuple[list[torch.Tensor | None], int]:
+    """Replays the pass with autograd on every rank; each rank accumulates its part of the
+    parameters' gradients. Returns (gradients of the selected inputs, model version)."""
+    m = _model(cluster, model_id)
+    if m.version != forward_version:
+        # Every rank holds the same versions, so every rank refuses alike.
+        raise ConflictError(
+            f"model {model_id!r} was written after this Forward (version {forward_version}, "
+            f"now {m.version}); run the forward pass again", reason="PARAMETERS_CHANGED",
+            metadata={"model": model_id, "version": str(m.version)})
+    flat, spec = tree_flatten(args)
+    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    if len(set(grad_inputs)) != len(grad_inputs):
+        raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
+    wanted: list[torch.Tensor] = []
+    for j in grad_inputs:
+        if not 0 <= j < len(positions):
+            raise InvalidArgumentError(
+                f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
+                reason="BAD_ARGUMENT")
+        x = flat[positions[j]]
+        if not (x.is_floating_point() or x.is_complex()):
+            raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
+                                       "inputs have gradients", reason="BAD_DTYPE")
+        flat[positions[j]] = x = x.detach().requires_grad_(True)
+        wanted.append(x)
+    p = Pass(grad=True)
+    with torch.inference_mode(False):
+        out = _run(m, path, tree_unflatten(flat, spec), kwargs, seed, p)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if len(grad_outputs) != len(outs):
+            raise InvalidArgumentError(
+                f"{len(grad_outputs)} output gradients for {len(outs)} output tensors",
+                reason="BAD_ARGUMENT")
+        pairs = []
+        for i, (o, go) in enumerate(zip(outs, grad_outputs)):
+            if go is None:
+                continue
+            if tuple(go.shape) != tuple(o.shape):
+                raise InvalidArgumentError(f"gradient of output {i} is {list(go.shape)}, the "
+                                           f"output is {list(o.shape)}", reason="BAD_SHAPE")
+            if o.requires_grad:
+                pairs.append((o, go.to(o.dtype)))
+        targets = [t for _, t in p.leaves] + wanted
+        grads: list[torch.Tensor | None] = [None] * len(targets)
+        if pairs and targets:
+            try:
+                grads = list(torch.autograd.grad([o for o, _ in pairs], targets,
+                                                 [g for _, g in pairs], allow_unused=True))
+            except RuntimeError as e:
+                if _comm_error(e):
+                    raise
+                raise InvalidArgumentError(f"backward of {path or 'the model'!r} failed: "
+                                           f"{str(e).splitlines()[0][:300]}",
+                                           reason="BAD_INPUT") from None
+    # A storage gathered twice (a module called twice, tied names) sums its leaves' gradients.
+    full: dict[int, torch.Tensor] = {}
+    for (g, _), grad in zip(p.leaves, grads[:len(p.leaves)]):
+        if grad is not None:
+            full[g] = full[g] + grad if g in full else grad
+    st = state_of(m)
+    with cluster._lock:
+        for g, grad in full.items():
+            part = _local_part(grad.detach(), m.entries[g], cluster).clone()
+            if g in st.grads:
+                st.grads[g].add_(part)
+            else:
+                st.grads[g] = part
+    input_grads = grads[len(p.leaves):]
+    if cluster.rank != 0:
+        return [], m.version
+    return [None if x is None else x.detach() for x in input_grads], m.version
+
+
+def backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
+             kwargs: dict[str, Any], *, seed: int | None, forward_version: int,
+             grad_outputs: list[torch.Tensor | None], grad_inputs: list[int]
+             ) -> tuple[list[torch.Tensor | None], int]:
+    _module(_model(cluster, model_id), path)
+    return cluster.run("backward", model_id=model_id, path=path, args=args, kwargs=kwargs,
+                       seed=_seed(seed), forward_version=forward_version,
+                       grad_outputs=grad_outputs, grad_inputs=grad_inputs)
+
+
+def _full(cluster: Cluster, e: Entry, part: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a part laid out like `e` (every rank takes part)."""
+    return DTensor.from_local(part, cluster.mesh, [e.placement], run_check=False,
+                              shape=torch.Size(e.shape),
+                              stride=contiguous_strides(e.shape)).full_tensor()
+
+
+@command("read_grad")
+def _do_read_grad(cluster: Cluster, model_id: str, name: str) -> torch.Tensor | None:
+    """The full gradient of a parameter, assembled on rank 0 like a value read."""
+    m = _model(cluster, model_id)
+    e = m.entry(name, PARAMETER)
+    part = state_of(m).grads.get(e.group)
+    if part is None:  # the same on every rank: gradients are accumulated by one command
+        raise NotFoundError(f"{name[:200]!r} has no gradient", reason="GRAD_NOT_SET",
+                            metadata={"model": model_id, "tensor": name[:200]})
+    full = _full(cluster, e, part)
+    return full if cluster.rank == 0 else None
+
+
+def read_grad(cluster: Cluster, model_id: str, name: str, kind: str | None,
+              index: tuple[Any, ...]) -> torch.Tensor:
+    """Rank 0: `parameter.grad[index]` of a sharded model (NOT_FOUND GRAD_NOT_SET without)."""
+    from paramhub_server.core import indexing
+
+    m = _model(cluster, model_id)
+    e = m.entry(name, kind)
+    if e.kind != PARAMETER:
+        raise NotFoundError(f"{name[:200]!r} has no gradient", reason="GRAD_NOT_SET",
+                            metadata={"model": model_id, "tensor": name[:200]})
+    indexing.apply_index(torch.empty(e.shape, dtype=e.dtype, device="meta"), index)
+    full = cluster.run("read_grad", model_id=model_id, name=name)
+    return indexing.apply_index(full, index).clone()
+
+
+@command("zero_grad")
+def _do_zero_grad(cluster: Cluster, model_id: str, path: str, names: list[str],
+                  fill_zeros: bool) -> None:
+    m = _model(cluster, model_id)
+    if names:
+        groups = {m.entry(n, PARAMETER).group for n in names}
+    else:
+        sub = _module(m, path)
+        prefix = f"{path}." if path else ""
+        groups = {m.by_name[prefix + n].group
+                  for n, _ in sub.named_parameters(remove_duplicate=False)}
+    st = state_of(m)
+    with cluster._lock:
+        for g in groups:
+            if g not in st.grads:
+                continue
+            if fill_zeros:
+                st.grads[g].zero_()
+            else:
+                del st.grads[g]
+
+
+def zero_grad(cluster: Cluster, model_id: str, path: str, names: Sequence[str],
+              fill_zeros: bool) -> None:
+    cluster.run("zero_grad", model_id=model_id, path=path, names=list(names),
+                fill_zeros=fill_zeros)
+
+
+# ----------------------------------------------------------------------- optimizers
+
+def _build(m: ShardedModel, type_name: str,
+           groups: Sequence[tuple[Sequence[str], dict[str, Any]]], defaults: dict[str, Any]
+           ) -> training.ServedOptimizer:
+    """torch's optimizer over this rank's parts of the named parameters (validated as on a
+    plain server: allow-listed arguments, every storage once)."""
+    norm_defaults = training.check_options(type_name, defaults)
+    if not groups:
+        raise InvalidArgumentError("an optimizer needs at least one parameter group",
+                                   reason="BAD_OPTIMIZER_ARGUMENT")
+    norm_groups: list[tuple[list[str], dict[str, Any]]] = []
+    torch_groups = []
+    params: list[tuple[int, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for names, options in groups:
+        if not names:
+            raise InvalidArgumentError("a parameter group has no parameters",
+                                       reason="BAD_OPTIMIZER_ARGUMENT")
+        group_params = []
+        for n in names:
+            e = m.entry(n, PARAMETER)
+            if e.group in seen:
+                raise InvalidArgumentError(f"parameter {n!r} appears in more than one group "
+                                           "(or twice, as a tied name)",
+                                           reason="DUPLICATE_PARAMETER",
+                                           metadata={"parameter": n})
+            seen.add(e.group)
+            # Its own tensor object; bound to the live part (p.data) for each step.
+            p = nn.Parameter(torch.empty(0, dtype=e.dtype))
+            params.append((e.group, n, p))
+            group_params.append(p)
+        opts = training.check_options(type_name, options)
+        norm_groups.append((list(names), opts))
+        torch_groups.append({"params": group_params, **opts})
+    cls = training.OPTIMIZERS[type_name][0]
+    try:
+        torch_opt = cls(torch_groups, **norm_defaults)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgumentError(f"{type_name}: {str(e).splitlines()[0]}",
+                                   reason="BAD_OPTIMIZER_ARGUMENT") from None
+    return training.ServedOptimizer(type_name, norm_defaults, norm_groups, torch_opt, params)
+
+
+@command("create_optimizer")
+def _do_create_optimizer(cluster: Cluster, model_id: str, type_name: str,
+                         groups: list[tuple[list[str], dict[str, Any]]],
+                         defaults: dict[str, Any], replace: bool
+                         ) -> tuple[training.ServedOptimizer, bool]:
+    m = _model(cluster, model_id)
+    st = state_of(m)
+    opt = _build(m, type_name, groups, defaults)
+    existing = st.optimizer
+    if existing is not None and existing.same_config(type_name, opt.groups, opt.defaults):
+        return existing, False
+    if existing is not None and not replace:
+        raise AlreadyExistsError(
+            f"model {model_id!r} already has a {existing.type} optimizer with another "
+            "configuration; pass replace=True to discard it and its state",
+            reason="OPTIMIZER_EXISTS", metadata={"model": model_id, "type": existing.type})
+    _vote(cluster, None)
+    _save_optimizer(cluster, m, opt)
+    cluster._confirm()
+    st.optimizer = opt
+    return opt, True
+
+
+def _vote(cluster: Cluster, error: ParamhubError | None) -> None:
+    """Every rank says whether it can go on; all go on or all raise."""
+    import torch.distributed as dist
+
+    votes: list[Any] = [None] * cluster.world
+    dist.all_gather_object(votes, error is None)
+    if error is not None:
+        raise error
+    if not all(votes):
+        raise InvalidArgumentError("another rank refused the call", reason="BAD_INPUT")
+
+
+def _optimizer(m: ShardedModel) -> training.ServedOptimizer:
+    opt = state_of(m).optimizer
+    if opt is None:
+        raise NotFoundError(f"model {m.id!r} has no optimizer; create one first",
+                            reason="OPTIMIZER_NOT_FOUND", metadata={"model": m.id})
+    return opt
+
+
+@command("optimizer_step")
+def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
+    """One optimizer.step() on every rank's parts: one model version on every rank, durable
+    on every rank before rank 0 answers. Returns (model version, steps)."""
+    m = _model(cluster, model_id)
+    opt = _optimizer(m)  # the same answer on every rank
+    st = state_of(m)
+    changed = [g for g, _, _ in opt.params if g in st.grads]
+    _vote(cluster, None)  # every rank is here before any steps
+    with cluster._lock:  # routed readers (ReadShard) never see half a step
+        for g, _, p in opt.params:
+            p.data = m.entries[g].local  # in place on the live part
+            p.grad = st.grads.get(g)
+        try:
+            opt.torch_opt.step()
+        finally:
+            for _, _, p in opt.params:
+                p.grad = None
+        opt.steps += 1
+        if changed:
+            for g in changed:
+                m.entries[g].version += 1
+            m.version += 1
+    _save_optimizer(cluster, m, opt)
+    if changed and cluster.root is not None:
+        staged = {g: [(torch.arange(m.entries[g].local.numel()),
+                       m.entries[g].local.reshape(-1).clone())] for g in changed}
+        storage.append(cluster.root, m, staged)
+    cluster._confirm()
+    return m.version, opt.steps
+
+
+def create_optimizer(cluster: Cluster, model_id: str, type_name: str,
+                     groups: Sequence[tuple[Sequence[str], dict[str, Any]]],
+                     defaults: dict[str, Any], replace: bool
+                     ) -> tuple[training.ServedOptimizer, bool]:
+    m = _model(cluster, model_id)
+    _build(m, type_name, groups, defaults)  # refused before any rank works
+    return cluster.run("create_optimizer", model_id=model_id, type_name=type_name,
+                       groups=[(list(n), dict(o)) for n, o in groups],
+                       defaults=dict(defaults), replace=replace)
+
+
+def optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
+    return cluster.run("optimizer_step", model_id=model_id)
+
+
+def optimizer_of(cluster: Cluster, model_id: str) -> training.ServedOptimizer:
+    """Rank 0's optimizer of the model (its configuration and steps are every rank's)."""
+    return _optimizer(_model(cluster, model_id))
+
+
+@command("optimizer_state")
+def _do_optimizer_state(cluster: Cluster, model_id: str) -> dict[str, torch.Tensor]:
+    """{"{parameter}/{key}": full tensor} of the optimizer state, assembled on rank 0 like
+    value reads (a parameter-shaped state from every rank's part; scalars such as Adam's
+    step are the same on every rank)."""
+    m = _model(cluster, model_id)
+    opt = _optimizer(m)
+    out: dict[str, torch.Tensor] = {}
+    with cluster._lock:
+        for g, name, p in opt.params:
+            e = m.entries[g]
+            local_shape = e.local.shape
+            for key, v in opt.torch_opt.state.get(p, {}).items():
+                t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                full = _full(cluster, e, t) if key != "step" and t.shape == local_shape \
+                    else t.clone()
+                out[f"{name}/{key}"] = full
+    return out if cluster.rank == 0 else {}
+
+
+def optimizer_state(cluster: Cluster, model_id: str
+                    ) -> tuple[training.ServedOptimizer, dict[str, torch.Tensor]]:
+    opt = optimizer_of(cluster, model_id)
+    return opt, cluster.run("optimizer_state", model_id=model_id)
+
+
+# ----------------------------------------------------------------------- durability
+
+def _optim_dir(cluster: Cluster, m: ShardedModel) -> Path | None:
+    return cluster.root / m.id / OPTIM_DIR if cluster.root is not None else None
+
+
+def _save_optimizer(cluster: Cluster, m: ShardedModel, opt: training.ServedOptimizer) -> None:
+    """Writes this rank's optimizer (configuration, steps, its parts of the state) as the
+    state file of the model's current version, fsynced and renamed into place; older files
+    are dropped once it is there."""
+    from safetensors.torch import save_file
+
+    d = _optim_dir(cluster, m)
+    if d is None:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.contiguous().clone() for k, t in training.optimizer_state(opt)}
+    meta = {"config": json.dumps(training.optimizer_config(opt)), "version": str(m.version)}
+    tmp = d / ".state.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    storage.fsync(tmp)
+    os.replace(tmp, d / f"{m.version}.safetensors")
+    storage.fsync(d)
+    for f in d.glob("*.safetensors"):
+        if f.stem.isdigit() and int(f.stem) < m.version:
+            f.unlink(missing_ok=True)
+
+
+@on_recover
+def recover(cluster: Cluster) -> None:
+    """After this rank recovered its parts: each model's optimizer from the newest state file
+    its recovered version reached; files of later versions (a step whose parameters were never
+    logged) are deleted, so a later write of that version cannot pick them up."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    for m in list(cluster.models.values()):
+        d = _optim_dir(cluster, m)
+        if d is None or not d.is_dir():
+            continue
+        files = sorted((int(f.stem), f) for f in d.glob("*.safetensors") if f.stem.isdigit())
+        best = None
+        for v, f in files:
+            if v > m.version:
+                f.unlink(missing_ok=True)
+            else:
+                best = f
+        if best is None:
+            continue
+        with safe_open(str(best), "pt") as fh:
+            meta = fh.metadata()
+        config = json.loads(meta["config"])
+        groups = [(list(g["parameters"]), dict(g["options"])) for g in config["groups"]]
+        opt = _build(m, config["type"], groups, config["defaults"])
+        by_name = {n: p for _, n, p in opt.params}
+        for key, t in load_file(str(best)).items():
+            name, _, entry = key.rpartition("/")
+            opt.torch_opt.state[by_name[name]][entry] = t
+        opt.steps = int(config["steps"])
+        state_of(m).optimizer = opt
