@@ -152,6 +152,10 @@ def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id
     # The whole part: one run of ids (logged as its bounds, not one id per element).
     commit.two_phase(cluster, m, {e.group: [(slice(0, part.numel()), part.reshape(-1))]},
                      error)
+    from paramhub_server.cluster.sharding import Write
+
+    for hook in cluster.on_commit:  # watch events, as for a write through the front door
+        hook(m, [Write(name, kind, (), "assign", part)], "")
     return e.version, m.version
 
 
