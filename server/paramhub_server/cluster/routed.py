@@ -152,8 +152,13 @@ def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id
         error = ConflictError(f"{name[:200]!r} is at version {e.version}, not "
                               f"{expected_version}", reason="VERSION_MISMATCH",
                               metadata={"tensor": name[:200], "version": str(e.version)})
-    ids = torch.arange(part.numel(), dtype=torch.int64)
-    commit.two_phase(cluster, m, {e.group: [(ids, part.reshape(-1))]}, error)
+    # The whole part: one run of ids (logged as its bounds, not one id per element).
+    commit.two_phase(cluster, m, {e.group: [(slice(0, part.numel()), part.reshape(-1))]},
+                     error)
+    from paramhub_server.cluster.sharding import Write
+
+    for hook in cluster.on_commit:  # watch events, as for a write through the front door
+        hook(m, [Write(name, kind, (), "assign", part)], "")
     return e.version, m.version
 
 
