@@ -518,7 +518,7 @@ def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
         torch_opt.step()
         opt.steps += 1
         stepped = True
-        staged = {g: [(torch.arange(p.numel()), p.detach().reshape(-1))]
+        staged = {g: [(slice(0, p.numel()), p.detach().reshape(-1))]
                   for g, _, p in opt.params if g in changed}
         if not changed:  # nothing to commit: the step count is all that changed
             _save_optimizer(cluster, m, opt)
