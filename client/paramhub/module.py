@@ -87,12 +87,13 @@ class _RemoteForward:
             if changed:
                 mirror.refresh()
             return out
+        if not kwargs and all(type(a) is torch.Tensor for a in args):
+            # The common call, net(x) on plain tensors: decided without walking pytrees.
+            if torch.is_grad_enabled() and (
+                    self.params_require_grad or any(a.requires_grad for a in args)):
+                return _autograd_call(self, args, kwargs, plain=True)
+            return self.client.forward(self.model_id, *args, module_path=self.path)
         if torch.is_grad_enabled():
-            if not kwargs and all(type(a) is torch.Tensor for a in args):
-                # The common call, net(x) on plain tensors: decided without walking pytrees.
-                if self.params_require_grad or any(a.requires_grad for a in args):
-                    return _autograd_call(self, args, kwargs, plain=True)
-                return self.client.forward(self.model_id, *args, module_path=self.path)
             flat_kwargs = tree_flatten(kwargs)[0]
             if any(_requires_grad(x) for x in flat_kwargs):
                 raise NotImplementedError(

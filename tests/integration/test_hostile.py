@@ -99,10 +99,12 @@ def _restart(server: Any, settings: Any) -> Any:
 # ------------------------------------------------------------------------ shared memory
 
 
-def test_shm_write_is_owned_by_the_server_before_it_is_logged(settings, tmp_path):
+@pytest.mark.parametrize("rows", [None, 1024])
+def test_shm_write_is_owned_by_the_server_before_it_is_logged(settings, tmp_path, rows):
     """A client keeps changing its memfd while the server logs and applies a whole-tensor
-    shm SetSlice: what was served before a restart is exactly what recovery brings back, and
-    later acknowledged writes survive."""
+    shm SetSlice (its value file is written from the memfd and applied from the file) or a
+    region's (applied from a private copy): what was served before a restart is exactly what
+    recovery brings back, and later acknowledged writes survive."""
     srv = build_server(settings)
     try:
         target = f"127.0.0.1:{srv.port}"
@@ -112,8 +114,9 @@ def test_shm_write_is_owned_by_the_server_before_it_is_logged(settings, tmp_path
             assert info.shm_address, "the shm channel is off"
             link = _shm.ShmLink(info.shm_address)
             stub = pb_grpc.ParameterServiceStub(grpc.insecure_channel(target))
-            shape = [2048, 2048]
-            nbytes = 2048 * 2048 * 4
+            shape = [2048, 2048] if rows is None else [rows, 2048]
+            index = [] if rows is None else _index(slice(0, rows))
+            nbytes = shape[0] * 2048 * 4
             for round_ in range(3):
                 seg = _shm.create_segment(nbytes)
                 values = seg.tensor.view(torch.float32)
@@ -133,7 +136,7 @@ def test_shm_write_is_owned_by_the_server_before_it_is_logged(settings, tmp_path
                 try:
                     stub.SetSlice(pb.SetSliceRequest(
                         name=_tensor_name("m", "0.weight"), op=pb.SLICE_OP_ASSIGN,
-                        value=tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=shape),
+                        index=index, value=tpb.Tensor(dtype=tpb.DTYPE_FLOAT32, shape=shape),
                         shm_token=greeted.token, request_id=f"flip-{round_}"), timeout=60)
                 finally:
                     stop.set()

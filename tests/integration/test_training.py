@@ -131,6 +131,25 @@ def test_backward_replays_dropout_masks(client) -> None:
     assert torch.equal(X.grad, kept.float() * 2)
 
 
+def test_backward_replays_dropout_after_a_mode_switch(client) -> None:
+    # Which modules may draw is found once per tree; their modes are read on every pass.
+    torch.manual_seed(0)
+    net = client.create_model("m", nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5)))
+    net.eval()
+    X = torch.ones(64, 16, requires_grad=True)
+    assert (net(X) != 0).all()  # eval: no mask (the pass was asked with a seed all the same)
+    net.train()
+    for _ in range(2):
+        X.grad = None
+        out = net(X)
+        kept = out != 0
+        assert 0 < kept.sum() < kept.numel()
+        out.sum().backward()
+        # The replayed pass drew the same mask: d(sum)/dX = (mask / (1 - p)) @ W.
+        w = net[0].weight.fetch()
+        torch.testing.assert_close(X.grad, (kept.float() * 2) @ w)
+
+
 def test_backward_batchnorm_updates_running_stats_once(client) -> None:
     torch.manual_seed(0)
     local = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))

@@ -80,18 +80,23 @@ class TensorHandlers(Handlers):
 
     @staticmethod
     def _apply_slice(m: ServedModel, w: SliceWrite, request: pb.SetSliceRequest,
-                     context: grpc.ServicerContext) -> pb.SetSliceResponse:
+                     context: grpc.ServicerContext, volatile: bool = False
+                     ) -> pb.SetSliceResponse:
         version, model_version = m.set_slice(w.name, w.index, w.op, w.value, w.expected_version,
                                              kind=w.kind,
-                                             ctx=write_context(request.request_id, context))
+                                             ctx=write_context(request.request_id, context),
+                                             volatile=volatile)
         return pb.SetSliceResponse(version=version, model_version=model_version)
 
     def _admit(self, m: ServedModel, w: SliceWrite | None = None) -> Admit:
-        """The checks a transport runs before accepting a write's bytes."""
+        """The checks a transport runs before accepting a write's bytes. A SetSlice (`w`)
+        keeps a view of the client's memory as it is: set_slice(volatile=True) makes it safe
+        (a big value is then copied once, into its value file, instead of twice)."""
         return Admit(
             announced=lambda dtype, shape: self._check_upload(m, w, shape) if w else None,
             inline=lambda value: self._check_index(m, w.name, w.kind, w.index) if w else None,
-            owned=lambda view: _owned(m, view), max_elements=self.max_tensor_elements)
+            owned=(lambda view: view) if w else (lambda view: _owned(m, view)),
+            max_elements=self.max_tensor_elements)
 
     @rpc
     def SetSlice(self, request: pb.SetSliceRequest, context: grpc.ServicerContext
@@ -105,7 +110,7 @@ class TensorHandlers(Handlers):
             self.transport.release(request)
             raise
         w.value = link.receive_value(request, self._admit(m, w))
-        return self._apply_slice(m, w, request, context)
+        return self._apply_slice(m, w, request, context, volatile=link.volatile)
 
     @rpc
     def StreamSetSlice(self, request_iterator: Iterator[Any],

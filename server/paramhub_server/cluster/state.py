@@ -14,7 +14,8 @@ push or a checkpoint restore is all or nothing across ranks with one new model v
   version; rank 0 packs them as a plain server does and the transport sends them.
 - PushState: rank 0 receives and checks the whole state (names, shapes, dtypes: an error changes
   nothing anywhere), then one command scatters each storage's parts (`distribute_tensor`, so
-  any placement), and each rank keeps only its part (the engine's two-phase commit).
+  any placement), and the parts are committed with commit.py's two-phase commit (each rank
+  logs its part as a prepare, then the commit).
 - WatchModel: rank 0 runs every command, so it publishes the events: the engine calls
   `Cluster.on_commit` after each write, and the commands here publish theirs. A watch
   subscribes through the command loop, so no write falls between its STARTED version and its
@@ -220,15 +221,13 @@ def _push(cluster: Cluster, model_id: str, groups: list[int],
 def _commit_parts(cluster: Cluster, m: ShardedModel, staged: dict[int, torch.Tensor],
                   op: str, ctx: WriteContext, error: ParamhubError | None = None
                   ) -> tuple[list[tuple[str, int]], int]:
-    """The commit of whole-part writes (a push, a restore): the engine's two-phase commit
-    (commit.two_phase: logged prepare, vote, logged commit, apply under the lock, confirm), so
-    a crash between two ranks' commits is resolved at start like any write. The parts travel
-    as (every flat id, every value): a log record holds the ids beside the values, and a log
-    that outgrows the rank's part is folded into a snapshot at once."""
+    """The commit of whole-part writes: the two-phase commit of commit.py (each rank logs its
+    part as a prepare, votes, logs the commit, swaps the part in, confirms; a crash between
+    two ranks' commits is resolved at start), then publish."""
     from paramhub_server.cluster import commit
 
-    changes = {g: [(torch.arange(part.numel()), part.reshape(-1))] for g, part in staged.items()}
-    commit.two_phase(cluster, m, changes, error)
+    commit.two_phase(cluster, m, {g: [(slice(0, part.numel()), part.reshape(-1))]
+                                  for g, part in staged.items()}, error)
     if cluster.rank == 0:
         publish(m, op, [(g, "[...]") for g in staged], ctx)
     return [(m.entries[g].names[0], m.entries[g].version) for g in staged], m.version

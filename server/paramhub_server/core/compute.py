@@ -49,8 +49,10 @@ class Compute:
         the pass fails.
         """
         sub = _spec.get_submodule(self.module, path)
-        args = _to_device(args, self.device)
-        kwargs = _to_device(kwargs, self.device) if kwargs else kwargs
+        on_cpu = self.device.type == "cpu"  # inputs arrive decoded on the CPU: nothing to move
+        if not on_cpu:
+            args = _to_device(args, self.device)
+            kwargs = _to_device(kwargs, self.device) if kwargs else kwargs
         # In training mode, modules such as BatchNorm update their buffers: that is a write.
         # The mode is read again under the lock, since SetTrainingMode may have run between.
         while True:
@@ -71,7 +73,7 @@ class Compute:
             lock = self.lock.write() if mutating or lazy else self.lock.read()
             if lazy:
                 replay: Any = rng.drawing_from(generator)
-            elif seed is not None and _draws_random(sub):
+            elif seed is not None and self._draws_random(path, sub):
                 replay = rng.seeded_on(seed, self.device)
             else:
                 replay = nullcontext()
@@ -117,7 +119,18 @@ class Compute:
                 # A caller that sent its generator expected lazy modules here: if there are
                 # none left (another client's pass materialized them), it must re-describe.
                 stale = generator is not None and not lazy
-                return _to_device(out, torch.device("cpu")), self.version, stale
+                return (out if on_cpu else _to_device(out, torch.device("cpu")), self.version,
+                        stale)
+
+    def _draws_random(self, path: str, sub: nn.Module) -> bool:
+        """Whether a pass of `sub` (at `path`) in its current modes draws random numbers. The
+        modules that could are found once per tree (a pass asked for with a seed, as every
+        grad-mode call is, would otherwise walk the whole tree each time); only their modes
+        are read per pass."""
+        candidates = self._random.get(path)
+        if candidates is None:
+            candidates = self._random[path] = _random_modules(sub)
+        return any(_draws(m) for m in candidates)
 
     def _materialized(self, buffers: Sequence[str]) -> bool:
         """After a pass through lazy modules (write lock held): indexes what it materialized,
@@ -210,8 +223,8 @@ class Compute:
         mutating = {f"{mpath}.{n}" if mpath else n: b
                     for mpath, m in sub.named_modules(remove_duplicate=False) if m.training
                     for n, b in m._buffers.items() if b is not None}
-        replay = rng.seeded_on(seed, self.device) if seed is not None and _draws_random(sub) \
-            else nullcontext()
+        replay = (rng.seeded_on(seed, self.device)
+                  if seed is not None and self._draws_random(path, sub) else nullcontext())
         with self.lock.read():
             if self.params_written_at > forward_version:
                 raise ConflictError(
@@ -289,17 +302,27 @@ _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alph
                    nn.FeatureAlphaDropout, nn.RReLU)
 
 
+def _random_modules(sub: nn.Module) -> list[nn.Module]:
+    """Modules under `sub` that may draw random numbers in training mode: the dropout classes,
+    and modules keeping their dropout as a float attribute (RNN/LSTM/GRU, MultiheadAttention)."""
+    return [m for m in sub.modules() if isinstance(m, _RANDOM_MODULES)
+            or isinstance(getattr(m, "dropout", None), float)]
+
+
 def _draws_random(sub: nn.Module) -> bool:
-    """Whether a pass of `sub` in its current modes draws random numbers."""
-    for m in sub.modules():
-        if not m.training:
-            continue
-        if isinstance(m, _RANDOM_MODULES) and getattr(m, "p", 1.0) != 0:
-            return True
-        # RNN/LSTM/GRU and MultiheadAttention keep their dropout as a float attribute.
-        if isinstance(getattr(m, "dropout", None), float) and m.dropout > 0:
-            return True
-    return False
+    """Whether a pass of `sub` in its current modes draws random numbers (walks the tree;
+    ServedModel caches the walk per path)."""
+    return any(_draws(m) for m in _random_modules(sub))
+
+
+def _draws(m: nn.Module) -> bool:
+    """Whether `m` (one of `_random_modules`) draws random numbers in its current mode."""
+    if not m.training:
+        return False
+    if isinstance(m, _RANDOM_MODULES):
+        return getattr(m, "p", 1.0) != 0
+    return bool(m.dropout > 0)
+
 
 
 def _run(sub: nn.Module, path: str, args: Any, kwargs: Any, call: Any = None) -> Any:

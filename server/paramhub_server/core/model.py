@@ -87,6 +87,9 @@ class ServedModel(WriteEngine, Compute):
         #: Modules holding buffers, per Forward path (the tree changes only when lazy modules
         #: materialize, which clears this; only the modes are read per pass).
         self._buffered: dict[str, list[nn.Module]] = {}
+        #: Modules that may draw random numbers in training mode (dropout), per Forward path:
+        #: found once per tree like `_buffered`, so a seeded pass reads only their modes.
+        self._random: dict[str, list[nn.Module]] = {}
         self._index()
         self.recent: OrderedDict[str, WriteResult] = OrderedDict()
         self.watchers = watch.WatchHub()
@@ -132,6 +135,7 @@ class ServedModel(WriteEngine, Compute):
         self._param_groups = {r.group for r in self._refs.values() if r.kind == PARAMETER}
         self._layouts = {}
         self._buffered = {}
+        self._random = {}
         #: Paths of modules that are still of a lazy class (their first Forward changes them).
         self._lazy_paths = {p for p, m in module.named_modules()
                             if isinstance(m, nn.modules.lazy.LazyModuleMixin)}

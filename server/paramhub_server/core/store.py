@@ -74,7 +74,8 @@ from paramhub_server.core.model import (MAX_RECENT_REQUESTS, Change, Extra, Prog
                                         ServedModel, SnapshotState, TensorRef, WriteContext,
                                         WriteResult)
 from paramhub_server.core.wal import (Scan, ValueFileError, WalCorruptError, WalWriter,
-                                      disk_full, read_records, read_value_file, write_value_file)
+                                      disk_full, map_value_file, read_records, read_value_file,
+                                      write_value_file)
 from paramhub_server.core.wal import cut as wal_cut
 from paramhub_server.core.wal import scan as wal_scan
 
@@ -474,24 +475,38 @@ class ModelStore:
         return fname
 
     def prewrite(self, ref: TensorRef, index: tuple[Any, ...], op: str,
-                 value: torch.Tensor) -> None:
+                 value: torch.Tensor, *, volatile: bool = False) -> torch.Tensor | None:
         """Called before the write lock is taken: a big whole-tensor assign's value file is
         written and synced now, so that the lock is held only for the small log record and the
         copy into the tensor (readers of the model do not wait for the value's disk write).
-        `log_write` uses the file if the planned change's value is this very tensor (an assign
-        of the tensor's dtype and device keeps it); otherwise it is removed when the lock is
-        released."""
+        `log_write` uses the file if the planned change's value is the tensor this returns (an
+        assign of the tensor's dtype and device keeps it); otherwise it is removed when the
+        lock is released. Returns None when the write takes no value file.
+
+        `volatile`: `value` lives in memory another process may still change (a client's
+        shared memory). The file is written straight from it, and the value returned (the one
+        the write must apply) is the file's own bytes, mapped from the page cache, so the
+        tensor and the log cannot disagree, at one copy fewer than copying `value` first."""
         if op != "assign":
-            return
+            return None
         t = ref.get()
-        if (value.numel() * value.element_size() < self.store.value_file_bytes
+        nbytes = value.numel() * value.element_size()
+        if (nbytes < self.store.value_file_bytes
                 or value.dtype != t.dtype or value.device != t.device
                 or not wal_format.whole(index, value.shape, t.shape)):
-            return
+            return None
         fname = self._write_value(value)
+        if volatile:
+            try:
+                mapped = map_value_file(self.values_dir / fname, nbytes)
+            except BaseException:
+                (self.values_dir / fname).unlink(missing_ok=True)
+                raise
+            value = torch.frombuffer(mapped, dtype=value.dtype).view(value.shape)
         if self.store.fsync != "off":
             st.fsync_dir(self.values_dir)
         self._pending.pre = (value, fname)
+        return value
 
     def _after_write(self, ok: bool) -> None:
         """Runs when the model's write lock is released: waits until the fsync that covers

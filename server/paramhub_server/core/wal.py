@@ -42,6 +42,7 @@ import ctypes
 import errno
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -533,6 +534,18 @@ def write_value_file(path: Path, data: Any, fsync: bool) -> int:
         raise disk_full(path, e) or e from None
     os.close(fd)
     return view.nbytes
+
+
+def map_value_file(path: Path, nbytes: int) -> mmap.mmap:
+    """A private, prefaulted mapping of a value file just written (its pages are in the page
+    cache): the bytes as the file holds them, without another copy in memory. Writes to the
+    mapping (none are made) would stay private."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
 
 
 def read_value_file(path: Path, into: Any) -> None:

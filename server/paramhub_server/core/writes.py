@@ -198,13 +198,21 @@ class WriteEngine:
 
     def set_slice(self, name: str, index: tuple[Any, ...], op: str, value: torch.Tensor,
                   expected_version: int | None = None, *, kind: str | None = None,
-                  ctx: WriteContext = NO_CONTEXT) -> tuple[int, int]:
-        """`tensor[index] (op)= value`, atomically. Returns (tensor version, model version)."""
+                  ctx: WriteContext = NO_CONTEXT, volatile: bool = False) -> tuple[int, int]:
+        """`tensor[index] (op)= value`, atomically. Returns (tensor version, model version).
+
+        `volatile`: `value` is memory another process can still change (a client's shared
+        memory). A logged write then never applies it directly: it applies the bytes its value
+        file holds, or else a private copy, so the tensor and the log cannot disagree."""
         check_op(op)
         ref = self.ref(name, kind)
         journal = self.journal
         if journal is not None:  # a big whole-tensor value goes to disk before the lock
-            journal.prewrite(ref, index, op, value)
+            stable = journal.prewrite(ref, index, op, value, volatile=volatile)
+            if stable is not None:
+                value = stable
+            elif volatile:
+                value = value.clone()
         with self.lock.write():
             result = self._recall(ctx, "set_slice")
             if result is None:

@@ -72,6 +72,9 @@ class Link:
     """One way bytes travel on the server's side; `name` is what is counted per transfer."""
 
     name = ""
+    #: Whether a value this link receives stays in memory the client can still change (shared
+    #: memory): the write must then apply it only through its log (see set_slice's volatile).
+    volatile = False
 
     def send_tensor(self, read: TensorRead, request: Any) -> Iterator[bytes]:
         """GetTensorResponse wire messages for a read (and the bytes, by this link)."""

@@ -87,6 +87,7 @@ class ShmLink(Link):
     """Transfers whose request names a greeted shared-memory connection (shm_token)."""
 
     name = "shm"
+    volatile = True  # the client still maps the memfd
 
     def __init__(self, channel: ShmChannel, link: Any) -> None:
         self.channel = channel
