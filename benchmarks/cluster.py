@@ -1,10 +1,12 @@
 """The cost of a cluster on one host (README "Past one machine"): a plain `paramhub serve` next
 to a 2-rank torchrun cluster serving the same model sharded, both on 127.0.0.1, in one run.
 
-Rows: a whole-tensor read of a big parameter (plain server: shared memory, and gRPC only;
-cluster: routed from both ranks, and through the front door), the median latency of a
-one-element read and write, and compute: a Forward and one training step (Forward + Backward +
-an SGD step) of a 16 MiB MLP, plain vs sharded. Numbers are medians; this machine's cores are shared with other
+Rows: a whole-tensor read and write of a big parameter (plain server: shared memory, and gRPC
+only; cluster: routed to/from both ranks, and through the front door), `pull_state` /
+`push_state` of the whole model (plain server over gRPC; the cluster's sharded model), the
+median latency of a one-element read and write, and compute: a Forward and one training step
+(Forward + Backward + an SGD step) of a 16 MiB MLP, plain vs sharded. Numbers are medians;
+this machine's cores are shared with other
 work, so they are noisy.
 
     python -m benchmarks.cluster [--mib 64] [--repeats 5] [--small 50]
@@ -157,6 +159,7 @@ def main() -> None:
                     paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as c:
                 p.create_model("m", module)
                 c.create_model("m", module, shard="fsdp")
+                c.create_model("tp", module, shard={"0": "rowwise"})  # the weight Shard(1)
                 pg.model("m")
                 c.model("m")
                 big = [
@@ -164,12 +167,37 @@ def main() -> None:
                     ("plain server, gRPC stream", lambda: pg.get_tensor("m", "0.weight")),
                     ("2-rank cluster, routed from both ranks",
                      lambda: c.get_tensor("m", "0.weight")),
+                    ("2-rank cluster, routed, Shard(1) (a rowwise plan)",
+                     lambda: c.get_tensor("tp", "0.weight")),
                     ("2-rank cluster, through the front door (index [:])",
                      lambda: c.get_tensor("m", "0.weight", (slice(None),))),
                 ]
                 for name, fn in big:
                     s = _median_s(fn, args.repeats)
                     results.append((f"read {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
+                                    f"{mib / 1024 / s:.2f} GB/s"))
+                new = {"0.weight": torch.randn(module[0].weight.shape)}
+                for label, client in (("plain server, gRPC stream", pg),
+                                      ("2-rank cluster, sharded model", c)):
+                    for what, fn in (("pull_state", lambda: client.pull_state("m")),
+                                     ("push_state", lambda: client.push_state("m", new))):
+                        s = _median_s(fn, args.repeats)
+                        results.append((f"{what} {mib:.0f} MiB: {label}", f"{s * 1e3:.0f} ms",
+                                        f"{mib / 1024 / s:.2f} GB/s"))
+                value = torch.randn_like(module[0].weight)
+                writes = [
+                    ("plain server, shared memory", lambda: p.set_slice("m", "0.weight", None,
+                                                                        value)),
+                    ("plain server, gRPC stream", lambda: pg.set_slice("m", "0.weight", None,
+                                                                       value)),
+                    ("2-rank cluster, routed to both ranks",
+                     lambda: c.set_slice("m", "0.weight", None, value)),
+                    ("2-rank cluster, through the front door (index [0:rows])",
+                     lambda: c.set_slice("m", "0.weight", (slice(0, rows),), value)),
+                ]
+                for name, fn in writes:
+                    s = _median_s(fn, args.repeats)
+                    results.append((f"write {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
                                     f"{mib / 1024 / s:.2f} GB/s"))
                 for label, client in (("plain server", p), ("2-rank cluster", c)):
                     s = _median_s(lambda: client.get_tensor("m", "0.weight", (0, 0)),

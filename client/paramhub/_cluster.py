@@ -66,6 +66,9 @@ class Placement(tuple):  # noqa: SLOT001 - a 2-tuple that also carries a note
         self.note = note
         return self
 
+    def __getnewargs__(self) -> tuple[str, tuple[int, ...], str]:
+        return self[0], self[1], self.note  # (copy and pickle)
+
     @property
     def dim(self) -> int | None:
         """The sharded dim, or None (replicated, local)."""
@@ -196,14 +199,16 @@ class Cluster:
     def write_if_sharded(self, model_id: str, name: str, tensor_name: str, value: torch.Tensor,
                          expected_version: int | None, timeout: float | None
                          ) -> int | None:
-        """A routed write of a whole tensor (`value` has its full shape) when it is sharded on
-        dim 0: each owner is sent its rows in parallel (StageShard), then the front door
-        commits them as one write; the tensor's new version. None to write through the front
-        door instead (not sharded on dim 0, a rank not reachable from here, a part refused)."""
-        placement, bounds = self._placement_of(model_id, name)
-        if placement != "shard(0)" or self._routing_off or not bounds:
+        """A routed write of a whole tensor (`value` has its full shape) when it is sharded
+        (Shard(d), any d): each owner is sent its part (its indices along d) in parallel
+        (StageShard), then the front door commits them as one write; the tensor's new
+        version. None to write through the front door instead (not sharded, a rank not
+        reachable from here, a part refused)."""
+        known = self._placement_of(model_id, name)
+        bounds, dim = known[1], Placement(known[0], ()).dim
+        if dim is None or self._routing_off or not bounds:
             return None
-        if value.dim() == 0 or value.shape[0] != bounds[-1]:
+        if value.dim() <= dim or value.shape[dim] != bounds[-1]:
             return None  # a broadcast value: the front door expands it
         with self._lock:
             ranks = self._ranks
@@ -218,7 +223,8 @@ class Cluster:
         def stage(rank: RankInfo) -> None:
             lo, hi = bounds[rank.rank], bounds[rank.rank + 1]
             if hi > lo:
-                self._stage(rank, tensor_name, write_id, value[lo:hi], lo, hi, timeout)
+                part = value.narrow(dim, lo, hi - lo).contiguous()
+                self._stage(rank, tensor_name, write_id, part, lo, hi, timeout)
 
         try:
             list(pool.map(stage, ranks))

@@ -121,3 +121,29 @@ def test_torchrun_max_restarts_brings_the_cluster_back(tmp_path) -> None:
             assert torch.equal(net[0].weight.fetch()[9], torch.full((6,), 8.0))
     finally:
         procs.stop()
+
+
+def test_routed_write_to_a_dead_rank_answers_rank_down(tmp_path) -> None:
+    """A routed write whose owner is gone falls back to the front door, which answers
+    UNAVAILABLE / RANK_DOWN naming the rank (no hang), and rank 0's part is not changed."""
+    procs = ClusterProcs(tmp_path / "data", 2, launcher="direct").start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            net = c.create_model("big", nn.Linear(1024, 1024), shard="fsdp")
+            before = net.weight.fetch()
+            procs.kill(1)
+            counts = dict(c.rpc_counts)
+            with pytest.raises(UnavailableError) as e:
+                net.weight.data[:] = torch.randn(1024, 1024)
+            assert (e.value.reason, e.value.metadata["rank"]) == ("RANK_DOWN", "1")
+            # The owners were tried first, then the front door.
+            assert c.rpc_counts["StageShard"] > counts.get("StageShard", 0)
+            assert c.rpc_counts.get("CommitStagedWrite", 0) == 0
+            front = ("SetSlice", "StreamSetSlice")
+            assert sum(c.rpc_counts.get(k, 0) - counts.get(k, 0) for k in front) == 1
+        procs.stop(signal.SIGKILL)
+        procs.start()  # and nothing of the write is anywhere
+        with paramhub.connect(procs.target, timeout=60) as c:
+            assert torch.equal(c.model("big").weight.fetch(), before)
+    finally:
+        procs.stop(signal.SIGKILL)

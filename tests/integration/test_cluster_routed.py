@@ -4,6 +4,7 @@ write (CommitStagedWrite); bad parts, missing parts and the staging limit change
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,6 +110,31 @@ def test_big_write_goes_straight_to_the_owners(cc: paramhub.Client) -> None:
     row = torch.arange(1024.0).expand(1024, 1024).contiguous()[:1].reshape(1024)
     net.weight.data[:] = row
     assert torch.equal(net.weight.fetch(), row.expand(1024, 1024))
+
+
+def test_routed_write_is_one_watch_event(cc: paramhub.Client) -> None:
+    """A watcher sees a routed write as one event of the whole tensor, as for a write through
+    the front door."""
+    net = big(cc)
+    events: list[Any] = []
+    started, got = threading.Event(), threading.Event()
+
+    def on_event(ev: Any) -> None:
+        events.append(ev)
+        (started if ev.kind == "started" else got).set()
+
+    w = cc.watch("big", on_event)
+    try:
+        assert started.wait(30)
+        before = dict(cc.rpc_counts)
+        net.weight.data[:] = torch.randn(1024, 1024)
+        assert cc.rpc_counts["CommitStagedWrite"] == before.get("CommitStagedWrite", 0) + 1
+        assert got.wait(60), events
+    finally:
+        w.close()
+        w.join(30)
+    ev = events[-1]
+    assert ev.model_version == 2 and [ch.name for ch in ev.changes] == ["weight"]
 
 
 def test_staged_parts_commit_as_one_write(cc: paramhub.Client, cluster: ClusterProcs) -> None:

@@ -245,6 +245,34 @@ def test_readers_never_see_half_a_push_or_batch(cc, cluster) -> None:
     assert cc.model_version("m") == 2 + 40 + 0  # created at 1, one push, 40 writes
 
 
+def test_tied_and_replicated_tensors_match_plain(cc, client) -> None:
+    """A tied weight (one storage, two names) and a replicated tensor (too few rows to split):
+    pulls, pushes (for tied names pushed twice the last value wins), batches and a checkpoint
+    round trip give what a plain model gives."""
+    torch.manual_seed(5)
+    shared = nn.Linear(4, 4)
+    module = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 1))
+    out = []
+    for c, name in both(cc, client, "t", module):
+        got: list[Any] = [c.pull_state(name)[0]]
+        c.create_checkpoint(name, "start")
+        pushed = c.push_state(name, {"0.weight": torch.ones(4, 4), "2.weight": torch.eye(4),
+                                     "3.bias": torch.tensor([7.0])})
+        got.append(c.pull_state(name)[0])
+        with c.batch(name) as b:
+            b.set_slice("2.weight", (slice(1, 3),), 2.0, "add")
+            b.set_slice("3.weight", None, 3.0)
+        got.append(c.pull_state(name)[0])
+        c.restore_checkpoint(name, "start")
+        got.append(c.pull_state(name)[0])
+        out.append((got, list(pushed), list(b.updated)))
+    assert cc.describe_placement("t")["3.bias"][0] == "replicate"
+    for s_got, p_got in zip(out[0][0], out[1][0], strict=True):
+        assert_same(s_got, p_got)
+    assert out[0][1:] == out[1][1:]
+    assert torch.equal(out[0][0][1]["0.weight"], torch.eye(4))
+
+
 # -------------------------------------------------------------------------------- WatchModel
 
 
@@ -283,10 +311,14 @@ def test_watch_on_sharded_model_matches_plain(cc, client, cluster) -> None:
         c.restore_checkpoint(name, "ck")
         for i in range(30):  # in order, none lost
             c.set_slice(name, "0.bias", (i % 10,), 1.0, "add")
+        net = c.model(name)
+        opt = paramhub.optim.SGD(net.parameters(), lr=0.1)
+        net(torch.ones(2, 6)).sum().backward()
+        opt.step()
 
     out = []
     for c, name in both(cc, client):
-        evs = _events(c, name, writes, 35)
+        evs = _events(c, name, writes, 36)
         v0 = evs[0].model_version
         out.append([(e.kind, e.model_version - v0, e.op,
                      [ch.name for ch in e.changes]) for e in evs])
@@ -294,9 +326,22 @@ def test_watch_on_sharded_model_matches_plain(cc, client, cluster) -> None:
     assert out[0] == out[1]
 
 
-def test_watch_of_missing_sharded_model(cc) -> None:
+def test_watch_ends_when_the_sharded_model_is_deleted(cc) -> None:
     with pytest.raises(NotFoundError):
         next(iter(cc.watch("missing")))
+    cc.create_model("m", make(), shard="fsdp")
+    kinds: list[str] = []
+    w = cc.watch("m", lambda ev: kinds.append(ev.kind))
+    deadline = time.monotonic() + 30
+    while not kinds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cc.delete_model("m")
+    w.join(30)  # the stream ends by itself (the handler checks every 5 s)
+    try:
+        assert w._thread is not None and not w._thread.is_alive()
+        assert kinds == ["started"]
+    finally:
+        w.close()
 
 
 # ------------------------------------------------------------------ checkpoints, compaction
@@ -342,13 +387,24 @@ def test_checkpoints_on_sharded_model_match_plain(cc, client) -> None:
     assert out[0] == out[1]
 
 
-def test_export_of_sharded_model_is_refused(cc) -> None:
-    """ExportCheckpoint is not built for sharded models: a clear refusal."""
-    cc.create_model("m", make(), shard="fsdp")
-    from paramhub.errors import FailedPreconditionError
-    with pytest.raises(FailedPreconditionError) as e:
-        cc.export_checkpoint("m", "/dev/null")
-    assert e.value.reason == "SHARDED_UNSUPPORTED"
+def test_export_checkpoint_of_sharded_model_matches_plain(cc, client, tmp_path) -> None:
+    """ExportCheckpoint of a sharded model (a checkpoint, or the current values) is the same
+    plain safetensors state_dict a plain model exports."""
+    from safetensors.torch import load_file
+
+    files = []
+    for c, name in both(cc, client):
+        c.create_checkpoint(name, "ck")
+        c.set_slice(name, "0.weight", None, 2.0)
+        files.append((c.export_checkpoint(name, tmp_path / f"{id(c)}-ck.safetensors", "ck"),
+                      c.export_checkpoint(name, tmp_path / f"{id(c)}-now.safetensors")))
+        with pytest.raises(NotFoundError) as e:
+            c.export_checkpoint(name, tmp_path / "x", "missing")
+        assert e.value.reason == "CHECKPOINT_NOT_FOUND"
+    for s_file, p_file in zip(files[0], files[1], strict=True):
+        assert_same(load_file(s_file), load_file(p_file))
+    assert torch.equal(load_file(files[0][1])["0.weight"], torch.full((10, 6), 2.0))
+    assert torch.equal(load_file(files[0][0])["0.weight"], make()[0].weight.detach())
 
 
 # ---------------------------------------------------------------------------- kill -9 (last)

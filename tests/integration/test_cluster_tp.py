@@ -213,9 +213,10 @@ def test_shard1_concurrent_writers_are_atomic(cc: paramhub.Client,
     assert torch.equal(w[:2], torch.zeros(2, 6)) and torch.equal(w[8:], torch.zeros(2, 6))
 
 
-def test_routed_read_of_a_shard1_tensor(cc: paramhub.Client) -> None:
+def test_routed_read_and_write_of_a_shard1_tensor(cc: paramhub.Client) -> None:
     """A big whole read of a Shard(1) tensor is assembled from both ranks' column blocks
-    (ReadShard, nothing through GetTensor) and equals the tensor."""
+    (ReadShard, nothing through GetTensor) and equals the tensor; a big whole write sends
+    each rank its columns (StageShard) and commits them as one write."""
     torch.manual_seed(5)
     local = nn.Linear(1000, 520)  # rowwise: a (520, 1000) weight, 2 MiB, split 500 + 500
     net = cc.create_model("big", nn.Sequential(local), shard={"0": "rowwise"})
@@ -233,6 +234,58 @@ def test_routed_read_of_a_shard1_tensor(cc: paramhub.Client) -> None:
     assert version == cc.describe_model("big").tensors[0].version
     front, _ = cc.get_tensor("big", "0.weight", (slice(None),))
     assert torch.equal(front, expected)
+    # A big whole write goes straight to the owners too: each is sent its columns.
+    value = torch.randn(520, 1000)
+    before = dict(cc.rpc_counts)
+    net[0].weight.data[:] = value
+    counts = {k: cc.rpc_counts.get(k, 0) - before.get(k, 0) for k in cc.rpc_counts}
+    assert counts.get("StageShard") == 2 and counts.get("CommitStagedWrite") == 1
+    assert not counts.get("SetSlice") and not counts.get("StreamSetSlice")
+    assert torch.equal(net[0].weight.fetch(), value)
+    assert cc.describe_model("big").tensors[0].version == version + 1
+
+
+def test_training_batches_state_and_checkpoints_on_shard1(cc: paramhub.Client) -> None:
+    """What the other sharded-model features do on Shard(0) they do on a plan's Shard(1)
+    tensors: backward and an optimizer step equal local torch, a batch spanning both ranks'
+    columns is one version, pull/push of state and a checkpoint restore round-trip."""
+    import copy
+
+    import torch.nn.functional as F
+
+    local = make(2)
+    net = cc.create_model("mlp", copy.deepcopy(local), shard=PLAN)
+    opt = paramhub.optim.Adam(net.parameters(), lr=0.01)
+    lopt = torch.optim.Adam(local.parameters(), lr=0.01)
+    torch.manual_seed(3)
+    for _ in range(3):
+        X, y = torch.randn(8, 6), torch.randn(8, 6)
+        opt.zero_grad()
+        F.mse_loss(net(X), y).backward()
+        opt.step()
+        lopt.zero_grad()
+        F.mse_loss(local(X), y).backward()
+        lopt.step()
+    for n, p in local.named_parameters():
+        torch.testing.assert_close(cc.get_tensor("mlp", n)[0], p.detach(), rtol=1e-5,
+                                   atol=1e-6, msg=n)
+    lw = cc.get_tensor("mlp", "2.weight")[0]
+    version = cc.describe_model("mlp").model.version
+    with cc.batch("mlp") as b:
+        b.set_slice("2.weight", (slice(None), slice(3, 8)), torch.tensor(2.0), "add")
+        b.set_slice("2.weight", (0, slice(None)), torch.arange(10.0))
+    lw[:, 3:8] += 2.0
+    lw[0] = torch.arange(10.0)
+    assert torch.equal(cc.get_tensor("mlp", "2.weight")[0], lw)
+    assert cc.describe_model("mlp").model.version == version + 1
+    pulled, _ = cc.pull_state("mlp")
+    assert torch.equal(pulled["2.weight"], lw)
+    cc.create_checkpoint("mlp", "ck")
+    cc.push_state("mlp", {"2.weight": torch.ones(6, 10)})
+    assert torch.equal(net[2].weight.fetch(), torch.ones(6, 10))
+    cc.restore_checkpoint("mlp", "ck")
+    assert torch.equal(net[2].weight.fetch(), lw)
+    assert cc.describe_placement("mlp")["2.weight"] == ("shard(1)", (0, 5, 10))
 
 
 def test_seed_walkthrough_on_tensor_parallel_models(cc: paramhub.Client) -> None:
@@ -270,6 +323,8 @@ def test_seed_walkthrough_on_tensor_parallel_models(cc: paramhub.Client) -> None
     ({"0": "sequence_parallel"}, "unknown tensor-parallel style"),
     ({"0": "colwise", "2": "colwise", "4": "rowwise"}, "tied"),
     ("rowwise-everything", "unknown sharding plan"),
+    ({f"layer{i}": "colwise" for i in range(400)}, "more than 7000"),  # refused by the SDK
+    (["0", "colwise"], "mapping"),
 ])
 def test_bad_plans_create_nothing(cc: paramhub.Client, plan, words) -> None:
     shared = nn.Linear(4, 4)

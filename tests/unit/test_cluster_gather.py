@@ -78,3 +78,25 @@ def test_attention_is_gathered_as_one_unit(mesh) -> None:
         torch.testing.assert_close(_run(m, "self_attn", [X, X, X], {}, 0, p)[0],
                                    local.self_attn(X, X, X)[0])
     assert p.peak_bytes == _bytes(local.self_attn)
+
+
+def test_recovery_drops_a_state_file_newer_than_the_model(mesh, tmp_path) -> None:
+    """A step whose state file was written but whose parameters never reached the log (a crash
+    between the two): recovery keeps the state of the model's version and deletes the newer
+    file, so a later write of that version cannot pick it up."""
+    from types import SimpleNamespace
+
+    from paramhub_server.cluster import compute
+
+    torch.manual_seed(0)
+    m = _sharded(nn.Sequential(nn.Linear(4, 3)), mesh)
+    rank = SimpleNamespace(root=tmp_path, models={"m": m}, mesh=mesh, world=1, rank=0)
+    opt = compute._build(m, "SGD", [(["0.weight", "0.bias"], {})], {"lr": 0.1})
+    compute._save_optimizer(rank, m, opt)  # the optimizer at version 1, no steps
+    opt.steps, m.version = 1, 2
+    compute._save_optimizer(rank, m, opt)  # the lost step's file
+    m.version = 1  # the parameters' log never got version 2
+    compute.recover(rank)
+    got = compute.state_of(m).optimizer
+    assert got is not None and got.steps == 0 and got.type == "SGD"
+    assert sorted(p.name for p in (tmp_path / "m" / "optim").iterdir()) == ["1.safetensors"]

@@ -155,3 +155,18 @@ def test_plan_text_round_trips() -> None:
     assert parse_plan(sharding.plan_text(plan)) == plan
     assert sharding.plan_text(plan) == '{"a.*":"colwise","b":"rowwise"}'
     assert parse_plan("fsdp") == "fsdp"
+
+
+def test_sdk_placement_is_a_pair_with_a_note() -> None:
+    """describe_placement's values compare as (placement, bounds) pairs, carry .note and
+    .dim, and survive copy and pickle."""
+    import copy
+    import pickle
+
+    from paramhub._cluster import Placement
+
+    p = Placement("shard(1)", (0, 5, 10), "why")
+    assert p == ("shard(1)", (0, 5, 10)) and p.dim == 1
+    assert Placement("replicate", ()).dim is None
+    for q in (copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert q == p and q.note == "why"

@@ -65,11 +65,12 @@ def _fault(point: str) -> None:
         os._exit(17)
 
 
-def two_phase(cluster: Cluster, m: ShardedModel, staged: storage.Staged,
+def two_phase(cluster: Cluster, m: ShardedModel, staged: storage.Changes,
               error: ParamhubError | None) -> None:
     """Commits `staged` (this rank's part of one write on `m`, computed beside the live
     tensors; `error` when this rank refused it) on every rank or on none; every rank calls it
-    for the same write. Raises the refusal (the same on every rank) when any rank refused.
+    for the same write. Raises this rank's refusal, or INVALID_ARGUMENT with the reason of
+    the first rank that refused (rank 0 answers the caller with its own or that one).
     Bumps the version of every storage in `staged` and the model's, by one."""
     global _writes
     _writes += 1
@@ -79,11 +80,14 @@ def two_phase(cluster: Cluster, m: ShardedModel, staged: storage.Staged,
         storage.log_prepare(cluster.root, m, staged, write, versions)
         _fault("after-prepare-log")
     votes: list[Any] = [None] * cluster.world
-    dist.all_gather_object(votes, error is None)
+    dist.all_gather_object(votes, None if error is None else error.reason)
     if error is not None:
         raise error
-    if not all(votes):  # every rank computes the same answer from the same write
-        raise InvalidArgumentError("the write was refused", reason="BAD_WRITE")
+    refused = next((r for r, v in enumerate(votes) if v is not None), None)
+    if refused is not None:  # (a slice write is refused by every rank alike)
+        raise InvalidArgumentError(f"rank {refused} refused the write ({votes[refused]})",
+                                   reason=votes[refused] or "BAD_WRITE",
+                                   metadata={"rank": str(refused)})
     if cluster.root is not None:
         _fault("before-commit-log")
         storage.log_commit(cluster.root, m, write)

@@ -18,11 +18,14 @@ alive, so a pass with grad peaks higher than one without.
 An optimizer is torch's, built on every rank over this rank's parts of the parameters:
 every optimizer paramhub offers is elementwise, so stepping each part is stepping the whole,
 and its state is sharded like its parameter. A step is one command: every rank checks and
-votes, then steps, bumps the versions (one model version on every rank), and makes the step
-durable before it confirms: first the optimizer state file named by the new model version
-(`{data}/sharded/{model}/optim/{version}.safetensors`), then the parameters' record in the
-rank's log (storage.append). Recovery (on_recover) keeps the newest state file whose version
-the recovered model reached and deletes newer ones (a step the parameters' log never got).
+computes the step beside the live parts (on copies of its parameters and of the optimizer
+state), writes the optimizer state file named by the model version the step makes
+(`{data}/sharded/{model}/optim/{version}.safetensors`), and then commits the new parameter
+values like a write (commit.two_phase: logged prepare, vote, logged commit, apply, confirm):
+one model version on every rank, or, refused anywhere, nothing anywhere (the state is put
+back and the file dropped). Recovery (on_recover, after in-doubt writes are resolved) keeps
+the newest state file whose version the recovered model reached and deletes newer ones (a
+step that was never committed).
 
 Why ~500 lines: the pass, its gradients and the optimizer share the gather and the per-rank
 training state; the gRPC handlers are in compute_service.py.
@@ -45,9 +48,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paramhub.common.errors import (AlreadyExistsError, ConflictError, InvalidArgumentError,
-                                    NotFoundError, ParamhubError)
-from paramhub_server.cluster import storage
+from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalError,
+                                    InvalidArgumentError, NotFoundError, ParamhubError)
+from paramhub_server.cluster import commit, storage
 from paramhub_server.cluster.commands import command, on_recover
 from paramhub_server.cluster.sharding import PARAMETER, Entry, ShardedModel, contiguous_strides
 from paramhub_server.core import rng, training
@@ -464,6 +467,7 @@ def _do_create_optimizer(cluster: Cluster, model_id: str, type_name: str,
             reason="OPTIMIZER_EXISTS", metadata={"model": model_id, "type": existing.type})
     _vote(cluster, None)
     _save_optimizer(cluster, m, opt)
+    _prune(cluster, m)
     cluster._confirm()
     st.optimizer = opt
     return opt, True
@@ -491,34 +495,68 @@ def _optimizer(m: ShardedModel) -> training.ServedOptimizer:
 
 @command("optimizer_step")
 def _do_optimizer_step(cluster: Cluster, model_id: str) -> tuple[int, int]:
-    """One optimizer.step() on every rank's parts: one model version on every rank, durable
-    on every rank before rank 0 answers. Returns (model version, steps)."""
+    """One optimizer.step() on every rank's parts, committed like a write (commit.two_phase):
+    the step is computed beside the live parts (on copies of the parameters and of the
+    optimizer state), its state file written, then prepared, voted, committed and applied on
+    every rank or on none; one model version on every rank. Returns (model version, steps)."""
     m = _model(cluster, model_id)
     opt = _optimizer(m)  # the same answer on every rank
     st = state_of(m)
     changed = [g for g, _, _ in opt.params if g in st.grads]
-    _vote(cluster, None)  # every rank is here before any steps
-    with cluster._lock:  # routed readers (ReadShard) never see half a step
-        for g, _, p in opt.params:
-            p.data = m.entries[g].local  # in place on the live part
-            p.grad = st.grads.get(g)
-        try:
-            opt.torch_opt.step()
-        finally:
-            for _, _, p in opt.params:
-                p.grad = None
+    torch_opt = opt.torch_opt
+    before = {p: dict(s) for p, s in torch_opt.state.items()}
+    error: ParamhubError | None = None
+    stepped = False
+    try:
+        with cluster._lock:
+            for g, _, p in opt.params:
+                p.data = m.entries[g].local.clone()
+                p.grad = st.grads.get(g)
+                if p in torch_opt.state:  # stepped on copies: `before` stays as it was
+                    torch_opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                          for k, v in torch_opt.state[p].items()}
+        torch_opt.step()
         opt.steps += 1
+        stepped = True
+        staged = {g: [(torch.arange(p.numel()), p.detach().reshape(-1))]
+                  for g, _, p in opt.params if g in changed}
+        if not changed:  # nothing to commit: the step count is all that changed
+            _save_optimizer(cluster, m, opt)
+            _prune(cluster, m)
+            return m.version, opt.steps
+        m.version += 1  # the state file is named by the version the step makes
+        try:
+            _save_optimizer(cluster, m, opt)
+        except OSError as e:
+            error = InternalError(f"rank {cluster.rank} could not write the optimizer state: "
+                                  f"{e}", reason="DISK_FULL" if e.errno == 28 else "IO_ERROR")
+        finally:
+            m.version -= 1
+        commit.two_phase(cluster, m, staged, error)
+    except BaseException:
+        # Refused (by a rank's vote or torch): nothing was committed anywhere.
+        torch_opt.state.clear()
+        torch_opt.state.update(before)
+        if stepped:
+            opt.steps -= 1
         if changed:
-            for g in changed:
-                m.entries[g].version += 1
-            m.version += 1
-    _save_optimizer(cluster, m, opt)
-    if changed and cluster.root is not None:
-        staged = {g: [(torch.arange(m.entries[g].local.numel()),
-                       m.entries[g].local.reshape(-1).clone())] for g in changed}
-        storage.append(cluster.root, m, staged)
-    cluster._confirm()
+            _drop_state_file(cluster, m, m.version + 1)
+        raise
+    finally:
+        for _, _, p in opt.params:
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype)
+    _prune(cluster, m)
+    if changed and cluster.rank == 0:  # the watch event, as a plain model's step publishes
+        from paramhub_server.cluster import state
+        state.publish(m, "optimizer.step", [(g, "[...]") for g in changed])
     return m.version, opt.steps
+
+
+def _drop_state_file(cluster: Cluster, m: ShardedModel, version: int) -> None:
+    d = _optim_dir(cluster, m)
+    if d is not None:
+        (d / f"{version}.safetensors").unlink(missing_ok=True)
 
 
 def create_optimizer(cluster: Cluster, model_id: str, type_name: str,
@@ -575,8 +613,8 @@ def _optim_dir(cluster: Cluster, m: ShardedModel) -> Path | None:
 
 def _save_optimizer(cluster: Cluster, m: ShardedModel, opt: training.ServedOptimizer) -> None:
     """Writes this rank's optimizer (configuration, steps, its parts of the state) as the
-    state file of the model's current version, fsynced and renamed into place; older files
-    are dropped once it is there."""
+    state file of the model's current version, fsynced and renamed into place (older files
+    stay until `_prune`: the step's parameters are not logged yet)."""
     from safetensors.torch import save_file
 
     d = _optim_dir(cluster, m)
@@ -590,6 +628,14 @@ def _save_optimizer(cluster: Cluster, m: ShardedModel, opt: training.ServedOptim
     storage.fsync(tmp)
     os.replace(tmp, d / f"{m.version}.safetensors")
     storage.fsync(d)
+
+
+def _prune(cluster: Cluster, m: ShardedModel) -> None:
+    """Drops the state files older than the model's version (once the newest is durable and,
+    for a step, its parameters are logged)."""
+    d = _optim_dir(cluster, m)
+    if d is None or not d.is_dir():
+        return
     for f in d.glob("*.safetensors"):
         if f.stem.isdigit() and int(f.stem) < m.version:
             f.unlink(missing_ok=True)

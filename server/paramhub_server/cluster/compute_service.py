@@ -12,7 +12,7 @@ import torch
 
 from paramhub import _codec
 from paramhub.common import pb
-from paramhub.common.errors import InvalidArgumentError
+from paramhub.common.errors import InvalidArgumentError, ResourceExhaustedError
 from paramhub_server.api import serde
 from paramhub_server.api.base import Handlers
 from paramhub_server.api.service import ParameterService
@@ -49,7 +49,16 @@ class ShardedComputeHandlers(Handlers):
         except InvalidArgumentError:
             raise InvalidArgumentError(f"the module returned a {type(out).__name__}, which "
                                        "cannot be sent", reason="BAD_OUTPUT") from None
-        return pb.ForwardResponse(output=encoded, model_version=version)
+        response = pb.ForwardResponse(output=encoded, model_version=version)
+        limit = self.transport.max_message_bytes
+        if response.ByteSize() > limit:
+            raise ResourceExhaustedError(
+                f"the forward output needs {response.ByteSize()} bytes, more than the server's "
+                f"max_message_bytes {limit} (paramhub serve --max-message-bytes)",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit": "max_message_bytes", "limit_bytes": str(limit),
+                          "asked": str(response.ByteSize())})
+        return response
 
     @rpc
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext

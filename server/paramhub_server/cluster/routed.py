@@ -1,6 +1,7 @@
 """Routed writes: a big write of a sharded tensor goes from the SDK straight to its owners.
 
-    StageShard (every rank)   the client streams the rank's rows of a whole-tensor write under
+    StageShard (every rank)   the client streams the rank's part (its indices along the sharded
+                              dim, any Shard(d), as a contiguous tensor) of a whole-tensor write under
                               a write id; the rank checks the header against what it holds and
                               the staging limit *before* allocating, then keeps the part
     CommitStagedWrite (rank 0) the command "write_staged": every rank takes its staged part and
@@ -106,16 +107,19 @@ def _check_write_id(write_id: str) -> None:
                                    reason="BAD_WRITE_ID")
 
 
-def _rows(cluster: Cluster, e: Any) -> tuple[int, int]:
+def _rows(cluster: Cluster, e: Any) -> tuple[int, int, tuple[int, ...]]:
+    """(start, stop) along the sharded dim of this rank's part of `e`, and the part's shape
+    (any Shard(d); NOT_ROUTABLE for a replicated tensor)."""
     from torch.distributed.tensor import Shard
 
-    from paramhub_server.cluster.sharding import local_rows
+    from paramhub_server.cluster.sharding import local_bounds, local_shape
 
-    if not isinstance(e.placement, Shard) or e.placement.dim != 0:
-        raise FailedPreconditionError(f"{e.names[0][:200]!r} is not sharded on dim 0; write it "
+    if not isinstance(e.placement, Shard):
+        raise FailedPreconditionError(f"{e.names[0][:200]!r} is not sharded; write it "
                                       "through the front door", reason="NOT_ROUTABLE",
                                       metadata={"tensor": e.names[0][:200]})
-    return local_rows(e.shape[0], cluster.world, cluster.rank)
+    start, stop = local_bounds(e.shape, e.placement, cluster.world, cluster.rank)
+    return start, stop, local_shape(e.shape, e.placement, cluster.world, cluster.rank)
 
 
 @command("write_staged")
@@ -129,9 +133,8 @@ def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id
 
     m = cluster._model(model_id)
     e = m.entry(name, kind)
-    start, stop = _rows(cluster, e)
+    start, stop, shape = _rows(cluster, e)
     part = staging_of(cluster).take((write_id, model_id, e.group))
-    shape = (stop - start, *e.shape[1:])
     if part is None and stop == start:
         part = torch.empty(shape, dtype=e.dtype)  # no rows here: nothing to stage
     ok = part is not None and tuple(part.shape) == shape
@@ -149,8 +152,13 @@ def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id
         error = ConflictError(f"{name[:200]!r} is at version {e.version}, not "
                               f"{expected_version}", reason="VERSION_MISMATCH",
                               metadata={"tensor": name[:200], "version": str(e.version)})
-    ids = torch.arange(part.numel(), dtype=torch.int64)
-    commit.two_phase(cluster, m, {e.group: [(ids, part.reshape(-1))]}, error)
+    # The whole part: one run of ids (logged as its bounds, not one id per element).
+    commit.two_phase(cluster, m, {e.group: [(slice(0, part.numel()), part.reshape(-1))]},
+                     error)
+    from paramhub_server.cluster.sharding import Write
+
+    for hook in cluster.on_commit:  # watch events, as for a write through the front door
+        hook(m, [Write(name, kind, (), "assign", part)], "")
     return e.version, m.version
 
 
@@ -180,13 +188,12 @@ class RoutedWriteHandlers:
             raise NotFoundError(f"no sharded model {model_id!r}", reason="MODEL_NOT_FOUND",
                                 metadata={"model": model_id})
         e = m.entry(name, kind)
-        start, stop = _rows(cluster, e)
+        start, stop, shape = _rows(cluster, e)
         if (first.row_start, first.row_stop) != (start, stop):
             raise FailedPreconditionError(
-                f"rank {cluster.rank} holds rows [{start}, {stop}) of {name[:200]!r}, not "
-                f"[{first.row_start}, {first.row_stop})", reason="NOT_OWNER",
+                f"rank {cluster.rank} holds [{start}, {stop}) of {name[:200]!r} along its "
+                f"sharded dim, not [{first.row_start}, {first.row_stop})", reason="NOT_OWNER",
                 metadata={"rank": str(cluster.rank)})
-        shape = (stop - start, *e.shape[1:])
         if tuple(first.shape) != shape:
             raise InvalidArgumentError(f"the part has shape {list(first.shape)[:8]}, the rank "
                                        f"holds {list(shape)}", reason="BAD_SHAPE",

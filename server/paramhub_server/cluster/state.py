@@ -1,5 +1,5 @@
 """State and operations on sharded models: ApplyBatch, PullState / PushState, WatchModel,
-checkpoints and compaction -- the cluster commands (every rank runs each, in rank 0's order)
+checkpoints (create, list, restore, delete, export) and compaction -- the cluster commands (every rank runs each, in rank 0's order)
 and the ParameterService handlers that call them (StateHandlers, a base of
 ClusterParameterService).
 
@@ -14,7 +14,8 @@ push or a checkpoint restore is all or nothing across ranks with one new model v
   version; rank 0 packs them as a plain server does and the transport sends them.
 - PushState: rank 0 receives and checks the whole state (names, shapes, dtypes: an error changes
   nothing anywhere), then one command scatters each storage's parts (`distribute_tensor`, so
-  any placement), and each rank keeps only its part and writes a new snapshot of its parts.
+  any placement), and the parts are committed with commit.py's two-phase commit (each rank
+  logs its part as a prepare, then the commit).
 - WatchModel: rank 0 runs every command, so it publishes the events: the engine calls
   `Cluster.on_commit` after each write, and the commands here publish theirs. A watch
   subscribes through the command loop, so no write falls between its STARTED version and its
@@ -23,6 +24,8 @@ push or a checkpoint restore is all or nothing across ranks with one new model v
   {name}/ (written to a temporary directory, fsynced, renamed). A checkpoint exists when every
   rank has it: one that some rank lacks (a crash during its create or delete) is neither listed
   nor restored, and a new create of that name replaces it.
+- ExportCheckpoint: one command gathers every storage to rank 0 (DTensor's gather of each
+  rank's current or saved part), which streams a plain safetensors state_dict.
 - CompactModel: every rank folds its log into a new snapshot of its parts.
 """
 
@@ -218,27 +221,13 @@ def _push(cluster: Cluster, model_id: str, groups: list[int],
 def _commit_parts(cluster: Cluster, m: ShardedModel, staged: dict[int, torch.Tensor],
                   op: str, ctx: WriteContext, error: ParamhubError | None = None
                   ) -> tuple[list[tuple[str, int]], int]:
-    """The commit of whole-part writes: vote, swap the parts in under the lock, bump the
-    versions, snapshot this rank's parts (the write's durable record), confirm, publish."""
-    votes: list[Any] = [None] * cluster.world
-    dist.all_gather_object(votes, None if error is None else (type(error).__name__,
-                                                              error.reason))
-    if error is not None:
-        raise error
-    refused = next((v for v in votes if v is not None), None)
-    if refused is not None:
-        raise InvalidArgumentError(f"rank {votes.index(refused)} refused the write "
-                                   f"({refused[1]})", reason=refused[1])
-    with cluster._lock:
-        for g, part in staged.items():
-            m.entries[g].local.copy_(part)
-            m.entries[g].version += 1
-        m.version += 1
-    if cluster.root is not None:
-        from paramhub_server.cluster import storage
+    """The commit of whole-part writes: the two-phase commit of commit.py (each rank logs its
+    part as a prepare, votes, logs the commit, swaps the part in, confirms; a crash between
+    two ranks' commits is resolved at start), then publish."""
+    from paramhub_server.cluster import commit
 
-        storage.snapshot(cluster.root, m, [e.group for e in m.entries])
-    cluster._confirm()
+    commit.two_phase(cluster, m, {g: [(slice(0, part.numel()), part.reshape(-1))]
+                                  for g, part in staged.items()}, error)
     if cluster.rank == 0:
         publish(m, op, [(g, "[...]") for g in staged], ctx)
     return [(m.entries[g].names[0], m.entries[g].version) for g in staged], m.version
@@ -290,25 +279,36 @@ def _checkpoint_create(cluster: Cluster, model_id: str, name: str) -> dict[str, 
     # Parts of a checkpoint some rank lacks (a crash during its create or delete) are junk.
     shutil.rmtree(d, ignore_errors=True)
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    size = 0
     with cluster._lock:  # no commit between the parts (the loop is the only writer anyway)
         parts = {e.group: e.local.contiguous().clone() for e in m.entries}
         versions = [e.version for e in m.entries]
-    for g, part in parts.items():
-        p = tmp / f"{g}.safetensors"
-        save_file({"t": part}, str(p))
-        _fsync(p)
-        size += p.stat().st_size
-    info = {"model_version": m.version, "versions": versions,
-            "created_ns": _everyone(cluster, time.time_ns())[0], "num_bytes": size}
-    (tmp / _INFO).write_text(json.dumps(info))
-    _fsync(tmp / _INFO)
-    _fsync(tmp)
+    created_ns = _everyone(cluster, time.time_ns())[0]
+    info = {"model_version": m.version, "versions": versions, "created_ns": created_ns,
+            "num_bytes": 0}
+    failed = ""
+    try:  # a disk error on one rank is voted on, not left for the others to wait on
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for g, part in parts.items():
+            p = tmp / f"{g}.safetensors"
+            save_file({"t": part}, str(p))
+            _fsync(p)
+            info["num_bytes"] += p.stat().st_size
+        (tmp / _INFO).write_text(json.dumps(info))
+        _fsync(tmp / _INFO)
+        _fsync(tmp)
+    except OSError as e:
+        failed = f"rank {cluster.rank}: {e.strerror or e}"
+    votes = _everyone(cluster, failed)
+    if any(votes):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ResourceExhaustedError(f"checkpoint {name!r} could not be written "
+                                     f"({next(v for v in votes if v)})",
+                                     reason="CHECKPOINT_WRITE_FAILED",
+                                     metadata={"checkpoint": name})
     os.replace(tmp, d)
     _fsync(root)
-    sizes = _everyone(cluster, size)  # also the confirm: every rank has it on disk
+    sizes = _everyone(cluster, info["num_bytes"])  # also the confirm: every rank has it
     return {**info, "name": name, "num_bytes": sum(sizes)}
 
 
@@ -381,6 +381,36 @@ def _checkpoint_restore(cluster: Cluster, model_id: str, name: str,
     except ParamhubError as exc:
         error = exc
     return _commit_parts(cluster, m, staged, "restore_checkpoint", ctx, error)
+
+
+@command("state.export")
+def _export(cluster: Cluster, model_id: str, name: str
+            ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Every storage whole on rank 0, from checkpoint `name` (each rank's saved parts) or
+    from the current values: each rank's part joins DTensor's own gather (any placement)."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    from paramhub_server.cluster.sharding import contiguous_strides
+
+    m = cluster._model(model_id)
+    if name:
+        d = _ckpt_root(cluster, m) / name
+        if not all(_everyone(cluster, (d / _INFO).exists())):
+            raise _not_found(m, name)
+        info = json.loads((d / _INFO).read_text())
+        parts = {e.group: load_file(str(d / f"{e.group}.safetensors"))["t"] for e in m.entries}
+    else:
+        with cluster._lock:
+            parts = {e.group: e.local.clone() for e in m.entries}
+            info = {"model_version": m.version, "created_ns": time.time_ns()}
+    out = {}
+    for e in m.entries:
+        dt = DTensor.from_local(parts[e.group], cluster.mesh, [e.placement], run_check=False,
+                                shape=torch.Size(e.shape), stride=contiguous_strides(e.shape))
+        out[e.group] = dt.full_tensor()
+    return out, {"model_version": info["model_version"], "created_ns": info["created_ns"],
+                 "model_id": m.id}
 
 
 @command("state.compact")
@@ -723,6 +753,24 @@ class StateHandlers:
         self.cluster.run("state.checkpoint_delete", model_id=m.id,
                          name=check_checkpoint_name(request.checkpoint))
         return pb.DeleteCheckpointResponse()
+
+    @rpc
+    def ExportCheckpoint(self, request: pb.ExportCheckpointRequest,
+                         context: grpc.ServicerContext) -> Iterator[pb.ExportCheckpointResponse]:
+        from paramhub_server.core import safetensors_io as st
+        from paramhub_server.core.store import _CHECKPOINT_KEY
+
+        m = self._sharded_model(model_id_of(request.model))
+        if m is None:
+            yield from _unwrapped(ParameterService.ExportCheckpoint)(self, request, context)
+            return
+        assert self.cluster is not None
+        if request.checkpoint:
+            check_checkpoint_name(request.checkpoint)
+        full, info = self.cluster.run("state.export", model_id=m.id, name=request.checkpoint)
+        entries = [(n, full[e.group]) for n, e in m.by_name.items()]
+        for data in st.iter_file_bytes(entries, {_CHECKPOINT_KEY: json.dumps(info)}):
+            yield pb.ExportCheckpointResponse(data=data)
 
     @rpc
     def CompactModel(self, request: pb.CompactModelRequest, context: grpc.ServicerContext

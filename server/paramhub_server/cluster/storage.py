@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +72,11 @@ def snapshot(root: Path, m: ShardedModel, groups: Sequence[int]) -> None:
         if p.name not in keep:
             p.unlink(missing_ok=True)
 
-#: group -> [(flat ids into this rank's part, their new values)], in write order.
-Staged = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+#: group -> [(flat ids into this rank's part, their new values)], in write order. The ids may
+#: be a slice (a contiguous run, e.g. a whole part): logged as its two bounds.
+Staged = dict[int, list[tuple[torch.Tensor | slice, torch.Tensor]]]
+#: What the writers take (read only, so a dict of lists of (tensor, tensor) is one too).
+Changes = Mapping[int, Sequence[tuple[torch.Tensor | slice, torch.Tensor]]]
 
 
 @dataclass
@@ -86,7 +89,7 @@ class Prepared:
     staged: Staged
 
 
-def append(root: Path, m: ShardedModel, staged: Staged) -> None:
+def append(root: Path, m: ShardedModel, staged: Changes) -> None:
     """Appends one committed write (this rank's changed elements and the new versions, already
     applied to `m`) as one record, fsynced; once the log outgrows the rank's part, it is folded
     into a new snapshot. (A write that spans ranks uses `log_prepare` + `log_commit` instead,
@@ -96,7 +99,7 @@ def append(root: Path, m: ShardedModel, staged: Staged) -> None:
     maybe_fold(root, m)
 
 
-def log_prepare(root: Path, m: ShardedModel, staged: Staged, write: int,
+def log_prepare(root: Path, m: ShardedModel, staged: Changes, write: int,
                 versions: dict[int, int]) -> None:
     """Logs this rank's part of write `write` (not applied yet), fsynced: after this the rank
     can apply it at recovery if another rank committed it."""
@@ -127,7 +130,7 @@ def maybe_fold(root: Path, m: ShardedModel) -> None:
         snapshot(root, m, [e.group for e in m.entries])
 
 
-def apply(m: ShardedModel, staged: Staged, versions: dict[int, int], model_version: int
+def apply(m: ShardedModel, staged: Changes, versions: dict[int, int], model_version: int
           ) -> None:
     """Applies a write's changes to this rank's parts and sets the versions it makes."""
     for g, changes in staged.items():
@@ -139,13 +142,16 @@ def apply(m: ShardedModel, staged: Staged, versions: dict[int, int], model_versi
     m.version = model_version
 
 
-def _encode(staged: Staged, meta: dict[str, str]) -> bytes:
+def _encode(staged: Changes, meta: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     for g, changes in staged.items():
         for i, (ids, vals) in enumerate(changes):
-            tensors[f"{g}.{i}.ids"] = ids.contiguous()
+            if isinstance(ids, slice):
+                tensors[f"{g}.{i}.run"] = torch.tensor([ids.start, ids.stop], dtype=torch.int64)
+            else:
+                tensors[f"{g}.{i}.ids"] = ids.contiguous()
             tensors[f"{g}.{i}.vals"] = vals.contiguous()
     return save(tensors, metadata=meta)
 
@@ -163,10 +169,12 @@ def _staged(raw: bytes) -> Staged:
 
     tensors = load(raw)
     out: Staged = {}
-    for key in sorted((k for k in tensors if k.endswith(".ids")),
+    for key in sorted((k for k in tensors if k.endswith(".vals")),
                       key=lambda k: tuple(int(x) for x in k.split(".")[:2])):
-        out.setdefault(int(key.split(".")[0]), []).append((tensors[key],
-                                                           tensors[key[:-4] + ".vals"]))
+        stem = key[:-len(".vals")]
+        run = tensors.get(stem + ".run")
+        ids = slice(int(run[0]), int(run[1])) if run is not None else tensors[stem + ".ids"]
+        out.setdefault(int(key.split(".")[0]), []).append((ids, tensors[key]))
     return out
 
 
