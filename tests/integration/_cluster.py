@@ -130,7 +130,14 @@ class ClusterProcs:
         whose RANK is `rank`), or None."""
         if self.launcher == "direct":
             return self.procs[rank].pid if self.procs[rank].poll() is None else None
+        return self._workers().get(rank)
+
+    def _workers(self) -> dict[int, int]:
+        """rank -> pid of torchrun's worker processes now alive (its children)."""
+        if not self.procs or self.launcher == "direct":
+            return {}
         parent = str(self.procs[0].pid)
+        out: dict[int, int] = {}
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
                 continue
@@ -141,9 +148,10 @@ class ClusterProcs:
                 env = (d / "environ").read_bytes().split(b"\0")
             except (OSError, IndexError):
                 continue
-            if f"RANK={rank}".encode() in env:
-                return int(d.name)
-        return None
+            for var in env:
+                if var.startswith(b"RANK="):
+                    out[int(var[5:])] = int(d.name)
+        return out
 
     def kill(self, rank: int) -> None:
         """SIGKILL one rank (direct launch only)."""
@@ -152,7 +160,12 @@ class ClusterProcs:
         self.procs[rank].wait(timeout=30)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stops every process (the launcher's whole process group), bounded."""
+        """Stops every process (the launcher's whole process group, and torchrun's workers,
+        which it starts in sessions of their own: a SIGKILLed torchrun cannot pass the signal
+        on, and its ranks would live on), bounded."""
+        workers = list(self._workers().values())
+        if sig == signal.SIGKILL:
+            _kill(workers)
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -163,6 +176,15 @@ class ClusterProcs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                _kill(workers)
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
         self.procs = []
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

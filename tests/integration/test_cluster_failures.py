@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from _cluster import START_TIMEOUT_S, ClusterProcs, ready
+from _cluster import START_TIMEOUT_S, ClusterProcs, _kill, ready
 from torch import nn
 
 import paramhub
@@ -147,3 +147,32 @@ def test_routed_write_to_a_dead_rank_answers_rank_down(tmp_path) -> None:
             assert torch.equal(c.model("big").weight.fetch(), before)
     finally:
         procs.stop(signal.SIGKILL)
+
+
+def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path) -> None:
+    """torchrun starts its workers in sessions of their own: a SIGKILL of the agent alone
+    must not leave ranks serving (and holding the data directories) without it."""
+    procs = ClusterProcs(tmp_path / "data", 2).start()
+    workers = procs._workers()
+    try:
+        assert sorted(workers) == [0, 1]
+        os.kill(procs.procs[0].pid, signal.SIGKILL)  # the agent only
+        procs.procs[0].wait(timeout=30)
+        deadline = time.monotonic() + 60
+        alive = list(workers.values())
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [pid for pid in alive if _alive(pid)]
+        assert alive == [], "ranks still running without their agent"
+    finally:
+        _kill(list(workers.values()))
+        procs.stop(signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie re-parented to init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

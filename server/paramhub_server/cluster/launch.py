@@ -11,14 +11,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 from paramhub_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Seconds between a torchrun worker's checks that its agent is still alive.
+LAUNCHER_CHECK_S = 1.0
+#: Seconds a rank whose agent is gone has to stop by itself before it exits.
+LAUNCHER_GONE_GRACE_S = 30.0
 
 #: Seconds a collective may wait (gloo's timeout). The command loop's heartbeat keeps idle
 #: ranks well inside it; a stalled rank fails the collective after this.
@@ -166,4 +173,33 @@ class Launch:
 def prepare(settings: Settings) -> Launch | None:
     """A Launch when this process was started by torchrun, else None (a plain server)."""
     env = rank_env()
-    return Launch(env, settings) if env is not None else None
+    if env is None:
+        return None
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent
+        watch_launcher(_stop_self)
+    return Launch(env, settings)
+
+
+def watch_launcher(on_gone: Callable[[], None], interval_s: float = LAUNCHER_CHECK_S) -> None:
+    """Calls `on_gone` once the process that started this one is gone (this process was
+    re-parented). torchrun starts its workers in sessions of their own and only stops them
+    itself: when its agent is SIGKILLed (or OOM-killed) they would live on, holding their
+    ports and data directories, and a new launch on the same directories would share them."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.error("the torchrun agent that started this rank (pid %d) is gone; stopping",
+                  parent)
+        on_gone()
+
+    threading.Thread(target=watch, name="paramhub-launcher-watch", daemon=True).start()
+
+
+def _stop_self() -> None:
+    """Stops this server as SIGTERM does (drain, then exit); exits outright if that has not
+    happened after LAUNCHER_GONE_GRACE_S (a collective waiting on a dead peer)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(LAUNCHER_GONE_GRACE_S)
+    os._exit(1)
