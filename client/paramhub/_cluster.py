@@ -1,8 +1,9 @@
 """The SDK side of a paramhub cluster: the ranks (ClusterService), sharded creates, routed
 reads that fetch a sharded tensor's parts straight from the ranks that hold them, in parallel,
 and assemble it here, and routed writes that send each owner its rows (StageShard) and then ask
-the front door to commit them as one write (CommitStagedWrite): rank 0, the front door, then
-carries no bulk bytes."""
+the front door to commit them as one write (CommitStagedWrite), and the same for whole state
+pulls (every part from its owner, at one model version) and pushes (CommitStagedState): rank
+0, the front door, then carries no bulk bytes."""
 
 from __future__ import annotations
 

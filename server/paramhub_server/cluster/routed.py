@@ -1,4 +1,5 @@
-"""Routed writes: a big write of a sharded tensor goes from the SDK straight to its owners.
+"""Routed writes: a big write (or state push) of a sharded model goes from the SDK straight to
+its owners.
 
     StageShard (every rank)   the client streams the rank's part (its indices along the sharded
                               dim, any Shard(d), as a contiguous tensor) of a whole-tensor write under
@@ -7,6 +8,10 @@
     CommitStagedWrite (rank 0) the command "write_staged": every rank takes its staged part and
                               the usual two-phase commit (commit.py) applies every part or none,
                               with one version; the front door carries no bulk bytes
+    CommitStagedState (rank 0) the command "write_staged_state": a routed push_state -- parts
+                              of many tensors staged under one write id (a replicated tensor
+                              whole on every rank) committed as one two-phase write, one
+                              model version; or, with `abort`, dropped on every rank
 
 Staged parts are bounded: at most the rank's --max-model-bytes (STAGE_MAX_BYTES without one)
 per rank at once, over every write (RESOURCE_EXHAUSTED, STAGING_FULL), checked before the
