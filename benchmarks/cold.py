@@ -12,7 +12,7 @@ Rows (the server is a default, durable `paramhub serve` started here on 127.0.0.
 - TLS bulk: a fetch with `shm=False` from a TLS server (the data channel wrapped in TLS) vs a
   raw TLS socket into a preallocated tensor.
 - small calls: scalar `w.data[0, 0] = 42` p50 vs gRPC echo p50 + 1.5 x fdatasync p50 of the
-  data dir; `net(X)` on the seed MLP in grad mode p50 vs echo p50.
+  data dir; `net(X)` on the seed MLP in grad mode (and under no_grad) p50 vs echo p50.
 
 Children are this module run with `--child MODE`; they print one JSON line. The machine is
 shared with other work: numbers are noisy, compare rows only within one run.
@@ -50,6 +50,7 @@ def _child(mode: str, target: str, nbytes: int, ca: str) -> None:
         import paramhub.module  # noqa: F401
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
+    c1 = time.process_time()  # this process's CPU seconds (all threads) during the fetch
     if mode.startswith("paramhub"):
         kw: dict[str, Any] = {"shm": mode == "paramhub"}
         if mode == "paramhub-tls":
@@ -60,7 +61,7 @@ def _child(mode: str, target: str, nbytes: int, ca: str) -> None:
             value = net.weight.fetch()
             t_total = time.perf_counter() - t1
             assert value.numel() * value.element_size() == nbytes
-            out = {"import": t_import, "fetch": t_total,
+            out = {"import": t_import, "fetch": t_total, "cpu": time.process_time() - c1,
                    "transport": _last_transport(client)}
     else:
         host, port = target.rsplit(":", 1)
@@ -77,7 +78,8 @@ def _child(mode: str, target: str, nbytes: int, ca: str) -> None:
             if k == 0:
                 raise ConnectionError("peer closed")
             got += k
-        out = {"import": t_import, "fetch": time.perf_counter() - t1, "transport": "raw"}
+        out = {"import": t_import, "fetch": time.perf_counter() - t1,
+               "cpu": time.process_time() - c1, "transport": "raw"}
         conn.close()
     print(json.dumps(out), flush=True)
 
@@ -151,13 +153,25 @@ class Server:
             self.proc.wait()
 
 
-def _fresh(mode: str, target: str, nbytes: int, ca: str = "") -> dict[str, Any]:
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fresh(mode: str, target: str, nbytes: int, ca: str = "", server_pid: int | None = None
+           ) -> dict[str, Any]:
+    """One fresh child; adds "peer_cpu": CPU seconds the sending side used meanwhile (the
+    paramhub server process, or this process, whose thread is the raw sender)."""
+    before = _cpu_of(server_pid) if server_pid else time.process_time()
     out = subprocess.run([PY, "-m", "benchmarks.cold", "--child", mode, "--target", target,
                           "--nbytes", str(nbytes), "--ca", ca],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"child {mode} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peer_cpu"] = (_cpu_of(server_pid) if server_pid else time.process_time()) - before
+    return result
 
 
 def _p50(xs: list[float]) -> float:
@@ -236,12 +250,17 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, str, float, str]]:
         targets = {"paramhub": server.target, "paramhub-noshm": server.target,
                    "raw": f"127.0.0.1:{raw.port}", "paramhub-tls": tls_server.target,
                    "raw-tls": f"127.0.0.1:{raw_tls.port}"}
+        pids = {"paramhub": server.proc.pid, "paramhub-noshm": server.proc.pid,
+                "paramhub-tls": tls_server.proc.pid}
         for _ in range(args.repeats):  # round-robin: load from elsewhere spreads evenly
             for mode in samples:
-                samples[mode].append(_fresh(mode, targets[mode], nbytes, ca_file))
+                samples[mode].append(_fresh(mode, targets[mode], nbytes, ca_file,
+                                            pids.get(mode)))
         fetch = {m: _p50([s["fetch"] for s in v]) for m, v in samples.items()}
         best = {m: min(s["fetch"] for s in v) for m, v in samples.items()}
         imports = {m: _p50([s["import"] for s in v]) for m, v in samples.items()}
+        cpu = {m: (_p50([s["cpu"] for s in v]), _p50([s["peer_cpu"] for s in v]))
+               for m, v in samples.items()}
         for mode, label in (("paramhub", "cold fetch, fresh process (shm)"),
                             ("paramhub-noshm", "cold fetch, fresh process, shm=False"),
                             ("paramhub-tls", "cold fetch, fresh process, TLS server")):
@@ -250,7 +269,9 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, str, float, str]]:
                          f"socket, fresh process: {gb / fetch[ref]:.2f} GB/s",
                          fetch[ref] / fetch[mode],
                          f"best {gb / best[mode]:.2f} vs {gb / best[ref]:.2f} GB/s; imports "
-                         f"{imports[mode]:.2f}s vs {imports[ref]:.2f}s; "
+                         f"{imports[mode]:.2f}s vs {imports[ref]:.2f}s; CPU s client+sender "
+                         f"{cpu[mode][0]:.2f}+{cpu[mode][1]:.2f} vs "
+                         f"{cpu[ref][0]:.2f}+{cpu[ref][1]:.2f}; "
                          f"{samples[mode][-1]['transport']}"))
 
         print("== fetch after write", file=sys.stderr)
@@ -286,8 +307,12 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, str, float, str]]:
             with torch.enable_grad():
                 small(x)
 
+        def forward_nograd() -> None:
+            with torch.no_grad():
+                small(x)
+
         fns = {"echo": lambda: echo_call(payload, timeout=30), "scalar": scalar,
-               "forward": forward_grad}
+               "forward": forward_grad, "forward_nograd": forward_nograd}
         lat: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(10):
             for fn in fns.values():
@@ -306,6 +331,9 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, str, float, str]]:
         rows.append(("net(X) seed MLP, grad mode p50 (us)", _p50(lat["forward"]) * 1e6,
                      f"echo {echo_p50 * 1e6:.0f} us", _p50(lat["forward"]) / echo_p50,
                      "target <= 1.25x"))
+        rows.append(("net(X) seed MLP, no_grad p50 (us)", _p50(lat["forward_nograd"]) * 1e6,
+                     f"echo {echo_p50 * 1e6:.0f} us", _p50(lat["forward_nograd"]) / echo_p50,
+                     "the grad-mode row's SDK autograd node, left out"))
         echo_channel.close()
         client.close()
         tls_client.close()

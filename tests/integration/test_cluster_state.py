@@ -19,7 +19,7 @@ from torch import nn
 import paramhub
 from paramhub.common import pb
 from paramhub.errors import (AlreadyExistsError, ConflictError, InvalidArgumentError,
-                             NotFoundError, OutOfRangeError)
+                             NotFoundError, OutOfRangeError, UnavailableError)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -442,3 +442,33 @@ def test_acknowledged_state_survives_kill_9(cluster) -> None:
         c.restore_checkpoint("k", "two")
         assert torch.equal(c.get_tensor("k", "0.weight")[0], torch.full((10, 6), 2.0))
         c.delete_model("k")
+
+
+def test_push_in_doubt_is_resolved_at_restart(tmp_path) -> None:
+    """A push that one rank committed (logged) and the other did not (it died before logging
+    its commit) is applied on both ranks at restart: the push's parts are logged as a prepare
+    and a commit like any write (crash points: PARAMHUB_CLUSTER_CRASH_AT)."""
+    procs = ClusterProcs(tmp_path / "data", 2, launcher="direct")
+    procs.rank_env = {0: {"PARAMHUB_CLUSTER_CRASH_AT": "before-commit-log:1"},
+                      1: {"PARAMHUB_CLUSTER_CRASH_AT": "after-commit-log:1"}}
+    procs.start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            c.create_model("p", make(), shard="fsdp")
+            with pytest.raises(UnavailableError):
+                c.push_state("p", {"0.weight": torch.full((10, 6), 4.0)})
+        assert procs.wait_exit(60)[0] == 17  # rank 0 died at its crash point
+    finally:
+        procs.stop(signal.SIGKILL)
+    procs.rank_env = {}
+    procs.start()
+    try:
+        with paramhub.connect(procs.target, timeout=60) as c:
+            assert [m.name for m in c.list_models()] == ["p"]  # served, not left out
+            assert torch.equal(c.get_tensor("p", "0.weight")[0], torch.full((10, 6), 4.0))
+            assert c.model_version("p") == 2
+            c.push_state("p", {"0.weight": torch.zeros(10, 6)})  # and it takes pushes again
+            assert c.model_version("p") == 3
+    finally:
+        procs.stop()
+

@@ -86,17 +86,17 @@ def test_recovery_drops_a_state_file_newer_than_the_model(mesh, tmp_path) -> Non
     file, so a later write of that version cannot pick it up."""
     from types import SimpleNamespace
 
-    from paramhub_server.cluster import compute
+    from paramhub_server.cluster import compute, optim
 
     torch.manual_seed(0)
     m = _sharded(nn.Sequential(nn.Linear(4, 3)), mesh)
     rank = SimpleNamespace(root=tmp_path, models={"m": m}, mesh=mesh, world=1, rank=0)
-    opt = compute._build(m, "SGD", [(["0.weight", "0.bias"], {})], {"lr": 0.1})
-    compute._save_optimizer(rank, m, opt)  # the optimizer at version 1, no steps
+    opt = optim._build(m, "SGD", [(["0.weight", "0.bias"], {})], {"lr": 0.1})
+    optim._save_optimizer(rank, m, opt)  # the optimizer at version 1, no steps
     opt.steps, m.version = 1, 2
-    compute._save_optimizer(rank, m, opt)  # the lost step's file
+    optim._save_optimizer(rank, m, opt)  # the lost step's file
     m.version = 1  # the parameters' log never got version 2
-    compute.recover(rank)
+    optim.recover(rank)
     got = compute.state_of(m).optimizer
     assert got is not None and got.steps == 0 and got.type == "SGD"
     assert sorted(p.name for p in (tmp_path / "m" / "optim").iterdir()) == ["1.safetensors"]

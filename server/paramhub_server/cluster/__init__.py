@@ -8,7 +8,8 @@
     commands.py  the registry of commands defined in other modules (`@command("op")`)
     commit.py    a write's two-phase commit over the ranks (logged prepare, vote, logged
                  commit) and, at start, the resolution of writes left in doubt by a crash
-    compute.py   compute on sharded models, SPMD: Forward, Backward, gradients, optimizers
+    compute.py   compute on sharded models, SPMD: Forward, Backward, gradients
+    optim.py     optimizers on sharded models: state sharded like its parameter, durable per rank
     compute_service.py  their gRPC handlers (a mixin of ClusterParameterService)
     storage.py   each rank's snapshot and log of its parts
     routed.py    routed writes: parts staged on their owners (StageShard), then committed

@@ -19,7 +19,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {}
 
 #: Modules that register commands (imported by Cluster.start on every rank).
 MODULES: tuple[str, ...] = ("paramhub_server.cluster.routed", "paramhub_server.cluster.state",
-                             "paramhub_server.cluster.compute")
+                             "paramhub_server.cluster.compute", "paramhub_server.cluster.optim")
 
 #: fn(cluster) run by Cluster.start on every rank after it recovered its models from disk
 #: and resolved writes left in doubt (before the command loop starts): an area's own state

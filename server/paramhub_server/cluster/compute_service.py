@@ -112,10 +112,10 @@ class ShardedComputeHandlers(Handlers):
         m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _plain(ParameterService.CreateOptimizer)(self, request, context)
-        from paramhub_server.cluster import compute
+        from paramhub_server.cluster import optim
 
         groups = [(list(g.parameters), self._options(g.options)) for g in request.param_groups]
-        opt, created = compute.create_optimizer(self.cluster, m.id, request.type, groups,
+        opt, created = optim.create_optimizer(self.cluster, m.id, request.type, groups,
                                                 self._options(request.defaults),
                                                 request.replace)
         return pb.CreateOptimizerResponse(optimizer=serde.optimizer_info(opt), created=created)
@@ -126,9 +126,9 @@ class ShardedComputeHandlers(Handlers):
         m = self._sharded(serde.model_id_of(request.model))
         if m is None:
             return _plain(ParameterService.OptimizerStep)(self, request, context)
-        from paramhub_server.cluster import compute
+        from paramhub_server.cluster import optim
 
-        version, steps = compute.optimizer_step(self.cluster, m.id)
+        version, steps = optim.optimizer_step(self.cluster, m.id)
         return pb.OptimizerStepResponse(model_version=version, steps=steps)
 
     @rpc
@@ -139,13 +139,13 @@ class ShardedComputeHandlers(Handlers):
         if m is None:
             yield from _plain(ParameterService.GetOptimizerState)(self, request, context)
             return
-        from paramhub_server.cluster import compute
+        from paramhub_server.cluster import optim
 
         tensors: dict[str, torch.Tensor] = {}
         if request.config_only:
-            opt = compute.optimizer_of(self.cluster, m.id)
+            opt = optim.optimizer_of(self.cluster, m.id)
         else:
-            opt, tensors = compute.optimizer_state(self.cluster, m.id)
+            opt, tensors = optim.optimizer_state(self.cluster, m.id)
         yield pb.GetOptimizerStateResponse(optimizer=serde.optimizer_info(opt))
         for name, t in tensors.items():
             for chunk in _codec.iter_tensor_chunks(t, name=name):
