@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", type=int, default=50)
     ap.add_argument("--compute", type=int, default=10, help="repeats of the compute rows")
+    ap.add_argument("--state-only", action="store_true",
+                    help="only the pull_state / push_state rows")
     args = ap.parse_args()
     rows = args.mib * (1 << 20) // (4 * 1024)
     torch.manual_seed(0)
@@ -156,7 +158,9 @@ def main() -> None:
             with paramhub.connect(f"127.0.0.1:{plain_port}", timeout=300) as p, \
                     paramhub.connect(f"127.0.0.1:{plain_port}", timeout=300, shm=False,
                                      data_channel=False) as pg, \
-                    paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as c:
+                    paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as c, \
+                    paramhub.connect(f"127.0.0.1:{cluster_port}", timeout=300) as cf:
+                cf._cluster()._routing_off = True  # the same cluster through the front door
                 p.create_model("m", module)
                 c.create_model("m", module, shard="fsdp")
                 c.create_model("tp", module, shard={"0": "rowwise"})  # the weight Shard(1)
@@ -172,18 +176,22 @@ def main() -> None:
                     ("2-rank cluster, through the front door (index [:])",
                      lambda: c.get_tensor("m", "0.weight", (slice(None),))),
                 ]
-                for name, fn in big:
+                for name, fn in ([] if args.state_only else big):
                     s = _median_s(fn, args.repeats)
                     results.append((f"read {mib:.0f} MiB: {name}", f"{s * 1e3:.0f} ms",
                                     f"{mib / 1024 / s:.2f} GB/s"))
                 new = {"0.weight": torch.randn(module[0].weight.shape)}
-                for label, client in (("plain server, gRPC stream", pg),
-                                      ("2-rank cluster, sharded model", c)):
+                for label, client in (
+                        ("plain server, gRPC stream", pg),
+                        ("2-rank cluster, routed to / from both ranks", c),
+                        ("2-rank cluster, through the front door", cf)):
                     for what, fn in (("pull_state", lambda: client.pull_state("m")),
                                      ("push_state", lambda: client.push_state("m", new))):
                         s = _median_s(fn, args.repeats)
                         results.append((f"{what} {mib:.0f} MiB: {label}", f"{s * 1e3:.0f} ms",
                                         f"{mib / 1024 / s:.2f} GB/s"))
+                if args.state_only:
+                    return _table(args, results)  # (the servers stop below)
                 value = torch.randn_like(module[0].weight)
                 writes = [
                     ("plain server, shared memory", lambda: p.set_slice("m", "0.weight", None,
@@ -212,6 +220,10 @@ def main() -> None:
         finally:
             _stop(plain)
             _stop(cluster)
+    _table(args, results)
+
+
+def _table(args: argparse.Namespace, results: list[tuple[str, str, str]]) -> None:
     print(f"| what ({args.repeats} big / {args.small} small repeats, medians) | time | rate |")
     print("|---|---|---|")
     for row in results:

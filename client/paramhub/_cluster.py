@@ -1,11 +1,13 @@
 """The SDK side of a paramhub cluster: the ranks (ClusterService), sharded creates, routed
 reads that fetch a sharded tensor's parts straight from the ranks that hold them, in parallel,
 and assemble it here, and routed writes that send each owner its rows (StageShard) and then ask
-the front door to commit them as one write (CommitStagedWrite): rank 0, the front door, then
-carries no bulk bytes."""
+the front door to commit them as one write (CommitStagedWrite), and the same for whole state
+pulls (every part from its owner, at one model version) and pushes (CommitStagedState): rank
+0, the front door, then carries no bulk bytes."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import threading
@@ -60,14 +62,18 @@ class Placement(tuple):  # noqa: SLOT001 - a 2-tuple that also carries a note
     `.note`: why a tensor the plan would shard is replicated, else ""."""
 
     note: str
+    #: "parameters" or "buffers" ("" from a server that does not say).
+    kind: str
 
-    def __new__(cls, placement: str, bounds: tuple[int, ...], note: str = "") -> Placement:
+    def __new__(cls, placement: str, bounds: tuple[int, ...], note: str = "",
+                kind: str = "") -> Placement:
         self = super().__new__(cls, (placement, bounds))
         self.note = note
+        self.kind = kind
         return self
 
-    def __getnewargs__(self) -> tuple[str, tuple[int, ...], str]:
-        return self[0], self[1], self.note  # (copy and pickle)
+    def __getnewargs__(self) -> tuple[str, tuple[int, ...], str, str]:
+        return self[0], self[1], self.note, self.kind  # (copy and pickle)
 
     @property
     def dim(self) -> int | None:
@@ -108,6 +114,9 @@ class Cluster:
         self._pool: ThreadPoolExecutor | None = None
         #: model id -> {name: (placement, bounds)}, learnt from DescribePlacement.
         self._placements: dict[str, dict[str, Placement]] = {}
+        #: Models this client created sharded (a pull asks their placement; other models'
+        #: pulls ask nothing more unless their placement is already known).
+        self._sharded: set[str] = set()
 
     def _call(self, fn: Any, request: Any, timeout: float | None = None) -> Any:
         metadata = self.client._count(fn)  # counted in client.rpc_counts like every call
@@ -128,7 +137,7 @@ class Cluster:
     def placement(self, model_id: str) -> dict[str, Placement]:
         resp = self._call(self.stub.DescribePlacement,
                           cpb.DescribePlacementRequest(name=f"models/{model_id}"))
-        out = {t.name: Placement(t.placement, tuple(t.row_bounds), t.note)
+        out = {t.name: Placement(t.placement, tuple(t.row_bounds), t.note, t.kind)
                for t in resp.tensors}
         with self._lock:
             self._placements[model_id] = out
@@ -149,11 +158,15 @@ class Cluster:
 
         metadata = (*self.client._metadata, (SHARD_METADATA, plan_metadata(shard)))
         try:
-            return self.client.stub.CreateModel(
+            info = self.client.stub.CreateModel(
                 requests(), timeout=timeout if timeout is not None else self.client.timeout,
                 metadata=metadata).model
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        with self._lock:
+            self._sharded.add(model_id)
+            self._placements.pop(model_id, None)  # a model of that name may have been cached
+        return info
 
     # -- routed reads --------------------------------------------------------------------------
 
@@ -302,7 +315,7 @@ class Cluster:
             lock = threading.Lock()
 
             def fetch(rank: RankInfo) -> int:
-                return self._read_part(rank, tensor_name, out, lock, timeout)
+                return self._read_part(rank, tensor_name, out, lock, timeout)[0]
 
             versions = list(pool.map(fetch, ranks))
             if len(set(versions)) == 1 and out[0] is not None:
@@ -311,7 +324,9 @@ class Cluster:
                             reason="ROUTED_READ_TORN")
 
     def _read_part(self, rank: RankInfo, tensor_name: str, out: list[torch.Tensor | None],
-                   lock: threading.Lock, timeout: float | None) -> int:
+                   lock: threading.Lock, timeout: float | None) -> tuple[int, int]:
+        """Receives `rank`'s part of the tensor into its place in out[0] (allocated by the
+        first part to arrive); (the tensor's version, the model's version) of the copy."""
         stub = self._stub(rank.address)
         try:
             stream = stub.ReadShard(cpb.ReadShardRequest(name=tensor_name),
@@ -342,13 +357,152 @@ class Cluster:
                 pos += n
             if part is not rows:
                 rows.copy_(part)
-            return int(first.version)
+            return int(first.version), int(first.model_version)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise UnavailableError(f"rank {rank.rank} at {rank.address} cannot be "
                                        "reached", reason="RANK_DOWN",
                                        metadata={"rank": str(rank.rank)}) from None
             raise from_rpc_error(e) from None
+
+    # -- routed state pulls and pushes ----------------------------------------------------------
+
+    def _sharded_placement(self, model_id: str, ask: bool = True
+                           ) -> dict[str, Placement] | None:
+        """The model's placement when it is sharded (some tensor Shard(d)) and routing is on
+        (asked once and cached; with `ask` False only when known or created sharded here);
+        else None."""
+        if self._routing_off:
+            return None
+        with self._lock:
+            asking = ask or model_id in self._sharded or model_id in self._placements
+        if not asking:
+            return None
+        self._placement_of(model_id, "")
+        with self._lock:
+            known = self._placements.get(model_id)
+        if not known or not any(p.dim is not None for p in known.values()):
+            return None
+        return known
+
+    def _ranks_now(self) -> list[RankInfo]:
+        with self._lock:
+            ranks = self._ranks
+        return ranks if ranks is not None else self.info()
+
+    def pull_if_sharded(self, model_id: str, names: list[str], prefix: str, glob: str,
+                        parameters_only: bool, timeout: float | None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, int]] | None:
+        """A routed `pull_state` of a sharded model: each tensor's parts read straight from
+        their owners (ReadShard; a replicated tensor from one rank, the ranks taking turns),
+        every rank's parts in parallel, all at one model version (parts copied at different
+        versions: the whole pull again, ROUTED_ATTEMPTS tries). None to pull through the front
+        door instead (not sharded, a name it must refuse, a rank not reachable, torn every
+        time)."""
+        known = self._sharded_placement(model_id, ask=False)
+        if known is None or any(not p.kind for p in known.values()):
+            return None
+        if names:
+            if len(set(names)) != len(names) or any(
+                    n not in known or (parameters_only and known[n].kind != "parameters")
+                    for n in names):
+                return None  # the front door gives the error
+            selected = list(names)
+        else:
+            selected = [n for n, p in known.items()
+                        if (not parameters_only or p.kind == "parameters")
+                        and n.startswith(prefix) and (not glob or fnmatch.fnmatchcase(n, glob))]
+        ranks = self._ranks_now()
+        jobs: list[list[tuple[str, str]]] = [[] for _ in ranks]  # per rank: (name, wire name)
+        for i, n in enumerate(selected):
+            wire = f"models/{model_id}/{known[n].kind}/{n}"
+            if known[n].dim is None:  # replicated: any one rank has it whole
+                jobs[i % len(ranks)].append((n, wire))
+            else:
+                for r in range(len(ranks)):
+                    jobs[r].append((n, wire))
+        pool = self._executor(len(ranks))
+        try:
+            for _ in range(ROUTED_ATTEMPTS):
+                slots: dict[str, list[torch.Tensor | None]] = {n: [None] for n in selected}
+                locks = {n: threading.Lock() for n in selected}
+
+                def fetch(rank: RankInfo) -> list[tuple[str, int, int]]:
+                    return [(n, *self._read_part(rank, wire, slots[n], locks[n], timeout))
+                            for n, wire in jobs[rank.rank]]
+
+                got = [x for xs in pool.map(fetch, ranks) for x in xs]
+                if len({mv for _, _, mv in got}) <= 1:
+                    versions = {n: v for n, v, _ in got}
+                    return {n: slots[n][0] for n in selected}, versions  # type: ignore[misc]
+        except (NotFoundError, FailedPreconditionError, ConflictError):
+            with self._lock:  # the model changed (deleted, recreated): ask again next time
+                self._placements.pop(model_id, None)
+            return None
+        except UnavailableError:
+            self._routing_off = True  # as for routed reads: the front door from now on
+            return None
+        return None  # a write landed during every try: the front door's one snapshot
+
+    def push_if_sharded(self, model_id: str, names: list[str], tensors: list[torch.Tensor],
+                        expected_model_version: int | None, timeout: float | None
+                        ) -> dict[str, int] | None:
+        """A routed `push_state` of a sharded model: every tensor's parts are staged on their
+        owners (StageShard, one write id for the whole push; a replicated tensor whole on
+        every rank), the ranks in parallel, then the front door commits them as one two-phase
+        write (CommitStagedState: one model version, all or nothing). None to push through the
+        front door instead, which gives the answer (not sharded, an unknown name, a value
+        whose shape does not match, a part refused, a rank not reachable)."""
+        known = self._sharded_placement(model_id)
+        if known is None or len(set(names)) != len(names):
+            return None
+        ranks = self._ranks_now()
+        jobs: list[list[tuple[str, torch.Tensor, int, int]]] = [[] for _ in ranks]
+        for n, t in zip(names, tensors):
+            p = known.get(n)
+            if p is None or not p.kind:
+                return None
+            wire = f"models/{model_id}/{p.kind}/{n}"
+            t = t.detach().cpu().contiguous()
+            dim, bounds = p.dim, p[1]
+            if dim is None:  # replicated: the whole value on every rank
+                for r in range(len(ranks)):
+                    jobs[r].append((wire, t, 0, t.shape[0] if t.dim() else 0))
+                continue
+            if len(bounds) != len(ranks) + 1 or t.dim() <= dim or t.shape[dim] != bounds[-1]:
+                return None
+            for r in range(len(ranks)):
+                lo, hi = bounds[r], bounds[r + 1]
+                if hi > lo:
+                    jobs[r].append((wire, t.narrow(dim, lo, hi - lo).contiguous(), lo, hi))
+        write_id = os.urandom(16).hex()
+        pool = self._executor(len(ranks))
+
+        def stage(rank: RankInfo) -> None:
+            for wire, part, lo, hi in jobs[rank.rank]:
+                self._stage(rank, wire, write_id, part, lo, hi, timeout)
+
+        request = cpb.CommitStagedStateRequest(model=f"models/{model_id}", write_id=write_id,
+                                               names=names,
+                                               expected_model_version=expected_model_version)
+        try:
+            list(pool.map(stage, ranks))
+        except ParamhubError as e:
+            if isinstance(e, UnavailableError):
+                self._routing_off = True  # as for routed reads: the front door from now on
+            try:  # give the staging room back now rather than after its time-to-live
+                self._call(self.stub.CommitStagedState, cpb.CommitStagedStateRequest(
+                    model=request.model, write_id=write_id, names=names, abort=True), timeout)
+            except ParamhubError:
+                pass
+            return None
+        try:
+            resp = self._call(self.stub.CommitStagedState, request, timeout)
+        except FailedPreconditionError as e:
+            if e.reason in ("NOT_STAGED", "NOT_ROUTABLE"):
+                return None  # expired or the model changed: pushed through the front door
+            raise
+        return {u.name: u.version for u in resp.updated}
 
     def close(self) -> None:
         with self._lock:

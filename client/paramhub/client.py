@@ -492,6 +492,11 @@ class Client(Calls):
             NotFoundError: unknown model or name.
             InvalidArgumentError: a name is repeated.
         """
+        # A sharded model's state comes straight from the ranks that hold it.
+        routed = self._cluster().pull_if_sharded(model_id, list(names or ()), prefix, glob,
+                                                 parameters_only, timeout)
+        if routed is not None:
+            return routed
         request = pb.PullStateRequest(model=model_name(model_id), names=list(names or ()),
                                       prefix=prefix, glob=glob, parameters_only=parameters_only)
         return self._transfers.pull(request, timeout)
@@ -513,6 +518,12 @@ class Client(Calls):
         names = list(state_dict)
         tensors = [state_dict[n] if isinstance(state_dict[n], torch.Tensor)
                    else torch.as_tensor(state_dict[n]) for n in names]
+        if sum(t.numel() * t.element_size() for t in tensors) >= _ROUTED_MIN_BYTES:
+            # A big push into a sharded model goes straight to the owners.
+            routed = self._cluster().push_if_sharded(model_id, names, tensors,
+                                                     expected_model_version, timeout)
+            if routed is not None:
+                return routed
         headers = [tpb.TensorHeader(name=n, dtype=_codec.dtype_to_proto(t.dtype),
                                     shape=list(t.shape)) for n, t in zip(names, tensors)]
         header = pb.PushStateHeader(model=model_name(model_id), tensors=headers)

@@ -47,7 +47,7 @@ class AuthFileError(ValueError):
 
 #: The cluster's service (cluster/service.py): every RPC of it reads, but the routed writes.
 CLUSTER_SERVICE = "paramhub.v1.ClusterService"
-CLUSTER_WRITES = frozenset({"StageShard", "CommitStagedWrite"})
+CLUSTER_WRITES = frozenset({"StageShard", "CommitStagedWrite", "CommitStagedState"})
 
 
 def required_role(full_method: str) -> str | None:

@@ -221,3 +221,145 @@ def test_commit_needs_the_front_door(cc: paramhub.Client, cluster: ClusterProcs)
     with pytest.raises(grpc.RpcError) as e:
         commit(cluster, "write-0008", rank=1)
     assert reason(e.value) == "NOT_FRONT_DOOR"
+
+
+# ------------------------------------------------------------------- routed state pull / push
+
+
+def state_model(c: paramhub.Client) -> nn.Module:
+    """Shard(0) weights and biases (one uneven: 3 rows as 2 + 1), BatchNorm buffers and a
+    replicated int64 scalar buffer; 2 MiB of float32 in the first weight."""
+    torch.manual_seed(3)
+    local = nn.Sequential(nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.Linear(1024, 3))
+    return c.create_model("st", local, shard="fsdp")
+
+
+def filled(c: paramhub.Client, value: float) -> dict[str, torch.Tensor]:
+    """Every tensor of "st" filled with `value` (the int64 buffer with int(value))."""
+    state, _ = c.pull_state("st")
+    return {n: torch.full_like(t, value) for n, t in state.items()}
+
+
+def calls(c: paramhub.Client, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in c.rpc_counts.items() if v != before.get(k, 0)}
+
+
+def test_routed_push_and_pull_match_the_front_door(cc: paramhub.Client,
+                                                   cluster: ClusterProcs) -> None:
+    state_model(cc)
+    v0 = cc.describe_model("st").model.version
+    torch.manual_seed(11)
+    ref, _ = cc.pull_state("st")
+    new = {n: (torch.randn_like(t) if t.is_floating_point() else t + 5) for n, t in ref.items()}
+    before = dict(cc.rpc_counts)
+    updated = cc.push_state("st", new)
+    got = calls(cc, before)
+    # Each rank is sent its parts (and the replicated scalar) straight; one commit.
+    assert got.get("StageShard", 0) >= 2 * len(new) - 1 and got["CommitStagedState"] == 1
+    assert "PushState" not in got
+    assert cc.describe_model("st").model.version == v0 + 1  # one write, one version
+    before = dict(cc.rpc_counts)
+    pulled, versions = cc.pull_state("st")
+    got = calls(cc, before)
+    assert got.get("ReadShard", 0) >= len(new) and "PullState" not in got
+    assert list(pulled) == list(new)
+    assert all(torch.equal(pulled[n], new[n]) for n in new)
+    assert {n: versions[n] for n in updated} == updated
+    # The same answers through the front door (a client with routing off).
+    with paramhub.connect(cluster.target, timeout=60) as fd:
+        fd._cluster()._routing_off = True
+        before = dict(fd.rpc_counts)
+        front, front_versions = fd.pull_state("st")
+        assert calls(fd, before).get("PullState") == 1 and "ReadShard" not in fd.rpc_counts
+        assert list(front) == list(pulled) and front_versions == versions
+        assert all(torch.equal(front[n], pulled[n]) for n in new)
+        # Selections as the front door makes them.
+        for kw in ({"prefix": "1."}, {"glob": "*.weight"}, {"parameters_only": True},
+                   {"names": ["2.bias", "0.weight"]}):
+            a, av = cc.pull_state("st", **kw)
+            b, bv = fd.pull_state("st", **kw)
+            assert list(a) == list(b) and av == bv, kw
+            assert all(torch.equal(a[n], b[n]) for n in a), kw
+        # A push through the front door reads back the same through the routes.
+        twice = {n: t * 2 for n, t in new.items()}
+        before = dict(fd.rpc_counts)
+        fd.push_state("st", twice)
+        assert calls(fd, before).get("PushState") == 1 and "StageShard" not in fd.rpc_counts
+    pulled, _ = cc.pull_state("st")
+    assert all(torch.equal(pulled[n], twice[n]) for n in new)
+
+
+@pytest.mark.parametrize("bad, code, why", [
+    (lambda s: {**s, "0.weight": torch.zeros(1024, 511)}, "INVALID_ARGUMENT", "BAD_SHAPE"),
+    (lambda s: {**s, "1.num_batches_tracked": torch.zeros(2, dtype=torch.int64)},
+     "INVALID_ARGUMENT", "BAD_SHAPE"),  # staged weights first, then refused: dropped
+    (lambda s: {**s, "nope": torch.zeros(3)}, "NOT_FOUND", "TENSOR_NOT_FOUND"),
+    (lambda s: {**s, "0.weight": torch.zeros(1024, 512, dtype=torch.complex64)},
+     "INVALID_ARGUMENT", "BAD_DTYPE"),
+])
+def test_a_bad_routed_push_changes_nothing(cc: paramhub.Client, bad, code, why) -> None:
+    state_model(cc)
+    before_state, before_versions = cc.pull_state("st")
+    version = cc.describe_model("st").model.version
+    with pytest.raises(paramhub.errors.ParamhubError) as e:
+        cc.push_state("st", bad(filled(cc, 1.0)))
+    assert (e.value.code, e.value.reason) == (code, why)
+    after, after_versions = cc.pull_state("st")
+    assert after_versions == before_versions
+    assert all(torch.equal(after[n], before_state[n]) for n in after)
+    assert cc.describe_model("st").model.version == version
+    # A stale expected_model_version: refused by the commit, nothing changes.
+    before = dict(cc.rpc_counts)
+    with pytest.raises(ConflictError) as c:
+        cc.push_state("st", filled(cc, 2.0), expected_model_version=version - 1)
+    assert c.value.reason == "VERSION_MISMATCH"
+    assert calls(cc, before).get("CommitStagedState") == 1
+    after, _ = cc.pull_state("st")
+    assert all(torch.equal(after[n], before_state[n]) for n in after)
+    # The refused pushes' parts were dropped or taken: a full push still fits the staging.
+    cc.push_state("st", filled(cc, 3.0), expected_model_version=version)
+    assert all(bool((t == 3).all()) for t in cc.pull_state("st")[0].values())
+
+
+def test_routed_pulls_never_see_half_a_push(cc: paramhub.Client,
+                                            cluster: ClusterProcs) -> None:
+    """A writer pushes states filled with one value each (routed), while a reader's routed
+    pulls must each hold one value and matching versions."""
+    state_model(cc)
+    cc.push_state("st", filled(cc, 0.0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    pushes = [0]
+
+    def writer() -> None:
+        try:
+            with paramhub.connect(cluster.target, timeout=60) as w:
+                template, _ = w.pull_state("st")
+                for k in range(1, 30):
+                    if stop.is_set():
+                        break
+                    w.push_state("st", {n: torch.full_like(t, k) for n, t in template.items()})
+                    pushes[0] = k
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    seen = set()
+    try:
+        before = dict(cc.rpc_counts)
+        for _ in range(25):
+            state, versions = cc.pull_state("st")
+            values = {float(v.flatten()[0]) for v in state.values()}
+            assert all(bool((v == v.flatten()[0]).all()) for v in state.values())
+            assert len(values) == 1, values  # one push's values, never two
+            assert len(set(versions[n] for n in versions if not n.startswith("1.num"))) <= 2
+            seen |= values
+            if len(seen) > 3 and not t.is_alive():
+                break
+        assert "PullState" not in calls(cc, before)  # every pull was routed
+    finally:
+        stop.set()
+        t.join(120)
+    assert not errors, errors
+    assert len(seen) > 1  # the pulls overlapped the pushes

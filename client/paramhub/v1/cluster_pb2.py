@@ -22,39 +22,44 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from paramhub.v1 import tensors_pb2 as paramhub_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramhub/v1/cluster.proto\x12\x0bparamhub.v1\"\x17\n\x15GetClusterInfoRequest\"M\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nheld_bytes\x18\x04 \x01(\x03\"R\n\x16GetClusterInfoResponse\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12$\n\x05ranks\x18\x02 \x03(\x0b\x32\x15.paramhub.v1.RankInfo\" \n\x10ReadShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x88\x01\n\x11ReadShardResponse\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x10\n\x08row_stop\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tplacement\x18\x07 \x01(\t\"(\n\x18\x44\x65scribePlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x0fTensorPlacement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x12\n\nrow_bounds\x18\x03 \x03(\x03\x12\x0c\n\x04note\x18\x04 \x01(\t\"Y\n\x19\x44\x65scribePlacementResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12-\n\x07tensors\x18\x02 \x03(\x0b\x32\x1c.paramhub.v1.TensorPlacement\"\x84\x01\n\x11StageShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05shape\x18\x07 \x03(\x03\"*\n\x12StageShardResponse\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"n\n\x18\x43ommitStagedWriteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"C\n\x19\x43ommitStagedWriteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\xd2\x03\n\x0e\x43lusterService\x12Y\n\x0eGetClusterInfo\x12\".paramhub.v1.GetClusterInfoRequest\x1a#.paramhub.v1.GetClusterInfoResponse\x12L\n\tReadShard\x12\x1d.paramhub.v1.ReadShardRequest\x1a\x1e.paramhub.v1.ReadShardResponse0\x01\x12\x62\n\x11\x44\x65scribePlacement\x12%.paramhub.v1.DescribePlacementRequest\x1a&.paramhub.v1.DescribePlacementResponse\x12O\n\nStageShard\x12\x1e.paramhub.v1.StageShardRequest\x1a\x1f.paramhub.v1.StageShardResponse(\x01\x12\x62\n\x11\x43ommitStagedWrite\x12%.paramhub.v1.CommitStagedWriteRequest\x1a&.paramhub.v1.CommitStagedWriteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19paramhub/v1/cluster.proto\x12\x0bparamhub.v1\x1a\x19paramhub/v1/tensors.proto\"\x17\n\x15GetClusterInfoRequest\"M\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nheld_bytes\x18\x04 \x01(\x03\"R\n\x16GetClusterInfoResponse\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12$\n\x05ranks\x18\x02 \x03(\x0b\x32\x15.paramhub.v1.RankInfo\" \n\x10ReadShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9f\x01\n\x11ReadShardResponse\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x10\n\x08row_stop\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tplacement\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\"(\n\x18\x44\x65scribePlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"b\n\x0fTensorPlacement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x12\n\nrow_bounds\x18\x03 \x03(\x03\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\"Y\n\x19\x44\x65scribePlacementResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12-\n\x07tensors\x18\x02 \x03(\x0b\x32\x1c.paramhub.v1.TensorPlacement\"\x84\x01\n\x11StageShardRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\r\n\x05shape\x18\x07 \x03(\x03\"*\n\x12StageShardResponse\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"n\n\x18\x43ommitStagedWriteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"C\n\x19\x43ommitStagedWriteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\x99\x01\n\x18\x43ommitStagedStateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\r\n\x05names\x18\x03 \x03(\t\x12#\n\x16\x65xpected_model_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05\x61\x62ort\x18\x05 \x01(\x08\x42\x19\n\x17_expected_model_version\"_\n\x19\x43ommitStagedStateResponse\x12+\n\x07updated\x18\x01 \x03(\x0b\x32\x1a.paramhub.v1.TensorVersion\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\xb6\x04\n\x0e\x43lusterService\x12Y\n\x0eGetClusterInfo\x12\".paramhub.v1.GetClusterInfoRequest\x1a#.paramhub.v1.GetClusterInfoResponse\x12L\n\tReadShard\x12\x1d.paramhub.v1.ReadShardRequest\x1a\x1e.paramhub.v1.ReadShardResponse0\x01\x12\x62\n\x11\x44\x65scribePlacement\x12%.paramhub.v1.DescribePlacementRequest\x1a&.paramhub.v1.DescribePlacementResponse\x12O\n\nStageShard\x12\x1e.paramhub.v1.StageShardRequest\x1a\x1f.paramhub.v1.StageShardResponse(\x01\x12\x62\n\x11\x43ommitStagedWrite\x12%.paramhub.v1.CommitStagedWriteRequest\x1a&.paramhub.v1.CommitStagedWriteResponse\x12\x62\n\x11\x43ommitStagedState\x12%.paramhub.v1.CommitStagedStateRequest\x1a&.paramhub.v1.CommitStagedStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramhub.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=42
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=65
-  _globals['_RANKINFO']._serialized_start=67
-  _globals['_RANKINFO']._serialized_end=144
-  _globals['_GETCLUSTERINFORESPONSE']._serialized_start=146
-  _globals['_GETCLUSTERINFORESPONSE']._serialized_end=228
-  _globals['_READSHARDREQUEST']._serialized_start=230
-  _globals['_READSHARDREQUEST']._serialized_end=262
-  _globals['_READSHARDRESPONSE']._serialized_start=265
-  _globals['_READSHARDRESPONSE']._serialized_end=401
-  _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_start=403
-  _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_end=443
-  _globals['_TENSORPLACEMENT']._serialized_start=445
-  _globals['_TENSORPLACEMENT']._serialized_end=529
-  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_start=531
-  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_end=620
-  _globals['_STAGESHARDREQUEST']._serialized_start=623
-  _globals['_STAGESHARDREQUEST']._serialized_end=755
-  _globals['_STAGESHARDRESPONSE']._serialized_start=757
-  _globals['_STAGESHARDRESPONSE']._serialized_end=799
-  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_start=801
-  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_end=911
-  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_start=913
-  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_end=980
-  _globals['_CLUSTERSERVICE']._serialized_start=983
-  _globals['_CLUSTERSERVICE']._serialized_end=1449
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=69
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=92
+  _globals['_RANKINFO']._serialized_start=94
+  _globals['_RANKINFO']._serialized_end=171
+  _globals['_GETCLUSTERINFORESPONSE']._serialized_start=173
+  _globals['_GETCLUSTERINFORESPONSE']._serialized_end=255
+  _globals['_READSHARDREQUEST']._serialized_start=257
+  _globals['_READSHARDREQUEST']._serialized_end=289
+  _globals['_READSHARDRESPONSE']._serialized_start=292
+  _globals['_READSHARDRESPONSE']._serialized_end=451
+  _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_start=453
+  _globals['_DESCRIBEPLACEMENTREQUEST']._serialized_end=493
+  _globals['_TENSORPLACEMENT']._serialized_start=495
+  _globals['_TENSORPLACEMENT']._serialized_end=593
+  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_start=595
+  _globals['_DESCRIBEPLACEMENTRESPONSE']._serialized_end=684
+  _globals['_STAGESHARDREQUEST']._serialized_start=687
+  _globals['_STAGESHARDREQUEST']._serialized_end=819
+  _globals['_STAGESHARDRESPONSE']._serialized_start=821
+  _globals['_STAGESHARDRESPONSE']._serialized_end=863
+  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_start=865
+  _globals['_COMMITSTAGEDWRITEREQUEST']._serialized_end=975
+  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_start=977
+  _globals['_COMMITSTAGEDWRITERESPONSE']._serialized_end=1044
+  _globals['_COMMITSTAGEDSTATEREQUEST']._serialized_start=1047
+  _globals['_COMMITSTAGEDSTATEREQUEST']._serialized_end=1200
+  _globals['_COMMITSTAGEDSTATERESPONSE']._serialized_start=1202
+  _globals['_COMMITSTAGEDSTATERESPONSE']._serialized_end=1297
+  _globals['_CLUSTERSERVICE']._serialized_start=1300
+  _globals['_CLUSTERSERVICE']._serialized_end=1866
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from paramhub.v1 import tensors_pb2 as _tensors_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -37,7 +38,7 @@ class ReadShardRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ReadShardResponse(_message.Message):
-    __slots__ = ("shape", "dtype", "row_start", "row_stop", "version", "data", "placement")
+    __slots__ = ("shape", "dtype", "row_start", "row_stop", "version", "data", "placement", "model_version")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +46,7 @@ class ReadShardResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     row_start: int
@@ -52,7 +54,8 @@ class ReadShardResponse(_message.Message):
     version: int
     data: bytes
     placement: str
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., placement: _Optional[str] = ...) -> None: ...
+    model_version: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., version: _Optional[int] = ..., data: _Optional[bytes] = ..., placement: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class DescribePlacementRequest(_message.Message):
     __slots__ = ("name",)
@@ -61,16 +64,18 @@ class DescribePlacementRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TensorPlacement(_message.Message):
-    __slots__ = ("name", "placement", "row_bounds", "note")
+    __slots__ = ("name", "placement", "row_bounds", "note", "kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     ROW_BOUNDS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     placement: str
     row_bounds: _containers.RepeatedScalarFieldContainer[int]
     note: str
-    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., placement: _Optional[str] = ..., row_bounds: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class DescribePlacementResponse(_message.Message):
     __slots__ = ("shard", "tensors")
@@ -121,3 +126,25 @@ class CommitStagedWriteResponse(_message.Message):
     version: int
     model_version: int
     def __init__(self, version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class CommitStagedStateRequest(_message.Message):
+    __slots__ = ("model", "write_id", "names", "expected_model_version", "abort")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    write_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    expected_model_version: int
+    abort: bool
+    def __init__(self, model: _Optional[str] = ..., write_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., expected_model_version: _Optional[int] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class CommitStagedStateResponse(_message.Message):
+    __slots__ = ("updated", "model_version")
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    updated: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorVersion]
+    model_version: int
+    def __init__(self, updated: _Optional[_Iterable[_Union[_tensors_pb2.TensorVersion, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -63,6 +63,11 @@ class ClusterServiceStub:
                 request_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.SerializeToString,
                 response_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.FromString,
                 _registered_method=True)
+        self.CommitStagedState = channel.unary_unary(
+                '/paramhub.v1.ClusterService/CommitStagedState',
+                request_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateRequest.SerializeToString,
+                response_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -113,6 +118,16 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStagedState(self, request, context):
+        """Routed state pushes (rank 0): commits the parts of many tensors staged on every owner
+        under one write id (StageShard; a replicated tensor's whole value on every rank) as one
+        two-phase write, one model version, all or nothing; or, with `abort`, drops them on
+        every rank. Needs the write role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +155,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.CommitStagedWrite,
                     request_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.FromString,
                     response_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.SerializeToString,
+            ),
+            'CommitStagedState': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitStagedState,
+                    request_deserializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateRequest.FromString,
+                    response_serializer=paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +301,33 @@ class ClusterService:
             '/paramhub.v1.ClusterService/CommitStagedWrite',
             paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteRequest.SerializeToString,
             paramhub_dot_v1_dot_cluster__pb2.CommitStagedWriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStagedState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.ClusterService/CommitStagedState',
+            paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateRequest.SerializeToString,
+            paramhub_dot_v1_dot_cluster__pb2.CommitStagedStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

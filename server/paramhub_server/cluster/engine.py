@@ -437,17 +437,17 @@ class Cluster:
         return m
 
     def local_part(self, model_id: str, name: str, kind: str | None
-                   ) -> tuple[Entry, torch.Tensor, int, int, int]:
+                   ) -> tuple[Entry, torch.Tensor, int, int, int, int]:
         """(entry, a copy of this rank's part, its first index along the sharded dim (dim 0
-        when replicated), the stop, version), consistent with respect to commits (any rank;
-        no collective)."""
+        when replicated), the stop, version, the model's version), consistent with respect to
+        commits (any rank; no collective)."""
         m = self._model(model_id)
         e = m.entry(name, kind)
         with self._lock:
             part = e.local.clone()
-            version = e.version
+            version, model_version = e.version, m.version
         start, stop = local_bounds(e.shape, e.placement, self.world, self.rank)
-        return e, part, start, stop, version
+        return e, part, start, stop, version, model_version
 
     def get(self, model_id: str) -> ShardedModel | None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""Routed writes: a big write of a sharded tensor goes from the SDK straight to its owners.
+"""Routed writes: a big write (or state push) of a sharded model goes from the SDK straight to
+its owners.
 
     StageShard (every rank)   the client streams the rank's part (its indices along the sharded
                               dim, any Shard(d), as a contiguous tensor) of a whole-tensor write under
@@ -7,6 +8,10 @@
     CommitStagedWrite (rank 0) the command "write_staged": every rank takes its staged part and
                               the usual two-phase commit (commit.py) applies every part or none,
                               with one version; the front door carries no bulk bytes
+    CommitStagedState (rank 0) the command "write_staged_state": a routed push_state -- parts
+                              of many tensors staged under one write id (a replicated tensor
+                              whole on every rank) committed as one two-phase write, one
+                              model version; or, with `abort`, dropped on every rank
 
 Staged parts are bounded: at most the rank's --max-model-bytes (STAGE_MAX_BYTES without one)
 per rank at once, over every write (RESOURCE_EXHAUSTED, STAGING_FULL), checked before the
@@ -28,6 +33,7 @@ import torch
 
 from paramhub.common.errors import (ConflictError, FailedPreconditionError,
                                     InvalidArgumentError, NotFoundError, ResourceExhaustedError)
+from paramhub.common import pb
 from paramhub.v1 import cluster_pb2 as cpb
 from paramhub_server.api import serde
 from paramhub_server.cluster.commands import command
@@ -35,6 +41,7 @@ from paramhub_server.errors import rpc
 
 if TYPE_CHECKING:
     from paramhub_server.cluster.engine import Cluster
+    from paramhub_server.core.types import WriteContext
 
 #: Bytes one rank keeps staged at once, over every write, when it has no --max-model-bytes.
 STAGE_MAX_BYTES = 2 << 30
@@ -107,14 +114,16 @@ def _check_write_id(write_id: str) -> None:
                                    reason="BAD_WRITE_ID")
 
 
-def _rows(cluster: Cluster, e: Any) -> tuple[int, int, tuple[int, ...]]:
+def _rows(cluster: Cluster, e: Any, replicated: bool = False
+          ) -> tuple[int, int, tuple[int, ...]]:
     """(start, stop) along the sharded dim of this rank's part of `e`, and the part's shape
-    (any Shard(d); NOT_ROUTABLE for a replicated tensor)."""
+    (any Shard(d); for a replicated tensor the whole dim 0 when `replicated`, else
+    NOT_ROUTABLE)."""
     from torch.distributed.tensor import Shard
 
     from paramhub_server.cluster.sharding import local_bounds, local_shape
 
-    if not isinstance(e.placement, Shard):
+    if not isinstance(e.placement, Shard) and not replicated:
         raise FailedPreconditionError(f"{e.names[0][:200]!r} is not sharded; write it "
                                       "through the front door", reason="NOT_ROUTABLE",
                                       metadata={"tensor": e.names[0][:200]})
@@ -162,6 +171,50 @@ def write_staged(cluster: Cluster, model_id: str, name: str, kind: str, write_id
     return e.version, m.version
 
 
+@command("write_staged_state")
+def write_staged_state(cluster: Cluster, model_id: str, names: list[str], write_id: str,
+                       expected_model_version: int | None, ctx: WriteContext, abort: bool
+                       ) -> tuple[list[tuple[str, int]], int]:
+    """Every rank: takes its staged parts of state push `write_id` (one per storage named)
+    and commits them as one two-phase write (all or nothing, one model version); with
+    `abort`, only drops them."""
+    import torch.distributed as dist
+
+    from paramhub_server.cluster.state import _commit_parts
+
+    m = cluster._model(model_id)
+    staging = staging_of(cluster)
+    groups = list(dict.fromkeys(m.entry(n).group for n in names))
+    parts: dict[int, torch.Tensor] = {}
+    missing = None
+    for g in groups:
+        e = m.entries[g]
+        start, stop, shape = _rows(cluster, e, replicated=True)
+        part = staging.take((write_id, model_id, g))
+        if part is None and stop == start and e.shape:
+            part = torch.empty(shape, dtype=e.dtype)  # no rows here: nothing to stage
+        if part is None or tuple(part.shape) != shape:
+            missing = missing or e.names[0]
+        else:
+            parts[g] = part
+    if abort:
+        return [], m.version
+    have: list[Any] = [None] * cluster.world
+    dist.all_gather_object(have, missing)
+    bad = next((r for r, name in enumerate(have) if name is not None), None)
+    if bad is not None:  # the same answer on every rank
+        raise FailedPreconditionError(
+            f"rank {bad} has no staged part of {have[bad][:200]!r} in write {write_id!r} "
+            f"(never staged, expired after {STAGE_TTL_S:.0f} s, or the model changed)",
+            reason="NOT_STAGED", metadata={"rank": str(bad), "write_id": write_id})
+    error = None
+    if expected_model_version is not None and expected_model_version != m.version:
+        error = ConflictError(f"model {model_id!r} is at version {m.version}, not "
+                              f"{expected_model_version}", reason="VERSION_MISMATCH",
+                              metadata={"model": model_id, "version": str(m.version)})
+    return _commit_parts(cluster, m, parts, "push_state", ctx, error)
+
+
 class RoutedWriteHandlers:
     """ClusterService's routed-write RPCs (a base of service.ClusterServicer)."""
 
@@ -188,7 +241,7 @@ class RoutedWriteHandlers:
             raise NotFoundError(f"no sharded model {model_id!r}", reason="MODEL_NOT_FOUND",
                                 metadata={"model": model_id})
         e = m.entry(name, kind)
-        start, stop, shape = _rows(cluster, e)
+        start, stop, shape = _rows(cluster, e, replicated=True)
         if (first.row_start, first.row_stop) != (start, stop):
             raise FailedPreconditionError(
                 f"rank {cluster.rank} holds [{start}, {stop}) of {name[:200]!r} along its "
@@ -248,3 +301,28 @@ class RoutedWriteHandlers:
             expected_version=(request.expected_version
                               if request.HasField("expected_version") else None))
         return cpb.CommitStagedWriteResponse(version=version, model_version=model_version)
+
+    @rpc
+    def CommitStagedState(self, request: cpb.CommitStagedStateRequest,
+                          context: grpc.ServicerContext) -> cpb.CommitStagedStateResponse:
+        cluster = self._live()
+        if cluster.rank != 0:
+            raise FailedPreconditionError("ask rank 0, the cluster's front door",
+                                          reason="NOT_FRONT_DOOR",
+                                          metadata={"front_door": cluster.addresses[0]})
+        model_id = serde.model_id_of(request.model)
+        _check_write_id(request.write_id)
+        m = cluster._model(model_id)
+        names = list(request.names)
+        for n in names:  # NOT_FOUND before any rank works
+            m.entry(n)
+        if not names:
+            return cpb.CommitStagedStateResponse(model_version=m.version)
+        updated, version = cluster.run(
+            "write_staged_state", model_id=model_id, names=names, write_id=request.write_id,
+            expected_model_version=(request.expected_model_version
+                                    if request.HasField("expected_model_version") else None),
+            ctx=serde.write_context("", context), abort=request.abort)
+        return cpb.CommitStagedStateResponse(
+            updated=[pb.TensorVersion(name=n, version=v) for n, v in updated],
+            model_version=version)

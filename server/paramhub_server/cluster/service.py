@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 SHARD_METADATA = "x-paramhub-shard"
 _KINDS = {PARAMETER: pb.TENSOR_KIND_PARAMETER, BUFFER: pb.TENSOR_KIND_BUFFER}
 _CHUNK = 1 << 20
+#: TensorPlacement.kind of each kind of tensor.
+_KIND_NAMES = {PARAMETER: "parameters", BUFFER: "buffers"}
 
 
 def _shard_asked(context: grpc.ServicerContext) -> str | None:
@@ -353,13 +355,14 @@ class ClusterServicer(RoutedWriteHandlers, cpb_grpc.ClusterServiceServicer):
             raise self.cluster.broken
         from paramhub_server.cluster.sharding import placement_text
 
-        e, part, start, stop, version = self.cluster.local_part(model_id, name, kind)
+        e, part, start, stop, version, model_version = self.cluster.local_part(model_id, name,
+                                                                               kind)
         data = _codec.byte_view(part.contiguous()).numpy().tobytes() if part.numel() else b""
         first = cpb.ReadShardResponse(shape=list(e.shape),
                                       dtype=str(e.dtype).removeprefix("torch."),
                                       row_start=start, row_stop=stop, version=version,
                                       placement=placement_text(e.placement),
-                                      data=data[:_CHUNK])
+                                      model_version=model_version, data=data[:_CHUNK])
         yield first
         for off in range(_CHUNK, len(data), _CHUNK):
             yield cpb.ReadShardResponse(data=data[off:off + _CHUNK])
@@ -387,7 +390,8 @@ class ClusterServicer(RoutedWriteHandlers, cpb_grpc.ClusterServiceServicer):
                           for r in range(self.cluster.world)] + [n]
             out.tensors.append(cpb.TensorPlacement(name=name,
                                                    placement=placement_text(e.placement),
-                                                   row_bounds=bounds, note=e.note))
+                                                   row_bounds=bounds, note=e.note,
+                                                   kind=_KIND_NAMES[e.kind]))
         return out
 
 
