@@ -73,12 +73,7 @@ MODELS: list[tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, str]]] = 
     (encoder_layer, (2, 5, 8), {"linear1": "colwise", "linear2": "rowwise"}),
     (shared_net, (5, 4), {"0": "colwise", "2": "rowwise", "5": "rowwise"})]
 IDS = ["seed_mlp", "conv_net", "encoder_layer", "shared_net"]
-#: Tensor-parallel plans come with issue 16's plans (cluster/sharding.py STYLES); until this
-#: branch has them, the plan cases are skipped.
-TP = pytest.mark.skipif(not hasattr(__import__("paramhub_server.cluster.sharding").cluster
-                                    .sharding, "STYLES"), reason="no tensor-parallel plans")
-CASES = [pytest.param(build, shape, shard, marks=() if shard == "fsdp" else TP)
-         for build, shape, plan in MODELS for shard in ("fsdp", plan)]
+CASES = [(build, shape, shard) for build, shape, plan in MODELS for shard in ("fsdp", plan)]
 CASE_IDS = [f"{i}-{'fsdp' if s == 'fsdp' else 'tp'}" for i in IDS for s in ("fsdp", "tp")]
 
 
@@ -144,8 +139,7 @@ OPTIMIZERS = [("SGD", {"lr": 0.1, "momentum": 0.9}),
               ("Adam", {"lr": 0.01, "betas": (0.8, 0.99)})]
 
 
-@pytest.mark.parametrize("shard", ["fsdp", pytest.param({"0": "colwise", "2": "rowwise"},
-                                                          marks=TP)], ids=["fsdp", "tp"])
+@pytest.mark.parametrize("shard", ["fsdp", {"0": "colwise", "2": "rowwise"}], ids=["fsdp", "tp"])
 @pytest.mark.parametrize("name,kwargs", OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])
 def test_sharded_optimizer_10_steps_match_torch_optim(cc: paramhub.Client, name, kwargs,
                                                       shard) -> None:
