@@ -16,7 +16,9 @@ only its local part.
 
 A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
 computes which of the region's elements fall in its shard (sharding.region_ids: element ids
-indexed as torch would index the tensor) and changes only those. Two phases (commit.py): each
+indexed as torch would index the tensor) and changes only those; a box of step-1 slices that
+is one contiguous run of the rank's part (sharding.local_run: a whole tensor, whole rows) is
+computed on views and staged as a slice run instead, with no id tensors. Two phases (commit.py): each
 rank *prepares* the new values of its part without touching the live tensor, logs the prepare
 and votes (all_gather); only when every rank voted yes does every rank log the commit, apply its
 part, and confirm (a second all_gather) before rank 0 acknowledges. One version per tensor and
