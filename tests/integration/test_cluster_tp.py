@@ -129,6 +129,49 @@ def test_shard1_reads_and_writes_match_local_torch(cc: paramhub.Client) -> None:
     assert torch.equal(w.fetch(), lw)
 
 
+def test_box_writes_match_local_torch(cc: paramhub.Client) -> None:
+    """Writes of boxes of step-1 slices (staged as runs of a rank's part where they are one,
+    by ids elsewhere) on Shard(0), Shard(1) and replicated tensors with uneven splits, every
+    op, broadcast values and two writes of one tensor in a batch, against local torch."""
+    torch.manual_seed(3)
+    # colwise Linear(5, 7): weight (7, 5) Shard(0) split 4 + 3; rowwise Linear(7, 3): weight
+    # (3, 7) Shard(1) split 4 + 3, bias (3,) replicated.
+    local = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+    cc.create_model("box", local, shard={"0": "colwise", "1": "rowwise"})
+    boxes = [(), (slice(None),), (slice(0, 4),), (slice(3, 5),), (slice(4, None),),
+             (slice(-2, None),), (slice(1, 2),), (slice(2, 6), slice(None)), (slice(5, 3),),
+             (slice(None), slice(1, 3)), (slice(1, 2), slice(2, 6)), (slice(0, 100),)]
+    want = {n: t.detach().clone() for n, t in local.state_dict().items()}
+    for k, index in enumerate(boxes):
+        for name in ("0.weight", "1.weight", "1.bias", "0.bias"):
+            t = want[name]
+            if len(index) > t.dim():
+                continue
+            region = t[index]
+            for op, value in [("assign", torch.arange(float(region.numel())).view(region.shape)
+                               + 10 * k),
+                              ("add", torch.tensor(1.5)), ("mul", torch.full(region.shape[-1:],
+                                                                             -2.0))]:
+                cc.set_slice("box", name, index, value, op=op)
+                with torch.no_grad():
+                    if op == "assign":
+                        t[index] = value
+                    elif op == "add":
+                        t[index] += value
+                    else:
+                        t[index] *= value
+                assert torch.equal(cc.get_tensor("box", name)[0], t), (name, index, op)
+    with cc.batch("box") as b:
+        b.set_slice("0.weight", (slice(2, 6),), torch.tensor(9.0))
+        b.set_slice("0.weight", (slice(3, 5),), torch.tensor(1.0), "add")
+        b.set_slice("1.weight", (), torch.tensor(0.5), "mul")
+    want["0.weight"][2:6] = 9.0
+    want["0.weight"][3:5] += 1.0
+    want["1.weight"] *= 0.5
+    for name, t in want.items():
+        assert torch.equal(cc.get_tensor("box", name)[0], t), name
+
+
 @pytest.mark.parametrize("bad, code, reason", [
     (lambda t: t.__setitem__((0, 10), 1.0), OutOfRangeError, "INDEX_OUT_OF_RANGE"),
     (lambda t: t.__setitem__((slice(None), slice(0, 4)), torch.ones(6, 3)),

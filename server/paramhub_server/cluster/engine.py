@@ -16,7 +16,9 @@ only its local part.
 
 A write (SetSlice) on a sharded tensor applies the index to the full logical tensor: every rank
 computes which of the region's elements fall in its shard (sharding.region_ids: element ids
-indexed as torch would index the tensor) and changes only those. Two phases (commit.py): each
+indexed as torch would index the tensor) and changes only those; a box of step-1 slices that
+is one contiguous run of the rank's part (sharding.local_run: a whole tensor, whole rows) is
+computed on views and staged as a slice run instead, with no id tensors. Two phases (commit.py): each
 rank *prepares* the new values of its part without touching the live tensor, logs the prepare
 and votes (all_gather); only when every rank voted yes does every rank log the commit, apply its
 part, and confirm (a second all_gather) before rank 0 acknowledges. One version per tensor and
@@ -51,8 +53,8 @@ from paramhub.common.errors import (AlreadyExistsError, ConflictError, InternalE
 from paramhub.common import pb
 from paramhub_server.cluster import commands, commit, storage
 from paramhub_server.cluster.sharding import (FSDP, Entry, ShardedModel, Write, entries_of,
-                                              local_bounds, local_shape, numel, parse_plan,
-                                              region_ids, select, skeleton_of, to_local)
+                                              local_bounds, local_run, local_shape, numel,
+                                              parse_plan, region_ids, select, skeleton_of, to_local)
 from paramhub_server.core import indexing, inits, rng
 from paramhub_server.core.writes import _combine
 
@@ -346,7 +348,7 @@ class Cluster:
         """Prepare every write on this rank's part, vote, commit everywhere or nowhere."""
         m = self._model(model_id)
         # group -> [(flat ids into this rank's part, their new values)], in write order.
-        staged: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        staged: storage.Staged = {}
         error: ParamhubError | None = None
         try:
             if expected_model_version is not None and expected_model_version != m.version:
@@ -381,21 +383,34 @@ class Cluster:
                         self.rank if rank is None else rank, sel)
 
     def _prepare(self, e: Entry, base: torch.Tensor, w: Write
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor | slice, torch.Tensor]:
         """(flat ids into this rank's part, their new values) after `w`: the prepare, computed
-        beside the live tensor, in memory proportional to the region written."""
+        beside the live tensor, in memory proportional to the region written. A box of slices
+        that is one contiguous run of this rank's part (a whole tensor, rows of a Shard(0)
+        tensor, ...) is computed on views and staged as a slice run (no id tensors)."""
+        fast = local_run(e.shape, e.placement, self.world, self.rank, w.index)
+        if fast is not None:
+            region, box, vsel, run = fast
+            value = self._expand(w, region)
+            new = _combine(base[box], w.op, value[vsel], w.name)
+            return run, new.to(base.dtype).reshape(-1)
         sel = region_ids(e.shape, w.index)  # IndexError/shape errors as torch reports them
-        try:
-            value = w.value.expand(sel.shape)
-        except RuntimeError:
-            raise InvalidArgumentError(
-                f"a value of shape {list(w.value.shape)} cannot be written to a region of "
-                f"shape {list(sel.shape)} of {w.name!r}", reason="BAD_SHAPE",
-                metadata={"tensor": w.name[:200]}) from None
+        value = self._expand(w, tuple(sel.shape))
         mask, local_ids = self._to_local(e, sel)
         old = base.reshape(-1)[local_ids]
         new = _combine(old, w.op, value[mask], w.name)
         return local_ids, new.to(base.dtype)
+
+    @staticmethod
+    def _expand(w: Write, region: tuple[int, ...]) -> torch.Tensor:
+        """`w`'s value broadcast to the region's shape (BAD_SHAPE when it cannot be)."""
+        try:
+            return w.value.expand(region)
+        except RuntimeError:
+            raise InvalidArgumentError(
+                f"a value of shape {list(w.value.shape)} cannot be written to a region of "
+                f"shape {list(region)} of {w.name!r}", reason="BAD_SHAPE",
+                metadata={"tensor": w.name[:200]}) from None
 
     def _do_read_region(self, model_id: str, group: int, index: tuple[Any, ...]
                         ) -> torch.Tensor | None:

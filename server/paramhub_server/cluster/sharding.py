@@ -173,6 +173,48 @@ def to_local(shape: Sequence[int], p: Shard | Replicate, world: int, rank: int,
     return mask, (outer * (stop - start) + (i - start)) * inner + k
 
 
+def local_run(shape: Sequence[int], p: Shard | Replicate, world: int, rank: int,
+              index: tuple[Any, ...]
+              ) -> tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...], slice] | None:
+    """For an index of step-1 slices (a box of the logical tensor) whose elements in rank's
+    part are one contiguous run of it: (the region's shape, the box in rank's part, the slices
+    of the region-shaped value that land there, the run of flat ids into rank's part). None
+    for any other index (ints, masks, fancy indexing, steps) or a box that is not one run
+    there: those take region_ids + to_local."""
+    shape = tuple(shape)
+    if (not shape or len(index) > len(shape)
+            or not all(isinstance(i, slice) and i.step in (None, 1)
+                       and all(b is None or type(b) is int for b in (i.start, i.stop))
+                       for i in index)):
+        return None
+    box = []
+    for n, s in zip(shape, tuple(index) + (slice(None),) * (len(shape) - len(index))):
+        start, stop, _ = s.indices(n)
+        box.append((start, max(start, stop)))
+    region = tuple(b - a for a, b in box)
+    part, have = list(box), list(shape)
+    vsel = [slice(None)] * len(shape)
+    if isinstance(p, Shard):
+        d = p.dim
+        lo, hi = local_rows(shape[d], world, rank)
+        a, b = box[d]
+        a2 = min(max(a, lo), hi)
+        b2 = max(a2, min(b, hi))
+        part[d], have[d], vsel[d] = (a2 - lo, b2 - lo), hi - lo, slice(a2 - a, b2 - a)
+    lens = [b - a for a, b in part]
+    count = numel(lens)
+    if count == 0:
+        run = slice(0, 0)
+    else:
+        # One run: the dims after the last partial one are whole, those before it hold 1.
+        last = max((i for i in range(len(lens)) if lens[i] != have[i]), default=-1)
+        if any(lens[i] != 1 for i in range(last)):
+            return None
+        start = sum(a * st for (a, _), st in zip(part, contiguous_strides(have)))
+        run = slice(start, start + count)
+    return region, tuple(slice(a, b) for a, b in part), tuple(vsel), run
+
+
 @dataclass
 class Entry:
     """One storage (tied names share one) of a sharded model."""
