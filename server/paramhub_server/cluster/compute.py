@@ -37,7 +37,7 @@ from paramhub.common.errors import ConflictError, InvalidArgumentError, NotFound
 from paramhub_server.cluster.commands import command
 from paramhub_server.cluster.sharding import PARAMETER, Entry, ShardedModel, contiguous_strides
 from paramhub_server.core import rng, training
-from paramhub_server.core.compute import _draws_random
+from paramhub_server.core.compute import _draws_random, mark_grad_inputs
 
 if TYPE_CHECKING:
     from paramhub_server.cluster.engine import Cluster
@@ -250,21 +250,7 @@ def _do_backward(cluster: Cluster, model_id: str, path: str, args: list[Any],
             f"now {m.version}); run the forward pass again", reason="PARAMETERS_CHANGED",
             metadata={"model": model_id, "version": str(m.version)})
     flat, spec = tree_flatten(args)
-    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-    if len(set(grad_inputs)) != len(grad_inputs):
-        raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
-    wanted: list[torch.Tensor] = []
-    for j in grad_inputs:
-        if not 0 <= j < len(positions):
-            raise InvalidArgumentError(
-                f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
-                reason="BAD_ARGUMENT")
-        x = flat[positions[j]]
-        if not (x.is_floating_point() or x.is_complex()):
-            raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
-                                       "inputs have gradients", reason="BAD_DTYPE")
-        flat[positions[j]] = x = x.detach().requires_grad_(True)
-        wanted.append(x)
+    wanted = mark_grad_inputs(flat, grad_inputs)
     p = Pass(grad=True)
     with torch.inference_mode(False):
         out = _run(m, path, tree_unflatten(flat, spec), kwargs, seed, p)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,41 +45,13 @@ def _build(m: ShardedModel, type_name: str,
            ) -> training.ServedOptimizer:
     """torch's optimizer over this rank's parts of the named parameters (validated as on a
     plain server: allow-listed arguments, every storage once)."""
-    norm_defaults = training.check_options(type_name, defaults)
-    if not groups:
-        raise InvalidArgumentError("an optimizer needs at least one parameter group",
-                                   reason="BAD_OPTIMIZER_ARGUMENT")
-    norm_groups: list[tuple[list[str], dict[str, Any]]] = []
-    torch_groups = []
-    params: list[tuple[int, str, nn.Parameter]] = []
-    seen: set[int] = set()
-    for names, options in groups:
-        if not names:
-            raise InvalidArgumentError("a parameter group has no parameters",
-                                       reason="BAD_OPTIMIZER_ARGUMENT")
-        group_params = []
-        for n in names:
-            e = m.entry(n, PARAMETER)
-            if e.group in seen:
-                raise InvalidArgumentError(f"parameter {n!r} appears in more than one group "
-                                           "(or twice, as a tied name)",
-                                           reason="DUPLICATE_PARAMETER",
-                                           metadata={"parameter": n})
-            seen.add(e.group)
-            # Its own tensor object; bound to the live part (p.data) for each step.
-            p = nn.Parameter(torch.empty(0, dtype=e.dtype))
-            params.append((e.group, n, p))
-            group_params.append(p)
-        opts = training.check_options(type_name, options)
-        norm_groups.append((list(names), opts))
-        torch_groups.append({"params": group_params, **opts})
-    cls = training.OPTIMIZERS[type_name][0]
-    try:
-        torch_opt = cls(torch_groups, **norm_defaults)
-    except (ValueError, TypeError) as e:
-        raise InvalidArgumentError(f"{type_name}: {str(e).splitlines()[0]}",
-                                   reason="BAD_OPTIMIZER_ARGUMENT") from None
-    return training.ServedOptimizer(type_name, norm_defaults, norm_groups, torch_opt, params)
+    def parameter(name: str) -> tuple[int, Callable[[], Any]]:
+        e = m.entry(name, PARAMETER)
+        # Its own tensor object; bound to the live part (p.data) for each step.
+        return e.group, lambda: nn.Parameter(torch.empty(0, dtype=e.dtype))
+
+    return training.construct(type_name, *training.resolve(type_name, groups, defaults,
+                                                            parameter))
 
 
 @command("create_optimizer")

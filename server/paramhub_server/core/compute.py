@@ -202,21 +202,7 @@ class Compute:
         """
         sub = _spec.get_submodule(self.module, path)
         flat, treespec = tree_flatten(_to_device(args, self.device))
-        positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
-        if len(set(grad_inputs)) != len(grad_inputs):
-            raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
-        wanted: list[torch.Tensor] = []
-        for j in grad_inputs:
-            if not 0 <= j < len(positions):
-                raise InvalidArgumentError(
-                    f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
-                    reason="BAD_ARGUMENT")
-            x = flat[positions[j]]
-            if not (x.is_floating_point() or x.is_complex()):
-                raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
-                                           "inputs have gradients", reason="BAD_DTYPE")
-            flat[positions[j]] = x = x.detach().requires_grad_(True)
-            wanted.append(x)
+        wanted = mark_grad_inputs(flat, grad_inputs)
         args = tree_unflatten(flat, treespec)
         kwargs = _to_device(kwargs, self.device)
         params = self._grad_params(sub, path)
@@ -434,3 +420,26 @@ def uninitialized_text(module: nn.Module, name: str) -> str:
     except ValueError as e:
         return str(e)
     return f"{name!r} is not materialized"
+
+
+def mark_grad_inputs(flat: list[Any], grad_inputs: Sequence[int]) -> list[torch.Tensor]:
+    """Makes the input tensors at `grad_inputs` (positions among the tensors of the flattened
+    inputs `flat`, changed in place) leaves that require grad and returns them, in that order;
+    INVALID_ARGUMENT for a repeated or out-of-range position or an input that cannot have a
+    gradient. Shared by a plain model's Backward and a sharded one's (cluster/compute.py)."""
+    positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    if len(set(grad_inputs)) != len(grad_inputs):
+        raise InvalidArgumentError("grad_inputs repeats a position", reason="BAD_ARGUMENT")
+    wanted: list[torch.Tensor] = []
+    for j in grad_inputs:
+        if not 0 <= j < len(positions):
+            raise InvalidArgumentError(
+                f"grad_inputs position {j} is not one of the {len(positions)} input tensors",
+                reason="BAD_ARGUMENT")
+        x = flat[positions[j]]
+        if not (x.is_floating_point() or x.is_complex()):
+            raise InvalidArgumentError(f"input tensor {j} is {x.dtype}: only floating point "
+                                       "inputs have gradients", reason="BAD_DTYPE")
+        flat[positions[j]] = x = x.detach().requires_grad_(True)
+        wanted.append(x)
+    return wanted

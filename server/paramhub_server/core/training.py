@@ -240,7 +240,7 @@ def create_optimizer(model: ServedModel, type_name: str,
                 f"model {model.id!r} already has a {existing.type} optimizer with another "
                 "configuration; pass replace=True to discard it and its state",
                 reason="OPTIMIZER_EXISTS", metadata={"model": model.id, "type": existing.type})
-        opt = _construct(type_name, norm_defaults, norm_groups, torch_groups, params)
+        opt = construct(type_name, norm_defaults, norm_groups, torch_groups, params)
         with model.lock.write():
             # Logged before it is installed and acknowledged (replay rebuilds it, state empty).
             if model.journal is not None:
@@ -258,6 +258,23 @@ def _resolve(model: ServedModel, type_name: str,
                                                    list[tuple[int, str, nn.Parameter]]]:
     """Validates an optimizer's arguments against the model: (defaults, groups, torch's
     param_groups, params)."""
+    def parameter(name: str) -> tuple[int, Callable[[], Any]]:
+        ref = model.ref(name, PARAMETER)
+        return ref.group, ref.get
+
+    return resolve(type_name, groups, defaults, parameter)
+
+
+def resolve(type_name: str, groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+            defaults: Mapping[str, Any],
+            parameter: Callable[[str], tuple[int, Callable[[], Any]]]
+            ) -> tuple[dict[str, Any], list[tuple[list[str], dict[str, Any]]],
+                       list[dict[str, Any]], list[tuple[int, str, nn.Parameter]]]:
+    """Validates an optimizer's arguments (allow-listed options, at least one group, no empty
+    group, every storage once): (defaults, groups, torch's param_groups, params).
+    `parameter(name)` -> (storage group, a function giving the nn.Parameter the optimizer
+    steps), raising NOT_FOUND for a name that is not a parameter; shared by a plain model and
+    a cluster's sharded one (cluster/optim.py)."""
     norm_defaults = check_options(type_name, defaults)
     if not groups:
         raise InvalidArgumentError("an optimizer needs at least one parameter group",
@@ -272,15 +289,15 @@ def _resolve(model: ServedModel, type_name: str,
                                        reason="BAD_OPTIMIZER_ARGUMENT")
         group_params = []
         for n in names:
-            ref = model.ref(n, PARAMETER)
-            if ref.group in seen:
+            group, get = parameter(n)
+            if group in seen:
                 raise InvalidArgumentError(f"parameter {n!r} appears in more than one group "
                                            "(or twice, as a tied name)",
                                            reason="DUPLICATE_PARAMETER",
                                            metadata={"parameter": n})
-            seen.add(ref.group)
-            p = ref.get()
-            params.append((ref.group, n, p))
+            seen.add(group)
+            p = get()
+            params.append((group, n, p))
             group_params.append(p)
         opts = check_options(type_name, options)
         norm_groups.append((list(names), opts))
@@ -288,7 +305,7 @@ def _resolve(model: ServedModel, type_name: str,
     return norm_defaults, norm_groups, torch_groups, params
 
 
-def _construct(type_name: str, defaults: dict[str, Any],
+def construct(type_name: str, defaults: dict[str, Any],
                groups: list[tuple[list[str], dict[str, Any]]], torch_groups: list[dict[str, Any]],
                params: list[tuple[int, str, nn.Parameter]]) -> ServedOptimizer:
     """The torch optimizer over the parameters (not installed)."""
@@ -456,7 +473,7 @@ def build_optimizer(model: ServedModel, config: Mapping[str, Any],
     except (KeyError, TypeError, ValueError):
         raise InvalidArgumentError("malformed stored optimizer configuration",
                                    reason="BAD_OPTIMIZER_STATE") from None
-    opt = _construct(type_name, *_resolve(model, type_name, groups, defaults))
+    opt = construct(type_name, *_resolve(model, type_name, groups, defaults))
     _set_state(opt, tensors)
     opt.steps = steps
     return opt
