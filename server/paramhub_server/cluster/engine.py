@@ -333,15 +333,6 @@ class Cluster:
         out = self._do_read_region(model_id, group, index)
         return out, self._model(model_id).entries[group].version
 
-    def _do_read_all(self, model_id: str) -> tuple[dict[str, torch.Tensor], int]:
-        m = self._model(model_id)
-        out: dict[str, torch.Tensor] = {}
-        for e in m.entries:
-            full = self._do_read(model_id, e.group)
-            for n in e.names:
-                out[n] = full
-        return out, m.version
-
     def _do_write(self, model_id: str, writes: list[Write],
                   expected_model_version: int | None = None, event_op: str = ""
                   ) -> tuple[list[int], int]:
