@@ -57,10 +57,17 @@ class Engine:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on every interface now (the server binds 0.0.0.0): held open
+    together, so two calls cannot hand out the same port."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("0.0.0.0", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _wait_serving(run: Engine, container: str, health_cmd: list[str]) -> None:
@@ -94,7 +101,7 @@ def deployment(tmp_path):
     token_file = tmp_path / "tokens"
     token_file.write_text("".join(f"{r} {t}\n" for r, t in tokens.items()))
     token_file.chmod(0o600)
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = _free_ports(2)
     containers: list[str] = []
     run("volume", "create", volume)
     if run.name == "docker":  # a bind-mounted file keeps its owner and mode
