@@ -3,7 +3,11 @@ reads that fetch a sharded tensor's parts straight from the ranks that hold them
 and assemble it here, and routed writes that send each owner its rows (StageShard) and then ask
 the front door to commit them as one write (CommitStagedWrite), and the same for whole state
 pulls (every part from its owner, at one model version) and pushes (CommitStagedState): rank
-0, the front door, then carries no bulk bytes."""
+0, the front door, then carries no bulk bytes.
+
+Why ~520 lines: routed reads and writes share the placement cache, the per-rank stubs, the
+fallback rule and the part geometry; the state pull/push (the newest ~150 lines) could move out
+beside them if it grows."""
 
 from __future__ import annotations
 

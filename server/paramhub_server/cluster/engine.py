@@ -24,7 +24,7 @@ and votes (all_gather); only when every rank voted yes does every rank log the c
 part, and confirm (a second all_gather) before rank 0 acknowledges. One version per tensor and
 one per model, the same on every rank.
 
-Why ~580 lines: the command loop and its commands are one protocol (every command runs on every
+Why ~550 lines: the command loop and its commands are one protocol (every command runs on every
 rank in rank 0's order); placement math is in sharding.py and each rank's durability in storage.py.
 """
 

@@ -27,6 +27,10 @@ push or a checkpoint restore is all or nothing across ranks with one new model v
 - ExportCheckpoint: one command gathers every storage to rank 0 (DTensor's gather of each
   rank's current or saved part), which streams a plain safetensors state_dict.
 - CompactModel: every rank folds its log into a new snapshot of its parts.
+
+Why ~790 lines: these six RPCs are the plain server's state surface for sharded models, and they
+share the write context, the event publishing and the part-commit helper; checkpoints (about a
+third) are the piece to move into a module of their own next.
 """
 
 from __future__ import annotations
