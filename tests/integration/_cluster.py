@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -188,3 +190,28 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_writers_and_readers(writers: list[Callable[[], None]],
+                            readers: list[Callable[[], None]],
+                            stop: threading.Event) -> list[BaseException]:
+    """Runs every writer and reader in its own thread; once the writers are done, sets `stop`
+    (readers poll it) and waits for the readers, each join bounded. The errors raised in any
+    thread."""
+    errors: list[BaseException] = []
+
+    def guard(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    started = [threading.Thread(target=guard, args=(fn,)) for fn in writers + readers]
+    for t in started:
+        t.start()
+    for t in started[:len(writers)]:
+        t.join(timeout=300)
+    stop.set()
+    for t in started[len(writers):]:
+        t.join(timeout=300)
+    return errors

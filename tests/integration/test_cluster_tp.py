@@ -5,13 +5,14 @@ and durability across a kill -9 restart."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from collections.abc import Iterator
 
 import pytest
 import torch
-from _cluster import ClusterProcs
+from _cluster import ClusterProcs, run_writers_and_readers
 from test_seed_walkthrough import CELLS, run_cell, shown, tensors_in
 from torch import nn
 
@@ -211,7 +212,6 @@ def test_shard1_concurrent_writers_are_atomic(cc: paramhub.Client,
     cc.set_slice("mlp", "0.weight", (), torch.zeros(10, 6))
     stop = threading.Event()
     torn: list[torch.Tensor] = []
-    errors: list[BaseException] = []
     rounds = 12
 
     def filler(k: int) -> None:
@@ -233,22 +233,9 @@ def test_shard1_concurrent_writers_are_atomic(cc: paramhub.Client,
                 if not torch.all(w == w[0, 0]):
                     torn.append(w)
 
-    def guard(fn, *args) -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    workers = [threading.Thread(target=guard, args=(filler, k)) for k in range(2)]
-    workers += [threading.Thread(target=guard, args=(adder,)) for _ in range(2)]
-    readers = [threading.Thread(target=guard, args=(reader,)) for _ in range(2)]
-    for t in workers + readers:
-        t.start()
-    for t in workers:
-        t.join(timeout=300)
-    stop.set()
-    for t in readers:
-        t.join(timeout=300)
+    errors = run_writers_and_readers(
+        [functools.partial(filler, 0), functools.partial(filler, 1), adder, adder],
+        [reader, reader], stop)
     assert not errors, errors
     assert not torn, torn[:2]
     w = cc.get_tensor("mlp", "0.weight")[0]
